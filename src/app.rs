@@ -1,0 +1,113 @@
+//! Config → a running edge. Compiles every stage (trust stores, listener policies, origins,
+//! routes, header plan) before anything listens, so that `-t` and start-up share one path and
+//! a bad file never half-starts.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server};
+use pingora::services::ServiceWithDependents;
+
+use crate::config::{self, ConfigErrors, Ctx};
+use crate::identity::HeaderPlan;
+use crate::origin;
+use crate::proxy::{EdgeProxy, ProxyState, Route};
+use crate::trust_store;
+use crate::viewer_tls::{self, ListenerPolicy};
+use crate::{admin, metrics};
+
+/// A compiled edge, ready to run.
+pub struct Edge {
+    pub conf: config::Config,
+    listeners: Vec<(Arc<str>, Arc<ArcSwap<ListenerPolicy>>, bool)>,
+    state: Arc<ArcSwap<ProxyState>>,
+}
+
+/// Loads and compiles a config file, reporting every error it finds.
+pub fn build(path: &Path) -> Result<Edge, ConfigErrors> {
+    let conf = config::load(path)?;
+    let mut ctx = Ctx::new(path);
+    let stores = trust_store::build_all(&mut ctx, &conf.trust_stores);
+    let headers = Arc::new(HeaderPlan::new(&conf.identity_headers));
+    let mut listeners: Vec<(Arc<str>, Arc<ArcSwap<ListenerPolicy>>, bool)> = Vec::new();
+    for (i, l) in conf.listeners.iter().enumerate() {
+        if let Some(p) = viewer_tls::build_policy(&mut ctx, i, l, &stores, headers.clone()) {
+            listeners.push((Arc::from(l.address.as_str()), Arc::new(ArcSwap::from_pointee(p)), l.http2));
+        }
+    }
+    let origins: std::collections::BTreeMap<_, _> = conf
+        .origins
+        .iter()
+        .filter_map(|(name, o)| origin::build(&mut ctx, name, o).map(|o| (name.clone(), Arc::new(o))))
+        .collect();
+    let routes = conf
+        .routes
+        .iter()
+        .filter_map(|r| {
+            Some(Route {
+                host: r.host.as_ref().map(|h| h.to_ascii_lowercase()),
+                path_prefix: r.path_prefix.clone(),
+                origin: origins.get(&r.origin)?.clone(),
+            })
+        })
+        .collect();
+    ctx.finish()?;
+    let state = ProxyState::new(
+        routes,
+        headers,
+        listeners.iter().map(|(n, p, _)| (n.clone(), p.clone())).collect(),
+    );
+    Ok(Edge {
+        conf,
+        listeners,
+        state: Arc::new(ArcSwap::from_pointee(state)),
+    })
+}
+
+impl Edge {
+    fn server_conf(&self) -> ServerConf {
+        let s = &self.conf.server;
+        let threads = if s.threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            s.threads
+        };
+        ServerConf {
+            threads,
+            grace_period_seconds: Some(s.grace_period_seconds),
+            graceful_shutdown_timeout_seconds: Some(s.graceful_shutdown_timeout_seconds),
+            pid_file: s.pid_file.clone(),
+            upgrade_sock: s.upgrade_sock.clone(),
+            ..ServerConf::default()
+        }
+    }
+
+    /// Runs the edge (plus `extra` services, e.g. the demo origin) until a shutdown signal.
+    pub fn run(self, extra: Vec<Box<dyn ServiceWithDependents>>) -> pingora::Result<()> {
+        metrics::init();
+        let mut server = Server::new_with_opt_and_conf(None, self.server_conf());
+        server.bootstrap();
+        let mut proxy = pingora::proxy::http_proxy_service_with_name(
+            &server.configuration,
+            EdgeProxy {
+                state: self.state.clone(),
+            },
+            "mtls-edge",
+        );
+        for (name, policy, http2) in &self.listeners {
+            let settings = viewer_tls::tls_settings(name.clone(), policy.clone(), *http2)?;
+            proxy.add_tls_with_settings(name, None, settings);
+        }
+        server.add_service(proxy);
+        if let Some(a) = &self.conf.admin {
+            server.add_service(admin::service(&a.address));
+        }
+        for s in extra {
+            server.add_boxed_service(s);
+        }
+        server.run(RunArgs::default());
+        Ok(())
+    }
+}

@@ -1,0 +1,531 @@
+//! The configuration file: its YAML schema (unknown keys refused), loading, and the checks that
+//! need no certificate parsing. Every error names the file, the key path and the reason.
+//! Certificates, keys and CRLs are read later by the modules that own them (`trust_store`,
+//! `viewer_tls`, `origin`), which report their errors through the same [`ConfigError`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// One problem in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// Key path in the YAML, e.g. `origins.firmware.client_cert`.
+    pub key: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}: {}", self.file.display(), self.key, self.reason)
+    }
+}
+
+/// All the problems found in one configuration file.
+#[derive(Debug)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Collects errors with the config file's path; resolves relative paths against its directory.
+pub struct Ctx {
+    pub file: PathBuf,
+    base: PathBuf,
+    pub errors: Vec<ConfigError>,
+}
+
+impl Ctx {
+    pub fn new(file: &Path) -> Ctx {
+        let base = file
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Ctx {
+            file: file.to_path_buf(),
+            base,
+            errors: Vec::new(),
+        }
+    }
+
+    pub fn error(&mut self, key: impl Into<String>, reason: impl Into<String>) {
+        self.errors.push(ConfigError {
+            file: self.file.clone(),
+            key: key.into(),
+            reason: reason.into(),
+        });
+    }
+
+    /// A path from the config, relative to the config file's directory.
+    pub fn path(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    /// Reads a file named by `key`; records an error and returns `None` when it cannot.
+    pub fn read(&mut self, key: &str, p: &str) -> Option<Vec<u8>> {
+        let path = self.path(p);
+        match std::fs::read(&path) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                self.error(key, format!("cannot read {}: {e}", path.display()));
+                None
+            }
+        }
+    }
+
+    pub fn finish(self) -> Result<(), ConfigErrors> {
+        if self.errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(self.errors))
+        }
+    }
+}
+
+/// The whole file. See `conf/edge.yaml` for every option, documented.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerSection,
+    pub listeners: Vec<Listener>,
+    #[serde(default)]
+    pub trust_stores: BTreeMap<String, TrustStore>,
+    pub origins: BTreeMap<String, Origin>,
+    pub routes: Vec<Route>,
+    #[serde(default)]
+    pub identity_headers: IdentityHeaders,
+    pub admin: Option<Admin>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// Worker threads for the proxy service; 0 means one per core.
+    #[serde(default)]
+    pub threads: usize,
+    /// How long SIGTERM lets in-flight requests finish.
+    #[serde(default = "default_grace")]
+    pub grace_period_seconds: u64,
+    #[serde(default = "default_grace")]
+    pub graceful_shutdown_timeout_seconds: u64,
+    #[serde(default = "default_pid_file")]
+    pub pid_file: String,
+    #[serde(default = "default_upgrade_sock")]
+    pub upgrade_sock: String,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            threads: 0,
+            grace_period_seconds: default_grace(),
+            graceful_shutdown_timeout_seconds: default_grace(),
+            pid_file: default_pid_file(),
+            upgrade_sock: default_upgrade_sock(),
+        }
+    }
+}
+
+fn default_grace() -> u64 {
+    10
+}
+fn default_pid_file() -> String {
+    "/tmp/mtls-edge.pid".into()
+}
+fn default_upgrade_sock() -> String {
+    "/tmp/mtls-edge-upgrade.sock".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub address: String,
+    pub server_cert: String,
+    pub server_key: String,
+    #[serde(default = "yes")]
+    pub http2: bool,
+    pub mtls: Mtls,
+    #[serde(default)]
+    pub sni: Vec<SniOverride>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A per-SNI policy on a listener: its own server certificate and trust store.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SniOverride {
+    pub names: Vec<String>,
+    pub server_cert: Option<String>,
+    pub server_key: Option<String>,
+    pub mtls: Mtls,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MtlsMode {
+    /// No client certificate is requested.
+    Off,
+    /// A client may send no certificate; one that it sends must verify.
+    Optional,
+    /// A verified client certificate is required to complete the handshake.
+    Required,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mtls {
+    #[serde(default = "required")]
+    pub mode: MtlsMode,
+    pub trust_store: Option<String>,
+}
+
+fn required() -> MtlsMode {
+    MtlsMode::Required
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CrlCheck {
+    /// Every certificate in the chain below the root must be covered by a CRL.
+    #[default]
+    Chain,
+    /// Only the leaf is checked against its issuer's CRL.
+    Leaf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustStore {
+    pub ca_files: Vec<String>,
+    #[serde(default)]
+    pub crl_files: Vec<String>,
+    #[serde(default)]
+    pub crl_check: CrlCheck,
+    #[serde(default = "default_depth")]
+    pub max_chain_depth: u32,
+    #[serde(default)]
+    pub advertise_ca_names: bool,
+}
+
+fn default_depth() -> u32 {
+    4
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Origin {
+    pub address: String,
+    pub sni: String,
+    pub ca_file: String,
+    pub client_cert: String,
+    pub client_key: String,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_secs: u64,
+    #[serde(default = "default_read_timeout")]
+    pub read_timeout_secs: u64,
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_secs: u64,
+}
+
+fn default_connect_timeout() -> u64 {
+    5
+}
+fn default_read_timeout() -> u64 {
+    60
+}
+fn default_idle_timeout() -> u64 {
+    60
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// Host this route serves (no port); absent means any host.
+    pub host: Option<String>,
+    #[serde(default = "slash")]
+    pub path_prefix: String,
+    pub origin: String,
+}
+
+fn slash() -> String {
+    "/".into()
+}
+
+/// Names of the identity headers sent to the origin; `null` turns one off.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityHeaders {
+    #[serde(default = "h_present")]
+    pub present: Option<String>,
+    #[serde(default = "h_subject")]
+    pub subject: Option<String>,
+    #[serde(default = "h_issuer")]
+    pub issuer: Option<String>,
+    #[serde(default = "h_serial")]
+    pub serial_number: Option<String>,
+    #[serde(default = "h_sha256")]
+    pub sha256: Option<String>,
+    #[serde(default = "h_validity")]
+    pub validity: Option<String>,
+    #[serde(default = "h_pem")]
+    pub pem: Option<String>,
+    #[serde(default = "h_san_uri")]
+    pub san_uri: Option<String>,
+    #[serde(default = "h_san_dns")]
+    pub san_dns: Option<String>,
+    /// Also send RFC 9440 `Client-Cert` and `Client-Cert-Chain`.
+    #[serde(default)]
+    pub rfc9440: bool,
+}
+
+macro_rules! header_default {
+    ($f:ident, $v:expr) => {
+        fn $f() -> Option<String> {
+            Some($v.to_string())
+        }
+    };
+}
+header_default!(h_present, "CloudFront-Viewer-Cert-Present");
+header_default!(h_subject, "CloudFront-Viewer-Cert-Subject");
+header_default!(h_issuer, "CloudFront-Viewer-Cert-Issuer");
+header_default!(h_serial, "CloudFront-Viewer-Cert-Serial-Number");
+header_default!(h_sha256, "CloudFront-Viewer-Cert-Sha256");
+header_default!(h_validity, "CloudFront-Viewer-Cert-Validity");
+header_default!(h_pem, "CloudFront-Viewer-Cert-Pem");
+header_default!(h_san_uri, "CloudFront-Viewer-Cert-San-Uri");
+header_default!(h_san_dns, "CloudFront-Viewer-Cert-San-Dns");
+
+impl Default for IdentityHeaders {
+    fn default() -> Self {
+        IdentityHeaders {
+            present: h_present(),
+            subject: h_subject(),
+            issuer: h_issuer(),
+            serial_number: h_serial(),
+            sha256: h_sha256(),
+            validity: h_validity(),
+            pem: h_pem(),
+            san_uri: h_san_uri(),
+            san_dns: h_san_dns(),
+            rfc9440: false,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    pub address: String,
+}
+
+/// Reads and parses `path`, then runs the checks that need no file other than the config.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let mut ctx = Ctx::new(path);
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            ctx.error("(file)", format!("cannot read: {e}"));
+            return Err(ConfigErrors(ctx.errors));
+        }
+    };
+    parse(path, &text)
+}
+
+/// Parses YAML text as if it were the file `path`.
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+    let mut ctx = Ctx::new(path);
+    let config: Config = match serde_yaml::from_str(text) {
+        Ok(c) => c,
+        Err(e) => {
+            // serde_yaml puts the key path first ("listeners[0].mtls: unknown field ...").
+            let msg = e.to_string();
+            let (key, reason) = match msg.split_once(": ") {
+                Some((k, r)) if !k.contains(' ') => (k.to_string(), r.to_string()),
+                _ => ("(document)".to_string(), msg),
+            };
+            ctx.error(key, reason);
+            return Err(ConfigErrors(ctx.errors));
+        }
+    };
+    config.check(&mut ctx);
+    ctx.finish().map(|()| config)
+}
+
+impl Config {
+    fn check(&self, ctx: &mut Ctx) {
+        if self.listeners.is_empty() {
+            ctx.error("listeners", "at least one listener is required");
+        }
+        let mut addresses = BTreeMap::new();
+        for (i, l) in self.listeners.iter().enumerate() {
+            let key = format!("listeners[{i}]");
+            check_addr(ctx, &format!("{key}.address"), &l.address);
+            if let Some(prev) = addresses.insert(l.address.clone(), i) {
+                ctx.error(
+                    format!("{key}.address"),
+                    format!("{} is already used by listeners[{prev}]", l.address),
+                );
+            }
+            self.check_mtls(ctx, &format!("{key}.mtls"), &l.mtls);
+            let mut seen = BTreeMap::new();
+            for (j, s) in l.sni.iter().enumerate() {
+                let skey = format!("{key}.sni[{j}]");
+                if s.names.is_empty() {
+                    ctx.error(format!("{skey}.names"), "at least one name is required");
+                }
+                for n in &s.names {
+                    let n = n.to_ascii_lowercase();
+                    if n.is_empty() || n.contains(':') || n.contains('/') {
+                        ctx.error(format!("{skey}.names"), format!("'{n}' is not a host name"));
+                    }
+                    if let Some(prev) = seen.insert(n.clone(), j) {
+                        ctx.error(
+                            format!("{skey}.names"),
+                            format!("'{n}' is already listed in {key}.sni[{prev}]"),
+                        );
+                    }
+                }
+                if s.server_cert.is_some() != s.server_key.is_some() {
+                    ctx.error(
+                        format!("{skey}.server_key"),
+                        "server_cert and server_key go together",
+                    );
+                }
+                self.check_mtls(ctx, &format!("{skey}.mtls"), &s.mtls);
+            }
+        }
+        for (name, t) in &self.trust_stores {
+            let key = format!("trust_stores.{name}");
+            if t.ca_files.is_empty() {
+                ctx.error(format!("{key}.ca_files"), "at least one CA file is required");
+            }
+            if t.max_chain_depth == 0 || t.max_chain_depth > 16 {
+                ctx.error(
+                    format!("{key}.max_chain_depth"),
+                    format!("{} is out of range 1..=16", t.max_chain_depth),
+                );
+            }
+        }
+        for (name, o) in &self.origins {
+            let key = format!("origins.{name}");
+            check_addr(ctx, &format!("{key}.address"), &o.address);
+            if o.sni.trim().is_empty() {
+                // pingora turns certificate verification off for an empty SNI: refuse it.
+                ctx.error(
+                    format!("{key}.sni"),
+                    "must name the origin's host: the edge verifies the origin certificate against it",
+                );
+            }
+            if o.connect_timeout_secs == 0 || o.read_timeout_secs == 0 {
+                ctx.error(format!("{key}"), "timeouts must be at least 1 second");
+            }
+        }
+        if self.routes.is_empty() {
+            ctx.error("routes", "at least one route is required");
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            let key = format!("routes[{i}]");
+            if !r.path_prefix.starts_with('/') {
+                ctx.error(format!("{key}.path_prefix"), "must start with '/'");
+            }
+            if !self.origins.contains_key(&r.origin) {
+                ctx.error(
+                    format!("{key}.origin"),
+                    format!("unknown origin '{}' (defined: {})", r.origin, names(&self.origins)),
+                );
+            }
+        }
+        self.identity_headers.check(ctx);
+        if let Some(a) = &self.admin {
+            check_addr(ctx, "admin.address", &a.address);
+        }
+    }
+
+    fn check_mtls(&self, ctx: &mut Ctx, key: &str, m: &Mtls) {
+        match (&m.trust_store, m.mode) {
+            (None, MtlsMode::Off) => {}
+            (None, _) => ctx.error(
+                format!("{key}.trust_store"),
+                "required when mode is optional or required",
+            ),
+            (Some(t), _) if !self.trust_stores.contains_key(t) => ctx.error(
+                format!("{key}.trust_store"),
+                format!("unknown trust store '{t}' (defined: {})", names(&self.trust_stores)),
+            ),
+            _ => {}
+        }
+    }
+}
+
+impl IdentityHeaders {
+    /// Every configured name with its config key.
+    pub fn named(&self) -> Vec<(&'static str, &str)> {
+        [
+            ("present", &self.present),
+            ("subject", &self.subject),
+            ("issuer", &self.issuer),
+            ("serial_number", &self.serial_number),
+            ("sha256", &self.sha256),
+            ("validity", &self.validity),
+            ("pem", &self.pem),
+            ("san_uri", &self.san_uri),
+            ("san_dns", &self.san_dns),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.as_deref().map(|v| (k, v)))
+        .collect()
+    }
+
+    fn check(&self, ctx: &mut Ctx) {
+        let mut seen = BTreeMap::new();
+        for (k, v) in self.named() {
+            if http::HeaderName::from_bytes(v.as_bytes()).is_err() {
+                ctx.error(format!("identity_headers.{k}"), format!("'{v}' is not a valid header name"));
+            }
+            if let Some(prev) = seen.insert(v.to_ascii_lowercase(), k) {
+                ctx.error(
+                    format!("identity_headers.{k}"),
+                    format!("'{v}' is also used by identity_headers.{prev}"),
+                );
+            }
+        }
+    }
+}
+
+fn check_addr(ctx: &mut Ctx, key: &str, a: &str) {
+    if let Err(e) = a.parse::<SocketAddr>() {
+        ctx.error(key, format!("'{a}' is not an IP:port address: {e}"));
+    }
+}
+
+fn names<V>(m: &BTreeMap<String, V>) -> String {
+    if m.is_empty() {
+        "none".into()
+    } else {
+        m.keys().cloned().collect::<Vec<_>>().join(", ")
+    }
+}

@@ -1,0 +1,289 @@
+//! The viewer's identity: what a verified client certificate says, extracted once per
+//! connection from the TLS session (never from a header), and the identity headers the origin
+//! receives. Client-sent copies of those headers are always stripped before anything reads them.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use boring::asn1::{Asn1Time, Asn1TimeRef};
+use boring::hash::MessageDigest;
+use boring::ssl::SslRef;
+use boring::x509::{X509NameRef, X509Ref};
+use http::{HeaderName, HeaderValue};
+use pingora::http::RequestHeader;
+
+use crate::config::{IdentityHeaders, MtlsMode};
+
+/// `XN_FLAG_RFC2253` from BoringSSL's x509.h (RFC 2253 escaping, comma separators, reversed
+/// order, short names, unknown fields dumped), spelled out because bindgen cannot evaluate it.
+const XN_FLAG_RFC2253: i32 = 0x317 | (1 << 16) | (1 << 20) | (1 << 24);
+
+/// A client certificate that passed verification against `trust_store`.
+#[derive(Debug, Clone)]
+pub struct ViewerCert {
+    pub trust_store: Arc<str>,
+    /// RFC 2253 distinguished names.
+    pub subject: String,
+    pub issuer: String,
+    /// Lowercase hex of the serial's bytes, colon-separated (CloudFront's form).
+    pub serial: String,
+    /// Lowercase hex SHA-256 of the DER.
+    pub sha256: String,
+    /// Unix seconds.
+    pub not_before: i64,
+    pub not_after: i64,
+    pub pem: String,
+    pub der: Vec<u8>,
+    /// DER of the intermediates the client sent, nearest first (the leaf excluded).
+    pub chain_der: Vec<Vec<u8>>,
+    pub san_dns: Vec<String>,
+    pub san_uri: Vec<String>,
+}
+
+/// What the edge knows about a TLS connection once its handshake has completed.
+#[derive(Debug)]
+pub struct ConnectionIdentity {
+    pub listener: Arc<str>,
+    /// SNI the client sent, lowercased.
+    pub sni: Option<String>,
+    /// The SNI policy that verified this connection (its first configured name), if one matched.
+    pub sni_policy: Option<Arc<str>>,
+    pub mode: MtlsMode,
+    pub cert: Option<ViewerCert>,
+    /// Identity headers for the origin, rendered once per connection.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+fn hex(bytes: &[u8], sep: &str) -> String {
+    let mut s = String::with_capacity(bytes.len() * (2 + sep.len()));
+    for (i, b) in bytes.iter().enumerate() {
+        if i > 0 {
+            s.push_str(sep);
+        }
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+fn rfc2253(name: &X509NameRef) -> String {
+    name.print_ex(XN_FLAG_RFC2253).unwrap_or_default()
+}
+
+fn unix_time(t: &Asn1TimeRef) -> Option<i64> {
+    let epoch = Asn1Time::from_unix(0).ok()?;
+    let d = epoch.diff(t).ok()?;
+    Some(i64::from(d.days) * 86_400 + i64::from(d.secs))
+}
+
+/// ISO 8601 / RFC 3339 UTC time for unix seconds.
+pub fn iso8601(secs: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+impl ViewerCert {
+    /// Reads the peer certificate of a completed, verified handshake.
+    pub fn from_ssl(ssl: &SslRef, trust_store: Arc<str>) -> Option<ViewerCert> {
+        let leaf = ssl.peer_certificate()?;
+        if ssl.verify_result().is_err() {
+            return None;
+        }
+        // On the server side BoringSSL's chain excludes the leaf; filter it anyway, defensively.
+        let leaf_der = leaf.to_der().ok()?;
+        let chain_der = ssl
+            .peer_cert_chain()
+            .map(|chain| {
+                chain
+                    .iter()
+                    .filter_map(|c| c.to_der().ok())
+                    .filter(|d| *d != leaf_der)
+                    .collect()
+            })
+            .unwrap_or_default();
+        ViewerCert::from_x509(&leaf, chain_der, trust_store)
+    }
+
+    pub fn from_x509(leaf: &X509Ref, chain_der: Vec<Vec<u8>>, trust_store: Arc<str>) -> Option<ViewerCert> {
+        let der = leaf.to_der().ok()?;
+        let pem = String::from_utf8(leaf.to_pem().ok()?).ok()?;
+        let serial = leaf.serial_number().to_bn().ok()?.to_vec();
+        let sha256 = leaf.digest(MessageDigest::sha256()).ok()?;
+        let (mut san_dns, mut san_uri) = (Vec::new(), Vec::new());
+        if let Some(names) = leaf.subject_alt_names() {
+            for n in names.iter() {
+                if let Some(d) = n.dnsname() {
+                    san_dns.push(d.to_string());
+                } else if let Some(u) = n.uri() {
+                    san_uri.push(u.to_string());
+                }
+            }
+        }
+        Some(ViewerCert {
+            trust_store,
+            subject: rfc2253(leaf.subject_name()),
+            issuer: rfc2253(leaf.issuer_name()),
+            serial: hex(&serial, ":"),
+            sha256: hex(&sha256, ""),
+            not_before: unix_time(leaf.not_before())?,
+            not_after: unix_time(leaf.not_after())?,
+            pem,
+            der,
+            chain_der,
+            san_dns,
+            san_uri,
+        })
+    }
+}
+
+/// Header names compiled from `identity_headers`, and the list of names to strip.
+pub struct HeaderPlan {
+    present: Option<HeaderName>,
+    subject: Option<HeaderName>,
+    issuer: Option<HeaderName>,
+    serial: Option<HeaderName>,
+    sha256: Option<HeaderName>,
+    validity: Option<HeaderName>,
+    pem: Option<HeaderName>,
+    san_uri: Option<HeaderName>,
+    san_dns: Option<HeaderName>,
+    rfc9440: bool,
+    /// Every identity header name, configured or default, always removed from client requests.
+    strip: Vec<HeaderName>,
+}
+
+/// Client-sent headers with this prefix are always removed, whatever the configured names.
+const CLOUDFRONT_PREFIX: &str = "cloudfront-viewer-cert-";
+const CLIENT_CERT: &str = "client-cert";
+const CLIENT_CERT_CHAIN: &str = "client-cert-chain";
+
+/// Characters left as they are in the URL-encoded PEM: RFC 3986 unreserved.
+const PEM_ENCODE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+impl HeaderPlan {
+    /// Compiles the names; `config::load` has already checked that they are valid.
+    pub fn new(cfg: &IdentityHeaders) -> HeaderPlan {
+        let name = |n: &Option<String>| n.as_deref().and_then(|n| HeaderName::from_bytes(n.as_bytes()).ok());
+        let mut strip: Vec<HeaderName> = cfg
+            .named()
+            .into_iter()
+            .filter_map(|(_, v)| HeaderName::from_bytes(v.as_bytes()).ok())
+            .chain(IdentityHeaders::default().named().into_iter().filter_map(|(_, v)| HeaderName::from_bytes(v.as_bytes()).ok()))
+            .chain([HeaderName::from_static(CLIENT_CERT), HeaderName::from_static(CLIENT_CERT_CHAIN)])
+            .collect();
+        strip.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        strip.dedup();
+        HeaderPlan {
+            present: name(&cfg.present),
+            subject: name(&cfg.subject),
+            issuer: name(&cfg.issuer),
+            serial: name(&cfg.serial_number),
+            sha256: name(&cfg.sha256),
+            validity: name(&cfg.validity),
+            pem: name(&cfg.pem),
+            san_uri: name(&cfg.san_uri),
+            san_dns: name(&cfg.san_dns),
+            rfc9440: cfg.rfc9440,
+            strip,
+        }
+    }
+
+    /// Removes every identity header the client sent. Returns how many were removed.
+    pub fn strip(&self, req: &mut RequestHeader) -> usize {
+        let mut doomed: Vec<HeaderName> = req
+            .headers
+            .keys()
+            .filter(|k| k.as_str().starts_with(CLOUDFRONT_PREFIX))
+            .cloned()
+            .collect();
+        doomed.extend(self.strip.iter().filter(|n| req.headers.contains_key(*n)).cloned());
+        let mut removed = 0;
+        for n in doomed {
+            if req.remove_header(&n).is_some() {
+                removed += 1;
+            }
+        }
+        removed
+    }
+
+    /// The headers for a connection, with or without a verified certificate.
+    pub fn render(&self, cert: Option<&ViewerCert>) -> Vec<(HeaderName, HeaderValue)> {
+        let mut out = Vec::new();
+        let mut put = |name: &Option<HeaderName>, value: String| {
+            if let (Some(n), Ok(v)) = (name, HeaderValue::from_str(&value)) {
+                out.push((n.clone(), v));
+            }
+        };
+        put(&self.present, if cert.is_some() { "1" } else { "0" }.to_string());
+        let Some(c) = cert else {
+            return out;
+        };
+        put(&self.subject, c.subject.clone());
+        put(&self.issuer, c.issuer.clone());
+        put(&self.serial, c.serial.clone());
+        put(&self.sha256, c.sha256.clone());
+        put(
+            &self.validity,
+            format!("NotBefore={};NotAfter={}", iso8601(c.not_before), iso8601(c.not_after)),
+        );
+        put(&self.pem, percent_encoding::utf8_percent_encode(&c.pem, PEM_ENCODE).to_string());
+        if !c.san_uri.is_empty() {
+            put(&self.san_uri, c.san_uri.join(","));
+        }
+        if !c.san_dns.is_empty() {
+            put(&self.san_dns, c.san_dns.join(","));
+        }
+        if self.rfc9440 {
+            let b64 = |d: &[u8]| format!(":{}:", base64::engine::general_purpose::STANDARD.encode(d));
+            put(&Some(HeaderName::from_static(CLIENT_CERT)), b64(&c.der));
+            if !c.chain_der.is_empty() {
+                let chain: Vec<String> = c.chain_der.iter().map(|d| b64(d)).collect();
+                put(&Some(HeaderName::from_static(CLIENT_CERT_CHAIN)), chain.join(", "));
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serial_is_colon_hex() {
+        assert_eq!(hex(&[0x4d, 0x00, 0xff], ":"), "4d:00:ff");
+        assert_eq!(hex(&[0xab, 0x01], ""), "ab01");
+    }
+
+    #[test]
+    fn iso8601_is_utc_rfc3339() {
+        assert_eq!(iso8601(0), "1970-01-01T00:00:00Z");
+        assert_eq!(iso8601(1_700_000_000), "2023-11-14T22:13:20Z");
+    }
+
+    #[test]
+    fn strip_removes_configured_default_and_prefixed_names() {
+        let mut cfg = IdentityHeaders::default();
+        cfg.subject = Some("X-Device-Subject".into());
+        let plan = HeaderPlan::new(&cfg);
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        for h in [
+            "X-Device-Subject",
+            "CloudFront-Viewer-Cert-Subject",
+            "cloudfront-viewer-cert-anything",
+            "Client-Cert",
+            "Client-Cert-Chain",
+        ] {
+            req.append_header(h, "spoofed").unwrap();
+        }
+        req.append_header("X-Other", "kept").unwrap();
+        assert_eq!(plan.strip(&mut req), 5);
+        assert_eq!(req.headers.len(), 1);
+        assert!(req.headers.contains_key("x-other"));
+    }
+}

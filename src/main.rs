@@ -1,0 +1,101 @@
+//! The `mtls-edge` command: run an edge from a config, check a config, run the demo, or run a
+//! standalone mTLS origin (used by the demo and the tests).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use mtls_edge::{app, demo};
+
+#[derive(Parser)]
+#[command(name = "mtls-edge", version, about = "An mTLS CDN edge on Pingora")]
+struct Cli {
+    /// The configuration file.
+    #[arg(short = 'c', long = "conf", default_value = "conf/edge.yaml")]
+    conf: PathBuf,
+    /// Check the configuration (every certificate, key, CRL and reference), then exit 0 or 1.
+    #[arg(short = 't', long = "test")]
+    test: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a demo PKI, start a demo origin that requires origin mTLS and the edge in front.
+    Demo {
+        /// Where the demo PKI and config are written.
+        #[arg(long, default_value = "demo-pki")]
+        dir: PathBuf,
+    },
+    /// Run only an mTLS origin (the demo's): it requires a client certificate from `client_ca`.
+    #[command(hide = true)]
+    Origin {
+        #[arg(long)]
+        listen: String,
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        client_ca: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        None => run_edge(&cli.conf, cli.test),
+        Some(Command::Demo { dir }) => run_demo(&dir),
+        Some(Command::Origin { listen, cert, key, client_ca }) => run_origin(&listen, &cert, &key, &client_ca),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_edge(conf: &std::path::Path, test_only: bool) -> Result<(), String> {
+    let edge = app::build(conf).map_err(|e| format!("configuration invalid:\n{e}"))?;
+    if test_only {
+        println!("{}: configuration OK", conf.display());
+        return Ok(());
+    }
+    edge.run(Vec::new()).map_err(|e| e.to_string())
+}
+
+fn run_demo(dir: &std::path::Path) -> Result<(), String> {
+    let conf = demo::write_demo(dir)?;
+    let edge = app::build(&conf).map_err(|e| format!("demo configuration invalid:\n{e}"))?;
+    let origin = demo::origin_service(
+        demo::ORIGIN_ADDR,
+        &dir.join("origin-server.pem"),
+        &dir.join("origin-server.key"),
+        &dir.join("edge-ca.pem"),
+    )?;
+    println!("{}", demo::curl_commands(dir));
+    edge.run(vec![Box::new(origin)]).map_err(|e| e.to_string())
+}
+
+fn run_origin(listen: &str, cert: &std::path::Path, key: &std::path::Path, client_ca: &std::path::Path) -> Result<(), String> {
+    use pingora::server::{RunArgs, Server};
+    use pingora::server::configuration::ServerConf;
+    let conf = ServerConf {
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(0),
+        pid_file: format!("/tmp/mtls-edge-origin-{}.pid", std::process::id()),
+        upgrade_sock: format!("/tmp/mtls-edge-origin-{}.sock", std::process::id()),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    server.add_service(demo::origin_service(listen, cert, key, client_ca)?);
+    server.run(RunArgs::default());
+    Ok(())
+}

@@ -1,0 +1,66 @@
+//! Every Prometheus metric the edge exports, registered in the one default registry that
+//! `pingora-prometheus` re-exports, and rendered for the admin listener's `/metrics`.
+
+use std::sync::LazyLock;
+
+use pingora_prometheus::prometheus::{
+    self, register_int_counter_vec, Encoder, IntCounterVec, TextEncoder,
+};
+
+/// TLS handshakes that reached the certificate stage, by listener, outcome and reason.
+/// `outcome` is `accepted` or `refused`; `reason` is `Ok` or a refusal reason
+/// (`ClientCertMissing`, `ClientCertExpired`, `ClientCertUntrusted`, ...).
+pub static HANDSHAKES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "mtls_edge_handshakes_total",
+        "Viewer TLS handshakes by listener, outcome and refusal reason",
+        &["listener", "outcome", "reason"]
+    )
+    .expect("metric registration happens once, with a static valid definition")
+});
+
+/// Responses sent to viewers, by status code.
+pub static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "mtls_edge_requests_total",
+        "Viewer requests by response status",
+        &["status"]
+    )
+    .expect("metric registration happens once, with a static valid definition")
+});
+
+/// Failures to reach an origin, by origin and reason.
+pub static ORIGIN_FAILURES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "mtls_edge_origin_failures_total",
+        "Origin connection failures by origin and reason",
+        &["origin", "reason"]
+    )
+    .expect("metric registration happens once, with a static valid definition")
+});
+
+/// Client-sent identity headers that were removed.
+pub static SPOOFED_HEADERS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "mtls_edge_spoofed_identity_headers_total",
+        "Identity headers sent by clients and removed by the edge",
+        &["listener"]
+    )
+    .expect("metric registration happens once, with a static valid definition")
+});
+
+/// Forces registration so that every metric shows on `/metrics` from the start.
+pub fn init() {
+    LazyLock::force(&HANDSHAKES);
+    LazyLock::force(&REQUESTS);
+    LazyLock::force(&ORIGIN_FAILURES);
+    LazyLock::force(&SPOOFED_HEADERS);
+}
+
+/// The registry in Prometheus text format.
+pub fn render() -> Vec<u8> {
+    let mut buf = Vec::new();
+    // Encoding into a Vec cannot fail on I/O; an encoding error leaves a partial page.
+    let _ = TextEncoder::new().encode(&prometheus::gather(), &mut buf);
+    buf
+}

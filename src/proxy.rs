@@ -1,0 +1,214 @@
+//! The proxy hooks, in the order pingora calls them: identity (from the TLS session) →
+//! spoofed-header stripping → fleet separation (Host against the SNI policy) → route →
+//! origin peer → identity headers toward the origin → failure accounting → metrics.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use log::{debug, warn};
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{ErrorSource, ErrorType};
+
+use crate::identity::{ConnectionIdentity, HeaderPlan};
+use crate::metrics;
+use crate::origin::{self, Origin};
+use crate::viewer_tls::ListenerPolicy;
+
+/// A compiled route.
+pub struct Route {
+    /// Lowercased host without port; `None` matches any host.
+    pub host: Option<String>,
+    pub path_prefix: String,
+    pub origin: Arc<Origin>,
+}
+
+/// What the hooks read for every request; replaced whole on reload.
+pub struct ProxyState {
+    /// Routes in match order: host-specific before any-host, then longest prefix first.
+    pub routes: Vec<Route>,
+    pub headers: Arc<HeaderPlan>,
+    /// Listener name (its address) → its TLS policy, for the Host/SNI check.
+    pub listeners: Vec<(Arc<str>, Arc<ArcSwap<ListenerPolicy>>)>,
+}
+
+impl ProxyState {
+    pub fn new(mut routes: Vec<Route>, headers: Arc<HeaderPlan>, listeners: Vec<(Arc<str>, Arc<ArcSwap<ListenerPolicy>>)>) -> Self {
+        routes.sort_by_key(|r| (r.host.is_none(), std::cmp::Reverse(r.path_prefix.len())));
+        ProxyState { routes, headers, listeners }
+    }
+
+    fn route(&self, host: Option<&str>, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| {
+            r.host.as_deref().is_none_or(|h| Some(h) == host) && path.starts_with(&r.path_prefix)
+        })
+    }
+
+    fn listener(&self, name: &str) -> Option<&Arc<ArcSwap<ListenerPolicy>>> {
+        self.listeners.iter().find(|(n, _)| &**n == name).map(|(_, p)| p)
+    }
+}
+
+pub struct EdgeProxy {
+    pub state: Arc<ArcSwap<ProxyState>>,
+}
+
+/// Per-request state handed from hook to hook.
+#[derive(Default)]
+pub struct RequestCtx {
+    identity: Option<Arc<ConnectionIdentity>>,
+    origin: Option<Arc<Origin>>,
+}
+
+/// The identity the handshake recorded for this connection (HTTP/1.1 and HTTP/2 alike).
+fn connection_identity(session: &Session) -> Option<Arc<ConnectionIdentity>> {
+    let digest = session.digest()?.ssl_digest.as_ref()?;
+    // The handshake stores an `Arc<ConnectionIdentity>` so that requests can share it cheaply.
+    digest.extension.get::<Arc<ConnectionIdentity>>().cloned()
+}
+
+/// The request's host, lowercased, without a port: from the URI authority (HTTP/2) or Host.
+fn request_host(req: &RequestHeader) -> Option<String> {
+    let raw = req
+        .uri
+        .authority()
+        .map(|a| a.host().to_string())
+        .or_else(|| {
+            req.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).map(|h| {
+                // Strip a port, keeping bracketed IPv6 literals whole.
+                match h.rfind(':') {
+                    Some(i) if !h[i..].contains(']') => h[..i].to_string(),
+                    _ => h.to_string(),
+                }
+            })
+        })?;
+    Some(raw.trim_end_matches('.').to_ascii_lowercase())
+}
+
+async fn refuse(session: &mut Session, status: u16, why: &str, conn: Option<&ConnectionIdentity>) -> Result<bool> {
+    debug!(
+        "request refused status={status} reason={why} listener={} sni={}",
+        conn.map(|c| &*c.listener).unwrap_or("-"),
+        conn.and_then(|c| c.sni.as_deref()).unwrap_or("-")
+    );
+    session.respond_error(status).await?;
+    Ok(true)
+}
+
+#[async_trait]
+impl ProxyHttp for EdgeProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::default()
+    }
+
+    /// Identity, header stripping, fleet separation and routing, before anything else runs.
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let state = self.state.load();
+        // Strip first, whatever happens next: nothing downstream may see a client-sent copy.
+        let removed = state.headers.strip(session.req_header_mut());
+        let Some(conn) = connection_identity(session) else {
+            // Every listener is TLS with our callbacks; no identity means something is wrong.
+            return refuse(session, 403, "NoConnectionIdentity", None).await;
+        };
+        if removed > 0 {
+            metrics::SPOOFED_HEADERS.with_label_values(&[&conn.listener]).inc();
+            debug!("removed {removed} client-sent identity headers listener={}", conn.listener);
+        }
+        let host = request_host(session.req_header());
+
+        // A connection verified under one SNI policy may only address that policy's hosts, and a
+        // connection under the default policy may not address a host that has its own policy.
+        let Some(listener) = state.listener(&conn.listener) else {
+            return refuse(session, 403, "UnknownListener", Some(&conn)).await;
+        };
+        let host_policy = listener.load().select(host.as_deref()).sni_name.clone();
+        if host_policy != conn.sni_policy {
+            return refuse(session, 421, "HostNotCoveredBySni", Some(&conn)).await;
+        }
+
+        let path = session.req_header().uri.path().to_string();
+        let Some(route) = state.route(host.as_deref(), &path) else {
+            return refuse(session, 404, "NoRoute", Some(&conn)).await;
+        };
+        ctx.origin = Some(route.origin.clone());
+        ctx.identity = Some(conn);
+        Ok(false)
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+        match &ctx.origin {
+            Some(o) => Ok(o.peer()),
+            None => Error::e_explain(ErrorType::InternalError, "no route chosen before upstream_peer"),
+        }
+    }
+
+    /// Sets the identity headers rendered at handshake time.
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(conn) = &ctx.identity {
+            for (name, value) in &conn.headers {
+                upstream.insert_header(name.clone(), value.clone())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Logs and counts origin failures with the origin's name and the reason, then answers 502.
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+        let code = match e.etype() {
+            ErrorType::HTTPStatus(code) => *code,
+            _ => match e.esource() {
+                ErrorSource::Upstream => 502,
+                ErrorSource::Downstream => match e.etype() {
+                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                    _ => 400,
+                },
+                ErrorSource::Internal | ErrorSource::Unset => 500,
+            },
+        };
+        if let (ErrorSource::Upstream, Some(o)) = (e.esource(), &ctx.origin) {
+            let reason = origin::failure_reason(e);
+            metrics::ORIGIN_FAILURES.with_label_values(&[&o.name, reason]).inc();
+            warn!("origin request failed origin={} reason={reason} error=\"{e}\"", o.name);
+        }
+        if code > 0 {
+            if let Err(err) = session.respond_error(code).await {
+                debug!("cannot send the error response: {err}");
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, _ctx: &mut RequestCtx) {
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        metrics::REQUESTS.with_label_values(&[&status.to_string()]).inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_comes_from_authority_or_host_header_without_port() {
+        let mut req = RequestHeader::build("GET", b"/x", None).unwrap();
+        req.insert_header("Host", "Fleet-B.Example.com:8443").unwrap();
+        assert_eq!(request_host(&req).as_deref(), Some("fleet-b.example.com"));
+        let req = RequestHeader::build("GET", b"https://a.example:1/x", None).unwrap();
+        assert_eq!(request_host(&req).as_deref(), Some("a.example"));
+        let mut req = RequestHeader::build("GET", b"/x", None).unwrap();
+        req.insert_header("Host", "[::1]").unwrap();
+        assert_eq!(request_host(&req).as_deref(), Some("[::1]"));
+    }
+}

@@ -1,0 +1,367 @@
+//! Viewer TLS: the listener's BoringSSL settings and the per-connection mTLS policy.
+//! Each handshake reads the current policy (server certificate, mode, trust store, chosen by
+//! SNI) from swappable state, verifies the client chain during the handshake, counts and logs
+//! every refusal with its reason, and hands a [`ConnectionIdentity`] to the proxy.
+//!
+//! Session resumption is off (no tickets, no session cache): every connection verifies its
+//! chain, dates and CRLs afresh, so a revoked or expired certificate can never ride a ticket.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use boring::pkey::{PKey, Private};
+use boring::ssl::{NameType, Ssl, SslOptions, SslRef, SslSessionCacheMode, SslVerifyMode, SslVersion};
+use boring::stack::Stack;
+use boring::x509::{X509Name, X509StoreContextRef, X509VerifyResult, X509};
+use log::{info, warn};
+use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::TlsAccept;
+use pingora::tls::ext;
+
+use crate::config::{self, Ctx, MtlsMode};
+use crate::identity::{ConnectionIdentity, HeaderPlan, ViewerCert};
+use crate::metrics;
+use crate::trust_store::TrustStore;
+
+/// A server certificate chain and its key.
+pub struct ServerCert {
+    chain: Vec<X509>,
+    key: PKey<Private>,
+}
+
+/// The mTLS policy for one SNI name (or a listener's default).
+pub struct TlsPolicy {
+    /// First configured SNI name of this policy; `None` for the listener default.
+    pub sni_name: Option<Arc<str>>,
+    pub cert: Arc<ServerCert>,
+    pub mode: MtlsMode,
+    pub trust_store: Option<Arc<TrustStore>>,
+}
+
+/// Everything a listener's handshakes read; replaced whole on reload.
+pub struct ListenerPolicy {
+    pub default: Arc<TlsPolicy>,
+    /// Lowercased SNI name → policy.
+    pub by_sni: HashMap<String, Arc<TlsPolicy>>,
+    pub headers: Arc<HeaderPlan>,
+}
+
+impl ListenerPolicy {
+    pub fn select(&self, sni: Option<&str>) -> &Arc<TlsPolicy> {
+        sni.and_then(|s| self.by_sni.get(s)).unwrap_or(&self.default)
+    }
+
+    /// Whether `host` is one of this listener's SNI-policy names.
+    pub fn is_sni_name(&self, host: &str) -> bool {
+        self.by_sni.contains_key(host)
+    }
+}
+
+/// Reads a server certificate chain and key; errors name `key_prefix.server_cert|server_key`.
+pub fn load_server_cert(ctx: &mut Ctx, key_prefix: &str, cert: &str, key: &str) -> Option<Arc<ServerCert>> {
+    let ckey = format!("{key_prefix}.server_cert");
+    let kkey = format!("{key_prefix}.server_key");
+    let chain = load_chain(ctx, &ckey, cert)?;
+    let pkey = load_key(ctx, &kkey, key)?;
+    check_key_matches(ctx, &kkey, &chain[0], &pkey, cert)?;
+    Some(Arc::new(ServerCert { chain, key: pkey }))
+}
+
+/// Reads a PEM chain (leaf first) named by config key `key`.
+pub fn load_chain(ctx: &mut Ctx, key: &str, file: &str) -> Option<Vec<X509>> {
+    let pem = ctx.read(key, file)?;
+    match X509::stack_from_pem(&pem) {
+        Ok(c) if !c.is_empty() => Some(c),
+        Ok(_) => {
+            ctx.error(key, format!("{file}: no PEM certificate in the file"));
+            None
+        }
+        Err(e) => {
+            ctx.error(key, format!("{file}: not a PEM certificate: {e}"));
+            None
+        }
+    }
+}
+
+/// Reads a PEM private key named by config key `key`. The key's bytes never reach a message.
+pub fn load_key(ctx: &mut Ctx, key: &str, file: &str) -> Option<PKey<Private>> {
+    let pem = ctx.read(key, file)?;
+    match PKey::private_key_from_pem(&pem) {
+        Ok(k) => Some(k),
+        Err(_) => {
+            ctx.error(key, format!("{file}: not a PEM private key"));
+            None
+        }
+    }
+}
+
+/// Checks that `pkey` belongs to `leaf`.
+pub fn check_key_matches(ctx: &mut Ctx, key: &str, leaf: &X509, pkey: &PKey<Private>, cert_file: &str) -> Option<()> {
+    let matches = leaf.public_key().map(|p| p.public_eq(pkey)).unwrap_or(false);
+    if matches {
+        Some(())
+    } else {
+        ctx.error(key, format!("the private key does not match the certificate in {cert_file}"));
+        None
+    }
+}
+
+/// Builds a listener's policy from its config. Errors name `listeners[i]...`.
+pub fn build_policy(
+    ctx: &mut Ctx,
+    index: usize,
+    l: &config::Listener,
+    stores: &std::collections::BTreeMap<String, Arc<TrustStore>>,
+    headers: Arc<HeaderPlan>,
+) -> Option<ListenerPolicy> {
+    let key = format!("listeners[{index}]");
+    let default_cert = load_server_cert(ctx, &key, &l.server_cert, &l.server_key);
+    let store = |name: &Option<String>| name.as_ref().and_then(|n| stores.get(n).cloned());
+    let mut by_sni = HashMap::new();
+    let mut sni_ok = true;
+    for (j, s) in l.sni.iter().enumerate() {
+        let cert = match (&s.server_cert, &s.server_key) {
+            (Some(c), Some(k)) => load_server_cert(ctx, &format!("{key}.sni[{j}]"), c, k),
+            _ => default_cert.clone(),
+        };
+        let Some(cert) = cert else {
+            sni_ok = false;
+            continue;
+        };
+        let policy = Arc::new(TlsPolicy {
+            sni_name: s.names.first().map(|n| Arc::from(n.to_ascii_lowercase().as_str())),
+            cert,
+            mode: s.mtls.mode,
+            trust_store: store(&s.mtls.trust_store),
+        });
+        for n in &s.names {
+            by_sni.insert(n.to_ascii_lowercase(), policy.clone());
+        }
+    }
+    let default = Arc::new(TlsPolicy {
+        sni_name: None,
+        cert: default_cert?,
+        mode: l.mtls.mode,
+        trust_store: store(&l.mtls.trust_store),
+    });
+    sni_ok.then_some(ListenerPolicy {
+        default,
+        by_sni,
+        headers,
+    })
+}
+
+/// The TLS settings for a listener whose handshakes follow `policy`.
+pub fn tls_settings(listener: Arc<str>, policy: Arc<ArcSwap<ListenerPolicy>>, http2: bool) -> pingora::Result<TlsSettings> {
+    let mut settings = TlsSettings::with_callbacks(Box::new(ViewerTls { listener, policy }))?;
+    // Resumption would skip chain verification: see the module docs.
+    settings.set_options(SslOptions::NO_TICKET);
+    settings.set_session_cache_mode(SslSessionCacheMode::OFF);
+    settings
+        .set_min_proto_version(Some(SslVersion::TLS1_2))
+        .map_err(|e| pingora::Error::because(pingora::ErrorType::InternalError, "TLS 1.2 minimum", e))?;
+    if http2 {
+        settings.enable_h2();
+    }
+    Ok(settings)
+}
+
+/// Per-connection handshake record, kept in the SSL's ex_data so that its drop (when the SSL
+/// is freed) can count handshakes that failed without reaching a verify callback.
+struct HandshakeRecord {
+    listener: Arc<str>,
+    mode: MtlsMode,
+    sni: Option<String>,
+    state: Mutex<RecordState>,
+}
+
+#[derive(Default)]
+struct RecordState {
+    verify_ran: bool,
+    refused: Option<(&'static str, String)>,
+    accepted: bool,
+}
+
+impl HandshakeRecord {
+    fn refuse(&self, reason: &'static str, detail: String) {
+        if let Ok(mut s) = self.state.lock() {
+            if s.refused.is_none() {
+                s.refused = Some((reason, detail));
+            }
+        }
+    }
+}
+
+impl Drop for HandshakeRecord {
+    fn drop(&mut self) {
+        let Ok(s) = self.state.get_mut() else { return };
+        if s.accepted {
+            return;
+        }
+        let (reason, detail) = match s.refused.take() {
+            Some(r) => r,
+            None if !s.verify_ran && self.mode == MtlsMode::Required => {
+                ("ClientCertMissing", "no client certificate".to_string())
+            }
+            None => ("HandshakeFailed", "handshake did not complete".to_string()),
+        };
+        metrics::HANDSHAKES
+            .with_label_values(&[&self.listener, "refused", reason])
+            .inc();
+        info!(
+            "handshake refused listener={} sni={} reason={} detail=\"{}\"",
+            self.listener,
+            self.sni.as_deref().unwrap_or("-"),
+            reason,
+            detail
+        );
+    }
+}
+
+fn record_index() -> Option<boring::ex_data::Index<Ssl, Arc<HandshakeRecord>>> {
+    static INDEX: OnceLock<Option<boring::ex_data::Index<Ssl, Arc<HandshakeRecord>>>> = OnceLock::new();
+    *INDEX.get_or_init(|| Ssl::new_ex_index().ok())
+}
+
+fn policy_index() -> Option<boring::ex_data::Index<Ssl, Arc<TlsPolicy>>> {
+    static INDEX: OnceLock<Option<boring::ex_data::Index<Ssl, Arc<TlsPolicy>>>> = OnceLock::new();
+    *INDEX.get_or_init(|| Ssl::new_ex_index().ok())
+}
+
+/// Maps a chain verification error to a refusal reason (CloudFront's names where they exist).
+pub fn refusal_reason(result: X509VerifyResult) -> &'static str {
+    use pingora::tls::ssl_sys as ffi;
+    let Err(err) = result else { return "Ok" };
+    match err.as_raw() {
+        ffi::X509_V_ERR_CERT_HAS_EXPIRED => "ClientCertExpired",
+        ffi::X509_V_ERR_CERT_NOT_YET_VALID => "ClientCertNotYetValid",
+        ffi::X509_V_ERR_CERT_REVOKED => "ClientCertRevoked",
+        ffi::X509_V_ERR_INVALID_PURPOSE => "ClientCertIntentInvalid",
+        ffi::X509_V_ERR_CERT_CHAIN_TOO_LONG => "ClientCertMaxChainDepthExceeded",
+        ffi::X509_V_ERR_PATH_LENGTH_EXCEEDED => "ClientCertPathLenExceeded",
+        ffi::X509_V_ERR_UNABLE_TO_GET_CRL
+        | ffi::X509_V_ERR_CRL_HAS_EXPIRED
+        | ffi::X509_V_ERR_CRL_NOT_YET_VALID
+        | ffi::X509_V_ERR_CRL_SIGNATURE_FAILURE
+        | ffi::X509_V_ERR_UNABLE_TO_GET_CRL_ISSUER => "ClientCertRevocationUnknown",
+        ffi::X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT
+        | ffi::X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY
+        | ffi::X509_V_ERR_UNABLE_TO_VERIFY_LEAF_SIGNATURE
+        | ffi::X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT
+        | ffi::X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN
+        | ffi::X509_V_ERR_CERT_SIGNATURE_FAILURE => "ClientCertUntrusted",
+        _ => "ClientCertInvalid",
+    }
+}
+
+struct ViewerTls {
+    listener: Arc<str>,
+    policy: Arc<ArcSwap<ListenerPolicy>>,
+}
+
+impl ViewerTls {
+    fn apply(&self, ssl: &mut SslRef) -> Result<(), String> {
+        let current = self.policy.load();
+        let sni = ssl.servername(NameType::HOST_NAME).map(str::to_ascii_lowercase);
+        let policy = current.select(sni.as_deref()).clone();
+
+        ext::ssl_use_certificate(ssl, &policy.cert.chain[0]).map_err(|e| format!("server certificate: {e}"))?;
+        ext::ssl_use_private_key(ssl, &policy.cert.key).map_err(|e| format!("server key: {e}"))?;
+        for c in &policy.cert.chain[1..] {
+            ext::ssl_add_chain_cert(ssl, c).map_err(|e| format!("server chain: {e}"))?;
+        }
+
+        let record = Arc::new(HandshakeRecord {
+            listener: self.listener.clone(),
+            mode: policy.mode,
+            sni,
+            state: Mutex::new(RecordState::default()),
+        });
+        if let (Some(ri), Some(pi)) = (record_index(), policy_index()) {
+            ssl.set_ex_data(ri, record.clone());
+            ssl.set_ex_data(pi, policy.clone());
+        } else {
+            return Err("cannot allocate SSL ex_data indices".into());
+        }
+
+        let mode = match policy.mode {
+            MtlsMode::Off => {
+                ssl.set_verify(SslVerifyMode::NONE);
+                return Ok(());
+            }
+            MtlsMode::Optional => SslVerifyMode::PEER,
+            MtlsMode::Required => SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT,
+        };
+        let store = policy
+            .trust_store
+            .as_ref()
+            .ok_or_else(|| "mTLS policy without a trust store".to_string())?;
+        ext::ssl_set_verify_cert_store(ssl, store.store()).map_err(|e| format!("trust store: {e}"))?;
+        ssl.set_verify_depth(store.max_chain_depth);
+        if let Some(names) = &store.ca_names {
+            let mut stack = Stack::new().map_err(|e| e.to_string())?;
+            for n in names {
+                stack.push(X509Name::from_der(n).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+            }
+            ssl.set_client_ca_list(stack);
+        }
+        ssl.set_verify_callback(mode, move |ok, chain: &mut X509StoreContextRef| {
+            if let Ok(mut s) = record.state.lock() {
+                s.verify_ran = true;
+            }
+            if !ok {
+                let subject = chain
+                    .current_cert()
+                    .and_then(|c| c.subject_name().print_ex(0))
+                    .unwrap_or_default();
+                let result = chain.verify_result();
+                let text = result.err().map_or("unknown error", |e| e.error_string());
+                record.refuse(
+                    refusal_reason(result),
+                    format!("{text} at depth {} ({subject})", chain.error_depth()),
+                );
+            }
+            ok
+        });
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl TlsAccept for ViewerTls {
+    /// Runs after the ClientHello: picks the policy by SNI and arms verification.
+    async fn certificate_callback(&self, ssl: &mut SslRef) {
+        if let Err(e) = self.apply(ssl) {
+            // This hook cannot abort; without a certificate the handshake fails closed.
+            warn!("listener={} cannot set up the handshake: {e}", self.listener);
+            ssl.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
+        }
+    }
+
+    /// Runs once the handshake succeeded: records it and extracts the identity.
+    async fn handshake_complete_callback(&self, ssl: &SslRef) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
+        let record = record_index().and_then(|i| ssl.ex_data(i))?;
+        let policy = policy_index().and_then(|i| ssl.ex_data(i))?;
+        if let Ok(mut s) = record.state.lock() {
+            s.accepted = true;
+        }
+        let cert = match (&policy.trust_store, policy.mode) {
+            (Some(store), MtlsMode::Optional | MtlsMode::Required) => ViewerCert::from_ssl(ssl, store.name.clone()),
+            _ => None,
+        };
+        metrics::HANDSHAKES
+            .with_label_values(&[&self.listener, "accepted", "Ok"])
+            .inc();
+        let headers = self.policy.load().headers.render(cert.as_ref());
+        Some(Arc::new(Arc::new(ConnectionIdentity {
+            listener: self.listener.clone(),
+            sni: record.sni.clone(),
+            sni_policy: policy.sni_name.clone(),
+            mode: policy.mode,
+            cert,
+            headers,
+        })))
+    }
+}
