@@ -423,10 +423,13 @@ impl Config {
             if t.ca_files.is_empty() {
                 ctx.error(format!("{key}.ca_files"), "at least one CA file is required");
             }
-            if t.max_chain_depth == 0 || t.max_chain_depth > 16 {
+            if !(2..=16).contains(&t.max_chain_depth) {
                 ctx.error(
                     format!("{key}.max_chain_depth"),
-                    format!("{} is out of range 1..=16", t.max_chain_depth),
+                    format!(
+                        "{} is out of range 2..=16 (certificates in the chain, leaf and root included)",
+                        t.max_chain_depth
+                    ),
                 );
             }
         }

@@ -108,7 +108,7 @@ trust_stores:
   devices:
     ca_files: [device-ca.pem]
     crl_files: [device-crl.pem]
-    max_chain_depth: 2
+    max_chain_depth: 4
 origins:
   firmware:
     address: {ORIGIN_ADDR}

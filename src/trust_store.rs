@@ -2,13 +2,14 @@
 //! the depth limit and the CA names a listener may advertise. A store is built once, off the
 //! handshake path, and shared by reference count with every connection that uses it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use boring::hash::MessageDigest;
 use boring::ssl::{SslContext, SslContextBuilder, SslMethod};
 use boring::x509::store::X509StoreRef;
 use boring::x509::verify::X509VerifyFlags;
-use boring::x509::X509;
+use boring::x509::{X509Ref, X509};
 
 use crate::config::{self, CrlCheck, Ctx};
 
@@ -18,8 +19,13 @@ pub struct TrustStore {
     /// Holds the `X509_STORE` (certificates and CRLs). BoringSSL loads CRLs only through its
     /// file loader, which fills a context's store; the context itself is never used for TLS.
     holder: SslContext,
-    /// OpenSSL/nginx `verify_depth`: how many CA certificates may stand above the leaf.
+    /// Most certificates a verified chain may hold, leaf and root included (CloudFront's
+    /// "chain depth"), checked by `viewer_tls` once the chain has verified.
     pub max_chain_depth: u32,
+    /// SHA-256 of each intermediate CA in the store that carries a pathLenConstraint → the limit.
+    /// BoringSSL checks constraints only on certificates the client sent, so the handshake
+    /// checks these itself (see `viewer_tls`).
+    pub path_len: HashMap<Vec<u8>, usize>,
     /// DER subjects of the CAs, sent in the CertificateRequest when advertising is on.
     pub ca_names: Option<Vec<Vec<u8>>>,
 }
@@ -28,6 +34,32 @@ impl TrustStore {
     pub fn store(&self) -> &X509StoreRef {
         self.holder.cert_store()
     }
+
+    /// Whether a verified chain (leaf first) respects the pathLenConstraint of every store
+    /// intermediate in it: a CA at index `i` has `i - 1` CA certificates below it.
+    pub fn path_len_ok<'a>(&self, chain: impl Iterator<Item = &'a X509Ref>) -> bool {
+        if self.path_len.is_empty() {
+            return true;
+        }
+        chain.enumerate().skip(2).all(|(i, cert)| {
+            let limit = cert
+                .digest(MessageDigest::sha256())
+                .ok()
+                .and_then(|d| self.path_len.get(d.as_ref()).copied());
+            limit.is_none_or(|p| i - 1 <= p)
+        })
+    }
+}
+
+/// The pathLenConstraint of a CA certificate that is not self-issued, if it has one.
+fn intermediate_path_len(cert: &X509Ref) -> Option<usize> {
+    let der = cert.to_der().ok()?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(&der).ok()?;
+    if parsed.subject() == parsed.issuer() {
+        return None;
+    }
+    let bc = parsed.basic_constraints().ok()??;
+    bc.value.path_len_constraint.map(|p| p as usize)
 }
 
 /// Builds every trust store in the config; errors name `trust_stores.NAME.KEY`.
@@ -49,6 +81,7 @@ fn build(ctx: &mut Ctx, name: &str, t: &config::TrustStore) -> Option<TrustStore
     };
     let mut ok = true;
     let mut ca_names = Vec::new();
+    let mut path_len = HashMap::new();
     for (i, f) in t.ca_files.iter().enumerate() {
         let fkey = format!("{key}.ca_files[{i}]");
         let Some(pem) = ctx.read(&fkey, f) else {
@@ -62,6 +95,9 @@ fn build(ctx: &mut Ctx, name: &str, t: &config::TrustStore) -> Option<TrustStore
             }
             Ok(certs) => {
                 for c in &certs {
+                    if let (Some(p), Ok(d)) = (intermediate_path_len(c), c.digest(MessageDigest::sha256())) {
+                        path_len.insert(d.to_vec(), p);
+                    }
                     match c.subject_name().to_der() {
                         Ok(n) => ca_names.push(n),
                         Err(e) => {
@@ -112,6 +148,7 @@ fn build(ctx: &mut Ctx, name: &str, t: &config::TrustStore) -> Option<TrustStore
         name: Arc::from(name),
         holder: builder.build(),
         max_chain_depth: t.max_chain_depth,
+        path_len,
         ca_names: t.advertise_ca_names.then_some(ca_names),
     })
 }

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use boring::pkey::{PKey, Private};
 use boring::ssl::{NameType, Ssl, SslOptions, SslRef, SslSessionCacheMode, SslVerifyMode, SslVersion};
 use boring::stack::Stack;
-use boring::x509::{X509Name, X509StoreContextRef, X509VerifyResult, X509};
+use boring::x509::{X509Name, X509StoreContextRef, X509VerifyError, X509VerifyResult, X509};
 use log::{info, warn};
 use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::TlsAccept;
@@ -299,6 +299,8 @@ impl ViewerTls {
             .as_ref()
             .ok_or_else(|| "mTLS policy without a trust store".to_string())?;
         ext::ssl_set_verify_cert_store(ssl, store.store()).map_err(|e| format!("trust store: {e}"))?;
+        // BoringSSL's depth counts intermediates and reports an overlong chain as an unknown
+        // issuer; bound chain building loosely here and check the exact limit below.
         ssl.set_verify_depth(store.max_chain_depth);
         if let Some(names) = &store.ca_names {
             let mut stack = Stack::new().map_err(|e| e.to_string())?;
@@ -307,9 +309,31 @@ impl ViewerTls {
             }
             ssl.set_client_ca_list(stack);
         }
+        let store = store.clone();
         ssl.set_verify_callback(mode, move |ok, chain: &mut X509StoreContextRef| {
             if let Ok(mut s) = record.state.lock() {
                 s.verify_ran = true;
+            }
+            // The last call is for the leaf: the whole chain is known and has verified.
+            if ok && chain.error_depth() == 0 {
+                let len = chain.chain().map_or(0, |c| c.len());
+                if len > store.max_chain_depth as usize {
+                    chain.set_error(Err(X509VerifyError::CERT_CHAIN_TOO_LONG));
+                    record.refuse(
+                        "ClientCertMaxChainDepthExceeded",
+                        format!("{len} certificates in the chain, at most {} allowed", store.max_chain_depth),
+                    );
+                    return false;
+                }
+                let path_len_ok = chain.chain().is_none_or(|c| store.path_len_ok(c.iter()));
+                if !path_len_ok {
+                    chain.set_error(Err(X509VerifyError::PATH_LENGTH_EXCEEDED));
+                    record.refuse(
+                        "ClientCertPathLenExceeded",
+                        "a trust-store intermediate's pathLenConstraint is exceeded".into(),
+                    );
+                    return false;
+                }
             }
             if !ok {
                 let subject = chain

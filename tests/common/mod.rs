@@ -1,0 +1,317 @@
+//! Test harness: a PKI generated per test, the real `mtls-edge` binary and a real mTLS origin as
+//! child processes on free loopback ports, and a BoringSSL client that speaks HTTP/1.1.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use boring::ssl::{SslConnector, SslFiletype, SslMethod, SslSession, SslVersion};
+use mtls_edge::pki::{self, Ca, Issued, LeafSpec};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_mtls-edge");
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
+fn wait_for_port(port: u16, child: &mut Child, log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "process exited with {status} before listening on {port}:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("nothing listens on {port} after 20 s");
+}
+
+/// A child process killed when dropped; its stderr goes to `log`.
+pub struct Proc {
+    child: Child,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(args: &[&str], port: u16, log: PathBuf) -> Proc {
+    let file = std::fs::File::create(&log).expect("create log file");
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(file)
+        .spawn()
+        .expect("spawn mtls-edge");
+    wait_for_port(port, &mut child, &log);
+    Proc { child, port, log }
+}
+
+/// The demo origin, requiring a client certificate issued by `client_ca`.
+pub fn spawn_origin(dir: &Path, cert_stem: &str, client_ca: &str) -> Proc {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let cert = dir.join(format!("{cert_stem}.pem"));
+    let key = dir.join(format!("{cert_stem}.key"));
+    let ca = dir.join(client_ca);
+    spawn(
+        &[
+            "origin",
+            "--listen",
+            &listen,
+            "--cert",
+            cert.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+            "--client-ca",
+            ca.to_str().unwrap(),
+        ],
+        port,
+        dir.join(format!("origin-{port}.log")),
+    )
+}
+
+/// Writes `yaml` as a config in `dir` and runs the edge on it; waits for `wait_port`.
+pub fn spawn_edge(dir: &Path, yaml: &str, wait_port: u16) -> Proc {
+    let conf = dir.join(format!("edge-{wait_port}.yaml"));
+    std::fs::write(&conf, yaml).unwrap();
+    spawn(&["-c", conf.to_str().unwrap()], wait_port, dir.join(format!("edge-{wait_port}.log")))
+}
+
+/// The server-side part of the shared PKI: the edge's server and client certificates, the
+/// origin's server certificate and its CA. Viewer-side CAs are made by each test.
+pub struct ServerPki {
+    pub edge_ca: Ca,
+    pub origin_ca: Ca,
+}
+
+impl ServerPki {
+    /// Writes edge-ca.pem, edge-server.{pem,key}, edge-client.{pem,key}, origin-ca.pem,
+    /// origin-server.{pem,key}.
+    pub fn write(dir: &Path) -> ServerPki {
+        let edge_ca = Ca::root("Test Edge CA").unwrap();
+        edge_ca
+            .issue(&LeafSpec::server("edge", &["localhost", "edge.test", "fleet-b.test"]))
+            .unwrap()
+            .write(dir, "edge-server")
+            .unwrap();
+        edge_ca.issue(&LeafSpec::client("mtls-edge")).unwrap().write(dir, "edge-client").unwrap();
+        let origin_ca = Ca::root("Test Origin CA").unwrap();
+        origin_ca
+            .issue(&LeafSpec::server("origin.internal", &["origin.internal"]))
+            .unwrap()
+            .write(dir, "origin-server")
+            .unwrap();
+        pki::write_file(&dir.join("edge-ca.pem"), &edge_ca.cert_pem, false).unwrap();
+        pki::write_file(&dir.join("origin-ca.pem"), &origin_ca.cert_pem, false).unwrap();
+        ServerPki { edge_ca, origin_ca }
+    }
+}
+
+/// Writes an issued certificate and returns its stem for `Client::cert`.
+pub fn save(dir: &Path, stem: &str, issued: &Issued) -> String {
+    issued.write(dir, stem).unwrap();
+    stem.to_string()
+}
+
+/// An HTTP response as the test client read it.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Header lines the echo origin received, as `name: value`.
+    pub fn echoed(&self, name: &str) -> Option<String> {
+        let prefix = format!("{}: ", name.to_ascii_lowercase());
+        self.body
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix).map(str::to_string))
+    }
+}
+
+/// A TLS 1.2/1.3 client with an optional client certificate.
+pub struct Client<'a> {
+    pub dir: &'a Path,
+    pub port: u16,
+    pub cert: Option<String>,
+    pub sni: Option<String>,
+    pub host: String,
+    pub version: Option<SslVersion>,
+    pub extra_headers: Vec<(String, String)>,
+    pub session: Option<SslSession>,
+}
+
+pub struct Outcome {
+    pub result: Result<Response, String>,
+    pub session: Option<SslSession>,
+    pub resumed: bool,
+}
+
+impl<'a> Client<'a> {
+    pub fn new(dir: &'a Path, port: u16) -> Self {
+        Client {
+            dir,
+            port,
+            cert: None,
+            sni: Some("localhost".into()),
+            host: "localhost".into(),
+            version: None,
+            extra_headers: Vec::new(),
+            session: None,
+        }
+    }
+
+    pub fn cert(mut self, stem: &str) -> Self {
+        self.cert = Some(stem.to_string());
+        self
+    }
+
+    pub fn sni(mut self, sni: Option<&str>) -> Self {
+        self.sni = sni.map(str::to_string);
+        self
+    }
+
+    pub fn host(mut self, host: &str) -> Self {
+        self.host = host.to_string();
+        self
+    }
+
+    pub fn version(mut self, v: SslVersion) -> Self {
+        self.version = Some(v);
+        self
+    }
+
+    pub fn header(mut self, k: &str, v: &str) -> Self {
+        self.extra_headers.push((k.into(), v.into()));
+        self
+    }
+
+    pub fn get(&self, path: &str) -> Result<Response, String> {
+        self.request(path).result
+    }
+
+    /// Connects, sends `GET path`, and reads the whole response (Connection: close).
+    pub fn request(&self, path: &str) -> Outcome {
+        let mut session = None;
+        let mut resumed = false;
+        let result = (|| {
+            let mut b = SslConnector::builder(SslMethod::tls()).map_err(|e| e.to_string())?;
+            b.set_ca_file(self.dir.join("edge-ca.pem")).map_err(|e| e.to_string())?;
+            if let Some(stem) = &self.cert {
+                b.set_certificate_chain_file(self.dir.join(format!("{stem}.pem")))
+                    .map_err(|e| e.to_string())?;
+                b.set_private_key_file(self.dir.join(format!("{stem}.key")), SslFiletype::PEM)
+                    .map_err(|e| e.to_string())?;
+            }
+            if let Some(v) = self.version {
+                b.set_min_proto_version(Some(v)).map_err(|e| e.to_string())?;
+                b.set_max_proto_version(Some(v)).map_err(|e| e.to_string())?;
+            }
+            let mut cfg = b.build().configure().map_err(|e| e.to_string())?;
+            cfg.set_verify_hostname(false);
+            if self.sni.is_none() {
+                cfg.set_use_server_name_indication(false);
+            }
+            if let Some(s) = &self.session {
+                // SAFETY-free API: boring marks set_session unsafe only for cross-context use.
+                unsafe { cfg.set_session(s) }.map_err(|e| e.to_string())?;
+            }
+            let tcp = TcpStream::connect(("127.0.0.1", self.port)).map_err(|e| e.to_string())?;
+            tcp.set_read_timeout(Some(Duration::from_secs(10))).ok();
+            let mut tls = cfg
+                .connect(self.sni.as_deref().unwrap_or("ignored.invalid"), tcp)
+                .map_err(|e| format!("handshake: {e}"))?;
+            let mut req = format!("GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n", self.host);
+            for (k, v) in &self.extra_headers {
+                req.push_str(&format!("{k}: {v}\r\n"));
+            }
+            req.push_str("\r\n");
+            tls.write_all(req.as_bytes()).map_err(|e| format!("write: {e}"))?;
+            let mut raw = Vec::new();
+            let read = tls.read_to_end(&mut raw);
+            resumed = tls.ssl().session_reused();
+            session = tls.ssl().session().map(|s| s.to_owned());
+            if raw.is_empty() {
+                return Err(format!("read: {}", read.err().map(|e| e.to_string()).unwrap_or_else(|| "connection closed".into())));
+            }
+            parse_response(&raw)
+        })();
+        Outcome { result, session, resumed }
+    }
+}
+
+fn parse_response(raw: &[u8]) -> Result<Response, String> {
+    let text = String::from_utf8_lossy(raw);
+    let (head, body) = text.split_once("\r\n\r\n").ok_or("no header end")?;
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or("bad status line")?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(": ").map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    let body = if chunked { dechunk(body) } else { body.to_string() };
+    Ok(Response { status, headers, body })
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// A Prometheus counter's value from the admin listener, 0 when absent.
+pub fn metric(admin_port: u16, name_and_labels: &str) -> f64 {
+    let mut s = TcpStream::connect(("127.0.0.1", admin_port)).expect("admin listener");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    raw.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}

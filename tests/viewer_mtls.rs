@@ -1,0 +1,355 @@
+//! Viewer mTLS over real sockets: the verification matrix in both modes and both TLS versions,
+//! identity headers and their spoofing, fleet separation by SNI, resumption, HTTP/2.
+
+mod common;
+
+use boring::hash::MessageDigest;
+use boring::ssl::SslVersion;
+use boring::x509::X509;
+use common::*;
+use mtls_edge::pki::{self, Ca, LeafSpec};
+use rcgen::ExtendedKeyUsagePurpose;
+use time::Duration;
+
+/// Device PKI for fleet A (trust store `devices`) and fleet B (trust store `fleetb`), plus every
+/// kind of bad certificate. Returns the edge's config.
+struct Fleet {
+    dir: tempfile::TempDir,
+    _origin: Proc,
+    edge: Proc,
+    optional_port: u16,
+    admin_port: u16,
+}
+
+fn device(cn: &str) -> LeafSpec {
+    let mut s = LeafSpec::client(cn);
+    s.org = Some("Fleet A".into());
+    s.org_unit = Some("model-x1".into());
+    s
+}
+
+fn fleet() -> Fleet {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ServerPki::write(d);
+
+    let root = Ca::root("Device Root CA").unwrap();
+    let int = root.intermediate("Device Issuing CA", Some(0)).unwrap();
+    let mut good = device("device-0001");
+    good.uris = vec!["urn:device:0001".into()];
+    good.dns = vec!["device-0001.fleet.test".into()];
+    save(d, "good", &int.issue(&good).unwrap());
+
+    let mut expired = device("device-expired");
+    expired.not_before = Duration::days(-10);
+    expired.not_after = Duration::days(-1);
+    save(d, "expired", &int.issue(&expired).unwrap());
+
+    let mut future = device("device-future");
+    future.not_before = Duration::days(1);
+    future.not_after = Duration::days(10);
+    save(d, "future", &int.issue(&future).unwrap());
+
+    // Same names as the trusted CAs, different keys.
+    let fake_root = Ca::root("Device Root CA").unwrap();
+    let fake_int = fake_root.intermediate("Device Issuing CA", Some(0)).unwrap();
+    save(d, "untrusted", &fake_int.issue(&device("device-0001")).unwrap());
+
+    save(d, "selfsigned", &pki::self_signed_client(&device("device-0001")).unwrap());
+
+    let mut server_only = device("device-serverauth");
+    server_only.eku = Some(vec![ExtendedKeyUsagePurpose::ServerAuth]);
+    save(d, "serverauth", &int.issue(&server_only).unwrap());
+
+    let revoked = int.issue(&device("device-revoked")).unwrap();
+    save(d, "revoked", &revoked);
+
+    // The issuing CA has pathLen 0, so a CA below it breaks the constraint.
+    let sub = int.intermediate("Rogue Sub CA", None).unwrap();
+    save(d, "pathlen", &sub.issue(&device("device-pathlen")).unwrap());
+
+    // root → A → B → C → leaf: five certificates, over the limit of 4.
+    let deep_a = root.intermediate("Deep CA A", None).unwrap();
+    let deep_b = deep_a.intermediate("Deep CA B", None).unwrap();
+    let deep_c = deep_b.intermediate("Deep CA C", None).unwrap();
+    save(d, "deep", &deep_c.issue(&device("device-deep")).unwrap());
+
+    let crls = [
+        root.crl(&[]).unwrap(),
+        int.crl(&[&revoked.serial]).unwrap(),
+        sub.crl(&[]).unwrap(),
+        deep_a.crl(&[]).unwrap(),
+        deep_b.crl(&[]).unwrap(),
+        deep_c.crl(&[]).unwrap(),
+    ]
+    .concat();
+    pki::write_file(&d.join("device-ca.pem"), &format!("{}{}", root.cert_pem, int.cert_pem), false).unwrap();
+    pki::write_file(&d.join("device-crl.pem"), &crls, false).unwrap();
+
+    // Fleet B: another root; its devices may use only fleet-b.test.
+    let root_b = Ca::root("Fleet B Root CA").unwrap();
+    let mut b = LeafSpec::client("device-b-0001");
+    b.org = Some("Fleet B".into());
+    save(d, "fleetb", &root_b.issue(&b).unwrap());
+    pki::write_file(&d.join("fleetb-ca.pem"), &root_b.cert_pem, false).unwrap();
+
+    let origin = spawn_origin(d, "origin-server", "edge-ca.pem");
+    let (port, optional_port, admin_port) = (free_port(), free_port(), free_port());
+    let yaml = format!(
+        r#"
+server: {{ threads: 2, grace_period_seconds: 0, graceful_shutdown_timeout_seconds: 0, pid_file: {d}/edge.pid, upgrade_sock: {d}/edge.sock }}
+listeners:
+  - address: 127.0.0.1:{port}
+    server_cert: edge-server.pem
+    server_key: edge-server.key
+    mtls: {{ mode: required, trust_store: devices }}
+    sni:
+      - names: [fleet-b.test]
+        mtls: {{ mode: required, trust_store: fleetb }}
+  - address: 127.0.0.1:{optional_port}
+    server_cert: edge-server.pem
+    server_key: edge-server.key
+    mtls: {{ mode: optional, trust_store: devices }}
+trust_stores:
+  devices:
+    ca_files: [device-ca.pem]
+    crl_files: [device-crl.pem]
+    max_chain_depth: 4
+  fleetb:
+    ca_files: [fleetb-ca.pem]
+origins:
+  firmware:
+    address: 127.0.0.1:{origin}
+    sni: origin.internal
+    ca_file: origin-ca.pem
+    client_cert: edge-client.pem
+    client_key: edge-client.key
+routes:
+  - {{ host: fleet-b.test, path_prefix: /, origin: firmware }}
+  - {{ path_prefix: /, origin: firmware }}
+admin: {{ address: 127.0.0.1:{admin_port} }}
+"#,
+        d = d.display(),
+        origin = origin.port,
+    );
+    let edge = spawn_edge(d, &yaml, port);
+    Fleet {
+        dir,
+        _origin: origin,
+        edge,
+        optional_port,
+        admin_port,
+    }
+}
+
+const VERSIONS: [SslVersion; 2] = [SslVersion::TLS1_2, SslVersion::TLS1_3];
+
+#[test]
+fn every_invalid_certificate_is_refused_in_the_handshake_in_both_modes() {
+    let f = fleet();
+    let d = f.dir.path();
+    // (certificate, refusal reason counted by the edge, TLS alert the client sees)
+    let cases = [
+        ("expired", "ClientCertExpired", "CERTIFICATE_EXPIRED"),
+        ("future", "ClientCertNotYetValid", "CERTIFICATE_EXPIRED"),
+        ("untrusted", "ClientCertUntrusted", "UNKNOWN_CA"),
+        ("selfsigned", "ClientCertUntrusted", "UNKNOWN_CA"),
+        ("serverauth", "ClientCertIntentInvalid", "UNSUPPORTED_CERTIFICATE"),
+        ("revoked", "ClientCertRevoked", "CERTIFICATE_REVOKED"),
+        ("pathlen", "ClientCertPathLenExceeded", "UNKNOWN_CA"),
+        ("deep", "ClientCertMaxChainDepthExceeded", "UNKNOWN_CA"),
+    ];
+    for port in [f.edge.port, f.optional_port] {
+        for v in VERSIONS {
+            for (stem, _, alert) in cases {
+                let err = Client::new(d, port)
+                    .cert(stem)
+                    .version(v)
+                    .get("/echo")
+                    .expect_err(&format!("{stem} must be refused on port {port} {v:?}"));
+                assert!(
+                    err.to_ascii_uppercase().contains(alert),
+                    "{stem} on {port} {v:?}: expected alert {alert}, got {err}"
+                );
+            }
+        }
+    }
+    for (stem, reason, _) in cases {
+        let n = metric(
+            f.admin_port,
+            &format!(
+                "mtls_edge_handshakes_total{{listener=\"127.0.0.1:{}\",outcome=\"refused\",reason=\"{reason}\"}}",
+                f.edge.port
+            ),
+        );
+        assert!(
+            n >= 2.0,
+            "{stem}: reason {reason} counted {n} times on the required listener; log:\n{}",
+            f.edge.log_text()
+        );
+    }
+    // The valid device passes on both listeners and both versions.
+    for port in [f.edge.port, f.optional_port] {
+        for v in VERSIONS {
+            let r = Client::new(d, port).cert("good").version(v).get("/echo").unwrap();
+            assert_eq!(r.status, 200, "{port} {v:?}");
+            assert_eq!(r.echoed("cloudfront-viewer-cert-present").as_deref(), Some("1"));
+        }
+    }
+}
+
+#[test]
+fn no_certificate_is_refused_when_required_and_admitted_when_optional() {
+    let f = fleet();
+    let d = f.dir.path();
+    for v in VERSIONS {
+        let err = Client::new(d, f.edge.port).version(v).get("/echo").unwrap_err();
+        let want = if v == SslVersion::TLS1_3 { "CERTIFICATE_REQUIRED" } else { "HANDSHAKE_FAILURE" };
+        assert!(err.to_ascii_uppercase().contains(want), "{v:?}: {err}");
+
+        let r = Client::new(d, f.optional_port).version(v).get("/echo").unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.echoed("cloudfront-viewer-cert-present").as_deref(), Some("0"));
+        assert_eq!(r.echoed("cloudfront-viewer-cert-subject"), None);
+    }
+    let missing = metric(
+        f.admin_port,
+        &format!(
+            "mtls_edge_handshakes_total{{listener=\"127.0.0.1:{}\",outcome=\"refused\",reason=\"ClientCertMissing\"}}",
+            f.edge.port
+        ),
+    );
+    assert_eq!(missing, 2.0);
+}
+
+#[test]
+fn origin_receives_identity_headers_with_the_right_values() {
+    let f = fleet();
+    let d = f.dir.path();
+    let r = Client::new(d, f.edge.port).cert("good").get("/echo").unwrap();
+    assert_eq!(r.status, 200);
+    let pem = std::fs::read(d.join("good.pem")).unwrap();
+    let leaf = X509::stack_from_pem(&pem).unwrap().remove(0);
+    let sha = leaf.digest(MessageDigest::sha256()).unwrap();
+    let sha_hex: String = sha.iter().map(|b| format!("{b:02x}")).collect();
+    let serial: Vec<String> = leaf.serial_number().to_bn().unwrap().to_vec().iter().map(|b| format!("{b:02x}")).collect();
+
+    assert_eq!(r.echoed("cloudfront-viewer-cert-present").as_deref(), Some("1"));
+    assert_eq!(
+        r.echoed("cloudfront-viewer-cert-subject").as_deref(),
+        Some("CN=device-0001,OU=model-x1,O=Fleet A")
+    );
+    assert_eq!(
+        r.echoed("cloudfront-viewer-cert-issuer").as_deref(),
+        Some("CN=Device Issuing CA,O=mtls-edge test PKI")
+    );
+    assert_eq!(r.echoed("cloudfront-viewer-cert-serial-number"), Some(serial.join(":")));
+    assert_eq!(r.echoed("cloudfront-viewer-cert-sha256"), Some(sha_hex));
+    let validity = r.echoed("cloudfront-viewer-cert-validity").unwrap();
+    let (nb, na) = validity
+        .strip_prefix("NotBefore=")
+        .and_then(|v| v.split_once(";NotAfter="))
+        .unwrap_or_else(|| panic!("validity format: {validity}"));
+    for t in [nb, na] {
+        assert!(t.len() == 20 && t.ends_with('Z') && t.as_bytes()[10] == b'T', "ISO 8601 UTC: {t}");
+    }
+    let pem_header = r.echoed("cloudfront-viewer-cert-pem").unwrap();
+    let decoded = percent_encoding::percent_decode_str(&pem_header).decode_utf8().unwrap();
+    assert_eq!(decoded.as_bytes(), leaf.to_pem().unwrap().as_slice());
+    assert_eq!(r.echoed("cloudfront-viewer-cert-san-uri").as_deref(), Some("urn:device:0001"));
+    assert_eq!(r.echoed("cloudfront-viewer-cert-san-dns").as_deref(), Some("device-0001.fleet.test"));
+
+    // The origin saw the edge's own client certificate: origin mTLS.
+    let edge_client = X509::stack_from_pem(&std::fs::read(d.join("edge-client.pem")).unwrap()).unwrap().remove(0);
+    let edge_sha: String = edge_client.digest(MessageDigest::sha256()).unwrap().iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(r.header("x-origin-client-cert-sha256"), Some(edge_sha.as_str()));
+}
+
+#[test]
+fn spoofed_identity_headers_are_removed_in_every_mode() {
+    let f = fleet();
+    let d = f.dir.path();
+    fn spoof(c: Client<'_>) -> Client<'_> {
+        c.header("CloudFront-Viewer-Cert-Subject", "CN=admin")
+            .header("cloudfront-viewer-cert-present", "1")
+            .header("CloudFront-Viewer-Cert-Made-Up", "x")
+            .header("Client-Cert", ":AAAA:")
+            .header("Client-Cert-Chain", ":AAAA:")
+    }
+    // Optional mode without a certificate: nothing of the spoof may survive.
+    let r = spoof(Client::new(d, f.optional_port)).get("/echo").unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.echoed("cloudfront-viewer-cert-present").as_deref(), Some("0"));
+    for h in ["cloudfront-viewer-cert-subject", "cloudfront-viewer-cert-made-up", "client-cert", "client-cert-chain"] {
+        assert_eq!(r.echoed(h), None, "{h} leaked to the origin");
+    }
+    // Required mode with a certificate: the edge's values replace the spoof.
+    let r = spoof(Client::new(d, f.edge.port).cert("good")).get("/echo").unwrap();
+    assert_eq!(
+        r.echoed("cloudfront-viewer-cert-subject").as_deref(),
+        Some("CN=device-0001,OU=model-x1,O=Fleet A")
+    );
+    assert_eq!(r.body.matches("cloudfront-viewer-cert-subject:").count(), 1);
+    assert_eq!(r.echoed("cloudfront-viewer-cert-made-up"), None);
+    assert_eq!(r.echoed("client-cert"), None);
+}
+
+#[test]
+fn a_fleet_cannot_reach_the_other_fleets_hosts() {
+    let f = fleet();
+    let d = f.dir.path();
+    let port = f.edge.port;
+    // Fleet B on its own name.
+    let r = Client::new(d, port).cert("fleetb").sni(Some("fleet-b.test")).host("fleet-b.test").get("/echo").unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.echoed("cloudfront-viewer-cert-subject").as_deref(), Some("CN=device-b-0001,O=Fleet B"));
+    // Each fleet's certificate fails against the other fleet's trust store.
+    assert!(Client::new(d, port).cert("fleetb").sni(Some("localhost")).get("/echo").is_err());
+    assert!(Client::new(d, port).cert("good").sni(Some("fleet-b.test")).host("fleet-b.test").get("/echo").is_err());
+    // Verified by fleet A's store, addressing fleet B's host: misdirected.
+    let r = Client::new(d, port).cert("good").sni(Some("localhost")).host("fleet-b.test").get("/echo").unwrap();
+    assert_eq!(r.status, 421);
+    let r = Client::new(d, port).cert("good").sni(None).host("fleet-b.test").get("/echo").unwrap();
+    assert_eq!(r.status, 421);
+    let r = Client::new(d, port).cert("good").sni(Some("localhost")).host("FLEET-B.test:443").get("/echo").unwrap();
+    assert_eq!(r.status, 421);
+    // Verified by fleet B's store, addressing fleet A's host.
+    let r = Client::new(d, port).cert("fleetb").sni(Some("fleet-b.test")).host("localhost").get("/echo").unwrap();
+    assert_eq!(r.status, 421);
+}
+
+#[test]
+fn sessions_are_never_resumed_so_every_connection_is_verified() {
+    let f = fleet();
+    let d = f.dir.path();
+    for v in VERSIONS {
+        let first = Client::new(d, f.edge.port).cert("good").version(v).request("/echo");
+        assert_eq!(first.result.unwrap().status, 200);
+        let mut again = Client::new(d, f.edge.port).cert("good").version(v);
+        again.session = first.session;
+        let second = again.request("/echo");
+        assert_eq!(second.result.unwrap().status, 200);
+        assert!(!second.resumed, "{v:?}: a session was resumed");
+    }
+}
+
+#[test]
+fn http2_is_negotiated_by_alpn_with_the_client_certificate() {
+    let f = fleet();
+    let d = f.dir.path();
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--http2", "--resolve", &format!("localhost:{}:127.0.0.1", f.edge.port)])
+        .arg("--cacert")
+        .arg(d.join("edge-ca.pem"))
+        .arg("--cert")
+        .arg(d.join("good.pem"))
+        .arg("--key")
+        .arg(d.join("good.key"))
+        .args(["-w", "\n%{http_version} %{http_code}"])
+        .arg(format!("https://localhost:{}/echo", f.edge.port))
+        .output()
+        .expect("curl is installed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.trim_end().ends_with("2 200"), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("cloudfront-viewer-cert-subject: CN=device-0001"), "{text}");
+}
