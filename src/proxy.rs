@@ -177,7 +177,11 @@ impl ProxyHttp for EdgeProxy {
         if let (ErrorSource::Upstream, Some(o)) = (e.esource(), &ctx.origin) {
             let reason = origin::failure_reason(e);
             metrics::ORIGIN_FAILURES.with_label_values(&[&o.name, reason]).inc();
-            warn!("origin request failed origin={} reason={reason} error=\"{e}\"", o.name);
+            warn!(
+                "origin request failed origin={} reason={reason} sni={} error=\"{e}\"",
+                o.name,
+                o.sni()
+            );
         }
         if code > 0 {
             if let Err(err) = session.respond_error(code).await {

@@ -1,0 +1,166 @@
+//! `mtls-edge -t -c FILE` on good and broken configurations: exit 0 for a good one, exit 1
+//! with the file, the key path and the reason for each kind of error.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+use mtls_edge::pki::{self, Ca, LeafSpec};
+
+const GOOD: &str = r#"
+listeners:
+  - address: 127.0.0.1:18443
+    server_cert: edge-server.pem
+    server_key: edge-server.key
+    mtls: { mode: required, trust_store: devices }
+trust_stores:
+  devices:
+    ca_files: [device-ca.pem]
+    crl_files: [device-crl.pem]
+origins:
+  firmware:
+    address: 127.0.0.1:19443
+    sni: origin.internal
+    ca_file: origin-ca.pem
+    client_cert: edge-client.pem
+    client_key: edge-client.key
+routes:
+  - { path_prefix: /, origin: firmware }
+admin: { address: 127.0.0.1:19100 }
+"#;
+
+fn pki_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ServerPki::write(d);
+    let device_ca = Ca::root("Device CA").unwrap();
+    pki::write_file(&d.join("device-ca.pem"), &device_ca.cert_pem, false).unwrap();
+    pki::write_file(&d.join("device-crl.pem"), &device_ca.crl(&[]).unwrap(), false).unwrap();
+    // A client certificate with only the serverAuth EKU, useless toward an origin.
+    let edge_ca = Ca::root("Other Edge CA").unwrap();
+    save(d, "server-only", &edge_ca.issue(&LeafSpec::server("edge", &["edge"])).unwrap());
+    std::fs::write(d.join("garbage.pem"), "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n").unwrap();
+    dir
+}
+
+fn check(dir: &Path, yaml: &str) -> (bool, String) {
+    let conf = dir.join("edge.yaml");
+    std::fs::write(&conf, yaml).unwrap();
+    let out = Command::new(BIN).args(["-t", "-c"]).arg(&conf).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+#[test]
+fn a_good_config_passes_the_check() {
+    let dir = pki_dir();
+    let (ok, text) = check(dir.path(), GOOD);
+    assert!(ok, "{text}");
+    assert!(text.contains("configuration OK"), "{text}");
+}
+
+#[test]
+fn each_kind_of_error_is_rejected_with_the_file_and_the_key() {
+    let dir = pki_dir();
+    let d = dir.path();
+    // (what is broken, the edit, text the message must contain)
+    let cases: Vec<(&str, String, Vec<&str>)> = vec![
+        (
+            "missing file",
+            GOOD.replace("client_cert: edge-client.pem", "client_cert: nowhere.pem"),
+            vec!["origins.firmware.client_cert", "nowhere.pem", "cannot read"],
+        ),
+        (
+            "PEM that does not parse",
+            GOOD.replace("ca_files: [device-ca.pem]", "ca_files: [garbage.pem]"),
+            vec!["trust_stores.devices.ca_files[0]", "garbage.pem", "not a PEM certificate"],
+        ),
+        (
+            "CRL file without a CRL",
+            GOOD.replace("crl_files: [device-crl.pem]", "crl_files: [device-ca.pem]"),
+            vec!["trust_stores.devices.crl_files[0]", "no PEM CRL"],
+        ),
+        (
+            "key that does not match its certificate",
+            GOOD.replace("server_key: edge-server.key", "server_key: edge-client.key"),
+            vec!["listeners[0].server_key", "does not match"],
+        ),
+        (
+            "origin client certificate without clientAuth",
+            GOOD.replace("client_cert: edge-client.pem", "client_cert: server-only.pem")
+                .replace("client_key: edge-client.key", "client_key: server-only.key"),
+            vec!["origins.firmware.client_cert", "clientAuth"],
+        ),
+        (
+            "unknown trust store",
+            GOOD.replace("trust_store: devices", "trust_store: fleet"),
+            vec!["listeners[0].mtls.trust_store", "unknown trust store 'fleet'"],
+        ),
+        (
+            "unknown origin",
+            GOOD.replace("origin: firmware }", "origin: cdn }"),
+            vec!["routes[0].origin", "unknown origin 'cdn'"],
+        ),
+        (
+            "unknown key",
+            GOOD.replace("sni: origin.internal", "sni: origin.internal\n    verify: false"),
+            vec!["origins.firmware", "unknown field `verify`"],
+        ),
+        (
+            "unknown mode",
+            GOOD.replace("mode: required", "mode: maybe"),
+            vec!["listeners[0].mtls.mode", "unknown variant `maybe`"],
+        ),
+        (
+            "empty origin SNI (would disable verification)",
+            GOOD.replace("sni: origin.internal", "sni: \"\""),
+            vec!["origins.firmware.sni"],
+        ),
+        (
+            "bad address",
+            GOOD.replace("127.0.0.1:18443", "localhost"),
+            vec!["listeners[0].address", "not an IP:port"],
+        ),
+        (
+            "chain depth out of range",
+            GOOD.replace("crl_files: [device-crl.pem]", "crl_files: [device-crl.pem]\n    max_chain_depth: 1"),
+            vec!["trust_stores.devices.max_chain_depth", "out of range"],
+        ),
+        (
+            "invalid header name",
+            format!("{GOOD}identity_headers: {{ subject: \"Bad Header\" }}\n"),
+            vec!["identity_headers.subject", "not a valid header name"],
+        ),
+        ("not YAML", "listeners: [".to_string(), vec!["edge.yaml"]),
+    ];
+    for (what, yaml, needles) in cases {
+        let (ok, text) = check(d, &yaml);
+        assert!(!ok, "{what}: accepted\n{text}");
+        assert!(text.contains(&d.join("edge.yaml").display().to_string()), "{what}: no file name in\n{text}");
+        for n in needles {
+            assert!(text.contains(n), "{what}: message lacks '{n}':\n{text}");
+        }
+        assert!(!text.contains("PRIVATE KEY"), "{what}: a key leaked into the message");
+    }
+}
+
+#[test]
+fn every_error_in_a_file_is_reported_at_once() {
+    let dir = pki_dir();
+    let yaml = GOOD
+        .replace("trust_store: devices", "trust_store: fleet")
+        .replace("origin: firmware }", "origin: cdn }");
+    let (ok, text) = check(dir.path(), &yaml);
+    assert!(!ok);
+    assert!(text.contains("listeners[0].mtls.trust_store") && text.contains("routes[0].origin"), "{text}");
+}
+
+#[test]
+fn a_missing_config_file_is_named() {
+    let out = Command::new(BIN).args(["-t", "-c", "/nonexistent/edge.yaml"]).output().unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("/nonexistent/edge.yaml") && text.contains("cannot read"), "{text}");
+}
