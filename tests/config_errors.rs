@@ -164,3 +164,11 @@ fn a_missing_config_file_is_named() {
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(text.contains("/nonexistent/edge.yaml") && text.contains("cannot read"), "{text}");
 }
+
+#[test]
+fn the_documented_example_config_matches_the_schema() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/edge.yaml");
+    if let Err(e) = mtls_edge::config::load(&path) {
+        panic!("conf/edge.yaml no longer matches the schema:\n{e}");
+    }
+}
