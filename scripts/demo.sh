@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-exec cargo run --locked --release -- demo "$@"
+exec cargo run --locked -- demo "$@"

@@ -85,6 +85,11 @@ pub fn write_demo(dir: &Path) -> Result<PathBuf, String> {
     device.uris = vec!["urn:device:0001".into()];
     device_int.issue(&device)?.write(dir, "device")?;
 
+    // A second fleet, for the per-SNI trust store in conf/edge.yaml.
+    let fleet_b = Ca::root("Demo Fleet B Root CA")?;
+    fleet_b.issue(&LeafSpec::client("device-b-0001"))?.write(dir, "fleet-b-device")?;
+    pki::write_file(&dir.join("fleet-b-ca.pem"), &fleet_b.cert_pem, false)?;
+
     let edge_ca = Ca::root("Demo Edge CA")?;
     edge_ca.issue(&LeafSpec::server("edge.demo", &["localhost", "edge.demo"]))?.write(dir, "edge-server")?;
     edge_ca.issue(&LeafSpec::client("mtls-edge"))?.write(dir, "edge-client")?;

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# New mTLS handshakes per second and server CPU per handshake: mtls-edge against nginx (Debian)
+# configured for the same job, in one run, alternating, on loopback only.
+#
+#   load/handshakes.sh [requests-per-round] [rounds]      (defaults 3000 and 3)
+#
+# Both servers: one worker thread/process, the same server certificate, device CA and CRL,
+# client certificate required, no session resumption, and every request proxied to the same
+# origin (`mtls-edge origin`, which requires the edge's client certificate). `ab` (without -k)
+# opens a new connection, so a new full mTLS handshake, for every request.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:-3000}
+ROUNDS=${2:-3}
+CONC=8
+command -v ab >/dev/null || { echo "needs ab: apt-get install apache2-utils" >&2; exit 1; }
+command -v nginx >/dev/null || { echo "needs nginx: apt-get install nginx" >&2; exit 1; }
+cargo build --release --locked -q
+BIN=$PWD/target/release/mtls-edge
+D=$(mktemp -d)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; [ -f "$D/nginx.pid" ] && kill "$(cat "$D/nginx.pid")" 2>/dev/null; rm -rf "$D"; }
+trap cleanup EXIT
+
+# The demo writes a PKI and an edge config (ports 8443 edge, 9443 origin, 9100 admin).
+timeout 5 "$BIN" demo --dir "$D" >/dev/null 2>&1 || true
+sed -i 's/^server: {/server: { threads: 1,/' "$D/edge.yaml"
+cat "$D/device.pem" "$D/device.key" > "$D/ab-client.pem"
+
+wait_port() { for _ in $(seq 100); do (echo > "/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 not up" >&2; exit 1; }
+"$BIN" origin --listen 127.0.0.1:9443 --cert "$D/origin-server.pem" --key "$D/origin-server.key" --client-ca "$D/edge-ca.pem" 2>"$D/origin.log" &
+PIDS+=($!)
+RUST_LOG=warn "$BIN" -c "$D/edge.yaml" 2>"$D/edge.log" &
+EDGE=$!
+PIDS+=($EDGE)
+cat > "$D/nginx.conf" <<NGINX
+worker_processes 1;
+pid $D/nginx.pid;
+error_log $D/nginx-error.log warn;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  upstream origin { server 127.0.0.1:9443; keepalive 32; }
+  server {
+    listen 127.0.0.1:8444 ssl;
+    ssl_certificate $D/edge-server.pem;
+    ssl_certificate_key $D/edge-server.key;
+    ssl_client_certificate $D/device-ca.pem;
+    ssl_crl $D/device-crl.pem;
+    ssl_verify_client on;
+    ssl_verify_depth 2;
+    ssl_session_cache off;
+    ssl_session_tickets off;
+    location / {
+      proxy_pass https://origin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header CloudFront-Viewer-Cert-Subject \$ssl_client_s_dn;
+      proxy_set_header CloudFront-Viewer-Cert-Serial-Number \$ssl_client_serial;
+      proxy_ssl_certificate $D/edge-client.pem;
+      proxy_ssl_certificate_key $D/edge-client.key;
+      proxy_ssl_trusted_certificate $D/origin-ca.pem;
+      proxy_ssl_verify on;
+      proxy_ssl_name origin.internal;
+      proxy_ssl_server_name on;
+      proxy_ssl_session_reuse on;
+    }
+  }
+}
+NGINX
+nginx -c "$D/nginx.conf" -e "$D/nginx-error.log"
+wait_port 9443; wait_port 8443; wait_port 8444
+
+ticks() { # utime+stime of the given pids, in clock ticks
+  local t=0; for p in "$@"; do t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat"))); done; echo $t; }
+nginx_pids() { echo "$(cat "$D/nginx.pid") $(pgrep -P "$(cat "$D/nginx.pid")" | tr '\n' ' ')"; }
+HZ=$(getconf CLK_TCK)
+
+run() { # name port pids...
+  local name=$1 port=$2; shift 2
+  local before after out rps failed
+  before=$(ticks "$@")
+  out=$(ab -q -n "$N" -c "$CONC" -E "$D/ab-client.pem" "https://localhost:$port/firmware/manifest.json" 2>&1)
+  after=$(ticks "$@")
+  rps=$(awk '/Requests per second/ {print $4}' <<<"$out")
+  failed=$(awk '/Failed requests/ {print $3}' <<<"$out")
+  non2xx=$(awk '/Non-2xx responses/ {print $3}' <<<"$out"); non2xx=${non2xx:-0}
+  local cpu_ms; cpu_ms=$(awk -v t=$((after - before)) -v hz="$HZ" -v n="$N" 'BEGIN {printf "%.3f", t * 1000 / hz / n}')
+  local per_cpu_s; per_cpu_s=$(awk -v t=$((after - before)) -v hz="$HZ" -v n="$N" 'BEGIN {if (t>0) printf "%.0f", n / (t / hz); else print "inf"}')
+  printf "%-10s %6s %12s %14s %18s %8s\n" "$name" "$round" "$rps" "$cpu_ms" "$per_cpu_s" "$failed/$non2xx"
+}
+
+echo "# $N new mTLS connections per run, concurrency $CONC, $(nproc) cores, TLS $(ab -V >/dev/null 2>&1; echo 1.3 by default)"
+printf "%-10s %6s %12s %14s %18s %8s\n" server round "handshakes/s" "cpu ms/hs" "handshakes/cpu-s" "fail/non2xx"
+for round in $(seq "$ROUNDS"); do
+  if ((round % 2)); then
+    run mtls-edge 8443 "$EDGE"; run nginx 8444 $(nginx_pids)
+  else
+    run nginx 8444 $(nginx_pids); run mtls-edge 8443 "$EDGE"
+  fi
+done
