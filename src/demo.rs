@@ -46,11 +46,19 @@ impl ServeHttp for OriginApp {
             .and_then(|d| d.ssl_digest.as_ref())
             .map(|s| s.cert_digest.iter().map(|b| format!("{b:02x}")).collect::<String>())
             .unwrap_or_default();
+        // The peer's port tells a test whether the edge reused a pooled connection.
+        let peer_port = session
+            .digest()
+            .and_then(|d| d.socket_digest.as_ref())
+            .and_then(|s| s.peer_addr())
+            .and_then(|a| a.as_inet().map(|i| i.port()))
+            .unwrap_or(0);
         let mut resp = Response::new(body.into_bytes());
         *resp.status_mut() = StatusCode::OK;
         let len = resp.body().len();
         let h = resp.headers_mut();
         h.insert(http::header::CONTENT_LENGTH, len.into());
+        h.insert("x-origin-peer-port", peer_port.into());
         if let Ok(v) = http::HeaderValue::from_str(&client_sha256) {
             h.insert("x-origin-client-cert-sha256", v);
         }

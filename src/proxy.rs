@@ -209,7 +209,9 @@ mod tests {
         let mut req = RequestHeader::build("GET", b"/x", None).unwrap();
         req.insert_header("Host", "Fleet-B.Example.com:8443").unwrap();
         assert_eq!(request_host(&req).as_deref(), Some("fleet-b.example.com"));
-        let req = RequestHeader::build("GET", b"https://a.example:1/x", None).unwrap();
+        // HTTP/2 requests carry :authority in the URI.
+        let mut req = RequestHeader::build("GET", b"/x", None).unwrap();
+        req.set_uri(http::Uri::from_static("https://a.example:1/x"));
         assert_eq!(request_host(&req).as_deref(), Some("a.example"));
         let mut req = RequestHeader::build("GET", b"/x", None).unwrap();
         req.insert_header("Host", "[::1]").unwrap();
