@@ -1,0 +1,63 @@
+//! `mtls-edge demo`: the printed curl commands work exactly as printed, and Ctrl-C (SIGINT)
+//! stops the edge and the origin. Uses the demo's fixed ports 8443, 9443 and 9100.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[test]
+fn the_demo_prints_curl_commands_that_work_and_stops_on_ctrl_c() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(common::BIN)
+        .args(["demo", "--dir"])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut commands = Vec::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        if let Some(cmd) = line.strip_prefix("  curl ") {
+            commands.push(format!("curl -sS {cmd}"));
+        }
+        if line.starts_with("Ctrl-C") {
+            break;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect("127.0.0.1:8443").is_err() {
+        assert!(Instant::now() < deadline, "the demo edge did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(commands.len(), 3, "{commands:?}");
+    let run = |cmd: &str| Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+
+    let ok = run(&commands[0]);
+    let body = String::from_utf8_lossy(&ok.stdout);
+    assert!(ok.status.success() && body.contains("\"served_to\":\"CN=device-0001"), "{}: {body}", commands[0]);
+
+    let refused = run(&commands[1]);
+    assert!(!refused.status.success(), "without a certificate the demo answered: {}", String::from_utf8_lossy(&refused.stdout));
+
+    let echo = run(&commands[2]);
+    assert!(String::from_utf8_lossy(&echo.stdout).contains("cloudfront-viewer-cert-present: 1"));
+
+    Command::new("kill").arg("-INT").arg(child.id().to_string()).status().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "the demo exited with {status} on SIGINT");
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the demo did not stop within 10 s of SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(std::net::TcpStream::connect("127.0.0.1:9443").is_err(), "the demo origin still listens");
+}
