@@ -9,7 +9,7 @@ use pingora_prometheus::prometheus::{
 
 /// TLS handshakes that reached the certificate stage, by listener, outcome and reason.
 /// `outcome` is `accepted` or `refused`; `reason` is `Ok` or a refusal reason
-/// (`ClientCertMissing`, `ClientCertExpired`, `ClientCertUntrusted`, ...).
+/// (`ClientCertMissing`, `ClientCertExpired`, `ClientCertUntrusted`, ..., `HandshakeFailed`).
 pub static HANDSHAKES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "mtls_edge_handshakes_total",

@@ -71,8 +71,10 @@ pub struct LeafSpec {
     pub org: Option<String>,
     pub org_unit: Option<String>,
     pub usage: Usage,
-    /// Overrides the EKU that `usage` implies (for negative tests).
+    /// Overrides the EKU that `usage` implies (for negative tests); `Some(vec![])` omits it.
     pub eku: Option<Vec<ExtendedKeyUsagePurpose>>,
+    /// Overrides the key usage (digitalSignature by default).
+    pub key_usage: Option<Vec<KeyUsagePurpose>>,
     pub dns: Vec<String>,
     pub uris: Vec<String>,
     /// Validity relative to now.
@@ -88,6 +90,7 @@ impl LeafSpec {
             org_unit: None,
             usage: Usage::Client,
             eku: None,
+            key_usage: None,
             dns: Vec::new(),
             uris: Vec::new(),
             not_before: Duration::days(-1),
@@ -184,7 +187,7 @@ impl Ca {
         p.not_after = now + spec.not_after;
         let serial = self.serial();
         p.serial_number = Some(serial.clone());
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.key_usages = spec.key_usage.clone().unwrap_or_else(|| vec![KeyUsagePurpose::DigitalSignature]);
         p.extended_key_usages = spec.eku.clone().unwrap_or_else(|| match spec.usage {
             Usage::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
             Usage::Server => vec![ExtendedKeyUsagePurpose::ServerAuth],

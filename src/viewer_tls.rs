@@ -12,7 +12,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use boring::pkey::{PKey, Private};
-use boring::ssl::{NameType, Ssl, SslOptions, SslRef, SslSessionCacheMode, SslVerifyMode, SslVersion};
+use boring::ssl::{
+    NameType, Ssl, SslAlert, SslInfoCallbackMode, SslInfoCallbackValue, SslOptions, SslRef, SslSessionCacheMode,
+    SslVerifyMode, SslVersion,
+};
 use boring::stack::Stack;
 use boring::x509::{X509Name, X509StoreContextRef, X509VerifyError, X509VerifyResult, X509};
 use log::{info, warn};
@@ -165,6 +168,15 @@ pub fn tls_settings(listener: Arc<str>, policy: Arc<ArcSwap<ListenerPolicy>>, ht
     if http2 {
         settings.enable_h2();
     }
+    settings.set_info_callback(|ssl, mode, value| {
+        if let (SslInfoCallbackMode::WRITE_ALERT, SslInfoCallbackValue::Alert(alert)) = (mode, value) {
+            if let Some(record) = record_index().and_then(|i| ssl.ex_data(i)) {
+                if let Ok(mut s) = record.state.lock() {
+                    s.alert.get_or_insert(alert.alert());
+                }
+            }
+        }
+    });
     Ok(settings)
 }
 
@@ -181,6 +193,8 @@ struct HandshakeRecord {
 struct RecordState {
     verify_ran: bool,
     refused: Option<(&'static str, String)>,
+    /// The fatal alert the edge sent, if any (from the info callback).
+    alert: Option<SslAlert>,
     accepted: bool,
 }
 
@@ -200,12 +214,16 @@ impl Drop for HandshakeRecord {
         if s.accepted {
             return;
         }
-        let (reason, detail) = match s.refused.take() {
-            Some(r) => r,
-            None if !s.verify_ran && self.mode == MtlsMode::Required => {
-                ("ClientCertMissing", "no client certificate".to_string())
+        // Refusals the verify callback did not see are told apart by the alert the edge sent.
+        let (reason, detail) = match (s.refused.take(), s.alert) {
+            (Some(r), _) => r,
+            (None, Some(SslAlert::CERTIFICATE_REQUIRED)) => ("ClientCertMissing", "no client certificate".into()),
+            // TLS 1.2 has no certificate_required alert: an empty Certificate gets handshake_failure.
+            (None, Some(SslAlert::HANDSHAKE_FAILURE)) if !s.verify_ran && self.mode == MtlsMode::Required => {
+                ("ClientCertMissing", "no client certificate".into())
             }
-            None => ("HandshakeFailed", "handshake did not complete".to_string()),
+            (None, Some(alert)) => ("HandshakeFailed", format!("alert {alert:?} sent")),
+            (None, None) => ("HandshakeAborted", "the client closed the connection during the handshake".into()),
         };
         metrics::HANDSHAKES
             .with_label_values(&[&self.listener, "refused", reason])

@@ -29,6 +29,11 @@ fn device(cn: &str) -> LeafSpec {
 }
 
 fn fleet() -> Fleet {
+    fleet_with("")
+}
+
+/// The fleet edge with `extra` YAML appended to its config.
+fn fleet_with(extra: &str) -> Fleet {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     ServerPki::write(d);
@@ -60,6 +65,15 @@ fn fleet() -> Fleet {
     let mut server_only = device("device-serverauth");
     server_only.eku = Some(vec![ExtendedKeyUsagePurpose::ServerAuth]);
     save(d, "serverauth", &int.issue(&server_only).unwrap());
+
+    let mut bad_ku = device("device-keyusage");
+    bad_ku.key_usage = Some(vec![rcgen::KeyUsagePurpose::KeyEncipherment]);
+    save(d, "keyusage", &int.issue(&bad_ku).unwrap());
+
+    // No EKU at all: the clientAuth check applies only when an EKU is present.
+    let mut no_eku = device("device-noeku");
+    no_eku.eku = Some(Vec::new());
+    save(d, "noeku", &int.issue(&no_eku).unwrap());
 
     let revoked = int.issue(&device("device-revoked")).unwrap();
     save(d, "revoked", &revoked);
@@ -128,6 +142,7 @@ routes:
   - {{ host: fleet-b.test, path_prefix: /, origin: firmware }}
   - {{ path_prefix: /, origin: firmware }}
 admin: {{ address: 127.0.0.1:{admin_port} }}
+{extra}
 "#,
         d = d.display(),
         origin = origin.port,
@@ -188,11 +203,40 @@ fn every_invalid_certificate_is_refused_in_the_handshake_in_both_modes() {
             f.edge.log_text()
         );
     }
-    // The valid device passes on both listeners and both versions.
+    // A key usage without digitalSignature: BoringSSL's own client refuses to sign with such a
+    // certificate, so curl (OpenSSL) presents it. BoringSSL rejects it while parsing the
+    // Certificate message, before chain verification, so it counts as HandshakeFailed.
     for port in [f.edge.port, f.optional_port] {
-        for v in VERSIONS {
-            let r = Client::new(d, port).cert("good").version(v).get("/echo").unwrap();
-            assert_eq!(r.status, 200, "{port} {v:?}");
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "-o", "/dev/null", "--resolve", &format!("localhost:{port}:127.0.0.1")])
+            .arg("--cacert")
+            .arg(d.join("edge-ca.pem"))
+            .arg("--cert")
+            .arg(d.join("keyusage.pem"))
+            .arg("--key")
+            .arg(d.join("keyusage.key"))
+            .arg(format!("https://localhost:{port}/echo"))
+            .output()
+            .expect("curl is installed");
+        assert!(!out.status.success(), "a certificate without digitalSignature was accepted on {port}");
+    }
+    let n = metric(
+        f.admin_port,
+        &format!(
+            "mtls_edge_handshakes_total{{listener=\"127.0.0.1:{}\",outcome=\"refused\",reason=\"HandshakeFailed\"}}",
+            f.edge.port
+        ),
+    );
+    assert_eq!(n, 1.0, "key usage refusal not counted as HandshakeFailed:\n{}", f.edge.log_text());
+
+    // The valid devices pass on both listeners and both versions.
+    for (port, v, stem) in [f.edge.port, f.optional_port]
+        .into_iter()
+        .flat_map(|p| VERSIONS.into_iter().flat_map(move |v| ["good", "noeku"].map(|s| (p, v, s))))
+    {
+        {
+            let r = Client::new(d, port).cert(stem).version(v).get("/echo").unwrap();
+            assert_eq!(r.status, 200, "{stem} {port} {v:?}");
             assert_eq!(r.echoed("cloudfront-viewer-cert-present").as_deref(), Some("1"));
         }
     }
@@ -352,4 +396,27 @@ fn http2_is_negotiated_by_alpn_with_the_client_certificate() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.trim_end().ends_with("2 200"), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("cloudfront-viewer-cert-subject: CN=device-0001"), "{text}");
+}
+
+#[test]
+fn identity_headers_can_be_renamed_dropped_and_sent_as_rfc9440() {
+    let f = fleet_with("identity_headers: { subject: X-Device-Subject, pem: null, rfc9440: true }");
+    let d = f.dir.path();
+    let r = Client::new(d, f.edge.port)
+        .cert("good")
+        .header("X-Device-Subject", "CN=spoofed")
+        .get("/echo")
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.echoed("x-device-subject").as_deref(), Some("CN=device-0001,OU=model-x1,O=Fleet A"));
+    assert_eq!(r.body.matches("x-device-subject:").count(), 1, "the spoofed copy survived");
+    assert_eq!(r.echoed("cloudfront-viewer-cert-subject"), None);
+    assert_eq!(r.echoed("cloudfront-viewer-cert-pem"), None);
+    assert!(r.echoed("cloudfront-viewer-cert-sha256").is_some());
+
+    use base64::Engine;
+    let certs = X509::stack_from_pem(&std::fs::read(d.join("good.pem")).unwrap()).unwrap();
+    let b64 = |c: &X509| format!(":{}:", base64::engine::general_purpose::STANDARD.encode(c.to_der().unwrap()));
+    assert_eq!(r.echoed("client-cert"), Some(b64(&certs[0])));
+    assert_eq!(r.echoed("client-cert-chain"), Some(b64(&certs[1])));
 }
