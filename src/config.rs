@@ -1,13 +1,15 @@
 //! The configuration file: its YAML schema (unknown keys refused), loading, and the checks that
 //! need no certificate parsing. Every error names the file, the key path and the reason.
-//! Certificates, keys and CRLs are read later by the modules that own them (`trust_store`,
-//! `viewer_tls`, `origin`), which report their errors through the same [`ConfigError`].
+//! Certificates, keys and CRLs are compiled later by the modules that own them (`trust_store`,
+//! `viewer_tls`, `origin`), which read them through [`Ctx`] and report errors the same way.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use boring::pkey::{PKey, Private};
+use boring::x509::X509;
 use serde::Deserialize;
 
 /// One problem in a configuration file.
@@ -90,6 +92,45 @@ impl Ctx {
                 self.error(key, format!("cannot read {}: {e}", path.display()));
                 None
             }
+        }
+    }
+
+    /// Reads a PEM chain (leaf first) named by config key `key`.
+    pub fn load_chain(&mut self, key: &str, file: &str) -> Option<Vec<X509>> {
+        let pem = self.read(key, file)?;
+        match X509::stack_from_pem(&pem) {
+            Ok(c) if !c.is_empty() => Some(c),
+            Ok(_) => {
+                self.error(key, format!("{file}: no PEM certificate in the file"));
+                None
+            }
+            Err(e) => {
+                self.error(key, format!("{file}: not a PEM certificate: {e}"));
+                None
+            }
+        }
+    }
+
+    /// Reads a PEM private key named by config key `key`. The key's bytes never reach a message.
+    pub fn load_key(&mut self, key: &str, file: &str) -> Option<PKey<Private>> {
+        let pem = self.read(key, file)?;
+        match PKey::private_key_from_pem(&pem) {
+            Ok(k) => Some(k),
+            Err(_) => {
+                self.error(key, format!("{file}: not a PEM private key"));
+                None
+            }
+        }
+    }
+
+    /// Checks that `pkey` belongs to `leaf`.
+    pub fn check_key_matches(&mut self, key: &str, leaf: &X509, pkey: &PKey<Private>, cert_file: &str) -> Option<()> {
+        let matches = leaf.public_key().map(|p| p.public_eq(pkey)).unwrap_or(false);
+        if matches {
+            Some(())
+        } else {
+            self.error(key, format!("the private key does not match the certificate in {cert_file}"));
+            None
         }
     }
 

@@ -12,7 +12,6 @@ use pingora::utils::tls::CertKey;
 use pingora::ErrorType;
 
 use crate::config::{self, Ctx};
-use crate::viewer_tls::{check_key_matches, load_chain, load_key};
 
 /// A compiled origin: a peer template cloned for each request.
 pub struct Origin {
@@ -45,11 +44,11 @@ fn has_client_auth_eku(cert: &X509) -> Result<bool, String> {
 /// Builds one origin; errors name `origins.NAME.KEY`.
 pub fn build(ctx: &mut Ctx, name: &str, o: &config::Origin) -> Option<Origin> {
     let key = format!("origins.{name}");
-    let ca = load_chain(ctx, &format!("{key}.ca_file"), &o.ca_file);
-    let chain = load_chain(ctx, &format!("{key}.client_cert"), &o.client_cert);
-    let pkey = load_key(ctx, &format!("{key}.client_key"), &o.client_key);
+    let ca = ctx.load_chain(&format!("{key}.ca_file"), &o.ca_file);
+    let chain = ctx.load_chain(&format!("{key}.client_cert"), &o.client_cert);
+    let pkey = ctx.load_key(&format!("{key}.client_key"), &o.client_key);
     let (ca, chain, pkey) = (ca?, chain?, pkey?);
-    check_key_matches(ctx, &format!("{key}.client_key"), &chain[0], &pkey, &o.client_cert)?;
+    ctx.check_key_matches(&format!("{key}.client_key"), &chain[0], &pkey, &o.client_cert)?;
     match has_client_auth_eku(&chain[0]) {
         Ok(true) => {}
         Ok(false) => {

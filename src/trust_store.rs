@@ -9,7 +9,7 @@ use boring::hash::MessageDigest;
 use boring::ssl::{SslContext, SslContextBuilder, SslMethod};
 use boring::x509::store::X509StoreRef;
 use boring::x509::verify::X509VerifyFlags;
-use boring::x509::{X509Ref, X509};
+use boring::x509::X509Ref;
 
 use crate::config::{self, CrlCheck, Ctx};
 
@@ -84,35 +84,23 @@ fn build(ctx: &mut Ctx, name: &str, t: &config::TrustStore) -> Option<TrustStore
     let mut path_len = HashMap::new();
     for (i, f) in t.ca_files.iter().enumerate() {
         let fkey = format!("{key}.ca_files[{i}]");
-        let Some(pem) = ctx.read(&fkey, f) else {
+        let Some(certs) = ctx.load_chain(&fkey, f) else {
             ok = false;
             continue;
         };
-        match X509::stack_from_pem(&pem) {
-            Ok(certs) if certs.is_empty() => {
-                ctx.error(&fkey, format!("{f}: no PEM certificate in the file"));
-                ok = false;
+        for c in &certs {
+            if let (Some(p), Ok(d)) = (intermediate_path_len(c), c.digest(MessageDigest::sha256())) {
+                path_len.insert(d.to_vec(), p);
             }
-            Ok(certs) => {
-                for c in &certs {
-                    if let (Some(p), Ok(d)) = (intermediate_path_len(c), c.digest(MessageDigest::sha256())) {
-                        path_len.insert(d.to_vec(), p);
-                    }
-                    match c.subject_name().to_der() {
-                        Ok(n) => ca_names.push(n),
-                        Err(e) => {
-                            ctx.error(&fkey, format!("{f}: unreadable subject name: {e}"));
-                            ok = false;
-                        }
-                    }
-                    if let Err(e) = builder.cert_store_mut().add_cert(c) {
-                        ctx.error(&fkey, format!("{f}: cannot add certificate: {e}"));
-                        ok = false;
-                    }
+            match c.subject_name().to_der() {
+                Ok(n) => ca_names.push(n),
+                Err(e) => {
+                    ctx.error(&fkey, format!("{f}: unreadable subject name: {e}"));
+                    ok = false;
                 }
             }
-            Err(e) => {
-                ctx.error(&fkey, format!("{f}: not a PEM certificate bundle: {e}"));
+            if let Err(e) = builder.cert_store_mut().add_cert(c) {
+                ctx.error(&fkey, format!("{f}: cannot add certificate: {e}"));
                 ok = false;
             }
         }

@@ -56,59 +56,16 @@ impl ListenerPolicy {
         sni.and_then(|s| self.by_sni.get(s)).unwrap_or(&self.default)
     }
 
-    /// Whether `host` is one of this listener's SNI-policy names.
-    pub fn is_sni_name(&self, host: &str) -> bool {
-        self.by_sni.contains_key(host)
-    }
 }
 
 /// Reads a server certificate chain and key; errors name `key_prefix.server_cert|server_key`.
 pub fn load_server_cert(ctx: &mut Ctx, key_prefix: &str, cert: &str, key: &str) -> Option<Arc<ServerCert>> {
     let ckey = format!("{key_prefix}.server_cert");
     let kkey = format!("{key_prefix}.server_key");
-    let chain = load_chain(ctx, &ckey, cert)?;
-    let pkey = load_key(ctx, &kkey, key)?;
-    check_key_matches(ctx, &kkey, &chain[0], &pkey, cert)?;
+    let chain = ctx.load_chain(&ckey, cert)?;
+    let pkey = ctx.load_key(&kkey, key)?;
+    ctx.check_key_matches(&kkey, &chain[0], &pkey, cert)?;
     Some(Arc::new(ServerCert { chain, key: pkey }))
-}
-
-/// Reads a PEM chain (leaf first) named by config key `key`.
-pub fn load_chain(ctx: &mut Ctx, key: &str, file: &str) -> Option<Vec<X509>> {
-    let pem = ctx.read(key, file)?;
-    match X509::stack_from_pem(&pem) {
-        Ok(c) if !c.is_empty() => Some(c),
-        Ok(_) => {
-            ctx.error(key, format!("{file}: no PEM certificate in the file"));
-            None
-        }
-        Err(e) => {
-            ctx.error(key, format!("{file}: not a PEM certificate: {e}"));
-            None
-        }
-    }
-}
-
-/// Reads a PEM private key named by config key `key`. The key's bytes never reach a message.
-pub fn load_key(ctx: &mut Ctx, key: &str, file: &str) -> Option<PKey<Private>> {
-    let pem = ctx.read(key, file)?;
-    match PKey::private_key_from_pem(&pem) {
-        Ok(k) => Some(k),
-        Err(_) => {
-            ctx.error(key, format!("{file}: not a PEM private key"));
-            None
-        }
-    }
-}
-
-/// Checks that `pkey` belongs to `leaf`.
-pub fn check_key_matches(ctx: &mut Ctx, key: &str, leaf: &X509, pkey: &PKey<Private>, cert_file: &str) -> Option<()> {
-    let matches = leaf.public_key().map(|p| p.public_eq(pkey)).unwrap_or(false);
-    if matches {
-        Some(())
-    } else {
-        ctx.error(key, format!("the private key does not match the certificate in {cert_file}"));
-        None
-    }
 }
 
 /// Builds a listener's policy from its config. Errors name `listeners[i]...`.
