@@ -485,7 +485,7 @@ impl Config {
                 );
             }
             if o.connect_timeout_secs == 0 || o.read_timeout_secs == 0 {
-                ctx.error(format!("{key}"), "timeouts must be at least 1 second");
+                ctx.error(key.as_str(), "timeouts must be at least 1 second");
             }
         }
         if self.routes.is_empty() {

@@ -268,8 +268,10 @@ mod tests {
 
     #[test]
     fn strip_removes_configured_default_and_prefixed_names() {
-        let mut cfg = IdentityHeaders::default();
-        cfg.subject = Some("X-Device-Subject".into());
+        let cfg = IdentityHeaders {
+            subject: Some("X-Device-Subject".into()),
+            ..IdentityHeaders::default()
+        };
         let plan = HeaderPlan::new(&cfg);
         let mut req = RequestHeader::build("GET", b"/", None).unwrap();
         for h in [
