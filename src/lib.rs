@@ -14,6 +14,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod cache;
 pub mod config;
 pub mod demo;
 pub mod identity;

@@ -1,0 +1,548 @@
+//! The in-memory cache storage: complete objects kept as their received chunks (never copied
+//! into one buffer), fills in progress readable while they are written, and an exact count of
+//! the bytes held. The byte budget itself is enforced by pingora's eviction manager, which
+//! purges through this storage; an evicted object's memory is freed when its last reader ends.
+//!
+//! Integrity: a fill that is dropped without `finish` (origin aborted, short body, client-side
+//! error) is marked failed. Readers streaming it get an error, never a clean end of body, and
+//! nothing is stored (the trap of pingora issue #932, where a cancelled writer reads as EOF).
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::{Error, ErrorType, Result};
+use pingora_cache::key::{CacheHashKey, HashBinary};
+use pingora_cache::storage::{
+    streaming_write::U64WriteId, HandleHit, HandleMiss, HitHandler, MissFinishType, MissHandler, PurgeOutcome,
+    PurgeTarget, PurgeType, Storage,
+};
+use pingora_cache::trace::SpanHandle;
+use pingora_cache::{CacheKey, CacheMeta};
+use tokio::sync::watch;
+
+type BinaryMeta = (Vec<u8>, Vec<u8>);
+
+fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    // No code panics while holding these locks; a poisoned one still holds consistent data.
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A body as the chunks it arrived in, with the offset at which each starts.
+#[derive(Default, Clone)]
+struct Chunks {
+    chunks: Vec<Bytes>,
+    starts: Vec<usize>,
+    len: usize,
+}
+
+impl Chunks {
+    fn push(&mut self, b: Bytes) {
+        if b.is_empty() {
+            return;
+        }
+        self.starts.push(self.len);
+        self.len += b.len();
+        self.chunks.push(b);
+    }
+
+    /// The bytes from `pos` to the end of the chunk that holds `pos`, capped at `end`.
+    fn slice_from(&self, pos: usize, end: usize) -> Option<Bytes> {
+        if pos >= end.min(self.len) {
+            return None;
+        }
+        let i = match self.starts.binary_search(&pos) {
+            Ok(i) => i,
+            Err(i) => i - 1, // pos > starts[0] == 0, so i >= 1
+        };
+        let chunk = &self.chunks[i];
+        let from = pos - self.starts[i];
+        let to = (end - self.starts[i]).min(chunk.len());
+        Some(chunk.slice(from..to))
+    }
+}
+
+/// A complete cached object.
+struct Object {
+    meta: BinaryMeta,
+    body: Chunks,
+    /// What the object counts against the budget: body plus serialized meta.
+    weight: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FillState {
+    Writing(usize),
+    Complete(usize),
+    Failed,
+}
+
+/// A fill in progress, shared by its writer and its streaming readers.
+struct Fill {
+    meta: BinaryMeta,
+    body: RwLock<Chunks>,
+    state: watch::Sender<FillState>,
+}
+
+/// Counts of what the storage holds, for metrics.
+#[derive(Default)]
+pub struct Usage {
+    /// Bytes of complete objects (bodies and metadata).
+    pub bytes: AtomicUsize,
+    /// Bytes written so far by fills in progress.
+    pub filling_bytes: AtomicUsize,
+    pub objects: AtomicUsize,
+}
+
+/// The production in-memory storage.
+pub struct MemoryStorage {
+    objects: RwLock<HashMap<HashBinary, Arc<Object>>>,
+    fills: RwLock<HashMap<HashBinary, HashMap<u64, Arc<Fill>>>>,
+    next_fill: AtomicU64,
+    /// Objects larger than this are refused by the miss handler (pingora also checks it first).
+    max_object_bytes: usize,
+    pub usage: Arc<Usage>,
+}
+
+impl MemoryStorage {
+    pub fn new(max_object_bytes: usize) -> Self {
+        MemoryStorage {
+            objects: RwLock::new(HashMap::new()),
+            fills: RwLock::new(HashMap::new()),
+            next_fill: AtomicU64::new(1),
+            max_object_bytes,
+            usage: Arc::new(Usage::default()),
+        }
+    }
+
+    fn remove_object(&self, key: &HashBinary) -> bool {
+        match write(&self.objects).remove(key) {
+            Some(old) => {
+                self.usage.bytes.fetch_sub(old.weight, Ordering::Relaxed);
+                self.usage.objects.fetch_sub(1, Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Reads a complete object, from `pos` up to `end`.
+struct CompleteHit {
+    object: Arc<Object>,
+    pos: usize,
+    end: usize,
+}
+
+/// Streams a fill in progress; fails if the fill fails.
+struct PartialHit {
+    fill: Arc<Fill>,
+    state: watch::Receiver<FillState>,
+    pos: usize,
+}
+
+enum Hit {
+    Complete(CompleteHit),
+    Partial(PartialHit),
+}
+
+fn fill_failed() -> Box<Error> {
+    Error::explain(
+        ErrorType::InternalError,
+        "the cache fill this response was streaming from failed; the body is incomplete",
+    )
+}
+
+impl PartialHit {
+    async fn next(&mut self) -> Result<Option<Bytes>> {
+        loop {
+            let state = *self.state.borrow_and_update();
+            let available = match state {
+                FillState::Failed => return Err(fill_failed()),
+                FillState::Writing(n) => n,
+                FillState::Complete(n) if n == self.pos => return Ok(None),
+                FillState::Complete(n) => n,
+            };
+            if available > self.pos {
+                let chunk = read(&self.fill.body).slice_from(self.pos, available);
+                if let Some(b) = chunk {
+                    self.pos += b.len();
+                    return Ok(Some(b));
+                }
+            }
+            if self.state.changed().await.is_err() {
+                // The writer is gone without marking the fill complete: never a clean end.
+                return Err(fill_failed());
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl HandleHit for Hit {
+    async fn read_body(&mut self) -> Result<Option<Bytes>> {
+        match self {
+            Hit::Complete(c) => {
+                let b = c.object.body.slice_from(c.pos, c.end);
+                if let Some(b) = &b {
+                    c.pos += b.len();
+                }
+                Ok(b)
+            }
+            Hit::Partial(p) => p.next().await,
+        }
+    }
+
+    async fn finish(
+        self: Box<Self>,
+        _storage: &'static (dyn Storage + Sync),
+        _key: &CacheKey,
+        _trace: &SpanHandle,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    fn can_seek(&self) -> bool {
+        matches!(self, Hit::Complete(_))
+    }
+
+    fn seek(&mut self, start: usize, end: Option<usize>) -> Result<()> {
+        match self {
+            Hit::Complete(c) => {
+                let len = c.object.body.len;
+                if start >= len {
+                    return Error::e_explain(ErrorType::InternalError, format!("seek start {start} >= length {len}"));
+                }
+                c.pos = start;
+                c.end = end.map_or(len, |e| e.min(len));
+                Ok(())
+            }
+            Hit::Partial(_) => Error::e_explain(ErrorType::InternalError, "seek while the object is still filling"),
+        }
+    }
+
+    fn should_count_access(&self) -> bool {
+        matches!(self, Hit::Complete(_))
+    }
+
+    fn get_eviction_weight(&self) -> usize {
+        match self {
+            Hit::Complete(c) => c.object.weight,
+            Hit::Partial(_) => 0,
+        }
+    }
+
+    fn as_any(&self) -> &(dyn Any + Send + Sync) {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut (dyn Any + Send + Sync) {
+        self
+    }
+}
+
+/// Writes one fill; dropping it without `finish` fails the fill.
+struct Miss {
+    storage: &'static MemoryStorage,
+    key: HashBinary,
+    id: U64WriteId,
+    fill: Arc<Fill>,
+    written: usize,
+    done: bool,
+}
+
+#[async_trait]
+impl HandleMiss for Miss {
+    async fn write_body(&mut self, data: Bytes, eof: bool) -> Result<()> {
+        if self.written + data.len() > self.storage.max_object_bytes {
+            return Error::e_explain(
+                ErrorType::InternalError,
+                format!("object exceeds the cache's max object size of {} bytes", self.storage.max_object_bytes),
+            );
+        }
+        let n = data.len();
+        write(&self.fill.body).push(data);
+        self.written += n;
+        self.storage.usage.filling_bytes.fetch_add(n, Ordering::Relaxed);
+        self.fill.state.send_replace(if eof {
+            FillState::Complete(self.written)
+        } else {
+            FillState::Writing(self.written)
+        });
+        Ok(())
+    }
+
+    async fn finish(mut self: Box<Self>) -> Result<MissFinishType> {
+        // Cloning the chunk list shares the chunks (reference counts), it copies no body bytes.
+        let body = read(&self.fill.body).clone();
+        let weight = body.len + self.fill.meta.0.len() + self.fill.meta.1.len();
+        let object = Arc::new(Object {
+            meta: self.fill.meta.clone(),
+            body,
+            weight,
+        });
+        self.fill.state.send_replace(FillState::Complete(self.written));
+        self.storage.remove_object(&self.key);
+        write(&self.storage.objects).insert(self.key, object);
+        self.storage.usage.bytes.fetch_add(weight, Ordering::Relaxed);
+        self.storage.usage.objects.fetch_add(1, Ordering::Relaxed);
+        self.done = true;
+        Ok(MissFinishType::Created(weight))
+    }
+
+    fn streaming_write_tag(&self) -> Option<&[u8]> {
+        Some(self.id.as_bytes())
+    }
+}
+
+impl Drop for Miss {
+    fn drop(&mut self) {
+        if !self.done {
+            self.fill.state.send_replace(FillState::Failed);
+        }
+        self.storage.usage.filling_bytes.fetch_sub(self.written, Ordering::Relaxed);
+        let mut fills = write(&self.storage.fills);
+        if let Some(m) = fills.get_mut(&self.key) {
+            m.remove(&u64::from(self.id));
+            if m.is_empty() {
+                fills.remove(&self.key);
+            }
+        }
+    }
+}
+
+fn partial(fill: &Arc<Fill>) -> Result<Option<(CacheMeta, HitHandler)>> {
+    let meta = CacheMeta::deserialize(&fill.meta.0, &fill.meta.1)?;
+    let hit = Hit::Partial(PartialHit {
+        fill: fill.clone(),
+        state: fill.state.subscribe(),
+        pos: 0,
+    });
+    Ok(Some((meta, Box::new(hit))))
+}
+
+#[async_trait]
+impl Storage for MemoryStorage {
+    async fn lookup(&'static self, key: &CacheKey, _trace: &SpanHandle) -> Result<Option<(CacheMeta, HitHandler)>> {
+        let k = key.combined_bin();
+        // A fill in progress wins over a stored (possibly stale) object, so that a refresh is
+        // visible as soon as it starts.
+        let fill = read(&self.fills).get(&k).and_then(|m| m.values().next().cloned());
+        if let Some(fill) = fill {
+            return partial(&fill);
+        }
+        let Some(object) = read(&self.objects).get(&k).cloned() else {
+            return Ok(None);
+        };
+        let meta = CacheMeta::deserialize(&object.meta.0, &object.meta.1)?;
+        let end = object.body.len;
+        Ok(Some((meta, Box::new(Hit::Complete(CompleteHit { object, pos: 0, end })))))
+    }
+
+    async fn lookup_streaming_write(
+        &'static self,
+        key: &CacheKey,
+        tag: Option<&[u8]>,
+        trace: &SpanHandle,
+    ) -> Result<Option<(CacheMeta, HitHandler)>> {
+        let Some(id) = tag.and_then(|t| U64WriteId::try_from(t).ok()) else {
+            return self.lookup(key, trace).await;
+        };
+        let fill = read(&self.fills)
+            .get(&key.combined_bin())
+            .and_then(|m| m.get(&u64::from(id)).cloned());
+        match fill {
+            Some(f) => partial(&f),
+            None => Ok(None),
+        }
+    }
+
+    async fn get_miss_handler(&'static self, key: &CacheKey, meta: &CacheMeta, _trace: &SpanHandle) -> Result<MissHandler> {
+        let k = key.combined_bin();
+        let (state, _) = watch::channel(FillState::Writing(0));
+        let fill = Arc::new(Fill {
+            meta: meta.serialize()?,
+            body: RwLock::new(Chunks::default()),
+            state,
+        });
+        let id = self.next_fill.fetch_add(1, Ordering::Relaxed);
+        write(&self.fills).entry(k).or_default().insert(id, fill.clone());
+        Ok(Box::new(Miss {
+            storage: self,
+            key: k,
+            id: id.into(),
+            fill,
+            written: 0,
+            done: false,
+        }))
+    }
+
+    async fn purge(&'static self, target: PurgeTarget<'_>, _type: PurgeType, _trace: &SpanHandle) -> Result<PurgeOutcome> {
+        let k = target.key().combined_bin();
+        if self.remove_object(&k) {
+            Ok(PurgeOutcome::Purged(None))
+        } else {
+            Ok(PurgeOutcome::NotFound)
+        }
+    }
+
+    async fn update_meta(&'static self, key: &CacheKey, meta: &CacheMeta, _trace: &SpanHandle) -> Result<bool> {
+        let k = key.combined_bin();
+        let meta = meta.serialize()?;
+        let mut objects = write(&self.objects);
+        let Some(old) = objects.get(&k) else {
+            return Ok(false);
+        };
+        let weight = old.body.len + meta.0.len() + meta.1.len();
+        let body = old.body.clone();
+        let old_weight = old.weight;
+        objects.insert(k, Arc::new(Object { meta, body, weight }));
+        self.usage.bytes.fetch_add(weight, Ordering::Relaxed);
+        self.usage.bytes.fetch_sub(old_weight, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    fn support_streaming_partial_write(&self) -> bool {
+        true
+    }
+
+    fn as_any(&self) -> &(dyn Any + Send + Sync + 'static) {
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pingora::http::ResponseHeader;
+    use pingora_cache::trace::Span;
+    use std::time::{Duration, SystemTime};
+
+    fn storage() -> &'static MemoryStorage {
+        Box::leak(Box::new(MemoryStorage::new(1 << 20)))
+    }
+
+    fn meta() -> CacheMeta {
+        let now = SystemTime::now();
+        let header = ResponseHeader::build(200, None).unwrap();
+        CacheMeta::new(now + Duration::from_secs(60), now, 0, 0, header)
+    }
+
+    async fn read_all(hit: &mut HitHandler) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        while let Some(b) = hit.read_body().await? {
+            out.extend_from_slice(&b);
+        }
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn a_finished_fill_becomes_an_object_and_is_counted() {
+        let s = storage();
+        let span = &Span::inactive().handle();
+        let key = CacheKey::new("host/a", "");
+        assert!(s.lookup(&key, span).await.unwrap().is_none());
+        let mut miss = s.get_miss_handler(&key, &meta(), span).await.unwrap();
+        miss.write_body(Bytes::from_static(b"hello "), false).await.unwrap();
+        miss.write_body(Bytes::from_static(b"world"), true).await.unwrap();
+        let MissFinishType::Created(weight) = miss.finish().await.unwrap() else {
+            panic!("expected Created")
+        };
+        assert!(weight > 11);
+        assert_eq!(s.usage.bytes.load(Ordering::Relaxed), weight);
+        assert_eq!(s.usage.filling_bytes.load(Ordering::Relaxed), 0);
+        let (_, mut hit) = s.lookup(&key, span).await.unwrap().unwrap();
+        assert!(hit.can_seek());
+        assert_eq!(read_all(&mut hit).await.unwrap(), b"hello world");
+    }
+
+    #[tokio::test]
+    async fn seek_serves_any_range_across_chunks() {
+        let s = storage();
+        let span = &Span::inactive().handle();
+        let key = CacheKey::new("host/r", "");
+        let mut miss = s.get_miss_handler(&key, &meta(), span).await.unwrap();
+        for part in ["0123", "4567", "89"] {
+            miss.write_body(Bytes::from(part), false).await.unwrap();
+        }
+        miss.finish().await.unwrap();
+        for (start, end, want) in [(0, Some(10), "0123456789"), (3, Some(6), "345"), (7, None, "789"), (9, Some(99), "9")] {
+            let (_, mut hit) = s.lookup(&key, span).await.unwrap().unwrap();
+            hit.seek(start, end).unwrap();
+            assert_eq!(read_all(&mut hit).await.unwrap(), want.as_bytes(), "{start}..{end:?}");
+        }
+        let (_, mut hit) = s.lookup(&key, span).await.unwrap().unwrap();
+        assert!(hit.seek(10, None).is_err());
+    }
+
+    #[tokio::test]
+    async fn readers_stream_a_fill_while_it_is_written() {
+        let s = storage();
+        let span = &Span::inactive().handle();
+        let key = CacheKey::new("host/big", "");
+        let mut miss = s.get_miss_handler(&key, &meta(), span).await.unwrap();
+        miss.write_body(Bytes::from_static(b"first"), false).await.unwrap();
+        let (_, mut hit) = s.lookup(&key, span).await.unwrap().unwrap();
+        assert!(!hit.can_seek());
+        // The first bytes arrive before the fill ends.
+        assert_eq!(hit.read_body().await.unwrap().unwrap(), Bytes::from_static(b"first"));
+        let reader = tokio::spawn(async move { read_all(&mut hit).await });
+        miss.write_body(Bytes::from_static(b"second"), true).await.unwrap();
+        miss.finish().await.unwrap();
+        assert_eq!(reader.await.unwrap().unwrap(), b"second");
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_fill_fails_its_readers_and_stores_nothing() {
+        let s = storage();
+        let span = &Span::inactive().handle();
+        let key = CacheKey::new("host/aborted", "");
+        let mut miss = s.get_miss_handler(&key, &meta(), span).await.unwrap();
+        miss.write_body(Bytes::from_static(b"partial"), false).await.unwrap();
+        let (_, mut hit) = s.lookup(&key, span).await.unwrap().unwrap();
+        drop(miss); // the origin went away mid-body
+        assert!(read_all(&mut hit).await.is_err(), "a failed fill must not read as a clean end");
+        assert!(s.lookup(&key, span).await.unwrap().is_none());
+        assert_eq!(s.usage.bytes.load(Ordering::Relaxed), 0);
+        assert_eq!(s.usage.filling_bytes.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn objects_over_the_max_size_are_refused() {
+        let s: &'static MemoryStorage = Box::leak(Box::new(MemoryStorage::new(8)));
+        let span = &Span::inactive().handle();
+        let key = CacheKey::new("host/huge", "");
+        let mut miss = s.get_miss_handler(&key, &meta(), span).await.unwrap();
+        miss.write_body(Bytes::from_static(b"12345678"), false).await.unwrap();
+        assert!(miss.write_body(Bytes::from_static(b"9"), true).await.is_err());
+        drop(miss);
+        assert!(s.lookup(&key, span).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn purge_removes_the_object_and_its_bytes() {
+        let s = storage();
+        let span = &Span::inactive().handle();
+        let key = CacheKey::new("host/p", "");
+        let mut miss = s.get_miss_handler(&key, &meta(), span).await.unwrap();
+        miss.write_body(Bytes::from_static(b"x"), true).await.unwrap();
+        miss.finish().await.unwrap();
+        // A reader that started before the purge keeps its copy alive and complete.
+        let (_, mut hit) = s.lookup(&key, span).await.unwrap().unwrap();
+        let compact = key.to_compact();
+        let out = s.purge(PurgeTarget::Active(&compact), PurgeType::Eviction, span).await.unwrap();
+        assert!(matches!(out, PurgeOutcome::Purged(None)));
+        assert_eq!(s.usage.bytes.load(Ordering::Relaxed), 0);
+        assert!(s.lookup(&key, span).await.unwrap().is_none());
+        assert_eq!(read_all(&mut hit).await.unwrap(), b"x");
+        let out = s.purge(PurgeTarget::Active(&compact), PurgeType::Invalidation, span).await.unwrap();
+        assert!(matches!(out, PurgeOutcome::NotFound));
+    }
+}
