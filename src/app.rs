@@ -11,6 +11,7 @@ use pingora::server::{RunArgs, Server};
 use pingora::services::ServiceWithDependents;
 
 use crate::config::{self, ConfigErrors, Ctx};
+use crate::cache::SharedCache;
 use crate::identity::HeaderPlan;
 use crate::origin;
 use crate::proxy::{EdgeProxy, ProxyState, Route};
@@ -50,6 +51,8 @@ pub fn build(path: &Path) -> Result<Edge, ConfigErrors> {
                 host: r.host.as_ref().map(|h| h.to_ascii_lowercase()),
                 path_prefix: r.path_prefix.clone(),
                 origin: origins.get(&r.origin)?.clone(),
+                access: r.access,
+                cache_ttl: r.cache.as_ref().map(|c| c.default_ttl_secs),
             })
         })
         .collect();
@@ -58,6 +61,7 @@ pub fn build(path: &Path) -> Result<Edge, ConfigErrors> {
         routes,
         headers,
         listeners.iter().map(|(n, p, _)| (n.clone(), p.clone())).collect(),
+        conf.cache.as_ref().map(|c| Arc::new(SharedCache::new(c))),
     );
     Ok(Edge {
         conf,

@@ -157,6 +157,29 @@ pub struct Config {
     #[serde(default)]
     pub identity_headers: IdentityHeaders,
     pub admin: Option<Admin>,
+    /// The shared cache; without this section nothing is cached.
+    pub cache: Option<Cache>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cache {
+    /// Memory budget for cached objects (bodies and metadata), in bytes.
+    pub max_bytes: usize,
+    /// Larger objects are streamed through and not cached.
+    #[serde(default = "default_max_object")]
+    pub max_object_bytes: usize,
+    /// How long coalesced requests wait for the first fill's headers before going to the origin
+    /// themselves.
+    #[serde(default = "default_lock_timeout")]
+    pub lock_timeout_secs: u64,
+}
+
+fn default_max_object() -> usize {
+    64 << 20
+}
+fn default_lock_timeout() -> u64 {
+    10
 }
 
 #[derive(Debug, Deserialize)]
@@ -310,6 +333,33 @@ pub struct Route {
     #[serde(default = "slash")]
     pub path_prefix: String,
     pub origin: String,
+    /// Who may read this route.
+    #[serde(default)]
+    pub access: Access,
+    /// Cache this route's GET/HEAD responses (needs the top-level `cache` section).
+    pub cache: Option<RouteCache>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Access {
+    /// Only clients with a verified certificate (the default).
+    #[default]
+    Authenticated,
+    /// Any client the listener admitted (in optional mode, also clients without a certificate).
+    Any,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RouteCache {
+    /// Freshness when the origin sends neither Cache-Control max-age/s-maxage nor Expires.
+    #[serde(default = "default_ttl")]
+    pub default_ttl_secs: u32,
+}
+
+fn default_ttl() -> u32 {
+    60
 }
 
 fn slash() -> String {
@@ -496,6 +546,9 @@ impl Config {
             if !r.path_prefix.starts_with('/') {
                 ctx.error(format!("{key}.path_prefix"), "must start with '/'");
             }
+            if r.cache.is_some() && self.cache.is_none() {
+                ctx.error(format!("{key}.cache"), "route caching needs the top-level cache section");
+            }
             if !self.origins.contains_key(&r.origin) {
                 ctx.error(
                     format!("{key}.origin"),
@@ -506,6 +559,14 @@ impl Config {
         self.identity_headers.check(ctx);
         if let Some(a) = &self.admin {
             check_addr(ctx, "admin.address", &a.address);
+        }
+        if let Some(c) = &self.cache {
+            if c.max_bytes == 0 {
+                ctx.error("cache.max_bytes", "must be more than 0");
+            }
+            if c.max_object_bytes == 0 || c.max_object_bytes > c.max_bytes {
+                ctx.error("cache.max_object_bytes", "must be more than 0 and at most cache.max_bytes");
+            }
         }
     }
 

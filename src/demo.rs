@@ -15,15 +15,52 @@ use pingora::services::listening::Service;
 
 use crate::pki::{self, Ca, LeafSpec};
 
-/// A small origin: `/firmware/manifest.json` returns a manifest; every other path echoes the
-/// request headers it received, one `name: value` line each, so tests can see what the edge sent.
-pub struct OriginApp;
+/// A small origin:
+/// - `/firmware/manifest.json` returns a manifest naming the device;
+/// - `/files/NAME?size=N[&delay_ms=D][&private=1]` returns N deterministic bytes, cacheable for
+///   300 s (or `private`), after an optional delay;
+/// - `/__origin/count?path=P` says how many requests for path P it has served;
+/// - every other path echoes the request headers, one `name: value` line each.
+#[derive(Default)]
+pub struct OriginApp {
+    served: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+}
+
+fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?.split('&').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+}
+
+/// `size` bytes cycling through the alphabet, so that truncation and offsets are visible.
+pub fn file_body(size: usize) -> Vec<u8> {
+    (0..size).map(|i| b'a' + (i % 26) as u8).collect()
+}
 
 #[async_trait]
 impl ServeHttp for OriginApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let req = session.req_header();
-        let body = if req.uri.path() == "/firmware/manifest.json" {
+        let path = req.uri.path().to_string();
+        let query = req.uri.query().map(str::to_string);
+        if let Ok(mut served) = self.served.lock() {
+            *served.entry(path.clone()).or_default() += 1;
+        }
+        let mut extra: Vec<(&str, String)> = Vec::new();
+        let body = if path.starts_with("/files/") {
+            let q = query.as_deref();
+            if let Some(ms) = query_param(q, "delay_ms").and_then(|v| v.parse().ok()) {
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            }
+            let size = query_param(q, "size").and_then(|v| v.parse().ok()).unwrap_or(1024);
+            let cc = if query_param(q, "private").is_some() { "private, max-age=300" } else { "max-age=300" };
+            extra.push(("cache-control", cc.to_string()));
+            extra.push(("etag", format!("\"{size}\"")));
+            file_body(size)
+        } else if path == "/__origin/count" {
+            let counted = query_param(query.as_deref(), "path")
+                .and_then(|p| self.served.lock().ok().and_then(|m| m.get(p).copied()))
+                .unwrap_or(0);
+            format!("{counted}\n").into_bytes()
+        } else if path == "/firmware/manifest.json" {
             let subject = req
                 .headers
                 .get("cloudfront-viewer-cert-subject")
@@ -33,12 +70,13 @@ impl ServeHttp for OriginApp {
                 "{{\"version\":\"1.4.2\",\"image\":\"/firmware/fw-1.4.2.bin\",\"served_to\":\"{}\"}}\n",
                 subject.replace('"', "'")
             )
+            .into_bytes()
         } else {
             let mut s = String::new();
             for (k, v) in req.headers.iter() {
                 let _ = writeln!(s, "{}: {}", k.as_str(), String::from_utf8_lossy(v.as_bytes()));
             }
-            s
+            s.into_bytes()
         };
         // The SHA-256 of the client certificate the origin saw: proof of origin mTLS for tests.
         let client_sha256 = session
@@ -53,12 +91,17 @@ impl ServeHttp for OriginApp {
             .and_then(|s| s.peer_addr())
             .and_then(|a| a.as_inet().map(|i| i.port()))
             .unwrap_or(0);
-        let mut resp = Response::new(body.into_bytes());
+        let mut resp = Response::new(body);
         *resp.status_mut() = StatusCode::OK;
         let len = resp.body().len();
         let h = resp.headers_mut();
         h.insert(http::header::CONTENT_LENGTH, len.into());
         h.insert("x-origin-peer-port", peer_port.into());
+        for (k, v) in extra {
+            if let Ok(v) = http::HeaderValue::from_str(&v) {
+                h.insert(k, v);
+            }
+        }
         if let Ok(v) = http::HeaderValue::from_str(&client_sha256) {
             h.insert("x-origin-client-cert-sha256", v);
         }
@@ -74,7 +117,7 @@ pub fn origin_service(listen: &str, cert: &Path, key: &Path, client_ca: &Path) -
     tls.set_ca_file(client_ca).map_err(|e| format!("{}: {e}", client_ca.display()))?;
     tls.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
     tls.set_min_proto_version(Some(SslVersion::TLS1_2)).map_err(|e| e.to_string())?;
-    let mut svc = Service::new("origin".to_string(), OriginApp);
+    let mut svc = Service::new("origin".to_string(), OriginApp::default());
     svc.add_tls_with_settings(listen, None, tls);
     Ok(svc)
 }

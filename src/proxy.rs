@@ -12,6 +12,10 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{ErrorSource, ErrorType};
 
+use pingora_cache::{CacheKey, RespCacheable};
+
+use crate::cache::{self, SharedCache};
+use crate::config::Access;
 use crate::identity::{ConnectionIdentity, HeaderPlan};
 use crate::metrics;
 use crate::origin::{self, Origin};
@@ -23,6 +27,9 @@ pub struct Route {
     pub host: Option<String>,
     pub path_prefix: String,
     pub origin: Arc<Origin>,
+    pub access: Access,
+    /// Default freshness when the route is cached.
+    pub cache_ttl: Option<u32>,
 }
 
 /// What the hooks read for every request; replaced whole on reload.
@@ -32,12 +39,23 @@ pub struct ProxyState {
     pub headers: Arc<HeaderPlan>,
     /// Listener name (its address) → its TLS policy, for the Host/SNI check.
     pub listeners: Vec<(Arc<str>, Arc<ArcSwap<ListenerPolicy>>)>,
+    pub cache: Option<Arc<SharedCache>>,
 }
 
 impl ProxyState {
-    pub fn new(mut routes: Vec<Route>, headers: Arc<HeaderPlan>, listeners: Vec<(Arc<str>, Arc<ArcSwap<ListenerPolicy>>)>) -> Self {
+    pub fn new(
+        mut routes: Vec<Route>,
+        headers: Arc<HeaderPlan>,
+        listeners: Vec<(Arc<str>, Arc<ArcSwap<ListenerPolicy>>)>,
+        cache: Option<Arc<SharedCache>>,
+    ) -> Self {
         routes.sort_by_key(|r| (r.host.is_none(), std::cmp::Reverse(r.path_prefix.len())));
-        ProxyState { routes, headers, listeners }
+        ProxyState {
+            routes,
+            headers,
+            listeners,
+            cache,
+        }
     }
 
     fn route(&self, host: Option<&str>, path: &str) -> Option<&Route> {
@@ -60,6 +78,14 @@ pub struct EdgeProxy {
 pub struct RequestCtx {
     identity: Option<Arc<ConnectionIdentity>>,
     origin: Option<Arc<Origin>>,
+    /// Host the request addressed (lowercased, no port), for the cache key.
+    host: String,
+    /// The route's default TTL when the route is cached.
+    cache_ttl: Option<u32>,
+    /// The cache (from the state the request started with).
+    cache: Option<Arc<SharedCache>>,
+    /// Whether the origin's response was admitted to the cache.
+    stored: bool,
 }
 
 /// The identity the handshake recorded for this connection (HTTP/1.1 and HTTP/2 alike).
@@ -134,9 +160,48 @@ impl ProxyHttp for EdgeProxy {
         let Some(route) = state.route(host.as_deref(), &path) else {
             return refuse(session, 404, "NoRoute", Some(&conn)).await;
         };
+        // Authorization, before any cache lookup: a client that may not read the route never
+        // reaches the cache.
+        if route.access == Access::Authenticated && conn.cert.is_none() {
+            return refuse(session, 403, "CertificateRequiredForRoute", Some(&conn)).await;
+        }
         ctx.origin = Some(route.origin.clone());
+        ctx.cache_ttl = route.cache_ttl;
+        ctx.cache = state.cache.clone();
+        ctx.host = host.unwrap_or_default();
         ctx.identity = Some(conn);
         Ok(false)
+    }
+
+    /// Turns the cache on for GET and HEAD on cached routes (after `request_filter` allowed it).
+    fn request_cache_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+        if let (Some(_), Some(cache)) = (ctx.cache_ttl, &ctx.cache) {
+            if pingora_cache::filters::request_cacheable(session.req_header()) {
+                cache.enable(session);
+            }
+        }
+        Ok(())
+    }
+
+    /// Host, path and query: see `cache::key`.
+    fn cache_key_callback(&self, session: &Session, ctx: &mut RequestCtx) -> Result<CacheKey> {
+        let uri = &session.req_header().uri;
+        let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
+        Ok(cache::key(&ctx.host, path_and_query, None))
+    }
+
+    fn response_cache_filter(&self, _session: &Session, resp: &ResponseHeader, ctx: &mut RequestCtx) -> Result<RespCacheable> {
+        let decision = cache::cacheable(resp, ctx.cache_ttl.unwrap_or(0));
+        ctx.stored = matches!(decision, RespCacheable::Cacheable(_));
+        Ok(decision)
+    }
+
+    /// Adds an RFC 9211 `Cache-Status` on cached routes.
+    async fn response_filter(&self, session: &mut Session, resp: &mut ResponseHeader, ctx: &mut RequestCtx) -> Result<()> {
+        if ctx.cache_ttl.is_some() && ctx.cache.is_some() {
+            resp.insert_header("cache-status", cache::cache_status(session.cache.phase(), ctx.stored))?;
+        }
+        Ok(())
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {

@@ -7,17 +7,34 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Kills the demo if the test fails before it stops it.
+struct Guard(std::process::Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn the_demo_prints_curl_commands_that_work_and_stops_on_ctrl_c() {
+    for port in [8443, 9443, 9100] {
+        assert!(
+            std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
+            "port {port}, which the demo uses, is taken by another process"
+        );
+    }
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(common::BIN)
+    let child = Command::new(common::BIN)
         .args(["demo", "--dir"])
         .arg(dir.path())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("demo.log")).unwrap())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
+    let mut child = Guard(child);
+    let stdout = child.0.stdout.take().unwrap();
     let mut commands = Vec::new();
     for line in BufReader::new(stdout).lines() {
         let line = line.unwrap();
@@ -30,7 +47,11 @@ fn the_demo_prints_curl_commands_that_work_and_stops_on_ctrl_c() {
     }
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect("127.0.0.1:8443").is_err() {
-        assert!(Instant::now() < deadline, "the demo edge did not start");
+        assert!(
+            Instant::now() < deadline,
+            "the demo edge did not start:\n{}",
+            std::fs::read_to_string(dir.path().join("demo.log")).unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(commands.len(), 3, "{commands:?}");
@@ -46,15 +67,14 @@ fn the_demo_prints_curl_commands_that_work_and_stops_on_ctrl_c() {
     let echo = run(&commands[2]);
     assert!(String::from_utf8_lossy(&echo.stdout).contains("cloudfront-viewer-cert-present: 1"));
 
-    Command::new("kill").arg("-INT").arg(child.id().to_string()).status().unwrap();
+    Command::new("kill").arg("-INT").arg(child.0.id().to_string()).status().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if let Some(status) = child.try_wait().unwrap() {
+        if let Some(status) = child.0.try_wait().unwrap() {
             assert!(status.success(), "the demo exited with {status} on SIGINT");
             break;
         }
         if Instant::now() > deadline {
-            let _ = child.kill();
             panic!("the demo did not stop within 10 s of SIGINT");
         }
         std::thread::sleep(Duration::from_millis(50));

@@ -140,7 +140,7 @@ origins:
     client_key: edge-client.key
 routes:
   - {{ host: fleet-b.test, path_prefix: /, origin: firmware }}
-  - {{ path_prefix: /, origin: firmware }}
+  - {{ path_prefix: /, origin: firmware, access: any }}
 admin: {{ address: 127.0.0.1:{admin_port} }}
 {extra}
 "#,

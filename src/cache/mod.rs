@@ -1,5 +1,168 @@
-//! The shared cache. `storage` holds objects in memory under a byte budget and lets readers
-//! stream a fill while it is written. Wiring into the proxy (keys, freshness, coalescing,
-//! ranges, purge, metrics) is issue 3's work in progress.
+//! The shared cache: what is cached (GET/HEAD on routes with `cache:`), under which key (host,
+//! path and query: never per device), for how long (origin headers, else the route's default
+//! TTL), and the storage, eviction and request coalescing behind it. Authorization has always
+//! run before any of this: the proxy enables the cache only after the request is allowed.
 
 pub mod storage;
+
+use std::time::{Duration, SystemTime};
+
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+use pingora_cache::cache_control::{CacheControl, Cacheable, InterpretCacheControl};
+use pingora_cache::eviction::lru;
+use pingora_cache::filters::resp_cacheable;
+use pingora_cache::lock::{CacheKeyLockImpl, CacheLock};
+use pingora_cache::{CacheKey, CacheMeta, CacheMetaDefaults, CacheOptionOverrides, CachePhase, NoCacheReason, RespCacheable};
+
+use crate::config;
+use storage::MemoryStorage;
+
+/// Shards of the LRU eviction manager.
+const LRU_SHARDS: usize = 16;
+
+/// The process-wide cache: pingora keeps `'static` references to all of it.
+pub struct SharedCache {
+    pub storage: &'static MemoryStorage,
+    eviction: &'static lru::Manager<LRU_SHARDS>,
+    lock: &'static CacheKeyLockImpl,
+    max_object_bytes: usize,
+    lock_timeout: Duration,
+}
+
+impl SharedCache {
+    /// Builds the cache once at start-up; it lives as long as the process.
+    pub fn new(cfg: &config::Cache) -> SharedCache {
+        let lock_timeout = Duration::from_secs(cfg.lock_timeout_secs);
+        SharedCache {
+            storage: Box::leak(Box::new(MemoryStorage::new(cfg.max_object_bytes))),
+            // The capacity hint is a guess at the object count; the byte limit is what binds.
+            eviction: Box::leak(Box::new(lru::Manager::with_capacity(cfg.max_bytes, 8192))),
+            lock: Box::leak(CacheLock::new_boxed(lock_timeout)),
+            max_object_bytes: cfg.max_object_bytes,
+            lock_timeout,
+        }
+    }
+
+    /// Turns the cache on for this request.
+    pub fn enable(&self, session: &mut Session) {
+        session.cache.enable(
+            self.storage,
+            Some(self.eviction),
+            None,
+            Some(self.lock),
+            Some({
+                let mut o = CacheOptionOverrides::default();
+                o.wait_timeout = Some(self.lock_timeout);
+                o
+            }),
+        );
+        session.cache.set_max_file_size_bytes(self.max_object_bytes);
+    }
+}
+
+/// The cache key: host, path and query, and an optional cohort (set by rules). Never anything
+/// that identifies the device, so one fill serves the whole fleet.
+///
+/// Everything goes into the primary key: pingora hashes only the primary (and the variance),
+/// not the user tag. A request target cannot contain a newline, so the cohort suffix cannot
+/// collide with another path.
+pub fn key(host: &str, path_and_query: &str, cohort: Option<&str>) -> CacheKey {
+    let primary = match cohort {
+        Some(c) => format!("{host}{path_and_query}\ncohort={c}"),
+        None => format!("{host}{path_and_query}"),
+    };
+    CacheKey::new(primary, "")
+}
+
+/// Statuses cacheable by default when the origin gives no freshness (RFC 9110 §15.1).
+fn heuristically_cacheable(status: u16) -> bool {
+    matches!(status, 200 | 203 | 204 | 300 | 301 | 308 | 404 | 405 | 410 | 414 | 501)
+}
+
+const NO_DEFAULTS: CacheMetaDefaults = CacheMetaDefaults::new(|_| None, 0, 0);
+
+/// Whether and how long to keep a response. `Set-Cookie`, `private` and `no-store` are never
+/// shared; explicit freshness (`s-maxage`, `max-age`, `Expires`) wins over `default_ttl`.
+pub fn cacheable(resp: &ResponseHeader, default_ttl: u32) -> RespCacheable {
+    if resp.headers.contains_key(http::header::SET_COOKIE) {
+        return RespCacheable::Uncacheable(NoCacheReason::OriginNotCache);
+    }
+    let cc = CacheControl::from_resp_headers(resp);
+    if cc.as_ref().is_some_and(|c| c.is_cacheable() == Cacheable::No) {
+        return RespCacheable::Uncacheable(NoCacheReason::OriginNotCache);
+    }
+    match resp_cacheable(cc.as_ref(), resp.clone(), false, &NO_DEFAULTS) {
+        RespCacheable::Cacheable(meta) => RespCacheable::Cacheable(meta),
+        RespCacheable::Uncacheable(_) if heuristically_cacheable(resp.status.as_u16()) => {
+            let now = SystemTime::now();
+            let swr = cc.as_ref().and_then(|c| c.stale_while_revalidate().ok().flatten()).unwrap_or(0);
+            let sie = cc.as_ref().and_then(|c| c.stale_if_error().ok().flatten()).unwrap_or(0);
+            let fresh = Duration::from_secs(u64::from(default_ttl));
+            RespCacheable::Cacheable(CacheMeta::new(now + fresh, now, swr, sie, resp.clone()))
+        }
+        uncacheable => uncacheable,
+    }
+}
+
+/// An RFC 9211 `Cache-Status` value for this response.
+pub fn cache_status(phase: CachePhase, stored: bool) -> String {
+    const NAME: &str = "mtls-edge";
+    match phase {
+        CachePhase::Hit => format!("{NAME}; hit"),
+        CachePhase::Stale | CachePhase::StaleUpdating => format!("{NAME}; hit; fwd=stale"),
+        CachePhase::Revalidated => format!("{NAME}; fwd=stale; fwd-status=304"),
+        CachePhase::Expired | CachePhase::Miss if stored => format!("{NAME}; fwd=miss; stored"),
+        // Disabled after the lookup: the origin's response turned out uncacheable.
+        CachePhase::Expired | CachePhase::Miss | CachePhase::Disabled(_) => format!("{NAME}; fwd=miss"),
+        _ => format!("{NAME}; fwd=bypass"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resp(headers: &[(&str, &str)]) -> ResponseHeader {
+        let mut r = ResponseHeader::build(200, None).unwrap();
+        for (k, v) in headers {
+            r.append_header(k.to_string(), *v).unwrap();
+        }
+        r
+    }
+
+    fn ttl(r: RespCacheable) -> Option<u64> {
+        match r {
+            RespCacheable::Cacheable(m) => Some(
+                m.fresh_until()
+                    .duration_since(SystemTime::now())
+                    .map_or(0, |d| d.as_secs() + 1),
+            ),
+            RespCacheable::Uncacheable(_) => None,
+        }
+    }
+
+    #[test]
+    fn freshness_comes_from_the_origin_then_the_route_default() {
+        assert_eq!(ttl(cacheable(&resp(&[("cache-control", "max-age=100")]), 60)), Some(100));
+        assert_eq!(ttl(cacheable(&resp(&[("cache-control", "max-age=100, s-maxage=30")]), 60)), Some(30));
+        assert_eq!(ttl(cacheable(&resp(&[]), 60)), Some(60));
+    }
+
+    #[test]
+    fn private_no_store_and_cookies_are_never_shared() {
+        for h in [("cache-control", "private, max-age=100"), ("cache-control", "no-store"), ("set-cookie", "a=b")] {
+            assert_eq!(ttl(cacheable(&resp(&[h]), 60)), None, "{h:?}");
+        }
+    }
+
+    #[test]
+    fn the_key_is_host_path_and_query_never_the_device() {
+        use pingora_cache::key::CacheHashKey;
+        let a = key("fw.example", "/x.bin?v=1", None);
+        assert_eq!(a.combined(), key("fw.example", "/x.bin?v=1", None).combined());
+        assert_ne!(a.combined(), key("fw.example", "/x.bin?v=2", None).combined());
+        assert_ne!(a.combined(), key("other.example", "/x.bin?v=1", None).combined());
+        assert_ne!(a.combined(), key("fw.example", "/x.bin?v=1", Some("model-x1")).combined());
+    }
+}

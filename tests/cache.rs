@@ -1,0 +1,145 @@
+//! The shared cache over real sockets: hits after one fill, one origin fetch for many
+//! concurrent requests, authorization before any lookup, and what is never shared.
+
+mod common;
+
+use common::*;
+use mtls_edge::pki::{self, Ca, LeafSpec};
+
+struct Setup {
+    dir: tempfile::TempDir,
+    _origin: Proc,
+    edge: Proc,
+    optional_port: u16,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ServerPki::write(d);
+    let ca = Ca::root("Device CA").unwrap();
+    save(d, "device", &ca.issue(&LeafSpec::client("device-1")).unwrap());
+    pki::write_file(&d.join("device-ca.pem"), &ca.cert_pem, false).unwrap();
+    let origin = spawn_origin(d, "origin-server", "edge-ca.pem");
+    let (port, optional_port) = (free_port(), free_port());
+    let yaml = format!(
+        r#"
+server: {{ threads: 2, grace_period_seconds: 0, graceful_shutdown_timeout_seconds: 0, pid_file: {d}/edge.pid, upgrade_sock: {d}/edge.sock }}
+listeners:
+  - address: 127.0.0.1:{port}
+    server_cert: edge-server.pem
+    server_key: edge-server.key
+    mtls: {{ mode: required, trust_store: devices }}
+  - address: 127.0.0.1:{optional_port}
+    server_cert: edge-server.pem
+    server_key: edge-server.key
+    mtls: {{ mode: optional, trust_store: devices }}
+trust_stores:
+  devices: {{ ca_files: [device-ca.pem] }}
+origins:
+  files:
+    address: 127.0.0.1:{o}
+    sni: origin.internal
+    ca_file: origin-ca.pem
+    client_cert: edge-client.pem
+    client_key: edge-client.key
+routes:
+  - {{ path_prefix: /files/, origin: files, cache: {{ default_ttl_secs: 60 }} }}
+  - {{ path_prefix: /public/, origin: files, access: any, cache: {{ default_ttl_secs: 60 }} }}
+  - {{ path_prefix: /, origin: files }}
+cache: {{ max_bytes: 67108864, max_object_bytes: 16777216 }}
+"#,
+        d = d.display(),
+        o = origin.port,
+    );
+    let edge = spawn_edge(d, &yaml, port);
+    Setup {
+        dir,
+        _origin: origin,
+        edge,
+        optional_port,
+    }
+}
+
+impl Setup {
+    /// How many requests for `path` reached the origin.
+    fn origin_count(&self, path: &str) -> u64 {
+        let r = Client::new(self.dir.path(), self.edge.port)
+            .cert("device")
+            .get(&format!("/__origin/count?path={path}"))
+            .unwrap();
+        r.body.trim().parse().unwrap()
+    }
+}
+
+#[test]
+fn a_second_request_is_a_hit_and_the_origin_sees_one() {
+    let s = setup();
+    let client = Client::new(s.dir.path(), s.edge.port).cert("device");
+    let first = client.get("/files/a.bin?size=5000").unwrap();
+    assert_eq!(first.status, 200);
+    assert_eq!(first.body.as_bytes(), mtls_edge::demo::file_body(5000).as_slice());
+    assert_eq!(first.header("cache-status"), Some("mtls-edge; fwd=miss; stored"));
+    let second = client.get("/files/a.bin?size=5000").unwrap();
+    assert_eq!(second.status, 200);
+    assert_eq!(second.body, first.body);
+    assert_eq!(second.header("cache-status"), Some("mtls-edge; hit"));
+    assert_eq!(s.origin_count("/files/a.bin"), 1);
+    // Another query is another object.
+    client.get("/files/a.bin?size=10").unwrap();
+    assert_eq!(s.origin_count("/files/a.bin"), 2);
+}
+
+#[test]
+fn concurrent_requests_for_a_cold_object_cause_one_origin_fetch() {
+    let s = setup();
+    let d = s.dir.path();
+    let port = s.edge.port;
+    let size = 300_000;
+    let bodies: Vec<(u16, usize)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..20)
+            .map(|_| {
+                scope.spawn(move || {
+                    let r = Client::new(d, port)
+                        .cert("device")
+                        .get(&format!("/files/storm.bin?size={size}&delay_ms=400"))
+                        .unwrap();
+                    (r.status, r.body.len())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(bodies.iter().all(|&(st, len)| st == 200 && len == size), "{bodies:?}");
+    assert_eq!(s.origin_count("/files/storm.bin"), 1, "the storm was not coalesced");
+}
+
+#[test]
+fn a_client_without_a_certificate_never_gets_a_cached_body_it_may_not_read() {
+    let s = setup();
+    let d = s.dir.path();
+    // Warm the cache through the optional listener with a device certificate.
+    let warm = Client::new(d, s.optional_port).cert("device").get("/files/secret.bin?size=100").unwrap();
+    assert_eq!(warm.status, 200);
+    let denied = Client::new(d, s.optional_port).get("/files/secret.bin?size=100").unwrap();
+    assert_eq!(denied.status, 403);
+    assert!(!denied.body.contains("abcdefghij"), "cached body leaked: {}", denied.body);
+    assert_eq!(denied.header("cache-status"), None);
+    // A route open to anyone serves clients without a certificate, from the cache too.
+    let open = Client::new(d, s.optional_port).get("/public/open.bin?size=100").unwrap();
+    assert_eq!(open.status, 200);
+    let again = Client::new(d, s.optional_port).get("/public/open.bin?size=100").unwrap();
+    assert_eq!(again.header("cache-status"), Some("mtls-edge; hit"));
+}
+
+#[test]
+fn private_responses_are_never_shared() {
+    let s = setup();
+    let client = Client::new(s.dir.path(), s.edge.port).cert("device");
+    for _ in 0..2 {
+        let r = client.get("/files/mine.bin?size=10&private=1").unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("cache-status"), Some("mtls-edge; fwd=miss"));
+    }
+    assert_eq!(s.origin_count("/files/mine.bin"), 2);
+}
