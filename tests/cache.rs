@@ -143,3 +143,41 @@ fn private_responses_are_never_shared() {
     }
     assert_eq!(s.origin_count("/files/mine.bin"), 2);
 }
+
+#[test]
+fn ranges_conditionals_and_head_are_answered_from_the_cache() {
+    let s = setup();
+    let d = s.dir.path();
+    let c = || Client::new(d, s.edge.port).cert("device");
+    let path = "/files/fw.bin?size=1000";
+    let full = mtls_edge::demo::file_body(1000);
+    // A range on a miss, while the object fills.
+    let r = c().header("Range", "bytes=0-9").get(path).unwrap();
+    assert_eq!(r.status, 206);
+    assert_eq!(r.body.as_bytes(), &full[0..10]);
+    // Ranges on the hit.
+    let r = c().header("Range", "bytes=100-199").get(path).unwrap();
+    assert_eq!((r.status, r.header("content-range")), (206, Some("bytes 100-199/1000")));
+    assert_eq!(r.body.as_bytes(), &full[100..200]);
+    assert_eq!(r.header("cache-status"), Some("mtls-edge; hit"));
+    let r = c().header("Range", "bytes=-5").get(path).unwrap();
+    assert_eq!(r.body.as_bytes(), &full[995..]);
+    let r = c().header("Range", "bytes=5000-").get(path).unwrap();
+    assert_eq!(r.status, 416);
+    // If-Range with the current validator gives the range, with another the whole object.
+    let r = c().header("Range", "bytes=0-0").header("If-Range", "\"1000\"").get(path).unwrap();
+    assert_eq!(r.status, 206);
+    let r = c().header("Range", "bytes=0-0").header("If-Range", "\"old\"").get(path).unwrap();
+    assert_eq!((r.status, r.body.len()), (200, 1000));
+    // Conditional requests answered 304 from the cache.
+    let r = c().header("If-None-Match", "\"1000\"").get(path).unwrap();
+    assert_eq!(r.status, 304);
+    assert!(r.body.is_empty());
+    let r = c().header("If-None-Match", "\"other\"").get(path).unwrap();
+    assert_eq!(r.status, 200);
+    // HEAD: headers of the object, no body.
+    let r = c().method("HEAD").get(path).unwrap();
+    assert_eq!((r.status, r.header("content-length")), (200, Some("1000")));
+    assert!(r.body.is_empty());
+    assert_eq!(s.origin_count("/files/fw.bin"), 1, "every one of these came from the one fill");
+}

@@ -172,6 +172,7 @@ pub struct Client<'a> {
     pub version: Option<SslVersion>,
     pub extra_headers: Vec<(String, String)>,
     pub session: Option<SslSession>,
+    pub method: String,
 }
 
 pub struct Outcome {
@@ -191,6 +192,7 @@ impl<'a> Client<'a> {
             version: None,
             extra_headers: Vec::new(),
             session: None,
+            method: "GET".into(),
         }
     }
 
@@ -211,6 +213,11 @@ impl<'a> Client<'a> {
 
     pub fn version(mut self, v: SslVersion) -> Self {
         self.version = Some(v);
+        self
+    }
+
+    pub fn method(mut self, m: &str) -> Self {
+        self.method = m.to_string();
         self
     }
 
@@ -254,7 +261,7 @@ impl<'a> Client<'a> {
             let mut tls = cfg
                 .connect(self.sni.as_deref().unwrap_or("ignored.invalid"), tcp)
                 .map_err(|e| format!("handshake: {e}"))?;
-            let mut req = format!("GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n", self.host);
+            let mut req = format!("{} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n", self.method, self.host);
             for (k, v) in &self.extra_headers {
                 req.push_str(&format!("{k}: {v}\r\n"));
             }
