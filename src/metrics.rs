@@ -4,7 +4,8 @@
 use std::sync::LazyLock;
 
 use pingora_prometheus::prometheus::{
-    self, register_int_counter_vec, Encoder, IntCounterVec, TextEncoder,
+    self, register_int_counter, register_int_counter_vec, register_int_gauge, Encoder, IntCounter, IntCounterVec,
+    IntGauge, TextEncoder,
 };
 
 /// TLS handshakes that reached the certificate stage, by listener, outcome and reason.
@@ -49,12 +50,59 @@ pub static SPOOFED_HEADERS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registration happens once, with a static valid definition")
 });
 
+const REGISTERED: &str = "metric registration happens once, with a static valid definition";
+
+/// Cache lookups on cached routes by result: hit, miss, stale, revalidated, uncacheable.
+pub static CACHE_LOOKUPS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!("mtls_edge_cache_lookups_total", "Cache lookups by result", &["result"]).expect(REGISTERED)
+});
+
+/// Requests that waited on another request's fill instead of going to the origin.
+pub static CACHE_COALESCED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "mtls_edge_cache_coalesced_waiters_total",
+        "Requests that waited for another request's cache fill"
+    )
+    .expect(REGISTERED)
+});
+
+/// Response body bytes sent to viewers, by source: cache or origin.
+pub static BODY_BYTES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "mtls_edge_response_body_bytes_total",
+        "Response body bytes sent to viewers by source",
+        &["source"]
+    )
+    .expect(REGISTERED)
+});
+
+/// Objects evicted to stay within the budget.
+pub static CACHE_EVICTIONS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!("mtls_edge_cache_evictions_total", "Cache objects evicted for the byte budget").expect(REGISTERED)
+});
+
+/// Bytes held by complete cached objects.
+pub static CACHE_BYTES: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!("mtls_edge_cache_bytes", "Bytes held by cached objects").expect(REGISTERED)
+});
+
+/// The configured budget.
+pub static CACHE_BUDGET: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!("mtls_edge_cache_budget_bytes", "Configured cache memory budget").expect(REGISTERED)
+});
+
 /// Forces registration so that every metric shows on `/metrics` from the start.
 pub fn init() {
     LazyLock::force(&HANDSHAKES);
     LazyLock::force(&REQUESTS);
     LazyLock::force(&ORIGIN_FAILURES);
     LazyLock::force(&SPOOFED_HEADERS);
+    LazyLock::force(&CACHE_LOOKUPS);
+    LazyLock::force(&CACHE_COALESCED);
+    LazyLock::force(&BODY_BYTES);
+    LazyLock::force(&CACHE_EVICTIONS);
+    LazyLock::force(&CACHE_BYTES);
+    LazyLock::force(&CACHE_BUDGET);
 }
 
 /// The registry in Prometheus text format.

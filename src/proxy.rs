@@ -259,9 +259,17 @@ impl ProxyHttp for EdgeProxy {
         }
     }
 
-    async fn logging(&self, session: &mut Session, _e: Option<&Error>, _ctx: &mut RequestCtx) {
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         metrics::REQUESTS.with_label_values(&[&status.to_string()]).inc();
+        if ctx.origin.is_some() {
+            let source = if session.cache.upstream_used() { "origin" } else { "cache" };
+            let sent = u64::try_from(session.body_bytes_sent()).unwrap_or(u64::MAX);
+            metrics::BODY_BYTES.with_label_values(&[source]).inc_by(sent);
+        }
+        if let (Some(_), Some(cache)) = (ctx.cache_ttl, &ctx.cache) {
+            cache.record(session);
+        }
     }
 }
 

@@ -11,6 +11,7 @@ struct Setup {
     _origin: Proc,
     edge: Proc,
     optional_port: u16,
+    admin_port: u16,
 }
 
 fn setup() -> Setup {
@@ -21,7 +22,7 @@ fn setup() -> Setup {
     save(d, "device", &ca.issue(&LeafSpec::client("device-1")).unwrap());
     pki::write_file(&d.join("device-ca.pem"), &ca.cert_pem, false).unwrap();
     let origin = spawn_origin(d, "origin-server", "edge-ca.pem");
-    let (port, optional_port) = (free_port(), free_port());
+    let (port, optional_port, admin_port) = (free_port(), free_port(), free_port());
     let yaml = format!(
         r#"
 server: {{ threads: 2, grace_period_seconds: 0, graceful_shutdown_timeout_seconds: 0, pid_file: {d}/edge.pid, upgrade_sock: {d}/edge.sock }}
@@ -48,6 +49,7 @@ routes:
   - {{ path_prefix: /public/, origin: files, access: any, cache: {{ default_ttl_secs: 60 }} }}
   - {{ path_prefix: /, origin: files }}
 cache: {{ max_bytes: 67108864, max_object_bytes: 16777216 }}
+admin: {{ address: 127.0.0.1:{admin_port} }}
 "#,
         d = d.display(),
         o = origin.port,
@@ -58,6 +60,7 @@ cache: {{ max_bytes: 67108864, max_object_bytes: 16777216 }}
         _origin: origin,
         edge,
         optional_port,
+        admin_port,
     }
 }
 
@@ -112,6 +115,12 @@ fn concurrent_requests_for_a_cold_object_cause_one_origin_fetch() {
     });
     assert!(bodies.iter().all(|&(st, len)| st == 200 && len == size), "{bodies:?}");
     assert_eq!(s.origin_count("/files/storm.bin"), 1, "the storm was not coalesced");
+    let m = |name: &str| metric(s.admin_port, name);
+    assert!(m("mtls_edge_cache_coalesced_waiters_total") >= 1.0);
+    assert!(m("mtls_edge_cache_bytes") >= size as f64);
+    assert_eq!(m("mtls_edge_cache_budget_bytes"), 67108864.0);
+    assert!(m("mtls_edge_response_body_bytes_total{source=\"origin\"}") >= size as f64);
+    assert_eq!(m("mtls_edge_cache_lookups_total{result=\"miss\"}"), 1.0);
 }
 
 #[test]

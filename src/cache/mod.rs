@@ -15,7 +15,7 @@ use pingora_cache::filters::resp_cacheable;
 use pingora_cache::lock::{CacheKeyLockImpl, CacheLock};
 use pingora_cache::{CacheKey, CacheMeta, CacheMetaDefaults, CacheOptionOverrides, CachePhase, NoCacheReason, RespCacheable};
 
-use crate::config;
+use crate::{config, metrics};
 use storage::MemoryStorage;
 
 /// Shards of the LRU eviction manager.
@@ -34,6 +34,7 @@ impl SharedCache {
     /// Builds the cache once at start-up; it lives as long as the process.
     pub fn new(cfg: &config::Cache) -> SharedCache {
         let lock_timeout = Duration::from_secs(cfg.lock_timeout_secs);
+        metrics::CACHE_BUDGET.set(i64::try_from(cfg.max_bytes).unwrap_or(i64::MAX));
         SharedCache {
             storage: Box::leak(Box::new(MemoryStorage::new(cfg.max_object_bytes))),
             // The capacity hint is a guess at the object count; the byte limit is what binds.
@@ -42,6 +43,25 @@ impl SharedCache {
             max_object_bytes: cfg.max_object_bytes,
             lock_timeout,
         }
+    }
+
+    /// Records what the cache did for a finished request, and the memory it holds.
+    pub fn record(&self, session: &Session) {
+        let phase = session.cache.phase();
+        let result = match phase {
+            CachePhase::Hit => "hit",
+            CachePhase::Stale | CachePhase::StaleUpdating => "stale",
+            CachePhase::Revalidated | CachePhase::RevalidatedNoCache(_) => "revalidated",
+            CachePhase::Miss | CachePhase::Expired => "miss",
+            CachePhase::Disabled(_) => "uncacheable",
+            _ => "bypass",
+        };
+        metrics::CACHE_LOOKUPS.with_label_values(&[result]).inc();
+        if session.cache.lock_duration().is_some() && !session.cache.is_cache_lock_writer() {
+            metrics::CACHE_COALESCED.inc();
+        }
+        let usage = &self.storage.usage;
+        metrics::CACHE_BYTES.set(i64::try_from(usage.bytes.load(std::sync::atomic::Ordering::Relaxed)).unwrap_or(i64::MAX));
     }
 
     /// Turns the cache on for this request.

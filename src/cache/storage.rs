@@ -384,9 +384,12 @@ impl Storage for MemoryStorage {
         }))
     }
 
-    async fn purge(&'static self, target: PurgeTarget<'_>, _type: PurgeType, _trace: &SpanHandle) -> Result<PurgeOutcome> {
+    async fn purge(&'static self, target: PurgeTarget<'_>, kind: PurgeType, _trace: &SpanHandle) -> Result<PurgeOutcome> {
         let k = target.key().combined_bin();
         if self.remove_object(&k) {
+            if matches!(kind, PurgeType::Eviction) {
+                crate::metrics::CACHE_EVICTIONS.inc();
+            }
             Ok(PurgeOutcome::Purged(None))
         } else {
             Ok(PurgeOutcome::NotFound)
