@@ -8,7 +8,12 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use boring::ssl::{SslVerifyMode, SslVersion};
 use http::{Response, StatusCode};
+use std::sync::Arc;
+
 use pingora::apps::http_app::ServeHttp;
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
+use pingora::http::ResponseHeader;
+use pingora::server::ShutdownWatch;
 use pingora::listeners::tls::TlsSettings;
 use pingora::protocols::http::ServerSession;
 use pingora::services::listening::Service;
@@ -26,6 +31,14 @@ pub struct OriginApp {
     served: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
+impl OriginApp {
+    fn count(&self, path: &str) {
+        if let Ok(mut served) = self.served.lock() {
+            *served.entry(path.to_string()).or_default() += 1;
+        }
+    }
+}
+
 fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
     query?.split('&').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
 }
@@ -41,9 +54,7 @@ impl ServeHttp for OriginApp {
         let req = session.req_header();
         let path = req.uri.path().to_string();
         let query = req.uri.query().map(str::to_string);
-        if let Ok(mut served) = self.served.lock() {
-            *served.entry(path.clone()).or_default() += 1;
-        }
+        self.count(&path);
         let mut extra: Vec<(&str, String)> = Vec::new();
         let body = if path.starts_with("/files/") {
             let q = query.as_deref();
@@ -109,15 +120,50 @@ impl ServeHttp for OriginApp {
     }
 }
 
+/// The origin's HTTP server: [`OriginApp`]'s answers, plus `/abort/NAME?size=N`, which sends
+/// `Content-Length: N` and a cacheable header, then half the body, then drops the connection:
+/// an origin that fails mid-body on purpose.
+pub struct OriginServer {
+    app: OriginApp,
+}
+
+#[async_trait]
+impl HttpServerApp for OriginServer {
+    async fn process_new_http(self: &Arc<Self>, mut http: ServerSession, _shutdown: &ShutdownWatch) -> Option<ReusedHttpStream> {
+        if !matches!(http.read_request().await, Ok(true)) {
+            return None;
+        }
+        http.set_keepalive(Some(60));
+        let path = http.req_header().uri.path().to_string();
+        if path.starts_with("/abort/") {
+            let size = query_param(http.req_header().uri.query(), "size").and_then(|v| v.parse().ok()).unwrap_or(1024);
+            self.app.count(&path);
+            let mut header = ResponseHeader::build(200, None).ok()?;
+            header.insert_header("content-length", size.to_string()).ok()?;
+            header.insert_header("cache-control", "max-age=300").ok()?;
+            http.write_response_header(Box::new(header)).await.ok()?;
+            http.write_response_body(file_body(size / 2).into(), false).await.ok()?;
+            return None; // dropped mid-body
+        }
+        let (parts, body) = self.app.response(&mut http).await.into_parts();
+        http.write_response_header(Box::new(parts.into())).await.ok()?;
+        if !body.is_empty() {
+            http.write_response_body(body.into(), true).await.ok()?;
+        }
+        let settings = HttpPersistentSettings::for_session(&http);
+        http.finish().await.ok()?.map(|s| ReusedHttpStream::from_reusable_stream(s, settings))
+    }
+}
+
 /// An origin service on `listen` presenting `cert`/`key` and requiring a client certificate
 /// issued under `client_ca`.
-pub fn origin_service(listen: &str, cert: &Path, key: &Path, client_ca: &Path) -> Result<Service<OriginApp>, String> {
+pub fn origin_service(listen: &str, cert: &Path, key: &Path, client_ca: &Path) -> Result<Service<OriginServer>, String> {
     let s = |p: &Path| p.to_str().map(str::to_string).ok_or_else(|| format!("{}: not UTF-8", p.display()));
     let mut tls = TlsSettings::intermediate(&s(cert)?, &s(key)?).map_err(|e| format!("origin TLS: {e}"))?;
     tls.set_ca_file(client_ca).map_err(|e| format!("{}: {e}", client_ca.display()))?;
     tls.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
     tls.set_min_proto_version(Some(SslVersion::TLS1_2)).map_err(|e| e.to_string())?;
-    let mut svc = Service::new("origin".to_string(), OriginApp::default());
+    let mut svc = Service::new("origin".to_string(), OriginServer { app: OriginApp::default() });
     svc.add_tls_with_settings(listen, None, tls);
     Ok(svc)
 }

@@ -46,6 +46,7 @@ origins:
     client_key: edge-client.key
 routes:
   - {{ path_prefix: /files/, origin: files, cache: {{ default_ttl_secs: 60 }} }}
+  - {{ path_prefix: /abort/, origin: files, cache: {{ default_ttl_secs: 60 }} }}
   - {{ path_prefix: /public/, origin: files, access: any, cache: {{ default_ttl_secs: 60 }} }}
   - {{ path_prefix: /, origin: files }}
 cache: {{ max_bytes: 67108864, max_object_bytes: 16777216 }}
@@ -189,4 +190,34 @@ fn ranges_conditionals_and_head_are_answered_from_the_cache() {
     assert_eq!((r.status, r.header("content-length")), (200, Some("1000")));
     assert!(r.body.is_empty());
     assert_eq!(s.origin_count("/files/fw.bin"), 1, "every one of these came from the one fill");
+}
+
+#[test]
+fn an_origin_that_fails_mid_body_leaves_nothing_in_the_cache() {
+    let s = setup();
+    let d = s.dir.path();
+    let port = s.edge.port;
+    let size = 200_000;
+    let mut fetched = 0;
+    for round in 1..=2 {
+        let results: Vec<Result<Response, String>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..3)
+                .map(|_| scope.spawn(move || Client::new(d, port).cert("device").get(&format!("/abort/x.bin?size={size}"))))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for r in &results {
+            // Either the transfer errors or it ends short of its Content-Length: never a
+            // response that looks complete.
+            if let Ok(r) = r {
+                let declared: usize = r.header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+                assert!(r.body.len() < size && (declared == 0 || r.body.len() < declared), "round {round}: looked complete");
+            }
+        }
+        // Waiters of a failed fill may retry the origin themselves; what matters is that every
+        // round goes back to the origin: the failed object was never stored.
+        let now = s.origin_count("/abort/x.bin");
+        assert!(now > fetched, "round {round}: served without an origin fetch");
+        fetched = now;
+    }
 }
