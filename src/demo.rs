@@ -56,16 +56,40 @@ impl ServeHttp for OriginApp {
         let query = req.uri.query().map(str::to_string);
         self.count(&path);
         let mut extra: Vec<(&str, String)> = Vec::new();
+        let mut status = StatusCode::OK;
         let body = if path.starts_with("/files/") {
             let q = query.as_deref();
             if let Some(ms) = query_param(q, "delay_ms").and_then(|v| v.parse().ok()) {
                 tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
             }
-            let size = query_param(q, "size").and_then(|v| v.parse().ok()).unwrap_or(1024);
-            let cc = if query_param(q, "private").is_some() { "private, max-age=300" } else { "max-age=300" };
-            extra.push(("cache-control", cc.to_string()));
-            extra.push(("etag", format!("\"{size}\"")));
-            file_body(size)
+            let size: usize = query_param(q, "size").and_then(|v| v.parse().ok()).unwrap_or(1024);
+            let mut cc = vec![format!("max-age={}", query_param(q, "max_age").unwrap_or("300"))];
+            if query_param(q, "private").is_some() {
+                cc.insert(0, "private".into());
+            }
+            for (param, directive) in [("swr", "stale-while-revalidate"), ("sie", "stale-if-error")] {
+                if let Some(v) = query_param(q, param) {
+                    cc.push(format!("{directive}={v}"));
+                }
+            }
+            let etag = format!("\"{size}\"");
+            extra.push(("cache-control", cc.join(", ")));
+            extra.push(("etag", etag.clone()));
+            let mut body = Vec::new();
+            if let Some(name) = query_param(q, "vary") {
+                extra.push(("vary", name.to_string()));
+                let value = req.headers.get(name).map(|v| v.as_bytes().to_vec()).unwrap_or_default();
+                body.extend_from_slice(&value);
+                body.push(b':');
+            }
+            let not_modified = req.headers.get(http::header::IF_NONE_MATCH).is_some_and(|v| v.as_bytes() == etag.as_bytes());
+            if not_modified {
+                status = StatusCode::NOT_MODIFIED;
+                Vec::new()
+            } else {
+                body.extend_from_slice(&file_body(size));
+                body
+            }
         } else if path == "/__origin/count" {
             let counted = query_param(query.as_deref(), "path")
                 .and_then(|p| self.served.lock().ok().and_then(|m| m.get(p).copied()))
@@ -103,7 +127,7 @@ impl ServeHttp for OriginApp {
             .and_then(|a| a.as_inet().map(|i| i.port()))
             .unwrap_or(0);
         let mut resp = Response::new(body);
-        *resp.status_mut() = StatusCode::OK;
+        *resp.status_mut() = status;
         let len = resp.body().len();
         let h = resp.headers_mut();
         h.insert(http::header::CONTENT_LENGTH, len.into());

@@ -12,7 +12,8 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{ErrorSource, ErrorType};
 
-use pingora_cache::{CacheKey, RespCacheable};
+use pingora_cache::key::HashBinary;
+use pingora_cache::{CacheKey, CacheMeta, RespCacheable};
 
 use crate::cache::{self, SharedCache};
 use crate::config::Access;
@@ -194,6 +195,18 @@ impl ProxyHttp for EdgeProxy {
         let decision = cache::cacheable(resp, ctx.cache_ttl.unwrap_or(0));
         ctx.stored = matches!(decision, RespCacheable::Cacheable(_));
         Ok(decision)
+    }
+
+    /// Serves stale content within the windows the origin granted: `stale-while-revalidate`
+    /// (`error` is `None`; pingora has checked the window and refreshes in the background) and
+    /// `stale-if-error` when the origin fails.
+    fn should_serve_stale(&self, _session: &mut Session, _ctx: &mut RequestCtx, error: Option<&Error>) -> bool {
+        error.is_none_or(|e| e.esource() == &ErrorSource::Upstream)
+    }
+
+    /// Separates the stored variants of a response that has `Vary`.
+    fn cache_vary_filter(&self, meta: &CacheMeta, _ctx: &mut RequestCtx, req: &RequestHeader) -> Option<HashBinary> {
+        cache::variance(meta.headers(), req)
     }
 
     /// Adds an RFC 9211 `Cache-Status` on cached routes.

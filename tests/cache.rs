@@ -65,6 +65,11 @@ admin: {{ address: 127.0.0.1:{admin_port} }}
     }
 }
 
+/// Something that is not an origin, to stand in for one that was stopped.
+fn spawn_placeholder() -> Proc {
+    Proc::sleeper()
+}
+
 impl Setup {
     /// How many requests for `path` reached the origin.
     fn origin_count(&self, path: &str) -> u64 {
@@ -206,13 +211,11 @@ fn an_origin_that_fails_mid_body_leaves_nothing_in_the_cache() {
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
-        for r in &results {
-            // Either the transfer errors or it ends short of its Content-Length: never a
-            // response that looks complete.
-            if let Ok(r) = r {
-                let declared: usize = r.header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
-                assert!(r.body.len() < size && (declared == 0 || r.body.len() < declared), "round {round}: looked complete");
-            }
+        // Either the transfer errors or it ends short of its Content-Length: never a response
+        // that looks complete.
+        for r in results.iter().flatten() {
+            let declared: usize = r.header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+            assert!(r.body.len() < size && (declared == 0 || r.body.len() < declared), "round {round}: looked complete");
         }
         // Waiters of a failed fill may retry the origin themselves; what matters is that every
         // round goes back to the origin: the failed object was never stored.
@@ -220,4 +223,65 @@ fn an_origin_that_fails_mid_body_leaves_nothing_in_the_cache() {
         assert!(now > fetched, "round {round}: served without an origin fetch");
         fetched = now;
     }
+}
+
+#[test]
+fn vary_keeps_variants_apart() {
+    let s = setup();
+    let c = |lang: &str| {
+        Client::new(s.dir.path(), s.edge.port)
+            .cert("device")
+            .header("Accept-Language", lang)
+            .get("/files/v.bin?size=4&vary=accept-language")
+            .unwrap()
+    };
+    assert!(c("de").body.starts_with("de:"));
+    assert!(c("fr").body.starts_with("fr:"));
+    let again = c("de");
+    assert!(again.body.starts_with("de:"), "{}", again.body);
+    assert_eq!(again.header("cache-status"), Some("mtls-edge; hit"));
+    assert_eq!(s.origin_count("/files/v.bin"), 2);
+}
+
+#[test]
+fn an_expired_object_is_revalidated_and_a_304_refreshes_it() {
+    let s = setup();
+    let c = || Client::new(s.dir.path(), s.edge.port).cert("device");
+    let path = "/files/reval.bin?size=50&max_age=1";
+    let first = c().get(path).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let second = c().get(path).unwrap();
+    assert_eq!(second.status, 200);
+    assert_eq!(second.body, first.body);
+    assert_eq!(second.header("cache-status"), Some("mtls-edge; fwd=stale; fwd-status=304"));
+    assert_eq!(s.origin_count("/files/reval.bin"), 2, "the revalidation went to the origin");
+    // The 304 refreshed the entry: fresh again, a plain hit.
+    assert_eq!(c().get(path).unwrap().header("cache-status"), Some("mtls-edge; hit"));
+}
+
+#[test]
+fn stale_content_is_served_while_revalidating_and_when_the_origin_fails() {
+    let mut s = setup();
+    let c = |port| Client::new(s.dir.path(), port).cert("device");
+    // stale-while-revalidate: the stale copy is served at once, the refresh runs behind it.
+    let swr = "/files/swr.bin?size=50&max_age=1&swr=60";
+    let first = c(s.edge.port).get(swr).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let stale = c(s.edge.port).get(swr).unwrap();
+    assert_eq!(stale.body, first.body);
+    assert_eq!(stale.header("cache-status"), Some("mtls-edge; hit; fwd=stale"));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(s.origin_count("/files/swr.bin"), 2, "no background refresh");
+
+    // stale-if-error: with the origin gone, the expired copy is served.
+    let sie = "/files/sie.bin?size=50&max_age=1&sie=60";
+    let first = c(s.edge.port).get(sie).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    drop(std::mem::replace(&mut s._origin, spawn_placeholder()));
+    let stale = c(s.edge.port).get(sie).unwrap();
+    assert_eq!(stale.status, 200);
+    assert_eq!(stale.body, first.body);
+    // Without stale-if-error, an expired object and a dead origin give 502.
+    let plain = c(s.edge.port).get("/files/never-cached.bin?size=5").unwrap();
+    assert_eq!(plain.status, 502);
 }

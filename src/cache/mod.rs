@@ -7,7 +7,9 @@ pub mod storage;
 
 use std::time::{Duration, SystemTime};
 
-use pingora::http::ResponseHeader;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora_cache::key::HashBinary;
+use pingora_cache::VarianceBuilder;
 use pingora::proxy::Session;
 use pingora_cache::cache_control::{CacheControl, Cacheable, InterpretCacheControl};
 use pingora_cache::eviction::lru;
@@ -105,7 +107,12 @@ const NO_DEFAULTS: CacheMetaDefaults = CacheMetaDefaults::new(|_| None, 0, 0);
 /// Whether and how long to keep a response. `Set-Cookie`, `private` and `no-store` are never
 /// shared; explicit freshness (`s-maxage`, `max-age`, `Expires`) wins over `default_ttl`.
 pub fn cacheable(resp: &ResponseHeader, default_ttl: u32) -> RespCacheable {
-    if resp.headers.contains_key(http::header::SET_COOKIE) {
+    let vary_star = resp
+        .headers
+        .get_all(http::header::VARY)
+        .iter()
+        .any(|v| v.to_str().unwrap_or_default().split(',').any(|n| n.trim() == "*"));
+    if vary_star || resp.headers.contains_key(http::header::SET_COOKIE) {
         return RespCacheable::Uncacheable(NoCacheReason::OriginNotCache);
     }
     let cc = CacheControl::from_resp_headers(resp);
@@ -123,6 +130,23 @@ pub fn cacheable(resp: &ResponseHeader, default_ttl: u32) -> RespCacheable {
         }
         uncacheable => uncacheable,
     }
+}
+
+/// The variance of a stored response for this request: the values of the request headers that
+/// its `Vary` names. `None` when the response does not vary.
+pub fn variance(resp_headers: &http::HeaderMap, req: &RequestHeader) -> Option<HashBinary> {
+    let mut b = VarianceBuilder::new();
+    for value in resp_headers.get_all(http::header::VARY) {
+        for name in value.to_str().unwrap_or_default().split(',') {
+            let name = name.trim().to_ascii_lowercase();
+            if name.is_empty() {
+                continue;
+            }
+            let v = req.headers.get(&name).map(|v| v.as_bytes().to_vec()).unwrap_or_default();
+            b.add_owned_name_value(name, v);
+        }
+    }
+    b.finalize()
 }
 
 /// An RFC 9211 `Cache-Status` value for this response.
@@ -171,7 +195,12 @@ mod tests {
 
     #[test]
     fn private_no_store_and_cookies_are_never_shared() {
-        for h in [("cache-control", "private, max-age=100"), ("cache-control", "no-store"), ("set-cookie", "a=b")] {
+        for h in [
+            ("cache-control", "private, max-age=100"),
+            ("cache-control", "no-store"),
+            ("set-cookie", "a=b"),
+            ("vary", "*"),
+        ] {
             assert_eq!(ttl(cacheable(&resp(&[h]), 60)), None, "{h:?}");
         }
     }

@@ -45,6 +45,16 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// A process that does nothing, to take the place of one that was stopped.
+    pub fn sleeper() -> Proc {
+        let child = Command::new("sleep").arg("600").spawn().expect("spawn sleep");
+        Proc {
+            child,
+            port: 0,
+            log: PathBuf::new(),
+        }
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
