@@ -1,5 +1,6 @@
-//! The admin listener: Prometheus text on `/metrics` and a liveness answer on `/healthz`.
-//! It is plain HTTP and belongs on a loopback or management address.
+//! The admin listener: Prometheus text on `/metrics`, a liveness answer on `/healthz`, and
+//! cache purges (`POST /cache/purge?url=…` or `?prefix=…`). It is plain HTTP and belongs on a
+//! loopback or management address.
 
 use async_trait::async_trait;
 use http::{Response, StatusCode};
@@ -7,9 +8,53 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use pingora::services::listening::Service;
 
+use std::sync::Arc;
+
+use crate::cache::SharedCache;
 use crate::metrics;
 
-pub struct AdminApp;
+pub struct AdminApp {
+    cache: Option<Arc<SharedCache>>,
+}
+
+/// A purge target as the cache keys it: `host/path?query`, from that form or a full URL
+/// (scheme dropped, host lowercased, port removed).
+fn cache_url(raw: &str) -> String {
+    let rest = raw.strip_prefix("https://").or_else(|| raw.strip_prefix("http://")).unwrap_or(raw);
+    let (authority, path) = rest.find('/').map_or((rest, ""), |i| rest.split_at(i));
+    let host = match authority.rfind(':') {
+        Some(i) if !authority[i..].contains(']') => &authority[..i],
+        _ => authority,
+    };
+    format!("{}{path}", host.to_ascii_lowercase())
+}
+
+fn query_value(query: Option<&str>, name: &str) -> Option<String> {
+    let raw = query?.split('&').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))?;
+    percent_encoding::percent_decode_str(raw).decode_utf8().ok().map(|v| v.into_owned())
+}
+
+impl AdminApp {
+    fn purge(&self, method: &http::Method, query: Option<&str>) -> Response<Vec<u8>> {
+        if method != http::Method::POST {
+            return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", b"use POST\n".to_vec());
+        }
+        let Some(cache) = &self.cache else {
+            return reply(StatusCode::NOT_FOUND, "text/plain", b"no cache configured\n".to_vec());
+        };
+        let (target, prefix) = match (query_value(query, "url"), query_value(query, "prefix")) {
+            (Some(u), None) => (u, false),
+            (None, Some(p)) if !p.is_empty() => (p, true),
+            _ => {
+                return reply(StatusCode::BAD_REQUEST, "text/plain", b"give exactly one of url= or prefix=\n".to_vec());
+            }
+        };
+        let target = cache_url(&target);
+        let n = cache.purge(&target, prefix);
+        log::info!("cache purge {}={target} removed={n}", if prefix { "prefix" } else { "url" });
+        reply(StatusCode::OK, "application/json", format!("{{\"purged\":{n}}}\n").into_bytes())
+    }
+}
 
 fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
     let mut resp = Response::new(body);
@@ -25,7 +70,9 @@ fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<
 #[async_trait]
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        match session.req_header().uri.path() {
+        let req = session.req_header();
+        match req.uri.path() {
+            "/cache/purge" => self.purge(&req.method, req.uri.query()),
             "/metrics" => reply(StatusCode::OK, "text/plain; version=0.0.4", metrics::render()),
             "/healthz" => reply(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
             _ => reply(StatusCode::NOT_FOUND, "text/plain", b"not found\n".to_vec()),
@@ -34,8 +81,21 @@ impl ServeHttp for AdminApp {
 }
 
 /// The admin service listening on `address`.
-pub fn service(address: &str) -> Service<AdminApp> {
-    let mut svc = Service::new("admin".to_string(), AdminApp);
+pub fn service(address: &str, cache: Option<Arc<SharedCache>>) -> Service<AdminApp> {
+    let mut svc = Service::new("admin".to_string(), AdminApp { cache });
     svc.add_tcp(address);
     svc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn purge_targets_are_normalised_to_cache_keys() {
+        assert_eq!(cache_url("https://FW.example:8443/a.bin?v=1"), "fw.example/a.bin?v=1");
+        assert_eq!(cache_url("fw.example/a.bin"), "fw.example/a.bin");
+        assert_eq!(cache_url("http://[::1]:80/x"), "[::1]/x");
+        assert_eq!(query_value(Some("url=fw%2Fa%3Fv%3D1&x=2"), "url").as_deref(), Some("fw/a?v=1"));
+    }
 }

@@ -106,7 +106,7 @@ impl Edge {
         }
         server.add_service(proxy);
         if let Some(a) = &self.conf.admin {
-            server.add_service(admin::service(&a.address));
+            server.add_service(admin::service(&a.address, self.state.load().cache.clone()));
         }
         for s in extra {
             server.add_boxed_service(s);

@@ -285,3 +285,25 @@ fn stale_content_is_served_while_revalidating_and_when_the_origin_fails() {
     let plain = c(s.edge.port).get("/files/never-cached.bin?size=5").unwrap();
     assert_eq!(plain.status, 502);
 }
+
+#[test]
+fn the_admin_listener_purges_by_url_and_by_prefix() {
+    let s = setup();
+    let c = || Client::new(s.dir.path(), s.edge.port).cert("device");
+    for p in ["/files/p/a.bin?size=5", "/files/p/b.bin?size=5", "/files/q.bin?size=5"] {
+        c().get(p).unwrap();
+        assert_eq!(c().get(p).unwrap().header("cache-status"), Some("mtls-edge; hit"));
+    }
+    let purge = |q: &str| admin(s.admin_port, "POST", &format!("/cache/purge?{q}"));
+    assert_eq!(purge("url=https%3A%2F%2Flocalhost%2Ffiles%2Fq.bin%3Fsize%3D5"), (200, "{\"purged\":1}\n".into()));
+    assert_eq!(c().get("/files/q.bin?size=5").unwrap().header("cache-status"), Some("mtls-edge; fwd=miss; stored"));
+    assert_eq!(purge("prefix=localhost%2Ffiles%2Fp%2F"), (200, "{\"purged\":2}\n".into()));
+    for p in ["/files/p/a.bin?size=5", "/files/p/b.bin?size=5"] {
+        assert_eq!(c().get(p).unwrap().header("cache-status"), Some("mtls-edge; fwd=miss; stored"), "{p}");
+    }
+    // Bad requests are refused and purge nothing.
+    assert_eq!(purge("").0, 400);
+    assert_eq!(purge("url=a&prefix=b").0, 400);
+    assert_eq!(admin(s.admin_port, "GET", "/cache/purge?url=localhost/files/q.bin%3Fsize%3D5").0, 405);
+    assert_eq!(c().get("/files/q.bin?size=5").unwrap().header("cache-status"), Some("mtls-edge; hit"));
+}

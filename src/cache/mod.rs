@@ -12,7 +12,8 @@ use pingora_cache::key::HashBinary;
 use pingora_cache::VarianceBuilder;
 use pingora::proxy::Session;
 use pingora_cache::cache_control::{CacheControl, Cacheable, InterpretCacheControl};
-use pingora_cache::eviction::lru;
+use pingora_cache::eviction::{lru, EvictionManager};
+use pingora_cache::CacheEntryKeyRef;
 use pingora_cache::filters::resp_cacheable;
 use pingora_cache::lock::{CacheKeyLockImpl, CacheLock};
 use pingora_cache::{CacheKey, CacheMeta, CacheMetaDefaults, CacheOptionOverrides, CachePhase, NoCacheReason, RespCacheable};
@@ -45,6 +46,22 @@ impl SharedCache {
             max_object_bytes: cfg.max_object_bytes,
             lock_timeout,
         }
+    }
+
+    /// Removes the objects for one URL (`host/path?query`, every variant and cohort of it) or,
+    /// with `prefix`, every object whose URL starts with it. Returns how many were removed.
+    pub fn purge(&self, url: &str, prefix: bool) -> usize {
+        let removed = self.storage.purge_where(|primary| {
+            if prefix {
+                primary.starts_with(url)
+            } else {
+                primary == url || primary.strip_prefix(url).is_some_and(|rest| rest.starts_with('\n'))
+            }
+        });
+        for key in &removed {
+            self.eviction.remove(CacheEntryKeyRef::KeyOnly(key));
+        }
+        removed.len()
     }
 
     /// Records what the cache did for a finished request, and the memory it holds.

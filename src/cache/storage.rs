@@ -15,7 +15,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::{Error, ErrorType, Result};
-use pingora_cache::key::{CacheHashKey, HashBinary};
+use pingora_cache::key::{CacheHashKey, CompactCacheKey, HashBinary};
 use pingora_cache::storage::{
     streaming_write::U64WriteId, HandleHit, HandleMiss, HitHandler, MissFinishType, MissHandler, PurgeOutcome,
     PurgeTarget, PurgeType, Storage,
@@ -71,6 +71,10 @@ impl Chunks {
 
 /// A complete cached object.
 struct Object {
+    /// The primary key as text (host, path and query), for purges by URL and prefix.
+    primary: String,
+    /// The key the eviction manager tracks it under.
+    compact: CompactCacheKey,
     meta: BinaryMeta,
     body: Chunks,
     /// What the object counts against the budget: body plus serialized meta.
@@ -86,6 +90,8 @@ enum FillState {
 
 /// A fill in progress, shared by its writer and its streaming readers.
 struct Fill {
+    primary: String,
+    compact: CompactCacheKey,
     meta: BinaryMeta,
     body: RwLock<Chunks>,
     state: watch::Sender<FillState>,
@@ -120,6 +126,21 @@ impl MemoryStorage {
             max_object_bytes,
             usage: Arc::new(Usage::default()),
         }
+    }
+
+    /// Removes every object whose primary key `matches`; returns their eviction keys.
+    pub fn purge_where(&self, matches: impl Fn(&str) -> bool) -> Vec<CompactCacheKey> {
+        let mut objects = write(&self.objects);
+        let doomed: Vec<HashBinary> = objects.iter().filter(|(_, o)| matches(&o.primary)).map(|(k, _)| *k).collect();
+        let mut removed = Vec::with_capacity(doomed.len());
+        for k in doomed {
+            if let Some(o) = objects.remove(&k) {
+                self.usage.bytes.fetch_sub(o.weight, Ordering::Relaxed);
+                self.usage.objects.fetch_sub(1, Ordering::Relaxed);
+                removed.push(o.compact.clone());
+            }
+        }
+        removed
     }
 
     fn remove_object(&self, key: &HashBinary) -> bool {
@@ -284,6 +305,8 @@ impl HandleMiss for Miss {
         let body = read(&self.fill.body).clone();
         let weight = body.len + self.fill.meta.0.len() + self.fill.meta.1.len();
         let object = Arc::new(Object {
+            primary: self.fill.primary.clone(),
+            compact: self.fill.compact.clone(),
             meta: self.fill.meta.clone(),
             body,
             weight,
@@ -368,6 +391,8 @@ impl Storage for MemoryStorage {
         let k = key.combined_bin();
         let (state, _) = watch::channel(FillState::Writing(0));
         let fill = Arc::new(Fill {
+            primary: key.primary_key_str().unwrap_or_default().to_string(),
+            compact: key.to_compact(),
             meta: meta.serialize()?,
             body: RwLock::new(Chunks::default()),
             state,
@@ -404,9 +429,15 @@ impl Storage for MemoryStorage {
             return Ok(false);
         };
         let weight = old.body.len + meta.0.len() + meta.1.len();
-        let body = old.body.clone();
+        let replacement = Object {
+            primary: old.primary.clone(),
+            compact: old.compact.clone(),
+            meta,
+            body: old.body.clone(),
+            weight,
+        };
         let old_weight = old.weight;
-        objects.insert(k, Arc::new(Object { meta, body, weight }));
+        objects.insert(k, Arc::new(replacement));
         self.usage.bytes.fetch_add(weight, Ordering::Relaxed);
         self.usage.bytes.fetch_sub(old_weight, Ordering::Relaxed);
         Ok(true)
@@ -527,6 +558,21 @@ mod tests {
         assert!(miss.write_body(Bytes::from_static(b"9"), true).await.is_err());
         drop(miss);
         assert!(s.lookup(&key, span).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn purge_where_matches_primary_keys() {
+        let s = storage();
+        let span = &Span::inactive().handle();
+        for k in ["h/fw/a.bin", "h/fw/b.bin", "h/other"] {
+            let mut miss = s.get_miss_handler(&CacheKey::new(k, ""), &meta(), span).await.unwrap();
+            miss.write_body(Bytes::from_static(b"x"), true).await.unwrap();
+            miss.finish().await.unwrap();
+        }
+        assert_eq!(s.purge_where(|p| p.starts_with("h/fw/")).len(), 2);
+        assert!(s.lookup(&CacheKey::new("h/fw/a.bin", ""), span).await.unwrap().is_none());
+        assert!(s.lookup(&CacheKey::new("h/other", ""), span).await.unwrap().is_some());
+        assert_eq!(s.usage.objects.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test]

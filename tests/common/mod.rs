@@ -322,6 +322,16 @@ fn dechunk(mut s: &str) -> String {
     out
 }
 
+/// A plain-HTTP request to the admin listener; returns the status line's code and the body.
+pub fn admin(admin_port: u16, method: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", admin_port)).expect("admin listener");
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let r = parse_response(&raw).expect("an HTTP response");
+    (r.status, r.body)
+}
+
 /// A Prometheus counter's value from the admin listener, 0 when absent.
 pub fn metric(admin_port: u16, name_and_labels: &str) -> f64 {
     let mut s = TcpStream::connect(("127.0.0.1", admin_port)).expect("admin listener");
