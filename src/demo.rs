@@ -144,11 +144,22 @@ impl ServeHttp for OriginApp {
     }
 }
 
-/// The origin's HTTP server: [`OriginApp`]'s answers, plus `/abort/NAME?size=N`, which sends
-/// `Content-Length: N` and a cacheable header, then half the body, then drops the connection:
-/// an origin that fails mid-body on purpose.
+/// The origin's HTTP server: [`OriginApp`]'s answers, plus two misbehaving paths:
+/// - `/abort/NAME?size=N` sends `Content-Length: N` and a cacheable header, then half the body,
+///   then drops the connection: an origin that fails mid-body on purpose;
+/// - `/gated/NAME?size=N` sends the header and half the body, then waits until
+///   `/__origin/release?name=NAME` before it sends the rest: a slow fill a test controls.
 pub struct OriginServer {
     app: OriginApp,
+    /// Gates of `/gated/` responses, released by `/__origin/release?name=NAME`.
+    gates: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
+}
+
+impl OriginServer {
+    fn gate(&self, name: &str) -> Option<Arc<tokio::sync::Semaphore>> {
+        let mut gates = self.gates.lock().ok()?;
+        Some(gates.entry(name.to_string()).or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(0))).clone())
+    }
 }
 
 #[async_trait]
@@ -159,15 +170,29 @@ impl HttpServerApp for OriginServer {
         }
         http.set_keepalive(Some(60));
         let path = http.req_header().uri.path().to_string();
-        if path.starts_with("/abort/") {
-            let size = query_param(http.req_header().uri.query(), "size").and_then(|v| v.parse().ok()).unwrap_or(1024);
+        let query = http.req_header().uri.query().map(str::to_string);
+        if path == "/__origin/release" {
+            if let Some(gate) = query_param(query.as_deref(), "name").and_then(|n| self.gate(n)) {
+                gate.add_permits(1);
+            }
+        }
+        if let Some(name) = path.strip_prefix("/abort/").or_else(|| path.strip_prefix("/gated/")) {
+            let size = query_param(query.as_deref(), "size").and_then(|v| v.parse().ok()).unwrap_or(1024);
             self.app.count(&path);
+            let body = file_body(size);
             let mut header = ResponseHeader::build(200, None).ok()?;
             header.insert_header("content-length", size.to_string()).ok()?;
             header.insert_header("cache-control", "max-age=300").ok()?;
             http.write_response_header(Box::new(header)).await.ok()?;
-            http.write_response_body(file_body(size / 2).into(), false).await.ok()?;
-            return None; // dropped mid-body
+            http.write_response_body(body[..size / 2].to_vec().into(), false).await.ok()?;
+            if path.starts_with("/abort/") {
+                return None; // dropped mid-body
+            }
+            let gate = self.gate(name)?;
+            let _permit = gate.acquire().await.ok()?;
+            http.write_response_body(body[size / 2..].to_vec().into(), true).await.ok()?;
+            http.finish().await.ok()?;
+            return None;
         }
         let (parts, body) = self.app.response(&mut http).await.into_parts();
         http.write_response_header(Box::new(parts.into())).await.ok()?;
@@ -187,7 +212,10 @@ pub fn origin_service(listen: &str, cert: &Path, key: &Path, client_ca: &Path) -
     tls.set_ca_file(client_ca).map_err(|e| format!("{}: {e}", client_ca.display()))?;
     tls.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
     tls.set_min_proto_version(Some(SslVersion::TLS1_2)).map_err(|e| e.to_string())?;
-    let mut svc = Service::new("origin".to_string(), OriginServer { app: OriginApp::default() });
+    let mut svc = Service::new("origin".to_string(), OriginServer {
+            app: OriginApp::default(),
+            gates: Default::default(),
+        });
     svc.add_tls_with_settings(listen, None, tls);
     Ok(svc)
 }

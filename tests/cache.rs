@@ -47,6 +47,7 @@ origins:
 routes:
   - {{ path_prefix: /files/, origin: files, cache: {{ default_ttl_secs: 60 }} }}
   - {{ path_prefix: /abort/, origin: files, cache: {{ default_ttl_secs: 60 }} }}
+  - {{ path_prefix: /gated/, origin: files, cache: {{ default_ttl_secs: 60 }} }}
   - {{ path_prefix: /public/, origin: files, access: any, cache: {{ default_ttl_secs: 60 }} }}
   - {{ path_prefix: /, origin: files }}
 cache: {{ max_bytes: 67108864, max_object_bytes: 16777216 }}
@@ -306,4 +307,43 @@ fn the_admin_listener_purges_by_url_and_by_prefix() {
     assert_eq!(purge("url=a&prefix=b").0, 400);
     assert_eq!(admin(s.admin_port, "GET", "/cache/purge?url=localhost/files/q.bin%3Fsize%3D5").0, 405);
     assert_eq!(c().get("/files/q.bin?size=5").unwrap().header("cache-status"), Some("mtls-edge; hit"));
+}
+
+#[test]
+fn waiting_clients_stream_a_fill_before_the_origin_has_finished() {
+    let s = setup();
+    let d = s.dir.path();
+    let size = 1_000_000;
+    let path = format!("/gated/slow.bin?size={size}");
+    // The origin sends half, then holds the rest until released. Both devices get their first
+    // half-megabyte while the fill is still in progress.
+    let (mut first, got_first) = Client::new(d, s.edge.port).cert("device").first_bytes(&path, 1).unwrap();
+    let (mut second, got) = Client::new(d, s.edge.port).cert("device").first_bytes(&path, size / 2).unwrap();
+    assert!(got >= size / 2);
+    assert_eq!(s.origin_count("/gated/slow.bin"), 1);
+    Client::new(d, s.edge.port).cert("device").get("/__origin/release?name=slow.bin").unwrap();
+    for (i, (stream, mut total)) in [(&mut first, got_first), (&mut second, got)].into_iter().enumerate() {
+        let mut buf = [0u8; 65536];
+        // Content-Length framing: read until the whole body is in (keep-alive, no close).
+        while total < size {
+            let n = std::io::Read::read(stream, &mut buf).unwrap();
+            assert!(n > 0, "stream {i} ended early at {total}");
+            total += n;
+        }
+        assert_eq!(total, size, "stream {i}");
+    }
+    assert_eq!(s.origin_count("/gated/slow.bin"), 1);
+}
+
+#[test]
+fn objects_over_the_max_size_are_served_but_not_cached() {
+    let s = setup();
+    let c = || Client::new(s.dir.path(), s.edge.port).cert("device");
+    let path = "/files/huge.bin?size=17000000"; // over max_object_bytes (16 MiB)
+    for _ in 0..2 {
+        let r = c().get(path).unwrap();
+        assert_eq!((r.status, r.body.len()), (200, 17_000_000));
+        assert_ne!(r.header("cache-status"), Some("mtls-edge; hit"));
+    }
+    assert_eq!(s.origin_count("/files/huge.bin"), 2);
 }

@@ -236,6 +236,38 @@ impl<'a> Client<'a> {
         self
     }
 
+    /// Sends `GET path` and returns as soon as `min_body` body bytes have arrived, with the
+    /// connection still open: what a device sees while a download is in flight.
+    pub fn first_bytes(&self, path: &str, min_body: usize) -> Result<(boring::ssl::SslStream<TcpStream>, usize), String> {
+        let mut b = SslConnector::builder(SslMethod::tls()).map_err(|e| e.to_string())?;
+        b.set_ca_file(self.dir.join("edge-ca.pem")).map_err(|e| e.to_string())?;
+        if let Some(stem) = &self.cert {
+            b.set_certificate_chain_file(self.dir.join(format!("{stem}.pem"))).map_err(|e| e.to_string())?;
+            b.set_private_key_file(self.dir.join(format!("{stem}.key")), SslFiletype::PEM).map_err(|e| e.to_string())?;
+        }
+        let mut cfg = b.build().configure().map_err(|e| e.to_string())?;
+        cfg.set_verify_hostname(false);
+        let tcp = TcpStream::connect(("127.0.0.1", self.port)).map_err(|e| e.to_string())?;
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).ok();
+        let mut tls = cfg.connect("localhost", tcp).map_err(|e| e.to_string())?;
+        write!(tls, "GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", self.host).map_err(|e| e.to_string())?;
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 16384];
+        loop {
+            let n = tls.read(&mut buf).map_err(|e| format!("read: {e}"))?;
+            if n == 0 {
+                return Err("closed before enough body arrived".into());
+            }
+            raw.extend_from_slice(&buf[..n]);
+            if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                let body = raw.len() - i - 4;
+                if body >= min_body {
+                    return Ok((tls, body));
+                }
+            }
+        }
+    }
+
     pub fn get(&self, path: &str) -> Result<Response, String> {
         self.request(path).result
     }
