@@ -1,0 +1,58 @@
+# Shared by the load scripts: a demo PKI, the demo origin and an edge config in a temp dir.
+# Everything listens on 127.0.0.1 only; `cleanup` (installed as the EXIT trap) stops it all.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cargo build --release --locked -q
+BIN=$PWD/target/release/mtls-edge
+D=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ -f "$D/nginx.pid" ] && kill "$(cat "$D/nginx.pid")" 2>/dev/null
+  rm -rf "$D"
+}
+trap cleanup EXIT
+
+
+wait_port() { for _ in $(seq 100); do (echo > "/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 not up" >&2; exit 1; }
+
+# The demo writes the PKI (device, edge server/client, origin server, CAs, CRLs).
+timeout 5 "$BIN" demo --dir "$D" >/dev/null 2>&1 || true
+cat "$D/device.pem" "$D/device.key" > "$D/ab-client.pem"
+
+start_origin() {
+  "$BIN" origin --listen 127.0.0.1:9443 --cert "$D/origin-server.pem" --key "$D/origin-server.key" \
+    --client-ca "$D/edge-ca.pem" 2>"$D/origin.log" &
+  ORIGIN=$!
+  PIDS+=("$ORIGIN")
+  wait_port 9443
+}
+
+# start_edge THREADS [CACHE_MAX_BYTES [MAX_OBJECT_BYTES]]: the edge on 8443 with /files/ cached.
+start_edge() {
+  local threads=$1 max=${2:-1073741824} obj=${3:-134217728}
+  cat > "$D/edge-bench.yaml" <<YAML
+server: { threads: $threads, grace_period_seconds: 0, graceful_shutdown_timeout_seconds: 0, pid_file: $D/edge.pid, upgrade_sock: $D/edge.sock }
+listeners:
+  - { address: 127.0.0.1:8443, server_cert: edge-server.pem, server_key: edge-server.key, mtls: { mode: required, trust_store: devices } }
+trust_stores:
+  devices: { ca_files: [device-ca.pem], crl_files: [device-crl.pem] }
+origins:
+  files: { address: 127.0.0.1:9443, sni: origin.internal, ca_file: origin-ca.pem, client_cert: edge-client.pem, client_key: edge-client.key }
+routes:
+  - { path_prefix: /files/, origin: files, cache: { default_ttl_secs: 3600 } }
+  - { path_prefix: /, origin: files }
+cache: { max_bytes: $max, max_object_bytes: $obj, lock_timeout_secs: 60 }
+admin: { address: 127.0.0.1:9100 }
+YAML
+  RUST_LOG=warn "$BIN" -c "$D/edge-bench.yaml" 2>"$D/edge.log" &
+  EDGE=$!
+  PIDS+=("$EDGE")
+  wait_port 8443
+}
+
+# origin_count PATH: how many requests for PATH reached the origin.
+origin_count() {
+  curl -sS --cacert "$D/origin-ca.pem" --cert "$D/edge-client.pem" --key "$D/edge-client.key" \
+    --resolve origin.internal:9443:127.0.0.1 "https://origin.internal:9443/__origin/count?path=$1"
+}
