@@ -94,6 +94,7 @@ fn a_second_request_is_a_hit_and_the_origin_sees_one() {
     assert_eq!(second.status, 200);
     assert_eq!(second.body, first.body);
     assert_eq!(second.header("cache-status"), Some("mtls-edge; hit"));
+    assert!(second.header("age").is_some_and(|a| a.parse::<u64>().is_ok()), "no Age on a hit");
     assert_eq!(s.origin_count("/files/a.bin"), 1);
     // Another query is another object.
     client.get("/files/a.bin?size=10").unwrap();
