@@ -61,9 +61,6 @@ for port in 8443 8444; do # both must answer 200 before anything is measured
   [ "$code" = 200 ] || { echo "port $port answered $code" >&2; exit 1; }
 done
 
-ticks() { local t=0; for p in "$@"; do t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat" 2>/dev/null || echo 0))); done; echo $t; }
-nginx_pids() { echo "$(cat "$D/nginx.pid") $(pgrep -P "$(cat "$D/nginx.pid")" | tr '\n' ' ')"; }
-HZ=$(getconf CLK_TCK)
 
 run() { # name port n path pids...
   local name=$1 port=$2 n=$3 path=$4; shift 4

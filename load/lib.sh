@@ -51,6 +51,12 @@ YAML
   wait_port 8443
 }
 
+# ticks PID...: user+system CPU of the processes, in clock ticks (HZ per second).
+ticks() { local t=0; for p in "$@"; do t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat" 2>/dev/null || echo 0))); done; echo $t; }
+HZ=$(getconf CLK_TCK)
+# nginx_pids: nginx's master and workers (after nginx was started with pid $D/nginx.pid).
+nginx_pids() { echo "$(cat "$D/nginx.pid") $(pgrep -P "$(cat "$D/nginx.pid")" | tr '\n' ' ')"; }
+
 # origin_count PATH: how many requests for PATH reached the origin.
 origin_count() {
   curl -sS --cacert "$D/origin-ca.pem" --cert "$D/edge-client.pem" --key "$D/edge-client.key" \

@@ -1,6 +1,7 @@
 //! The `mtls-edge` command: run an edge from a config, check a config, run the demo, or run a
 //! standalone mTLS origin (used by the demo and the tests).
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -79,7 +80,8 @@ fn run_demo(dir: &std::path::Path) -> Result<(), String> {
         &dir.join("origin-server.key"),
         &dir.join("edge-ca.pem"),
     )?;
-    println!("{}", demo::curl_commands(dir));
+    // A closed stdout (a pipe whose reader went away) must not stop the demo.
+    let _ = writeln!(std::io::stdout(), "{}", demo::curl_commands(dir));
     edge.run(vec![Box::new(origin)]).map_err(|e| e.to_string())
 }
 

@@ -24,27 +24,11 @@ fn setup() -> Setup {
     let origin = spawn_origin(d, "origin-server", "edge-ca.pem");
     let (port, optional_port, admin_port) = (free_port(), free_port(), free_port());
     let yaml = format!(
-        r#"
-server: {{ threads: 2, grace_period_seconds: 0, graceful_shutdown_timeout_seconds: 0, pid_file: {d}/edge.pid, upgrade_sock: {d}/edge.sock }}
-listeners:
-  - address: 127.0.0.1:{port}
-    server_cert: edge-server.pem
-    server_key: edge-server.key
-    mtls: {{ mode: required, trust_store: devices }}
-  - address: 127.0.0.1:{optional_port}
-    server_cert: edge-server.pem
-    server_key: edge-server.key
-    mtls: {{ mode: optional, trust_store: devices }}
-trust_stores:
+        r#"{server}listeners:
+{required}{optional}trust_stores:
   devices: {{ ca_files: [device-ca.pem] }}
 origins:
-  files:
-    address: 127.0.0.1:{o}
-    sni: origin.internal
-    ca_file: origin-ca.pem
-    client_cert: edge-client.pem
-    client_key: edge-client.key
-routes:
+{origin}routes:
   - {{ path_prefix: /files/, origin: files, cache: {{ default_ttl_secs: 60 }} }}
   - {{ path_prefix: /abort/, origin: files, cache: {{ default_ttl_secs: 60 }} }}
   - {{ path_prefix: /gated/, origin: files, cache: {{ default_ttl_secs: 60 }} }}
@@ -53,8 +37,10 @@ routes:
 cache: {{ max_bytes: 67108864, max_object_bytes: 16777216 }}
 admin: {{ address: 127.0.0.1:{admin_port} }}
 "#,
-        d = d.display(),
-        o = origin.port,
+        server = server_yaml(d, 2),
+        required = listener_yaml(port, "required", "devices"),
+        optional = listener_yaml(optional_port, "optional", "devices"),
+        origin = origin_yaml("files", origin.port),
     );
     let edge = spawn_edge(d, &yaml, port);
     Setup {

@@ -36,7 +36,8 @@ fn the_demo_prints_curl_commands_that_work_and_stops_on_ctrl_c() {
     let mut child = Guard(child);
     let stdout = child.0.stdout.take().unwrap();
     let mut commands = Vec::new();
-    for line in BufReader::new(stdout).lines() {
+    let mut lines = BufReader::new(stdout).lines();
+    for line in lines.by_ref() {
         let line = line.unwrap();
         if let Some(cmd) = line.strip_prefix("  curl ") {
             commands.push(format!("curl -sS {cmd}"));
@@ -45,6 +46,8 @@ fn the_demo_prints_curl_commands_that_work_and_stops_on_ctrl_c() {
             break;
         }
     }
+    // Keep draining stdout so that the demo never writes into a closed pipe.
+    std::thread::spawn(move || lines.for_each(drop));
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect("127.0.0.1:8443").is_err() {
         assert!(

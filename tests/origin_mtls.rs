@@ -36,20 +36,9 @@ fn setup() -> Setup {
     let wrongname = spawn_origin(d, "wrongname-server", "edge-ca.pem");
     let refuses = spawn_origin(d, "origin-server", "other-client-ca.pem");
     let (port, admin_port) = (free_port(), free_port());
-    let origin = |name: &str, p: u16| {
-        format!(
-            "  {name}:\n    address: 127.0.0.1:{p}\n    sni: origin.internal\n    ca_file: origin-ca.pem\n    client_cert: edge-client.pem\n    client_key: edge-client.key\n"
-        )
-    };
     let yaml = format!(
-        r#"
-server: {{ threads: 1, grace_period_seconds: 0, graceful_shutdown_timeout_seconds: 0, pid_file: {d}/edge.pid, upgrade_sock: {d}/edge.sock }}
-listeners:
-  - address: 127.0.0.1:{port}
-    server_cert: edge-server.pem
-    server_key: edge-server.key
-    mtls: {{ mode: required, trust_store: devices }}
-trust_stores:
+        r#"{server}listeners:
+{listener}trust_stores:
   devices: {{ ca_files: [device-ca.pem] }}
 origins:
 {}{}{}{}routes:
@@ -59,11 +48,12 @@ origins:
   - {{ path_prefix: /refuses, origin: refuses }}
 admin: {{ address: 127.0.0.1:{admin_port} }}
 "#,
-        origin("good", good.port),
-        origin("untrusted", untrusted.port),
-        origin("wrongname", wrongname.port),
-        origin("refuses", refuses.port),
-        d = d.display(),
+        origin_yaml("good", good.port),
+        origin_yaml("untrusted", untrusted.port),
+        origin_yaml("wrongname", wrongname.port),
+        origin_yaml("refuses", refuses.port),
+        server = server_yaml(d, 1),
+        listener = listener_yaml(port, "required", "devices"),
     );
     let edge = spawn_edge(d, &yaml, port);
     Setup {

@@ -110,21 +110,11 @@ fn fleet_with(extra: &str) -> Fleet {
     let origin = spawn_origin(d, "origin-server", "edge-ca.pem");
     let (port, optional_port, admin_port) = (free_port(), free_port(), free_port());
     let yaml = format!(
-        r#"
-server: {{ threads: 2, grace_period_seconds: 0, graceful_shutdown_timeout_seconds: 0, pid_file: {d}/edge.pid, upgrade_sock: {d}/edge.sock }}
-listeners:
-  - address: 127.0.0.1:{port}
-    server_cert: edge-server.pem
-    server_key: edge-server.key
-    mtls: {{ mode: required, trust_store: devices }}
-    sni:
+        r#"{server}listeners:
+{required}    sni:
       - names: [fleet-b.test]
         mtls: {{ mode: required, trust_store: fleetb }}
-  - address: 127.0.0.1:{optional_port}
-    server_cert: edge-server.pem
-    server_key: edge-server.key
-    mtls: {{ mode: optional, trust_store: devices }}
-trust_stores:
+{optional}trust_stores:
   devices:
     ca_files: [device-ca.pem]
     crl_files: [device-crl.pem]
@@ -132,20 +122,16 @@ trust_stores:
   fleetb:
     ca_files: [fleetb-ca.pem]
 origins:
-  firmware:
-    address: 127.0.0.1:{origin}
-    sni: origin.internal
-    ca_file: origin-ca.pem
-    client_cert: edge-client.pem
-    client_key: edge-client.key
-routes:
+{origin}routes:
   - {{ host: fleet-b.test, path_prefix: /, origin: firmware }}
   - {{ path_prefix: /, origin: firmware, access: any }}
 admin: {{ address: 127.0.0.1:{admin_port} }}
 {extra}
 "#,
-        d = d.display(),
-        origin = origin.port,
+        server = server_yaml(d, 2),
+        required = listener_yaml(port, "required", "devices"),
+        optional = listener_yaml(optional_port, "optional", "devices"),
+        origin = origin_yaml("firmware", origin.port),
     );
     let edge = spawn_edge(d, &yaml, port);
     Fleet {

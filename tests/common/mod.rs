@@ -111,6 +111,28 @@ pub fn spawn_edge(dir: &Path, yaml: &str, wait_port: u16) -> Proc {
     spawn(&["-c", conf.to_str().unwrap()], wait_port, dir.join(format!("edge-{wait_port}.log")))
 }
 
+/// The `server:` line of every test edge: fast shutdown, pid file and socket in `dir`.
+pub fn server_yaml(dir: &Path, threads: usize) -> String {
+    let d = dir.display();
+    format!(
+        "server: {{ threads: {threads}, grace_period_seconds: 0, graceful_shutdown_timeout_seconds: 0, pid_file: {d}/edge.pid, upgrade_sock: {d}/edge.sock }}\n"
+    )
+}
+
+/// A `listeners:` entry with the shared edge server certificate.
+pub fn listener_yaml(port: u16, mode: &str, trust_store: &str) -> String {
+    format!(
+        "  - address: 127.0.0.1:{port}\n    server_cert: edge-server.pem\n    server_key: edge-server.key\n    mtls: {{ mode: {mode}, trust_store: {trust_store} }}\n"
+    )
+}
+
+/// An `origins:` entry for the test origin on `port`, reached with the edge's client certificate.
+pub fn origin_yaml(name: &str, port: u16) -> String {
+    format!(
+        "  {name}:\n    address: 127.0.0.1:{port}\n    sni: origin.internal\n    ca_file: origin-ca.pem\n    client_cert: edge-client.pem\n    client_key: edge-client.key\n"
+    )
+}
+
 /// The server-side part of the shared PKI: the edge's server and client certificates, the
 /// origin's server certificate and its CA. Viewer-side CAs are made by each test.
 pub struct ServerPki {
