@@ -6,7 +6,7 @@
 #     the time until the last client has its last byte.
 # Both servers: one worker, viewer mTLS required (same CA and CRL), origin mTLS to the same
 # origin, caching with request coalescing (nginx: proxy_cache_lock).
-#   load/cache.sh [rounds]
+#   load/cache.sh [rounds]        (SCALE=10 divides the request counts, for a quick check)
 source "$(dirname "$0")/lib.sh"
 ROUNDS=${1:-2}
 command -v ab >/dev/null && command -v nginx >/dev/null && command -v k6 >/dev/null \
@@ -26,13 +26,7 @@ http {
   upstream origin { server 127.0.0.1:9443; keepalive 32; }
   server {
     listen 127.0.0.1:8444 ssl;
-    ssl_protocols TLSv1.2 TLSv1.3;
-    ssl_certificate $D/edge-server.pem;
-    ssl_certificate_key $D/edge-server.key;
-    ssl_client_certificate $D/device-ca.pem;
-    ssl_crl $D/device-crl.pem;
-    ssl_verify_client on;
-    ssl_verify_depth 2;
+$(nginx_viewer_tls)
     keepalive_requests 100000;
     location /files/ {
       proxy_cache fw;
@@ -40,15 +34,7 @@ http {
       proxy_cache_lock on;
       proxy_cache_lock_timeout 60s;
       proxy_cache_valid 200 1h;
-      proxy_pass https://origin;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_ssl_certificate $D/edge-client.pem;
-      proxy_ssl_certificate_key $D/edge-client.key;
-      proxy_ssl_trusted_certificate $D/origin-ca.pem;
-      proxy_ssl_verify on;
-      proxy_ssl_name origin.internal;
-      proxy_ssl_server_name on;
+$(nginx_origin_tls)
     }
   }
 }
@@ -79,7 +65,8 @@ run() { # name port n path pids...
 
 echo "# cached objects over keep-alive mTLS, ab -k, concurrency 8, $(nproc) cores"
 printf "%-10s %-28s %5s %12s %14s %6s\n" server object round "req/s" "cpu us/req" errors
-OBJECTS=("/files/small.bin?size=1024 20000" "/files/medium.bin?size=1048576 2000" "/files/large.bin?size=16777216 150")
+SCALE=${SCALE:-1}
+OBJECTS=("/files/small.bin?size=1024 $((20000 / SCALE))" "/files/medium.bin?size=1048576 $((2000 / SCALE))" "/files/large.bin?size=16777216 $((150 / SCALE))")
 for o in "${OBJECTS[@]}"; do # warm both caches
   set -- $o
   ab -q -n 2 -c 1 -E "$D/ab-client.pem" "https://localhost:8443$1" >/dev/null 2>&1

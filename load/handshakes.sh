@@ -28,27 +28,13 @@ http {
   upstream origin { server 127.0.0.1:9443; keepalive 32; }
   server {
     listen 127.0.0.1:8444 ssl;
-    ssl_protocols TLSv1.2 TLSv1.3;   # nginx 1.22's default has no TLS 1.3
-    ssl_certificate $D/edge-server.pem;
-    ssl_certificate_key $D/edge-server.key;
-    ssl_client_certificate $D/device-ca.pem;
-    ssl_crl $D/device-crl.pem;
-    ssl_verify_client on;
-    ssl_verify_depth 2;
+$(nginx_viewer_tls)
     ssl_session_cache off;
     ssl_session_tickets off;
     location / {
-      proxy_pass https://origin;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
+$(nginx_origin_tls)
       proxy_set_header CloudFront-Viewer-Cert-Subject \$ssl_client_s_dn;
       proxy_set_header CloudFront-Viewer-Cert-Serial-Number \$ssl_client_serial;
-      proxy_ssl_certificate $D/edge-client.pem;
-      proxy_ssl_certificate_key $D/edge-client.key;
-      proxy_ssl_trusted_certificate $D/origin-ca.pem;
-      proxy_ssl_verify on;
-      proxy_ssl_name origin.internal;
-      proxy_ssl_server_name on;
       proxy_ssl_session_reuse on;
     }
   }

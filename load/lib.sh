@@ -57,6 +57,32 @@ HZ=$(getconf CLK_TCK)
 # nginx_pids: nginx's master and workers (after nginx was started with pid $D/nginx.pid).
 nginx_pids() { echo "$(cat "$D/nginx.pid") $(pgrep -P "$(cat "$D/nginx.pid")" | tr '\n' ' ')"; }
 
+# nginx directives for the same viewer mTLS as the edge, and for origin mTLS to the same origin.
+nginx_viewer_tls() {
+  cat <<NGINX
+    ssl_protocols TLSv1.2 TLSv1.3;   # nginx 1.22's default has no TLS 1.3
+    ssl_certificate $D/edge-server.pem;
+    ssl_certificate_key $D/edge-server.key;
+    ssl_client_certificate $D/device-ca.pem;
+    ssl_crl $D/device-crl.pem;
+    ssl_verify_client on;
+    ssl_verify_depth 2;
+NGINX
+}
+nginx_origin_tls() {
+  cat <<NGINX
+      proxy_pass https://origin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_ssl_certificate $D/edge-client.pem;
+      proxy_ssl_certificate_key $D/edge-client.key;
+      proxy_ssl_trusted_certificate $D/origin-ca.pem;
+      proxy_ssl_verify on;
+      proxy_ssl_name origin.internal;
+      proxy_ssl_server_name on;
+NGINX
+}
+
 # origin_count PATH: how many requests for PATH reached the origin.
 origin_count() {
   curl -sS --cacert "$D/origin-ca.pem" --cert "$D/edge-client.pem" --key "$D/edge-client.key" \

@@ -193,17 +193,7 @@ fn every_invalid_certificate_is_refused_in_the_handshake_in_both_modes() {
     // certificate, so curl (OpenSSL) presents it. BoringSSL rejects it while parsing the
     // Certificate message, before chain verification, so it counts as HandshakeFailed.
     for port in [f.edge.port, f.optional_port] {
-        let out = std::process::Command::new("curl")
-            .args(["-sS", "-o", "/dev/null", "--resolve", &format!("localhost:{port}:127.0.0.1")])
-            .arg("--cacert")
-            .arg(d.join("edge-ca.pem"))
-            .arg("--cert")
-            .arg(d.join("keyusage.pem"))
-            .arg("--key")
-            .arg(d.join("keyusage.key"))
-            .arg(format!("https://localhost:{port}/echo"))
-            .output()
-            .expect("curl is installed");
+        let out = curl(d, port, "keyusage", "/echo", &["-o", "/dev/null"]);
         assert!(!out.status.success(), "a certificate without digitalSignature was accepted on {port}");
     }
     let n = metric(
@@ -367,18 +357,7 @@ fn sessions_are_never_resumed_so_every_connection_is_verified() {
 fn http2_is_negotiated_by_alpn_with_the_client_certificate() {
     let f = fleet();
     let d = f.dir.path();
-    let out = std::process::Command::new("curl")
-        .args(["-sS", "--http2", "--resolve", &format!("localhost:{}:127.0.0.1", f.edge.port)])
-        .arg("--cacert")
-        .arg(d.join("edge-ca.pem"))
-        .arg("--cert")
-        .arg(d.join("good.pem"))
-        .arg("--key")
-        .arg(d.join("good.key"))
-        .args(["-w", "\n%{http_version} %{http_code}"])
-        .arg(format!("https://localhost:{}/echo", f.edge.port))
-        .output()
-        .expect("curl is installed");
+    let out = curl(d, f.edge.port, "good", "/echo", &["--http2", "-w", "\n%{http_version} %{http_code}"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.trim_end().ends_with("2 200"), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("cloudfront-viewer-cert-subject: CN=device-0001"), "{text}");

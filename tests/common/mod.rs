@@ -376,6 +376,24 @@ fn dechunk(mut s: &str) -> String {
     out
 }
 
+/// Runs curl (OpenSSL) against `https://localhost:PORT/PATH` with the device certificate `stem`
+/// and the edge CA, plus `args`: for what the BoringSSL test client cannot do (HTTP/2, a
+/// certificate BoringSSL will not sign with).
+pub fn curl(dir: &Path, port: u16, stem: &str, path: &str, args: &[&str]) -> std::process::Output {
+    Command::new("curl")
+        .args(["-sS", "--resolve", &format!("localhost:{port}:127.0.0.1")])
+        .arg("--cacert")
+        .arg(dir.join("edge-ca.pem"))
+        .arg("--cert")
+        .arg(dir.join(format!("{stem}.pem")))
+        .arg("--key")
+        .arg(dir.join(format!("{stem}.key")))
+        .args(args)
+        .arg(format!("https://localhost:{port}{path}"))
+        .output()
+        .expect("curl is installed")
+}
+
 /// A plain-HTTP request to the admin listener; returns the status line's code and the body.
 pub fn admin(admin_port: u16, method: &str, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(("127.0.0.1", admin_port)).expect("admin listener");
