@@ -12,16 +12,15 @@ use boring::x509::{X509NameRef, X509Ref};
 use http::{HeaderName, HeaderValue};
 use pingora::http::RequestHeader;
 
-use crate::config::{IdentityHeaders, MtlsMode};
+use crate::config::IdentityHeaders;
 
 /// `XN_FLAG_RFC2253` from BoringSSL's x509.h (RFC 2253 escaping, comma separators, reversed
 /// order, short names, unknown fields dumped), spelled out because bindgen cannot evaluate it.
 const XN_FLAG_RFC2253: i32 = 0x317 | (1 << 16) | (1 << 20) | (1 << 24);
 
-/// A client certificate that passed verification against `trust_store`.
+/// A client certificate that passed verification.
 #[derive(Debug, Clone)]
 pub struct ViewerCert {
-    pub trust_store: Arc<str>,
     /// RFC 2253 distinguished names.
     pub subject: String,
     pub issuer: String,
@@ -48,7 +47,6 @@ pub struct ConnectionIdentity {
     pub sni: Option<String>,
     /// The SNI policy that verified this connection (its first configured name), if one matched.
     pub sni_policy: Option<Arc<str>>,
-    pub mode: MtlsMode,
     pub cert: Option<ViewerCert>,
     /// Identity headers for the origin, rendered once per connection.
     pub headers: Vec<(HeaderName, HeaderValue)>,
@@ -85,7 +83,7 @@ pub fn iso8601(secs: i64) -> String {
 
 impl ViewerCert {
     /// Reads the peer certificate of a completed, verified handshake.
-    pub fn from_ssl(ssl: &SslRef, trust_store: Arc<str>) -> Option<ViewerCert> {
+    pub fn from_ssl(ssl: &SslRef) -> Option<ViewerCert> {
         let leaf = ssl.peer_certificate()?;
         if ssl.verify_result().is_err() {
             return None;
@@ -102,10 +100,10 @@ impl ViewerCert {
                     .collect()
             })
             .unwrap_or_default();
-        ViewerCert::from_x509(&leaf, chain_der, trust_store)
+        ViewerCert::from_x509(&leaf, chain_der)
     }
 
-    pub fn from_x509(leaf: &X509Ref, chain_der: Vec<Vec<u8>>, trust_store: Arc<str>) -> Option<ViewerCert> {
+    pub fn from_x509(leaf: &X509Ref, chain_der: Vec<Vec<u8>>) -> Option<ViewerCert> {
         let der = leaf.to_der().ok()?;
         let pem = String::from_utf8(leaf.to_pem().ok()?).ok()?;
         let serial = leaf.serial_number().to_bn().ok()?.to_vec();
@@ -121,7 +119,6 @@ impl ViewerCert {
             }
         }
         Some(ViewerCert {
-            trust_store,
             subject: rfc2253(leaf.subject_name()),
             issuer: rfc2253(leaf.issuer_name()),
             serial: hex(&serial, ":"),

@@ -15,7 +15,6 @@ use crate::config::{self, CrlCheck, Ctx};
 
 /// A compiled trust store.
 pub struct TrustStore {
-    pub name: Arc<str>,
     /// Holds the `X509_STORE` (certificates and CRLs). BoringSSL loads CRLs only through its
     /// file loader, which fills a context's store; the context itself is never used for TLS.
     holder: SslContext,
@@ -133,7 +132,6 @@ fn build(ctx: &mut Ctx, name: &str, t: &config::TrustStore) -> Option<TrustStore
         return None;
     }
     Some(TrustStore {
-        name: Arc::from(name),
         holder: builder.build(),
         max_chain_depth: t.max_chain_depth,
         path_len,

@@ -346,9 +346,9 @@ impl TlsAccept for ViewerTls {
         if let Ok(mut s) = record.state.lock() {
             s.accepted = true;
         }
-        let cert = match (&policy.trust_store, policy.mode) {
-            (Some(store), MtlsMode::Optional | MtlsMode::Required) => ViewerCert::from_ssl(ssl, store.name.clone()),
-            _ => None,
+        let cert = match policy.mode {
+            MtlsMode::Optional | MtlsMode::Required => ViewerCert::from_ssl(ssl),
+            MtlsMode::Off => None,
         };
         metrics::HANDSHAKES
             .with_label_values(&[&self.listener, "accepted", "Ok"])
@@ -358,7 +358,6 @@ impl TlsAccept for ViewerTls {
             listener: self.listener.clone(),
             sni: record.sni.clone(),
             sni_policy: policy.sni_name.clone(),
-            mode: policy.mode,
             cert,
             headers,
         })))

@@ -26,9 +26,11 @@ fn the_demo_prints_curl_commands_that_work_and_stops_on_ctrl_c() {
         );
     }
     let dir = tempfile::tempdir().unwrap();
+    // As the README's demo command does: the PKI in demo-pki/ beside conf/.
+    let pki = dir.path().join("demo-pki");
     let child = Command::new(common::BIN)
         .args(["demo", "--dir"])
-        .arg(dir.path())
+        .arg(&pki)
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(dir.path().join("demo.log")).unwrap())
         .spawn()
@@ -69,6 +71,13 @@ fn the_demo_prints_curl_commands_that_work_and_stops_on_ctrl_c() {
 
     let echo = run(&commands[2]);
     assert!(String::from_utf8_lossy(&echo.stdout).contains("cloudfront-viewer-cert-present: 1"));
+
+    // The documented example config runs against the demo PKI.
+    let conf = dir.path().join("conf");
+    std::fs::create_dir_all(&conf).unwrap();
+    std::fs::copy(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/edge.yaml"), conf.join("edge.yaml")).unwrap();
+    let check = Command::new(common::BIN).args(["-t", "-c"]).arg(conf.join("edge.yaml")).output().unwrap();
+    assert!(check.status.success(), "conf/edge.yaml: {}", String::from_utf8_lossy(&check.stderr));
 
     Command::new("kill").arg("-INT").arg(child.0.id().to_string()).status().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);

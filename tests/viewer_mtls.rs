@@ -99,6 +99,8 @@ fn fleet_with(extra: &str) -> Fleet {
     .concat();
     pki::write_file(&d.join("device-ca.pem"), &format!("{}{}", root.cert_pem, int.cert_pem), false).unwrap();
     pki::write_file(&d.join("device-crl.pem"), &crls, false).unwrap();
+    // Only the root's CRL: with crl_check chain, the issuing CA's revocation status is unknown.
+    pki::write_file(&d.join("root-crl.pem"), &root.crl(&[]).unwrap(), false).unwrap();
 
     // Fleet B: another root; its devices may use only fleet-b.test.
     let root_b = Ca::root("Fleet B Root CA").unwrap();
@@ -114,6 +116,8 @@ fn fleet_with(extra: &str) -> Fleet {
 {required}    sni:
       - names: [fleet-b.test]
         mtls: {{ mode: required, trust_store: fleetb }}
+      - names: [partial-crl.test]
+        mtls: {{ mode: required, trust_store: partialcrl }}
 {optional}trust_stores:
   devices:
     ca_files: [device-ca.pem]
@@ -121,6 +125,9 @@ fn fleet_with(extra: &str) -> Fleet {
     max_chain_depth: 4
   fleetb:
     ca_files: [fleetb-ca.pem]
+  partialcrl:
+    ca_files: [device-ca.pem]
+    crl_files: [root-crl.pem]
 origins:
 {origin}routes:
   - {{ host: fleet-b.test, path_prefix: /, origin: firmware }}
@@ -384,4 +391,22 @@ fn identity_headers_can_be_renamed_dropped_and_sent_as_rfc9440() {
     let b64 = |c: &X509| format!(":{}:", base64::engine::general_purpose::STANDARD.encode(c.to_der().unwrap()));
     assert_eq!(r.echoed("client-cert"), Some(b64(&certs[0])));
     assert_eq!(r.echoed("client-cert-chain"), Some(b64(&certs[1])));
+}
+
+#[test]
+fn a_missing_crl_refuses_the_handshake_as_revocation_unknown() {
+    let f = fleet();
+    let d = f.dir.path();
+    for v in VERSIONS {
+        let r = Client::new(d, f.edge.port).cert("good").sni(Some("partial-crl.test")).version(v).get("/echo");
+        assert!(r.is_err(), "{v:?}: accepted without its issuer's CRL");
+    }
+    let n = metric(
+        f.admin_port,
+        &format!(
+            "mtls_edge_handshakes_total{{listener=\"127.0.0.1:{}\",outcome=\"refused\",reason=\"ClientCertRevocationUnknown\"}}",
+            f.edge.port
+        ),
+    );
+    assert_eq!(n, 2.0, "{}", f.edge.log_text());
 }
