@@ -73,7 +73,12 @@ impl ServeHttp for AdminApp {
         let req = session.req_header();
         match req.uri.path() {
             "/cache/purge" => self.purge(&req.method, req.uri.query()),
-            "/metrics" => reply(StatusCode::OK, "text/plain; version=0.0.4", metrics::render()),
+            "/metrics" => {
+                if let Some(c) = &self.cache {
+                    c.update_gauges();
+                }
+                reply(StatusCode::OK, "text/plain; version=0.0.4", metrics::render())
+            }
             "/healthz" => reply(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
             _ => reply(StatusCode::NOT_FOUND, "text/plain", b"not found\n".to_vec()),
         }

@@ -164,15 +164,25 @@ pub struct Config {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Cache {
-    /// Memory budget for cached objects (bodies and metadata), in bytes.
+    /// Memory budget for everything the cache holds (stored objects and fills in progress), in
+    /// bytes.
     pub max_bytes: usize,
     /// Larger objects are streamed through and not cached.
     #[serde(default = "default_max_object")]
     pub max_object_bytes: usize,
+    /// The part of `max_bytes` set aside for fills in progress; the rest holds stored objects.
+    /// Default: a quarter of `max_bytes`, and at least `max_object_bytes`.
+    pub max_filling_bytes: Option<usize>,
     /// How long coalesced requests wait for the first fill's headers before going to the origin
     /// themselves.
     #[serde(default = "default_lock_timeout")]
     pub lock_timeout_secs: u64,
+}
+
+impl Cache {
+    pub fn filling_bytes(&self) -> usize {
+        self.max_filling_bytes.unwrap_or((self.max_bytes / 4).max(self.max_object_bytes))
+    }
 }
 
 fn default_max_object() -> usize {
@@ -564,8 +574,21 @@ impl Config {
             if c.max_bytes == 0 {
                 ctx.error("cache.max_bytes", "must be more than 0");
             }
-            if c.max_object_bytes == 0 || c.max_object_bytes > c.max_bytes {
-                ctx.error("cache.max_object_bytes", "must be more than 0 and at most cache.max_bytes");
+            if c.max_object_bytes == 0 || c.max_object_bytes > c.filling_bytes() {
+                ctx.error(
+                    "cache.max_object_bytes",
+                    "must be more than 0 and at most cache.max_filling_bytes (an object fills before it is stored)",
+                );
+            }
+            if c.filling_bytes() >= c.max_bytes {
+                ctx.error(
+                    "cache.max_filling_bytes",
+                    format!(
+                        "{} leaves nothing of cache.max_bytes ({}) for stored objects; lower it or max_object_bytes",
+                        c.filling_bytes(),
+                        c.max_bytes
+                    ),
+                );
             }
         }
     }

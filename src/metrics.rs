@@ -86,10 +86,63 @@ pub static CACHE_BYTES: LazyLock<IntGauge> = LazyLock::new(|| {
     register_int_gauge!("mtls_edge_cache_bytes", "Bytes held by cached objects").expect(REGISTERED)
 });
 
+/// Bytes reserved by fills in progress.
+pub static CACHE_FILLING_BYTES: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!("mtls_edge_cache_filling_bytes", "Bytes reserved by cache fills in progress").expect(REGISTERED)
+});
+
+/// Cacheable responses streamed through uncached because the fill budget was in use.
+pub static CACHE_FILLS_DEFERRED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "mtls_edge_cache_fills_deferred_total",
+        "Cacheable responses not stored because fills in progress held the fill budget"
+    )
+    .expect(REGISTERED)
+});
+
 /// The configured budget.
 pub static CACHE_BUDGET: LazyLock<IntGauge> = LazyLock::new(|| {
     register_int_gauge!("mtls_edge_cache_budget_bytes", "Configured cache memory budget").expect(REGISTERED)
 });
+
+/// `vec`'s counters for label values known in advance. A label lookup hashes and takes a lock,
+/// which the per-request path should not pay each time.
+struct Resolved<T: 'static>(Vec<(T, IntCounter)>);
+
+impl<T: PartialEq + Copy + ToString> Resolved<T> {
+    fn new(vec: &IntCounterVec, values: &[T]) -> Self {
+        Resolved(values.iter().map(|v| (*v, vec.with_label_values(&[&v.to_string()]))).collect())
+    }
+
+    /// Adds `n` to the counter for `value`; a value not resolved in advance is looked up.
+    fn add(&self, vec: &IntCounterVec, value: T, n: u64) {
+        match self.0.iter().find(|(v, _)| *v == value) {
+            Some((_, c)) => c.inc_by(n),
+            None => vec.with_label_values(&[&value.to_string()]).inc_by(n),
+        }
+    }
+}
+
+/// Counts a response to a viewer.
+pub fn count_request(status: u16) {
+    static COMMON: LazyLock<Resolved<u16>> =
+        LazyLock::new(|| Resolved::new(&REQUESTS, &[200, 206, 304, 403, 404, 416, 502]));
+    COMMON.add(&REQUESTS, status, 1);
+}
+
+/// Counts body bytes sent to a viewer from `source` (`cache` or `origin`).
+pub fn count_body_bytes(source: &'static str, n: u64) {
+    static SOURCES: LazyLock<Resolved<&'static str>> = LazyLock::new(|| Resolved::new(&BODY_BYTES, &["cache", "origin"]));
+    SOURCES.add(&BODY_BYTES, source, n);
+}
+
+/// Counts a cache lookup by its result.
+pub fn count_cache_lookup(result: &'static str) {
+    static RESULTS: LazyLock<Resolved<&'static str>> = LazyLock::new(|| {
+        Resolved::new(&CACHE_LOOKUPS, &["hit", "stale", "revalidated", "miss", "uncacheable", "bypass"])
+    });
+    RESULTS.add(&CACHE_LOOKUPS, result, 1);
+}
 
 /// Forces registration so that every metric shows on `/metrics` from the start.
 pub fn init() {
@@ -102,6 +155,8 @@ pub fn init() {
     LazyLock::force(&BODY_BYTES);
     LazyLock::force(&CACHE_EVICTIONS);
     LazyLock::force(&CACHE_BYTES);
+    LazyLock::force(&CACHE_FILLING_BYTES);
+    LazyLock::force(&CACHE_FILLS_DEFERRED);
     LazyLock::force(&CACHE_BUDGET);
 }
 

@@ -87,6 +87,8 @@ pub struct RequestCtx {
     cache: Option<Arc<SharedCache>>,
     /// Whether the origin's response was admitted to the cache.
     stored: bool,
+    /// The origin answered a revalidation with 304: the stored body stays, nothing is filled.
+    not_modified: bool,
 }
 
 /// The identity the handshake recorded for this connection (HTTP/1.1 and HTTP/2 alike).
@@ -152,8 +154,7 @@ impl ProxyHttp for EdgeProxy {
         let Some(listener) = state.listener(&conn.listener) else {
             return refuse(session, 403, "UnknownListener", Some(&conn)).await;
         };
-        let host_policy = listener.load().select(host.as_deref()).sni_name.clone();
-        if host_policy != conn.sni_policy {
+        if listener.load().select(host.as_deref()).sni_name != conn.sni_policy {
             return refuse(session, 421, "HostNotCoveredBySni", Some(&conn)).await;
         }
 
@@ -192,9 +193,18 @@ impl ProxyHttp for EdgeProxy {
     }
 
     fn response_cache_filter(&self, _session: &Session, resp: &ResponseHeader, ctx: &mut RequestCtx) -> Result<RespCacheable> {
-        let decision = cache::cacheable(resp, ctx.cache_ttl.unwrap_or(0));
+        let mut decision = cache::cacheable(resp, ctx.cache_ttl.unwrap_or(0));
+        if let (Some(c), false) = (&ctx.cache, ctx.not_modified) {
+            decision = c.reserve_fill(decision, resp);
+        }
         ctx.stored = matches!(decision, RespCacheable::Cacheable(_));
         Ok(decision)
+    }
+
+    /// Notes a 304 from the origin (pingora runs this before `response_cache_filter` on 304s).
+    async fn upstream_response_filter(&self, _session: &mut Session, resp: &mut ResponseHeader, ctx: &mut RequestCtx) -> Result<()> {
+        ctx.not_modified = resp.status == http::StatusCode::NOT_MODIFIED;
+        Ok(())
     }
 
     /// Serves stale content within the windows the origin granted: `stale-while-revalidate`
@@ -274,11 +284,11 @@ impl ProxyHttp for EdgeProxy {
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        metrics::REQUESTS.with_label_values(&[&status.to_string()]).inc();
+        metrics::count_request(status);
         if ctx.origin.is_some() {
             let source = if session.cache.upstream_used() { "origin" } else { "cache" };
             let sent = u64::try_from(session.body_bytes_sent()).unwrap_or(u64::MAX);
-            metrics::BODY_BYTES.with_label_values(&[source]).inc_by(sent);
+            metrics::count_body_bytes(source, sent);
         }
         if let (Some(_), Some(cache)) = (ctx.cache_ttl, &ctx.cache) {
             cache.record(session);

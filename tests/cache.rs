@@ -334,3 +334,33 @@ fn objects_over_the_max_size_are_served_but_not_cached() {
     }
     assert_eq!(s.origin_count("/files/huge.bin"), 2);
 }
+
+#[test]
+fn fills_in_progress_are_bounded_and_an_excess_fill_streams_through_uncached() {
+    let s = setup(); // max_bytes 64 MiB: fills get a quarter, 16 MiB; stored objects the rest
+    let d = s.dir.path();
+    let c = || Client::new(d, s.edge.port).cert("device");
+    // A 10 MB fill held open by the origin reserves 10 MB of the 16 MiB fill budget.
+    let (_first, _) = c().first_bytes("/gated/big.bin?size=10000000", 1).unwrap();
+    assert_eq!(metric(s.admin_port, "mtls_edge_cache_filling_bytes"), 10_000_000.0);
+    // An 8 MB object does not fit beside it: it is served whole, and not stored.
+    let path = "/files/other.bin?size=8000000";
+    let r = c().get(path).unwrap();
+    assert_eq!((r.status, r.body.len()), (200, 8_000_000));
+    assert_eq!(r.header("cache-status"), Some("mtls-edge; fwd=miss"));
+    assert_eq!(metric(s.admin_port, "mtls_edge_cache_fills_deferred_total"), 1.0);
+    // Once the first fill is done the reservation is given back and the object is stored.
+    c().get("/__origin/release?name=big.bin").unwrap();
+    drop(_first);
+    let mut stored = false;
+    for _ in 0..50 {
+        if metric(s.admin_port, "mtls_edge_cache_filling_bytes") == 0.0 {
+            stored = c().get(path).unwrap().header("cache-status") == Some("mtls-edge; fwd=miss; stored");
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(stored, "the 8 MB object is stored once the fill budget is free");
+    assert_eq!(c().get(path).unwrap().header("cache-status"), Some("mtls-edge; hit"));
+    assert_eq!(s.origin_count("/files/other.bin"), 2);
+}

@@ -133,6 +133,16 @@ fn each_kind_of_error_is_rejected_with_the_file_and_the_key() {
             format!("{GOOD}identity_headers: {{ subject: \"Bad Header\" }}\n"),
             vec!["identity_headers.subject", "not a valid header name"],
         ),
+        (
+            "fill budget that leaves nothing for stored objects",
+            format!("{GOOD}cache: {{ max_bytes: 1000, max_object_bytes: 500, max_filling_bytes: 1000 }}\n"),
+            vec!["cache.max_filling_bytes", "leaves nothing"],
+        ),
+        (
+            "object larger than the fill budget",
+            format!("{GOOD}cache: {{ max_bytes: 1000, max_object_bytes: 500, max_filling_bytes: 400 }}\n"),
+            vec!["cache.max_object_bytes", "at most cache.max_filling_bytes"],
+        ),
         ("not YAML", "listeners: [".to_string(), vec!["edge.yaml"]),
     ];
     for (what, yaml, needles) in cases {

@@ -5,6 +5,7 @@
 
 pub mod storage;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -38,10 +39,12 @@ impl SharedCache {
     pub fn new(cfg: &config::Cache) -> SharedCache {
         let lock_timeout = Duration::from_secs(cfg.lock_timeout_secs);
         metrics::CACHE_BUDGET.set(i64::try_from(cfg.max_bytes).unwrap_or(i64::MAX));
+        let filling = cfg.filling_bytes();
         SharedCache {
-            storage: Box::leak(Box::new(MemoryStorage::new(cfg.max_object_bytes))),
-            // The capacity hint is a guess at the object count; the byte limit is what binds.
-            eviction: Box::leak(Box::new(lru::Manager::with_capacity(cfg.max_bytes, 8192))),
+            storage: Box::leak(Box::new(MemoryStorage::new(cfg.max_object_bytes, filling))),
+            // Stored objects get what fills do not. The capacity hint is a guess at the object
+            // count; the byte limit is what binds.
+            eviction: Box::leak(Box::new(lru::Manager::with_capacity(cfg.max_bytes - filling, 8192))),
             lock: Box::leak(CacheLock::new_boxed(lock_timeout)),
             max_object_bytes: cfg.max_object_bytes,
             lock_timeout,
@@ -64,7 +67,7 @@ impl SharedCache {
         removed.len()
     }
 
-    /// Records what the cache did for a finished request, and the memory it holds.
+    /// Records what the cache did for a finished request.
     pub fn record(&self, session: &Session) {
         let phase = session.cache.phase();
         let result = match phase {
@@ -75,12 +78,41 @@ impl SharedCache {
             CachePhase::Disabled(_) => "uncacheable",
             _ => "bypass",
         };
-        metrics::CACHE_LOOKUPS.with_label_values(&[result]).inc();
+        metrics::count_cache_lookup(result);
         if session.cache.lock_duration().is_some() && !session.cache.is_cache_lock_writer() {
             metrics::CACHE_COALESCED.inc();
         }
+    }
+
+    /// Brings the memory gauges up to date (when metrics are scraped).
+    pub fn update_gauges(&self) {
         let usage = &self.storage.usage;
-        metrics::CACHE_BYTES.set(i64::try_from(usage.bytes.load(std::sync::atomic::Ordering::Relaxed)).unwrap_or(i64::MAX));
+        let gauge = |n: &AtomicUsize| i64::try_from(n.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
+        metrics::CACHE_BYTES.set(gauge(&usage.bytes));
+        metrics::CACHE_FILLING_BYTES.set(gauge(&usage.reserved_bytes));
+    }
+
+    /// Reserves fill memory for a response about to be stored. Without room (too many large
+    /// fills at once) it is streamed through uncached, so memory stays within the budget.
+    pub fn reserve_fill(&self, decision: RespCacheable, resp: &ResponseHeader) -> RespCacheable {
+        let RespCacheable::Cacheable(mut meta) = decision else {
+            return decision;
+        };
+        let length = resp
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+            .unwrap_or(self.max_object_bytes);
+        match self.storage.reserve_fill(length) {
+            Some(ticket) => {
+                meta.extensions_mut().insert(ticket);
+                RespCacheable::Cacheable(meta)
+            }
+            None => {
+                metrics::CACHE_FILLS_DEFERRED.inc();
+                RespCacheable::Uncacheable(NoCacheReason::Custom("fill budget in use"))
+            }
+        }
     }
 
     /// Turns the cache on for this request.
@@ -167,16 +199,20 @@ pub fn variance(resp_headers: &http::HeaderMap, req: &RequestHeader) -> Option<H
 }
 
 /// An RFC 9211 `Cache-Status` value for this response.
-pub fn cache_status(phase: CachePhase, stored: bool) -> String {
-    const NAME: &str = "mtls-edge";
+pub fn cache_status(phase: CachePhase, stored: bool) -> &'static str {
+    macro_rules! status {
+        ($s:literal) => {
+            concat!("mtls-edge", $s)
+        };
+    }
     match phase {
-        CachePhase::Hit => format!("{NAME}; hit"),
-        CachePhase::Stale | CachePhase::StaleUpdating => format!("{NAME}; hit; fwd=stale"),
-        CachePhase::Revalidated => format!("{NAME}; fwd=stale; fwd-status=304"),
-        CachePhase::Expired | CachePhase::Miss if stored => format!("{NAME}; fwd=miss; stored"),
+        CachePhase::Hit => status!("; hit"),
+        CachePhase::Stale | CachePhase::StaleUpdating => status!("; hit; fwd=stale"),
+        CachePhase::Revalidated => status!("; fwd=stale; fwd-status=304"),
+        CachePhase::Expired | CachePhase::Miss if stored => status!("; fwd=miss; stored"),
         // Disabled after the lookup: the origin's response turned out uncacheable.
-        CachePhase::Expired | CachePhase::Miss | CachePhase::Disabled(_) => format!("{NAME}; fwd=miss"),
-        _ => format!("{NAME}; fwd=bypass"),
+        CachePhase::Expired | CachePhase::Miss | CachePhase::Disabled(_) => status!("; fwd=miss"),
+        _ => status!("; fwd=bypass"),
     }
 }
 
