@@ -20,7 +20,10 @@ pub struct AdminApp {
 /// A purge target as the cache keys it: `host/path?query`, from that form or a full URL
 /// (scheme dropped, host lowercased, port removed).
 fn cache_url(raw: &str) -> String {
-    let rest = raw.strip_prefix("https://").or_else(|| raw.strip_prefix("http://")).unwrap_or(raw);
+    let rest = raw
+        .strip_prefix("https://")
+        .or_else(|| raw.strip_prefix("http://"))
+        .unwrap_or(raw);
     let (authority, path) = rest.find('/').map_or((rest, ""), |i| rest.split_at(i));
     let host = match authority.rfind(':') {
         Some(i) if !authority[i..].contains(']') => &authority[..i],
@@ -30,8 +33,13 @@ fn cache_url(raw: &str) -> String {
 }
 
 fn query_value(query: Option<&str>, name: &str) -> Option<String> {
-    let raw = query?.split('&').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))?;
-    percent_encoding::percent_decode_str(raw).decode_utf8().ok().map(|v| v.into_owned())
+    let raw = query?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))?;
+    percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .ok()
+        .map(|v| v.into_owned())
 }
 
 impl AdminApp {
@@ -46,13 +54,24 @@ impl AdminApp {
             (Some(u), None) => (u, false),
             (None, Some(p)) if !p.is_empty() => (p, true),
             _ => {
-                return reply(StatusCode::BAD_REQUEST, "text/plain", b"give exactly one of url= or prefix=\n".to_vec());
+                return reply(
+                    StatusCode::BAD_REQUEST,
+                    "text/plain",
+                    b"give exactly one of url= or prefix=\n".to_vec(),
+                );
             }
         };
         let target = cache_url(&target);
         let n = cache.purge(&target, prefix);
-        log::info!("cache purge {}={target} removed={n}", if prefix { "prefix" } else { "url" });
-        reply(StatusCode::OK, "application/json", format!("{{\"purged\":{n}}}\n").into_bytes())
+        log::info!(
+            "cache purge {}={target} removed={n}",
+            if prefix { "prefix" } else { "url" }
+        );
+        reply(
+            StatusCode::OK,
+            "application/json",
+            format!("{{\"purged\":{n}}}\n").into_bytes(),
+        )
     }
 }
 
@@ -101,6 +120,9 @@ mod tests {
         assert_eq!(cache_url("https://FW.example:8443/a.bin?v=1"), "fw.example/a.bin?v=1");
         assert_eq!(cache_url("fw.example/a.bin"), "fw.example/a.bin");
         assert_eq!(cache_url("http://[::1]:80/x"), "[::1]/x");
-        assert_eq!(query_value(Some("url=fw%2Fa%3Fv%3D1&x=2"), "url").as_deref(), Some("fw/a?v=1"));
+        assert_eq!(
+            query_value(Some("url=fw%2Fa%3Fv%3D1&x=2"), "url").as_deref(),
+            Some("fw/a?v=1")
+        );
     }
 }

@@ -10,8 +10,8 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
 use pingora::services::ServiceWithDependents;
 
-use crate::config::{self, ConfigErrors, Ctx};
 use crate::cache::SharedCache;
+use crate::config::{self, ConfigErrors, Ctx};
 use crate::identity::HeaderPlan;
 use crate::origin;
 use crate::proxy::{EdgeProxy, ProxyState, Route};
@@ -35,7 +35,11 @@ pub fn build(path: &Path) -> Result<Edge, ConfigErrors> {
     let mut listeners: Vec<(Arc<str>, Arc<ArcSwap<ListenerPolicy>>, bool)> = Vec::new();
     for (i, l) in conf.listeners.iter().enumerate() {
         if let Some(p) = viewer_tls::build_policy(&mut ctx, i, l, &stores, headers.clone()) {
-            listeners.push((Arc::from(l.address.as_str()), Arc::new(ArcSwap::from_pointee(p)), l.http2));
+            listeners.push((
+                Arc::from(l.address.as_str()),
+                Arc::new(ArcSwap::from_pointee(p)),
+                l.http2,
+            ));
         }
     }
     let origins: std::collections::BTreeMap<_, _> = conf

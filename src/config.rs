@@ -129,7 +129,10 @@ impl Ctx {
         if matches {
             Some(())
         } else {
-            self.error(key, format!("the private key does not match the certificate in {cert_file}"));
+            self.error(
+                key,
+                format!("the private key does not match the certificate in {cert_file}"),
+            );
             None
         }
     }
@@ -181,7 +184,8 @@ pub struct Cache {
 
 impl Cache {
     pub fn filling_bytes(&self) -> usize {
-        self.max_filling_bytes.unwrap_or((self.max_bytes / 4).max(self.max_object_bytes))
+        self.max_filling_bytes
+            .unwrap_or((self.max_bytes / 4).max(self.max_object_bytes))
     }
 }
 
@@ -511,10 +515,7 @@ impl Config {
                     }
                 }
                 if s.server_cert.is_some() != s.server_key.is_some() {
-                    ctx.error(
-                        format!("{skey}.server_key"),
-                        "server_cert and server_key go together",
-                    );
+                    ctx.error(format!("{skey}.server_key"), "server_cert and server_key go together");
                 }
                 self.check_mtls(ctx, &format!("{skey}.mtls"), &s.mtls);
             }
@@ -557,7 +558,10 @@ impl Config {
                 ctx.error(format!("{key}.path_prefix"), "must start with '/'");
             }
             if r.cache.is_some() && self.cache.is_none() {
-                ctx.error(format!("{key}.cache"), "route caching needs the top-level cache section");
+                ctx.error(
+                    format!("{key}.cache"),
+                    "route caching needs the top-level cache section",
+                );
             }
             if !self.origins.contains_key(&r.origin) {
                 ctx.error(
@@ -632,7 +636,10 @@ impl IdentityHeaders {
         let mut seen = BTreeMap::new();
         for (k, v) in self.named() {
             if http::HeaderName::from_bytes(v.as_bytes()).is_err() {
-                ctx.error(format!("identity_headers.{k}"), format!("'{v}' is not a valid header name"));
+                ctx.error(
+                    format!("identity_headers.{k}"),
+                    format!("'{v}' is not a valid header name"),
+                );
             }
             if let Some(prev) = seen.insert(v.to_ascii_lowercase(), k) {
                 ctx.error(

@@ -13,9 +13,9 @@ use std::sync::Arc;
 use pingora::apps::http_app::ServeHttp;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
 use pingora::http::ResponseHeader;
-use pingora::server::ShutdownWatch;
 use pingora::listeners::tls::TlsSettings;
 use pingora::protocols::http::ServerSession;
+use pingora::server::ShutdownWatch;
 use pingora::services::listening::Service;
 
 use crate::pki::{self, Ca, LeafSpec};
@@ -40,7 +40,9 @@ impl OriginApp {
 }
 
 fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
-    query?.split('&').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+    query?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
 }
 
 /// `size` bytes cycling through the alphabet, so that truncation and offsets are visible.
@@ -82,7 +84,10 @@ impl ServeHttp for OriginApp {
                 body.extend_from_slice(&value);
                 body.push(b':');
             }
-            let not_modified = req.headers.get(http::header::IF_NONE_MATCH).is_some_and(|v| v.as_bytes() == etag.as_bytes());
+            let not_modified = req
+                .headers
+                .get(http::header::IF_NONE_MATCH)
+                .is_some_and(|v| v.as_bytes() == etag.as_bytes());
             if not_modified {
                 status = StatusCode::NOT_MODIFIED;
                 Vec::new()
@@ -158,13 +163,22 @@ pub struct OriginServer {
 impl OriginServer {
     fn gate(&self, name: &str) -> Option<Arc<tokio::sync::Semaphore>> {
         let mut gates = self.gates.lock().ok()?;
-        Some(gates.entry(name.to_string()).or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(0))).clone())
+        Some(
+            gates
+                .entry(name.to_string())
+                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(0)))
+                .clone(),
+        )
     }
 }
 
 #[async_trait]
 impl HttpServerApp for OriginServer {
-    async fn process_new_http(self: &Arc<Self>, mut http: ServerSession, _shutdown: &ShutdownWatch) -> Option<ReusedHttpStream> {
+    async fn process_new_http(
+        self: &Arc<Self>,
+        mut http: ServerSession,
+        _shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
         if !matches!(http.read_request().await, Ok(true)) {
             return None;
         }
@@ -177,20 +191,26 @@ impl HttpServerApp for OriginServer {
             }
         }
         if let Some(name) = path.strip_prefix("/abort/").or_else(|| path.strip_prefix("/gated/")) {
-            let size = query_param(query.as_deref(), "size").and_then(|v| v.parse().ok()).unwrap_or(1024);
+            let size = query_param(query.as_deref(), "size")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1024);
             self.app.count(&path);
             let body = file_body(size);
             let mut header = ResponseHeader::build(200, None).ok()?;
             header.insert_header("content-length", size.to_string()).ok()?;
             header.insert_header("cache-control", "max-age=300").ok()?;
             http.write_response_header(Box::new(header)).await.ok()?;
-            http.write_response_body(body[..size / 2].to_vec().into(), false).await.ok()?;
+            http.write_response_body(body[..size / 2].to_vec().into(), false)
+                .await
+                .ok()?;
             if path.starts_with("/abort/") {
                 return None; // dropped mid-body
             }
             let gate = self.gate(name)?;
             let _permit = gate.acquire().await.ok()?;
-            http.write_response_body(body[size / 2..].to_vec().into(), true).await.ok()?;
+            http.write_response_body(body[size / 2..].to_vec().into(), true)
+                .await
+                .ok()?;
             http.finish().await.ok()?;
             return None;
         }
@@ -200,22 +220,39 @@ impl HttpServerApp for OriginServer {
             http.write_response_body(body.into(), true).await.ok()?;
         }
         let settings = HttpPersistentSettings::for_session(&http);
-        http.finish().await.ok()?.map(|s| ReusedHttpStream::from_reusable_stream(s, settings))
+        http.finish()
+            .await
+            .ok()?
+            .map(|s| ReusedHttpStream::from_reusable_stream(s, settings))
     }
 }
 
 /// An origin service on `listen` presenting `cert`/`key` and requiring a client certificate
 /// issued under `client_ca`.
-pub fn origin_service(listen: &str, cert: &Path, key: &Path, client_ca: &Path) -> Result<Service<OriginServer>, String> {
-    let s = |p: &Path| p.to_str().map(str::to_string).ok_or_else(|| format!("{}: not UTF-8", p.display()));
+pub fn origin_service(
+    listen: &str,
+    cert: &Path,
+    key: &Path,
+    client_ca: &Path,
+) -> Result<Service<OriginServer>, String> {
+    let s = |p: &Path| {
+        p.to_str()
+            .map(str::to_string)
+            .ok_or_else(|| format!("{}: not UTF-8", p.display()))
+    };
     let mut tls = TlsSettings::intermediate(&s(cert)?, &s(key)?).map_err(|e| format!("origin TLS: {e}"))?;
-    tls.set_ca_file(client_ca).map_err(|e| format!("{}: {e}", client_ca.display()))?;
+    tls.set_ca_file(client_ca)
+        .map_err(|e| format!("{}: {e}", client_ca.display()))?;
     tls.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
-    tls.set_min_proto_version(Some(SslVersion::TLS1_2)).map_err(|e| e.to_string())?;
-    let mut svc = Service::new("origin".to_string(), OriginServer {
+    tls.set_min_proto_version(Some(SslVersion::TLS1_2))
+        .map_err(|e| e.to_string())?;
+    let mut svc = Service::new(
+        "origin".to_string(),
+        OriginServer {
             app: OriginApp::default(),
             gates: Default::default(),
-        });
+        },
+    );
     svc.add_tls_with_settings(listen, None, tls);
     Ok(svc)
 }
@@ -236,17 +273,33 @@ pub fn write_demo(dir: &Path) -> Result<PathBuf, String> {
 
     // A second fleet, for the per-SNI trust store in conf/edge.yaml.
     let fleet_b = Ca::root("Demo Fleet B Root CA")?;
-    fleet_b.issue(&LeafSpec::client("device-b-0001"))?.write(dir, "fleet-b-device")?;
+    fleet_b
+        .issue(&LeafSpec::client("device-b-0001"))?
+        .write(dir, "fleet-b-device")?;
     pki::write_file(&dir.join("fleet-b-ca.pem"), &fleet_b.cert_pem, false)?;
 
     let edge_ca = Ca::root("Demo Edge CA")?;
-    edge_ca.issue(&LeafSpec::server("edge.demo", &["localhost", "edge.demo"]))?.write(dir, "edge-server")?;
-    edge_ca.issue(&LeafSpec::client("mtls-edge"))?.write(dir, "edge-client")?;
+    edge_ca
+        .issue(&LeafSpec::server("edge.demo", &["localhost", "edge.demo"]))?
+        .write(dir, "edge-server")?;
+    edge_ca
+        .issue(&LeafSpec::client("mtls-edge"))?
+        .write(dir, "edge-client")?;
     let origin_ca = Ca::root("Demo Origin CA")?;
-    origin_ca.issue(&LeafSpec::server("origin.internal", &["origin.internal"]))?.write(dir, "origin-server")?;
+    origin_ca
+        .issue(&LeafSpec::server("origin.internal", &["origin.internal"]))?
+        .write(dir, "origin-server")?;
 
-    pki::write_file(&dir.join("device-ca.pem"), &format!("{}{}", device_root.cert_pem, device_int.cert_pem), false)?;
-    pki::write_file(&dir.join("device-crl.pem"), &format!("{}{}", device_root.crl(&[])?, device_int.crl(&[])?), false)?;
+    pki::write_file(
+        &dir.join("device-ca.pem"),
+        &format!("{}{}", device_root.cert_pem, device_int.cert_pem),
+        false,
+    )?;
+    pki::write_file(
+        &dir.join("device-crl.pem"),
+        &format!("{}{}", device_root.crl(&[])?, device_int.crl(&[])?),
+        false,
+    )?;
     pki::write_file(&dir.join("edge-ca.pem"), &edge_ca.cert_pem, false)?;
     pki::write_file(&dir.join("origin-ca.pem"), &origin_ca.cert_pem, false)?;
 

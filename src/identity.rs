@@ -170,8 +170,16 @@ impl HeaderPlan {
             .named()
             .into_iter()
             .filter_map(|(_, v)| HeaderName::from_bytes(v.as_bytes()).ok())
-            .chain(IdentityHeaders::default().named().into_iter().filter_map(|(_, v)| HeaderName::from_bytes(v.as_bytes()).ok()))
-            .chain([HeaderName::from_static(CLIENT_CERT), HeaderName::from_static(CLIENT_CERT_CHAIN)])
+            .chain(
+                IdentityHeaders::default()
+                    .named()
+                    .into_iter()
+                    .filter_map(|(_, v)| HeaderName::from_bytes(v.as_bytes()).ok()),
+            )
+            .chain([
+                HeaderName::from_static(CLIENT_CERT),
+                HeaderName::from_static(CLIENT_CERT_CHAIN),
+            ])
             .collect();
         strip.sort_by(|a, b| a.as_str().cmp(b.as_str()));
         strip.dedup();
@@ -228,7 +236,10 @@ impl HeaderPlan {
             &self.validity,
             format!("NotBefore={};NotAfter={}", iso8601(c.not_before), iso8601(c.not_after)),
         );
-        put(&self.pem, percent_encoding::utf8_percent_encode(&c.pem, PEM_ENCODE).to_string());
+        put(
+            &self.pem,
+            percent_encoding::utf8_percent_encode(&c.pem, PEM_ENCODE).to_string(),
+        );
         if !c.san_uri.is_empty() {
             put(&self.san_uri, c.san_uri.join(","));
         }

@@ -51,7 +51,12 @@ fn main() -> ExitCode {
     let result = match cli.command {
         None => run_edge(&cli.conf, cli.test),
         Some(Command::Demo { dir }) => run_demo(&dir),
-        Some(Command::Origin { listen, cert, key, client_ca }) => run_origin(&listen, &cert, &key, &client_ca),
+        Some(Command::Origin {
+            listen,
+            cert,
+            key,
+            client_ca,
+        }) => run_origin(&listen, &cert, &key, &client_ca),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -85,9 +90,14 @@ fn run_demo(dir: &std::path::Path) -> Result<(), String> {
     edge.run(vec![Box::new(origin)]).map_err(|e| e.to_string())
 }
 
-fn run_origin(listen: &str, cert: &std::path::Path, key: &std::path::Path, client_ca: &std::path::Path) -> Result<(), String> {
-    use pingora::server::{RunArgs, Server};
+fn run_origin(
+    listen: &str,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    client_ca: &std::path::Path,
+) -> Result<(), String> {
     use pingora::server::configuration::ServerConf;
+    use pingora::server::{RunArgs, Server};
     let conf = ServerConf {
         grace_period_seconds: Some(0),
         graceful_shutdown_timeout_seconds: Some(0),

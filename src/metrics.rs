@@ -54,7 +54,8 @@ const REGISTERED: &str = "metric registration happens once, with a static valid 
 
 /// Cache lookups on cached routes by result: hit, miss, stale, revalidated, uncacheable.
 pub static CACHE_LOOKUPS: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    register_int_counter_vec!("mtls_edge_cache_lookups_total", "Cache lookups by result", &["result"]).expect(REGISTERED)
+    register_int_counter_vec!("mtls_edge_cache_lookups_total", "Cache lookups by result", &["result"])
+        .expect(REGISTERED)
 });
 
 /// Requests that waited on another request's fill instead of going to the origin.
@@ -78,17 +79,24 @@ pub static BODY_BYTES: LazyLock<IntCounterVec> = LazyLock::new(|| {
 
 /// Objects evicted to stay within the budget.
 pub static CACHE_EVICTIONS: LazyLock<IntCounter> = LazyLock::new(|| {
-    register_int_counter!("mtls_edge_cache_evictions_total", "Cache objects evicted for the byte budget").expect(REGISTERED)
+    register_int_counter!(
+        "mtls_edge_cache_evictions_total",
+        "Cache objects evicted for the byte budget"
+    )
+    .expect(REGISTERED)
 });
 
 /// Bytes held by complete cached objects.
-pub static CACHE_BYTES: LazyLock<IntGauge> = LazyLock::new(|| {
-    register_int_gauge!("mtls_edge_cache_bytes", "Bytes held by cached objects").expect(REGISTERED)
-});
+pub static CACHE_BYTES: LazyLock<IntGauge> =
+    LazyLock::new(|| register_int_gauge!("mtls_edge_cache_bytes", "Bytes held by cached objects").expect(REGISTERED));
 
 /// Bytes reserved by fills in progress.
 pub static CACHE_FILLING_BYTES: LazyLock<IntGauge> = LazyLock::new(|| {
-    register_int_gauge!("mtls_edge_cache_filling_bytes", "Bytes reserved by cache fills in progress").expect(REGISTERED)
+    register_int_gauge!(
+        "mtls_edge_cache_filling_bytes",
+        "Bytes reserved by cache fills in progress"
+    )
+    .expect(REGISTERED)
 });
 
 /// Cacheable responses streamed through uncached because the fill budget was in use.
@@ -111,7 +119,12 @@ struct Resolved<T: 'static>(Vec<(T, IntCounter)>);
 
 impl<T: PartialEq + Copy + ToString> Resolved<T> {
     fn new(vec: &IntCounterVec, values: &[T]) -> Self {
-        Resolved(values.iter().map(|v| (*v, vec.with_label_values(&[&v.to_string()]))).collect())
+        Resolved(
+            values
+                .iter()
+                .map(|v| (*v, vec.with_label_values(&[&v.to_string()])))
+                .collect(),
+        )
     }
 
     /// Adds `n` to the counter for `value`; a value not resolved in advance is looked up.
@@ -132,14 +145,18 @@ pub fn count_request(status: u16) {
 
 /// Counts body bytes sent to a viewer from `source` (`cache` or `origin`).
 pub fn count_body_bytes(source: &'static str, n: u64) {
-    static SOURCES: LazyLock<Resolved<&'static str>> = LazyLock::new(|| Resolved::new(&BODY_BYTES, &["cache", "origin"]));
+    static SOURCES: LazyLock<Resolved<&'static str>> =
+        LazyLock::new(|| Resolved::new(&BODY_BYTES, &["cache", "origin"]));
     SOURCES.add(&BODY_BYTES, source, n);
 }
 
 /// Counts a cache lookup by its result.
 pub fn count_cache_lookup(result: &'static str) {
     static RESULTS: LazyLock<Resolved<&'static str>> = LazyLock::new(|| {
-        Resolved::new(&CACHE_LOOKUPS, &["hit", "stale", "revalidated", "miss", "uncacheable", "bypass"])
+        Resolved::new(
+            &CACHE_LOOKUPS,
+            &["hit", "stale", "revalidated", "miss", "uncacheable", "bypass"],
+        )
     });
     RESULTS.add(&CACHE_LOOKUPS, result, 1);
 }

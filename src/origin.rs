@@ -62,7 +62,10 @@ pub fn build(ctx: &mut Ctx, name: &str, o: &config::Origin) -> Option<Origin> {
             return None;
         }
         Err(e) => {
-            ctx.error(format!("{key}.client_cert"), format!("{}: cannot read extensions: {e}", o.client_cert));
+            ctx.error(
+                format!("{key}.client_cert"),
+                format!("{}: cannot read extensions: {e}", o.client_cert),
+            );
             return None;
         }
     }
@@ -111,7 +114,9 @@ pub fn failure_reason(e: &pingora::Error) -> &'static str {
         // The origin's alert about our certificate: during the handshake (TLS 1.2) or on the
         // first read after it (TLS 1.3, where the client finishes first).
         _ if tls_alert
-            && ["certificate", "unknown_ca", "unknown ca", "access_denied"].iter().any(|w| text.contains(w)) =>
+            && ["certificate", "unknown_ca", "unknown ca", "access_denied"]
+                .iter()
+                .any(|w| text.contains(w)) =>
         {
             "OriginRefusedClientCert"
         }

@@ -6,9 +6,9 @@ use std::fs;
 use std::path::Path;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
-    RevokedCertParams, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams, SanType,
+    SerialNumber,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -187,7 +187,10 @@ impl Ca {
         p.not_after = now + spec.not_after;
         let serial = self.serial();
         p.serial_number = Some(serial.clone());
-        p.key_usages = spec.key_usage.clone().unwrap_or_else(|| vec![KeyUsagePurpose::DigitalSignature]);
+        p.key_usages = spec
+            .key_usage
+            .clone()
+            .unwrap_or_else(|| vec![KeyUsagePurpose::DigitalSignature]);
         p.extended_key_usages = spec.eku.clone().unwrap_or_else(|| match spec.usage {
             Usage::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
             Usage::Server => vec![ExtendedKeyUsagePurpose::ServerAuth],
@@ -197,8 +200,7 @@ impl Ca {
                 .push(SanType::DnsName(rc("dns name", d.clone().try_into())?));
         }
         for u in &spec.uris {
-            p.subject_alt_names
-                .push(SanType::URI(rc("uri", u.clone().try_into())?));
+            p.subject_alt_names.push(SanType::URI(rc("uri", u.clone().try_into())?));
         }
         p.use_authority_key_identifier_extension = true;
         let cert = rc("sign leaf", p.signed_by(&key, &self.issuer))?;
@@ -260,8 +262,7 @@ pub fn write_file(path: &Path, contents: &str, private: bool) -> PkiResult<()> {
     fs::write(path, contents).map_err(|e| format!("{}: {e}", path.display()))?;
     if private {
         use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(path, fs::Permissions::from_mode(0o600))
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(|e| format!("{}: {e}", path.display()))?;
     }
     Ok(())
 }

@@ -60,9 +60,9 @@ impl ProxyState {
     }
 
     fn route(&self, host: Option<&str>, path: &str) -> Option<&Route> {
-        self.routes.iter().find(|r| {
-            r.host.as_deref().is_none_or(|h| Some(h) == host) && path.starts_with(&r.path_prefix)
-        })
+        self.routes
+            .iter()
+            .find(|r| r.host.as_deref().is_none_or(|h| Some(h) == host) && path.starts_with(&r.path_prefix))
     }
 
     fn listener(&self, name: &str) -> Option<&Arc<ArcSwap<ListenerPolicy>>> {
@@ -100,19 +100,18 @@ fn connection_identity(session: &Session) -> Option<Arc<ConnectionIdentity>> {
 
 /// The request's host, lowercased, without a port: from the URI authority (HTTP/2) or Host.
 fn request_host(req: &RequestHeader) -> Option<String> {
-    let raw = req
-        .uri
-        .authority()
-        .map(|a| a.host().to_string())
-        .or_else(|| {
-            req.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).map(|h| {
+    let raw = req.uri.authority().map(|a| a.host().to_string()).or_else(|| {
+        req.headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(|h| {
                 // Strip a port, keeping bracketed IPv6 literals whole.
                 match h.rfind(':') {
                     Some(i) if !h[i..].contains(']') => h[..i].to_string(),
                     _ => h.to_string(),
                 }
             })
-        })?;
+    })?;
     Some(raw.trim_end_matches('.').to_ascii_lowercase())
 }
 
@@ -145,7 +144,10 @@ impl ProxyHttp for EdgeProxy {
         };
         if removed > 0 {
             metrics::SPOOFED_HEADERS.with_label_values(&[&conn.listener]).inc();
-            debug!("removed {removed} client-sent identity headers listener={}", conn.listener);
+            debug!(
+                "removed {removed} client-sent identity headers listener={}",
+                conn.listener
+            );
         }
         let host = request_host(session.req_header());
 
@@ -192,7 +194,12 @@ impl ProxyHttp for EdgeProxy {
         Ok(cache::key(&ctx.host, path_and_query, None))
     }
 
-    fn response_cache_filter(&self, _session: &Session, resp: &ResponseHeader, ctx: &mut RequestCtx) -> Result<RespCacheable> {
+    fn response_cache_filter(
+        &self,
+        _session: &Session,
+        resp: &ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<RespCacheable> {
         let mut decision = cache::cacheable(resp, ctx.cache_ttl.unwrap_or(0));
         if let (Some(c), false) = (&ctx.cache, ctx.not_modified) {
             decision = c.reserve_fill(decision, resp);
@@ -202,7 +209,12 @@ impl ProxyHttp for EdgeProxy {
     }
 
     /// Notes a 304 from the origin (pingora runs this before `response_cache_filter` on 304s).
-    async fn upstream_response_filter(&self, _session: &mut Session, resp: &mut ResponseHeader, ctx: &mut RequestCtx) -> Result<()> {
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
         ctx.not_modified = resp.status == http::StatusCode::NOT_MODIFIED;
         Ok(())
     }
@@ -220,7 +232,12 @@ impl ProxyHttp for EdgeProxy {
     }
 
     /// Adds an RFC 9211 `Cache-Status` on cached routes.
-    async fn response_filter(&self, session: &mut Session, resp: &mut ResponseHeader, ctx: &mut RequestCtx) -> Result<()> {
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
         if ctx.cache_ttl.is_some() && ctx.cache.is_some() {
             resp.insert_header("cache-status", cache::cache_status(session.cache.phase(), ctx.stored))?;
         }
@@ -286,7 +303,11 @@ impl ProxyHttp for EdgeProxy {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         metrics::count_request(status);
         if ctx.origin.is_some() {
-            let source = if session.cache.upstream_used() { "origin" } else { "cache" };
+            let source = if session.cache.upstream_used() {
+                "origin"
+            } else {
+                "cache"
+            };
             let sent = u64::try_from(session.body_bytes_sent()).unwrap_or(u64::MAX);
             metrics::count_body_bytes(source, sent);
         }

@@ -55,7 +55,6 @@ impl ListenerPolicy {
     pub fn select(&self, sni: Option<&str>) -> &Arc<TlsPolicy> {
         sni.and_then(|s| self.by_sni.get(s)).unwrap_or(&self.default)
     }
-
 }
 
 /// Reads a server certificate chain and key; errors name `key_prefix.server_cert|server_key`.
@@ -114,7 +113,11 @@ pub fn build_policy(
 }
 
 /// The TLS settings for a listener whose handshakes follow `policy`.
-pub fn tls_settings(listener: Arc<str>, policy: Arc<ArcSwap<ListenerPolicy>>, http2: bool) -> pingora::Result<TlsSettings> {
+pub fn tls_settings(
+    listener: Arc<str>,
+    policy: Arc<ArcSwap<ListenerPolicy>>,
+    http2: bool,
+) -> pingora::Result<TlsSettings> {
     let mut settings = TlsSettings::with_callbacks(Box::new(ViewerTls { listener, policy }))?;
     // Resumption would skip chain verification: see the module docs.
     settings.set_options(SslOptions::NO_TICKET);
@@ -180,7 +183,10 @@ impl Drop for HandshakeRecord {
                 ("ClientCertMissing", "no client certificate".into())
             }
             (None, Some(alert)) => ("HandshakeFailed", format!("alert {alert:?} sent")),
-            (None, None) => ("HandshakeAborted", "the client closed the connection during the handshake".into()),
+            (None, None) => (
+                "HandshakeAborted",
+                "the client closed the connection during the handshake".into(),
+            ),
         };
         metrics::HANDSHAKES
             .with_label_values(&[&self.listener, "refused", reason])
@@ -280,7 +286,9 @@ impl ViewerTls {
         if let Some(names) = &store.ca_names {
             let mut stack = Stack::new().map_err(|e| e.to_string())?;
             for n in names {
-                stack.push(X509Name::from_der(n).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+                stack
+                    .push(X509Name::from_der(n).map_err(|e| e.to_string())?)
+                    .map_err(|e| e.to_string())?;
             }
             ssl.set_client_ca_list(stack);
         }
@@ -296,7 +304,10 @@ impl ViewerTls {
                     chain.set_error(Err(X509VerifyError::CERT_CHAIN_TOO_LONG));
                     record.refuse(
                         "ClientCertMaxChainDepthExceeded",
-                        format!("{len} certificates in the chain, at most {} allowed", store.max_chain_depth),
+                        format!(
+                            "{len} certificates in the chain, at most {} allowed",
+                            store.max_chain_depth
+                        ),
                     );
                     return false;
                 }

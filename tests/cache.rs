@@ -80,7 +80,10 @@ fn a_second_request_is_a_hit_and_the_origin_sees_one() {
     assert_eq!(second.status, 200);
     assert_eq!(second.body, first.body);
     assert_eq!(second.header("cache-status"), Some("mtls-edge; hit"));
-    assert!(second.header("age").is_some_and(|a| a.parse::<u64>().is_ok()), "no Age on a hit");
+    assert!(
+        second.header("age").is_some_and(|a| a.parse::<u64>().is_ok()),
+        "no Age on a hit"
+    );
     assert_eq!(s.origin_count("/files/a.bin"), 1);
     // Another query is another object.
     client.get("/files/a.bin?size=10").unwrap();
@@ -122,16 +125,29 @@ fn a_client_without_a_certificate_never_gets_a_cached_body_it_may_not_read() {
     let s = setup();
     let d = s.dir.path();
     // Warm the cache through the optional listener with a device certificate.
-    let warm = Client::new(d, s.optional_port).cert("device").get("/files/secret.bin?size=100").unwrap();
+    let warm = Client::new(d, s.optional_port)
+        .cert("device")
+        .get("/files/secret.bin?size=100")
+        .unwrap();
     assert_eq!(warm.status, 200);
-    let denied = Client::new(d, s.optional_port).get("/files/secret.bin?size=100").unwrap();
+    let denied = Client::new(d, s.optional_port)
+        .get("/files/secret.bin?size=100")
+        .unwrap();
     assert_eq!(denied.status, 403);
-    assert!(!denied.body.contains("abcdefghij"), "cached body leaked: {}", denied.body);
+    assert!(
+        !denied.body.contains("abcdefghij"),
+        "cached body leaked: {}",
+        denied.body
+    );
     assert_eq!(denied.header("cache-status"), None);
     // A route open to anyone serves clients without a certificate, from the cache too.
-    let open = Client::new(d, s.optional_port).get("/public/open.bin?size=100").unwrap();
+    let open = Client::new(d, s.optional_port)
+        .get("/public/open.bin?size=100")
+        .unwrap();
     assert_eq!(open.status, 200);
-    let again = Client::new(d, s.optional_port).get("/public/open.bin?size=100").unwrap();
+    let again = Client::new(d, s.optional_port)
+        .get("/public/open.bin?size=100")
+        .unwrap();
     assert_eq!(again.header("cache-status"), Some("mtls-edge; hit"));
 }
 
@@ -168,9 +184,17 @@ fn ranges_conditionals_and_head_are_answered_from_the_cache() {
     let r = c().header("Range", "bytes=5000-").get(path).unwrap();
     assert_eq!(r.status, 416);
     // If-Range with the current validator gives the range, with another the whole object.
-    let r = c().header("Range", "bytes=0-0").header("If-Range", "\"1000\"").get(path).unwrap();
+    let r = c()
+        .header("Range", "bytes=0-0")
+        .header("If-Range", "\"1000\"")
+        .get(path)
+        .unwrap();
     assert_eq!(r.status, 206);
-    let r = c().header("Range", "bytes=0-0").header("If-Range", "\"old\"").get(path).unwrap();
+    let r = c()
+        .header("Range", "bytes=0-0")
+        .header("If-Range", "\"old\"")
+        .get(path)
+        .unwrap();
     assert_eq!((r.status, r.body.len()), (200, 1000));
     // Conditional requests answered 304 from the cache.
     let r = c().header("If-None-Match", "\"1000\"").get(path).unwrap();
@@ -182,7 +206,11 @@ fn ranges_conditionals_and_head_are_answered_from_the_cache() {
     let r = c().method("HEAD").get(path).unwrap();
     assert_eq!((r.status, r.header("content-length")), (200, Some("1000")));
     assert!(r.body.is_empty());
-    assert_eq!(s.origin_count("/files/fw.bin"), 1, "every one of these came from the one fill");
+    assert_eq!(
+        s.origin_count("/files/fw.bin"),
+        1,
+        "every one of these came from the one fill"
+    );
 }
 
 #[test]
@@ -195,7 +223,13 @@ fn an_origin_that_fails_mid_body_leaves_nothing_in_the_cache() {
     for round in 1..=2 {
         let results: Vec<Result<Response, String>> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..3)
-                .map(|_| scope.spawn(move || Client::new(d, port).cert("device").get(&format!("/abort/x.bin?size={size}"))))
+                .map(|_| {
+                    scope.spawn(move || {
+                        Client::new(d, port)
+                            .cert("device")
+                            .get(&format!("/abort/x.bin?size={size}"))
+                    })
+                })
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
@@ -203,7 +237,10 @@ fn an_origin_that_fails_mid_body_leaves_nothing_in_the_cache() {
         // that looks complete.
         for r in results.iter().flatten() {
             let declared: usize = r.header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
-            assert!(r.body.len() < size && (declared == 0 || r.body.len() < declared), "round {round}: looked complete");
+            assert!(
+                r.body.len() < size && (declared == 0 || r.body.len() < declared),
+                "round {round}: looked complete"
+            );
         }
         // Waiters of a failed fill may retry the origin themselves; what matters is that every
         // round goes back to the origin: the failed object was never stored.
@@ -241,8 +278,15 @@ fn an_expired_object_is_revalidated_and_a_304_refreshes_it() {
     let second = c().get(path).unwrap();
     assert_eq!(second.status, 200);
     assert_eq!(second.body, first.body);
-    assert_eq!(second.header("cache-status"), Some("mtls-edge; fwd=stale; fwd-status=304"));
-    assert_eq!(s.origin_count("/files/reval.bin"), 2, "the revalidation went to the origin");
+    assert_eq!(
+        second.header("cache-status"),
+        Some("mtls-edge; fwd=stale; fwd-status=304")
+    );
+    assert_eq!(
+        s.origin_count("/files/reval.bin"),
+        2,
+        "the revalidation went to the origin"
+    );
     // The 304 refreshed the entry: fresh again, a plain hit.
     assert_eq!(c().get(path).unwrap().header("cache-status"), Some("mtls-edge; hit"));
 }
@@ -283,17 +327,36 @@ fn the_admin_listener_purges_by_url_and_by_prefix() {
         assert_eq!(c().get(p).unwrap().header("cache-status"), Some("mtls-edge; hit"));
     }
     let purge = |q: &str| admin(s.admin_port, "POST", &format!("/cache/purge?{q}"));
-    assert_eq!(purge("url=https%3A%2F%2Flocalhost%2Ffiles%2Fq.bin%3Fsize%3D5"), (200, "{\"purged\":1}\n".into()));
-    assert_eq!(c().get("/files/q.bin?size=5").unwrap().header("cache-status"), Some("mtls-edge; fwd=miss; stored"));
-    assert_eq!(purge("prefix=localhost%2Ffiles%2Fp%2F"), (200, "{\"purged\":2}\n".into()));
+    assert_eq!(
+        purge("url=https%3A%2F%2Flocalhost%2Ffiles%2Fq.bin%3Fsize%3D5"),
+        (200, "{\"purged\":1}\n".into())
+    );
+    assert_eq!(
+        c().get("/files/q.bin?size=5").unwrap().header("cache-status"),
+        Some("mtls-edge; fwd=miss; stored")
+    );
+    assert_eq!(
+        purge("prefix=localhost%2Ffiles%2Fp%2F"),
+        (200, "{\"purged\":2}\n".into())
+    );
     for p in ["/files/p/a.bin?size=5", "/files/p/b.bin?size=5"] {
-        assert_eq!(c().get(p).unwrap().header("cache-status"), Some("mtls-edge; fwd=miss; stored"), "{p}");
+        assert_eq!(
+            c().get(p).unwrap().header("cache-status"),
+            Some("mtls-edge; fwd=miss; stored"),
+            "{p}"
+        );
     }
     // Bad requests are refused and purge nothing.
     assert_eq!(purge("").0, 400);
     assert_eq!(purge("url=a&prefix=b").0, 400);
-    assert_eq!(admin(s.admin_port, "GET", "/cache/purge?url=localhost/files/q.bin%3Fsize%3D5").0, 405);
-    assert_eq!(c().get("/files/q.bin?size=5").unwrap().header("cache-status"), Some("mtls-edge; hit"));
+    assert_eq!(
+        admin(s.admin_port, "GET", "/cache/purge?url=localhost/files/q.bin%3Fsize%3D5").0,
+        405
+    );
+    assert_eq!(
+        c().get("/files/q.bin?size=5").unwrap().header("cache-status"),
+        Some("mtls-edge; hit")
+    );
 }
 
 #[test]
@@ -304,11 +367,20 @@ fn waiting_clients_stream_a_fill_before_the_origin_has_finished() {
     let path = format!("/gated/slow.bin?size={size}");
     // The origin sends half, then holds the rest until released. Both devices get their first
     // half-megabyte while the fill is still in progress.
-    let (mut first, got_first) = Client::new(d, s.edge.port).cert("device").first_bytes(&path, 1).unwrap();
-    let (mut second, got) = Client::new(d, s.edge.port).cert("device").first_bytes(&path, size / 2).unwrap();
+    let (mut first, got_first) = Client::new(d, s.edge.port)
+        .cert("device")
+        .first_bytes(&path, 1)
+        .unwrap();
+    let (mut second, got) = Client::new(d, s.edge.port)
+        .cert("device")
+        .first_bytes(&path, size / 2)
+        .unwrap();
     assert!(got >= size / 2);
     assert_eq!(s.origin_count("/gated/slow.bin"), 1);
-    Client::new(d, s.edge.port).cert("device").get("/__origin/release?name=slow.bin").unwrap();
+    Client::new(d, s.edge.port)
+        .cert("device")
+        .get("/__origin/release?name=slow.bin")
+        .unwrap();
     for (i, (stream, mut total)) in [(&mut first, got_first), (&mut second, got)].into_iter().enumerate() {
         let mut buf = [0u8; 65536];
         // Content-Length framing: read until the whole body is in (keep-alive, no close).

@@ -40,8 +40,16 @@ fn pki_dir() -> tempfile::TempDir {
     pki::write_file(&d.join("device-crl.pem"), &device_ca.crl(&[]).unwrap(), false).unwrap();
     // A client certificate with only the serverAuth EKU, useless toward an origin.
     let edge_ca = Ca::root("Other Edge CA").unwrap();
-    save(d, "server-only", &edge_ca.issue(&LeafSpec::server("edge", &["edge"])).unwrap());
-    std::fs::write(d.join("garbage.pem"), "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n").unwrap();
+    save(
+        d,
+        "server-only",
+        &edge_ca.issue(&LeafSpec::server("edge", &["edge"])).unwrap(),
+    );
+    std::fs::write(
+        d.join("garbage.pem"),
+        "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
     dir
 }
 
@@ -49,7 +57,11 @@ fn check(dir: &Path, yaml: &str) -> (bool, String) {
     let conf = dir.join("edge.yaml");
     std::fs::write(&conf, yaml).unwrap();
     let out = Command::new(BIN).args(["-t", "-c"]).arg(&conf).output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     (out.status.success(), text)
 }
 
@@ -75,7 +87,11 @@ fn each_kind_of_error_is_rejected_with_the_file_and_the_key() {
         (
             "PEM that does not parse",
             GOOD.replace("ca_files: [device-ca.pem]", "ca_files: [garbage.pem]"),
-            vec!["trust_stores.devices.ca_files[0]", "garbage.pem", "not a PEM certificate"],
+            vec![
+                "trust_stores.devices.ca_files[0]",
+                "garbage.pem",
+                "not a PEM certificate",
+            ],
         ),
         (
             "CRL file without a CRL",
@@ -125,7 +141,10 @@ fn each_kind_of_error_is_rejected_with_the_file_and_the_key() {
         ),
         (
             "chain depth out of range",
-            GOOD.replace("crl_files: [device-crl.pem]", "crl_files: [device-crl.pem]\n    max_chain_depth: 1"),
+            GOOD.replace(
+                "crl_files: [device-crl.pem]",
+                "crl_files: [device-crl.pem]\n    max_chain_depth: 1",
+            ),
             vec!["trust_stores.devices.max_chain_depth", "out of range"],
         ),
         (
@@ -148,7 +167,10 @@ fn each_kind_of_error_is_rejected_with_the_file_and_the_key() {
     for (what, yaml, needles) in cases {
         let (ok, text) = check(d, &yaml);
         assert!(!ok, "{what}: accepted\n{text}");
-        assert!(text.contains(&d.join("edge.yaml").display().to_string()), "{what}: no file name in\n{text}");
+        assert!(
+            text.contains(&d.join("edge.yaml").display().to_string()),
+            "{what}: no file name in\n{text}"
+        );
         for n in needles {
             assert!(text.contains(n), "{what}: message lacks '{n}':\n{text}");
         }
@@ -164,15 +186,24 @@ fn every_error_in_a_file_is_reported_at_once() {
         .replace("origin: firmware }", "origin: cdn }");
     let (ok, text) = check(dir.path(), &yaml);
     assert!(!ok);
-    assert!(text.contains("listeners[0].mtls.trust_store") && text.contains("routes[0].origin"), "{text}");
+    assert!(
+        text.contains("listeners[0].mtls.trust_store") && text.contains("routes[0].origin"),
+        "{text}"
+    );
 }
 
 #[test]
 fn a_missing_config_file_is_named() {
-    let out = Command::new(BIN).args(["-t", "-c", "/nonexistent/edge.yaml"]).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["-t", "-c", "/nonexistent/edge.yaml"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stderr);
-    assert!(text.contains("/nonexistent/edge.yaml") && text.contains("cannot read"), "{text}");
+    assert!(
+        text.contains("/nonexistent/edge.yaml") && text.contains("cannot read"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -64,10 +64,18 @@ fn the_demo_prints_curl_commands_that_work_and_stops_on_ctrl_c() {
 
     let ok = run(&commands[0]);
     let body = String::from_utf8_lossy(&ok.stdout);
-    assert!(ok.status.success() && body.contains("\"served_to\":\"CN=device-0001"), "{}: {body}", commands[0]);
+    assert!(
+        ok.status.success() && body.contains("\"served_to\":\"CN=device-0001"),
+        "{}: {body}",
+        commands[0]
+    );
 
     let refused = run(&commands[1]);
-    assert!(!refused.status.success(), "without a certificate the demo answered: {}", String::from_utf8_lossy(&refused.stdout));
+    assert!(
+        !refused.status.success(),
+        "without a certificate the demo answered: {}",
+        String::from_utf8_lossy(&refused.stdout)
+    );
 
     let echo = run(&commands[2]);
     assert!(String::from_utf8_lossy(&echo.stdout).contains("cloudfront-viewer-cert-present: 1"));
@@ -75,11 +83,27 @@ fn the_demo_prints_curl_commands_that_work_and_stops_on_ctrl_c() {
     // The documented example config runs against the demo PKI.
     let conf = dir.path().join("conf");
     std::fs::create_dir_all(&conf).unwrap();
-    std::fs::copy(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/edge.yaml"), conf.join("edge.yaml")).unwrap();
-    let check = Command::new(common::BIN).args(["-t", "-c"]).arg(conf.join("edge.yaml")).output().unwrap();
-    assert!(check.status.success(), "conf/edge.yaml: {}", String::from_utf8_lossy(&check.stderr));
+    std::fs::copy(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/edge.yaml"),
+        conf.join("edge.yaml"),
+    )
+    .unwrap();
+    let check = Command::new(common::BIN)
+        .args(["-t", "-c"])
+        .arg(conf.join("edge.yaml"))
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "conf/edge.yaml: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
 
-    Command::new("kill").arg("-INT").arg(child.0.id().to_string()).status().unwrap();
+    Command::new("kill")
+        .arg("-INT")
+        .arg(child.0.id().to_string())
+        .status()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if let Some(status) = child.0.try_wait().unwrap() {
@@ -91,5 +115,8 @@ fn the_demo_prints_curl_commands_that_work_and_stops_on_ctrl_c() {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(std::net::TcpStream::connect("127.0.0.1:9443").is_err(), "the demo origin still listens");
+    assert!(
+        std::net::TcpStream::connect("127.0.0.1:9443").is_err(),
+        "the demo origin still listens"
+    );
 }

@@ -26,8 +26,21 @@ fn setup() -> Setup {
     pki::write_file(&d.join("device-ca.pem"), &device_ca.cert_pem, false).unwrap();
 
     let rogue = Ca::root("Test Origin CA").unwrap(); // same name as the trusted origin CA
-    save(d, "untrusted-server", &rogue.issue(&LeafSpec::server("origin.internal", &["origin.internal"])).unwrap());
-    save(d, "wrongname-server", &server.origin_ca.issue(&LeafSpec::server("other", &["other.internal"])).unwrap());
+    save(
+        d,
+        "untrusted-server",
+        &rogue
+            .issue(&LeafSpec::server("origin.internal", &["origin.internal"]))
+            .unwrap(),
+    );
+    save(
+        d,
+        "wrongname-server",
+        &server
+            .origin_ca
+            .issue(&LeafSpec::server("other", &["other.internal"]))
+            .unwrap(),
+    );
     let other_client_ca = Ca::root("Other Client CA").unwrap();
     pki::write_file(&d.join("other-client-ca.pem"), &other_client_ca.cert_pem, false).unwrap();
 
@@ -77,7 +90,11 @@ fn untrusted_misnamed_or_refusing_origins_give_502_with_the_reason() {
     ] {
         let r = client.get(path).unwrap();
         assert_eq!(r.status, 502, "{path}: {}", r.body);
-        assert_eq!(r.header("x-origin-client-cert-sha256"), None, "{path}: reached the origin");
+        assert_eq!(
+            r.header("x-origin-client-cert-sha256"),
+            None,
+            "{path}: reached the origin"
+        );
         let n = metric(
             s.admin_port,
             &format!("mtls_edge_origin_failures_total{{origin=\"{origin}\",reason=\"{reason}\"}}"),
@@ -98,5 +115,8 @@ fn untrusted_misnamed_or_refusing_origins_give_502_with_the_reason() {
             r.header("x-origin-peer-port").unwrap().to_string()
         })
         .collect();
-    assert!(ports.windows(2).all(|w| w[0] == w[1]), "origin connections not reused: {ports:?}");
+    assert!(
+        ports.windows(2).all(|w| w[0] == w[1]),
+        "origin connections not reused: {ports:?}"
+    );
 }

@@ -60,7 +60,11 @@ fn fleet_with(extra: &str) -> Fleet {
     let fake_int = fake_root.intermediate("Device Issuing CA", Some(0)).unwrap();
     save(d, "untrusted", &fake_int.issue(&device("device-0001")).unwrap());
 
-    save(d, "selfsigned", &pki::self_signed_client(&device("device-0001")).unwrap());
+    save(
+        d,
+        "selfsigned",
+        &pki::self_signed_client(&device("device-0001")).unwrap(),
+    );
 
     let mut server_only = device("device-serverauth");
     server_only.eku = Some(vec![ExtendedKeyUsagePurpose::ServerAuth]);
@@ -97,7 +101,12 @@ fn fleet_with(extra: &str) -> Fleet {
         deep_c.crl(&[]).unwrap(),
     ]
     .concat();
-    pki::write_file(&d.join("device-ca.pem"), &format!("{}{}", root.cert_pem, int.cert_pem), false).unwrap();
+    pki::write_file(
+        &d.join("device-ca.pem"),
+        &format!("{}{}", root.cert_pem, int.cert_pem),
+        false,
+    )
+    .unwrap();
     pki::write_file(&d.join("device-crl.pem"), &crls, false).unwrap();
     // Only the root's CRL: with crl_check chain, the issuing CA's revocation status is unknown.
     pki::write_file(&d.join("root-crl.pem"), &root.crl(&[]).unwrap(), false).unwrap();
@@ -201,7 +210,10 @@ fn every_invalid_certificate_is_refused_in_the_handshake_in_both_modes() {
     // Certificate message, before chain verification, so it counts as HandshakeFailed.
     for port in [f.edge.port, f.optional_port] {
         let out = curl(d, port, "keyusage", "/echo", &["-o", "/dev/null"]);
-        assert!(!out.status.success(), "a certificate without digitalSignature was accepted on {port}");
+        assert!(
+            !out.status.success(),
+            "a certificate without digitalSignature was accepted on {port}"
+        );
     }
     let n = metric(
         f.admin_port,
@@ -210,13 +222,19 @@ fn every_invalid_certificate_is_refused_in_the_handshake_in_both_modes() {
             f.edge.port
         ),
     );
-    assert_eq!(n, 1.0, "key usage refusal not counted as HandshakeFailed:\n{}", f.edge.log_text());
+    assert_eq!(
+        n,
+        1.0,
+        "key usage refusal not counted as HandshakeFailed:\n{}",
+        f.edge.log_text()
+    );
 
     // The valid devices pass on both listeners and both versions.
-    for (port, v, stem) in [f.edge.port, f.optional_port]
-        .into_iter()
-        .flat_map(|p| VERSIONS.into_iter().flat_map(move |v| ["good", "noeku"].map(|s| (p, v, s))))
-    {
+    for (port, v, stem) in [f.edge.port, f.optional_port].into_iter().flat_map(|p| {
+        VERSIONS
+            .into_iter()
+            .flat_map(move |v| ["good", "noeku"].map(|s| (p, v, s)))
+    }) {
         {
             let r = Client::new(d, port).cert(stem).version(v).get("/echo").unwrap();
             assert_eq!(r.status, 200, "{stem} {port} {v:?}");
@@ -231,7 +249,11 @@ fn no_certificate_is_refused_when_required_and_admitted_when_optional() {
     let d = f.dir.path();
     for v in VERSIONS {
         let err = Client::new(d, f.edge.port).version(v).get("/echo").unwrap_err();
-        let want = if v == SslVersion::TLS1_3 { "CERTIFICATE_REQUIRED" } else { "HANDSHAKE_FAILURE" };
+        let want = if v == SslVersion::TLS1_3 {
+            "CERTIFICATE_REQUIRED"
+        } else {
+            "HANDSHAKE_FAILURE"
+        };
         assert!(err.to_ascii_uppercase().contains(want), "{v:?}: {err}");
 
         let r = Client::new(d, f.optional_port).version(v).get("/echo").unwrap();
@@ -259,7 +281,14 @@ fn origin_receives_identity_headers_with_the_right_values() {
     let leaf = X509::stack_from_pem(&pem).unwrap().remove(0);
     let sha = leaf.digest(MessageDigest::sha256()).unwrap();
     let sha_hex: String = sha.iter().map(|b| format!("{b:02x}")).collect();
-    let serial: Vec<String> = leaf.serial_number().to_bn().unwrap().to_vec().iter().map(|b| format!("{b:02x}")).collect();
+    let serial: Vec<String> = leaf
+        .serial_number()
+        .to_bn()
+        .unwrap()
+        .to_vec()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
 
     assert_eq!(r.echoed("cloudfront-viewer-cert-present").as_deref(), Some("1"));
     assert_eq!(
@@ -278,17 +307,33 @@ fn origin_receives_identity_headers_with_the_right_values() {
         .and_then(|v| v.split_once(";NotAfter="))
         .unwrap_or_else(|| panic!("validity format: {validity}"));
     for t in [nb, na] {
-        assert!(t.len() == 20 && t.ends_with('Z') && t.as_bytes()[10] == b'T', "ISO 8601 UTC: {t}");
+        assert!(
+            t.len() == 20 && t.ends_with('Z') && t.as_bytes()[10] == b'T',
+            "ISO 8601 UTC: {t}"
+        );
     }
     let pem_header = r.echoed("cloudfront-viewer-cert-pem").unwrap();
     let decoded = percent_encoding::percent_decode_str(&pem_header).decode_utf8().unwrap();
     assert_eq!(decoded.as_bytes(), leaf.to_pem().unwrap().as_slice());
-    assert_eq!(r.echoed("cloudfront-viewer-cert-san-uri").as_deref(), Some("urn:device:0001"));
-    assert_eq!(r.echoed("cloudfront-viewer-cert-san-dns").as_deref(), Some("device-0001.fleet.test"));
+    assert_eq!(
+        r.echoed("cloudfront-viewer-cert-san-uri").as_deref(),
+        Some("urn:device:0001")
+    );
+    assert_eq!(
+        r.echoed("cloudfront-viewer-cert-san-dns").as_deref(),
+        Some("device-0001.fleet.test")
+    );
 
     // The origin saw the edge's own client certificate: origin mTLS.
-    let edge_client = X509::stack_from_pem(&std::fs::read(d.join("edge-client.pem")).unwrap()).unwrap().remove(0);
-    let edge_sha: String = edge_client.digest(MessageDigest::sha256()).unwrap().iter().map(|b| format!("{b:02x}")).collect();
+    let edge_client = X509::stack_from_pem(&std::fs::read(d.join("edge-client.pem")).unwrap())
+        .unwrap()
+        .remove(0);
+    let edge_sha: String = edge_client
+        .digest(MessageDigest::sha256())
+        .unwrap()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     assert_eq!(r.header("x-origin-client-cert-sha256"), Some(edge_sha.as_str()));
 }
 
@@ -307,7 +352,12 @@ fn spoofed_identity_headers_are_removed_in_every_mode() {
     let r = spoof(Client::new(d, f.optional_port)).get("/echo").unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(r.echoed("cloudfront-viewer-cert-present").as_deref(), Some("0"));
-    for h in ["cloudfront-viewer-cert-subject", "cloudfront-viewer-cert-made-up", "client-cert", "client-cert-chain"] {
+    for h in [
+        "cloudfront-viewer-cert-subject",
+        "cloudfront-viewer-cert-made-up",
+        "client-cert",
+        "client-cert-chain",
+    ] {
         assert_eq!(r.echoed(h), None, "{h} leaked to the origin");
     }
     // Required mode with a certificate: the edge's values replace the spoof.
@@ -327,21 +377,58 @@ fn a_fleet_cannot_reach_the_other_fleets_hosts() {
     let d = f.dir.path();
     let port = f.edge.port;
     // Fleet B on its own name.
-    let r = Client::new(d, port).cert("fleetb").sni(Some("fleet-b.test")).host("fleet-b.test").get("/echo").unwrap();
+    let r = Client::new(d, port)
+        .cert("fleetb")
+        .sni(Some("fleet-b.test"))
+        .host("fleet-b.test")
+        .get("/echo")
+        .unwrap();
     assert_eq!(r.status, 200);
-    assert_eq!(r.echoed("cloudfront-viewer-cert-subject").as_deref(), Some("CN=device-b-0001,O=Fleet B"));
+    assert_eq!(
+        r.echoed("cloudfront-viewer-cert-subject").as_deref(),
+        Some("CN=device-b-0001,O=Fleet B")
+    );
     // Each fleet's certificate fails against the other fleet's trust store.
-    assert!(Client::new(d, port).cert("fleetb").sni(Some("localhost")).get("/echo").is_err());
-    assert!(Client::new(d, port).cert("good").sni(Some("fleet-b.test")).host("fleet-b.test").get("/echo").is_err());
+    assert!(Client::new(d, port)
+        .cert("fleetb")
+        .sni(Some("localhost"))
+        .get("/echo")
+        .is_err());
+    assert!(Client::new(d, port)
+        .cert("good")
+        .sni(Some("fleet-b.test"))
+        .host("fleet-b.test")
+        .get("/echo")
+        .is_err());
     // Verified by fleet A's store, addressing fleet B's host: misdirected.
-    let r = Client::new(d, port).cert("good").sni(Some("localhost")).host("fleet-b.test").get("/echo").unwrap();
+    let r = Client::new(d, port)
+        .cert("good")
+        .sni(Some("localhost"))
+        .host("fleet-b.test")
+        .get("/echo")
+        .unwrap();
     assert_eq!(r.status, 421);
-    let r = Client::new(d, port).cert("good").sni(None).host("fleet-b.test").get("/echo").unwrap();
+    let r = Client::new(d, port)
+        .cert("good")
+        .sni(None)
+        .host("fleet-b.test")
+        .get("/echo")
+        .unwrap();
     assert_eq!(r.status, 421);
-    let r = Client::new(d, port).cert("good").sni(Some("localhost")).host("FLEET-B.test:443").get("/echo").unwrap();
+    let r = Client::new(d, port)
+        .cert("good")
+        .sni(Some("localhost"))
+        .host("FLEET-B.test:443")
+        .get("/echo")
+        .unwrap();
     assert_eq!(r.status, 421);
     // Verified by fleet B's store, addressing fleet A's host.
-    let r = Client::new(d, port).cert("fleetb").sni(Some("fleet-b.test")).host("localhost").get("/echo").unwrap();
+    let r = Client::new(d, port)
+        .cert("fleetb")
+        .sni(Some("fleet-b.test"))
+        .host("localhost")
+        .get("/echo")
+        .unwrap();
     assert_eq!(r.status, 421);
 }
 
@@ -364,10 +451,23 @@ fn sessions_are_never_resumed_so_every_connection_is_verified() {
 fn http2_is_negotiated_by_alpn_with_the_client_certificate() {
     let f = fleet();
     let d = f.dir.path();
-    let out = curl(d, f.edge.port, "good", "/echo", &["--http2", "-w", "\n%{http_version} %{http_code}"]);
+    let out = curl(
+        d,
+        f.edge.port,
+        "good",
+        "/echo",
+        &["--http2", "-w", "\n%{http_version} %{http_code}"],
+    );
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.trim_end().ends_with("2 200"), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("cloudfront-viewer-cert-subject: CN=device-0001"), "{text}");
+    assert!(
+        text.trim_end().ends_with("2 200"),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("cloudfront-viewer-cert-subject: CN=device-0001"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -380,15 +480,27 @@ fn identity_headers_can_be_renamed_dropped_and_sent_as_rfc9440() {
         .get("/echo")
         .unwrap();
     assert_eq!(r.status, 200);
-    assert_eq!(r.echoed("x-device-subject").as_deref(), Some("CN=device-0001,OU=model-x1,O=Fleet A"));
-    assert_eq!(r.body.matches("x-device-subject:").count(), 1, "the spoofed copy survived");
+    assert_eq!(
+        r.echoed("x-device-subject").as_deref(),
+        Some("CN=device-0001,OU=model-x1,O=Fleet A")
+    );
+    assert_eq!(
+        r.body.matches("x-device-subject:").count(),
+        1,
+        "the spoofed copy survived"
+    );
     assert_eq!(r.echoed("cloudfront-viewer-cert-subject"), None);
     assert_eq!(r.echoed("cloudfront-viewer-cert-pem"), None);
     assert!(r.echoed("cloudfront-viewer-cert-sha256").is_some());
 
     use base64::Engine;
     let certs = X509::stack_from_pem(&std::fs::read(d.join("good.pem")).unwrap()).unwrap();
-    let b64 = |c: &X509| format!(":{}:", base64::engine::general_purpose::STANDARD.encode(c.to_der().unwrap()));
+    let b64 = |c: &X509| {
+        format!(
+            ":{}:",
+            base64::engine::general_purpose::STANDARD.encode(c.to_der().unwrap())
+        )
+    };
     assert_eq!(r.echoed("client-cert"), Some(b64(&certs[0])));
     assert_eq!(r.echoed("client-cert-chain"), Some(b64(&certs[1])));
 }
@@ -398,7 +510,11 @@ fn a_missing_crl_refuses_the_handshake_as_revocation_unknown() {
     let f = fleet();
     let d = f.dir.path();
     for v in VERSIONS {
-        let r = Client::new(d, f.edge.port).cert("good").sni(Some("partial-crl.test")).version(v).get("/echo");
+        let r = Client::new(d, f.edge.port)
+            .cert("good")
+            .sni(Some("partial-crl.test"))
+            .version(v)
+            .get("/echo");
         assert!(r.is_err(), "{v:?}: accepted without its issuer's CRL");
     }
     let n = metric(

@@ -9,15 +9,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use pingora::http::{RequestHeader, ResponseHeader};
-use pingora_cache::key::HashBinary;
-use pingora_cache::VarianceBuilder;
 use pingora::proxy::Session;
 use pingora_cache::cache_control::{CacheControl, Cacheable, InterpretCacheControl};
 use pingora_cache::eviction::{lru, EvictionManager};
-use pingora_cache::CacheEntryKeyRef;
 use pingora_cache::filters::resp_cacheable;
+use pingora_cache::key::HashBinary;
 use pingora_cache::lock::{CacheKeyLockImpl, CacheLock};
-use pingora_cache::{CacheKey, CacheMeta, CacheMetaDefaults, CacheOptionOverrides, CachePhase, NoCacheReason, RespCacheable};
+use pingora_cache::CacheEntryKeyRef;
+use pingora_cache::VarianceBuilder;
+use pingora_cache::{
+    CacheKey, CacheMeta, CacheMetaDefaults, CacheOptionOverrides, CachePhase, NoCacheReason, RespCacheable,
+};
 
 use crate::{config, metrics};
 use storage::MemoryStorage;
@@ -172,7 +174,10 @@ pub fn cacheable(resp: &ResponseHeader, default_ttl: u32) -> RespCacheable {
         RespCacheable::Cacheable(meta) => RespCacheable::Cacheable(meta),
         RespCacheable::Uncacheable(_) if heuristically_cacheable(resp.status.as_u16()) => {
             let now = SystemTime::now();
-            let swr = cc.as_ref().and_then(|c| c.stale_while_revalidate().ok().flatten()).unwrap_or(0);
+            let swr = cc
+                .as_ref()
+                .and_then(|c| c.stale_while_revalidate().ok().flatten())
+                .unwrap_or(0);
             let sie = cc.as_ref().and_then(|c| c.stale_if_error().ok().flatten()).unwrap_or(0);
             let fresh = Duration::from_secs(u64::from(default_ttl));
             RespCacheable::Cacheable(CacheMeta::new(now + fresh, now, swr, sie, resp.clone()))
@@ -191,7 +196,11 @@ pub fn variance(resp_headers: &http::HeaderMap, req: &RequestHeader) -> Option<H
             if name.is_empty() {
                 continue;
             }
-            let v = req.headers.get(&name).map(|v| v.as_bytes().to_vec()).unwrap_or_default();
+            let v = req
+                .headers
+                .get(&name)
+                .map(|v| v.as_bytes().to_vec())
+                .unwrap_or_default();
             b.add_owned_name_value(name, v);
         }
     }
@@ -241,8 +250,14 @@ mod tests {
 
     #[test]
     fn freshness_comes_from_the_origin_then_the_route_default() {
-        assert_eq!(ttl(cacheable(&resp(&[("cache-control", "max-age=100")]), 60)), Some(100));
-        assert_eq!(ttl(cacheable(&resp(&[("cache-control", "max-age=100, s-maxage=30")]), 60)), Some(30));
+        assert_eq!(
+            ttl(cacheable(&resp(&[("cache-control", "max-age=100")]), 60)),
+            Some(100)
+        );
+        assert_eq!(
+            ttl(cacheable(&resp(&[("cache-control", "max-age=100, s-maxage=30")]), 60)),
+            Some(30)
+        );
         assert_eq!(ttl(cacheable(&resp(&[]), 60)), Some(60));
     }
 
@@ -265,6 +280,9 @@ mod tests {
         assert_eq!(a.combined(), key("fw.example", "/x.bin?v=1", None).combined());
         assert_ne!(a.combined(), key("fw.example", "/x.bin?v=2", None).combined());
         assert_ne!(a.combined(), key("other.example", "/x.bin?v=1", None).combined());
-        assert_ne!(a.combined(), key("fw.example", "/x.bin?v=1", Some("model-x1")).combined());
+        assert_ne!(
+            a.combined(),
+            key("fw.example", "/x.bin?v=1", Some("model-x1")).combined()
+        );
     }
 }

@@ -212,13 +212,22 @@ impl MemoryStorage {
                 (held + bytes <= self.max_filling_bytes).then_some(held + bytes)
             })
             .ok()?;
-        Some(FillTicket { _reservation: Arc::new(Reservation { bytes, usage: self.usage.clone() }) })
+        Some(FillTicket {
+            _reservation: Arc::new(Reservation {
+                bytes,
+                usage: self.usage.clone(),
+            }),
+        })
     }
 
     /// Removes every object whose primary key `matches`; returns their eviction keys.
     pub fn purge_where(&self, matches: impl Fn(&str) -> bool) -> Vec<CompactCacheKey> {
         let mut objects = write(&self.objects);
-        let doomed: Vec<HashBinary> = objects.iter().filter(|(_, o)| matches(&o.primary)).map(|(k, _)| *k).collect();
+        let doomed: Vec<HashBinary> = objects
+            .iter()
+            .filter(|(_, o)| matches(&o.primary))
+            .map(|(k, _)| *k)
+            .collect();
         let mut removed = Vec::with_capacity(doomed.len());
         for k in doomed {
             if let Some(o) = objects.remove(&k) {
@@ -374,7 +383,10 @@ impl HandleMiss for Miss {
         if self.written + data.len() > self.storage.max_object_bytes {
             return Error::e_explain(
                 ErrorType::InternalError,
-                format!("object exceeds the cache's max object size of {} bytes", self.storage.max_object_bytes),
+                format!(
+                    "object exceeds the cache's max object size of {} bytes",
+                    self.storage.max_object_bytes
+                ),
             );
         }
         let n = data.len();
@@ -419,7 +431,10 @@ impl Drop for Miss {
         if !self.done {
             self.fill.state.send_replace(FillState::Failed);
         }
-        self.storage.usage.filling_bytes.fetch_sub(self.written, Ordering::Relaxed);
+        self.storage
+            .usage
+            .filling_bytes
+            .fetch_sub(self.written, Ordering::Relaxed);
         let mut fills = write(&self.storage.fills);
         if let Some(m) = fills.get_mut(&self.key) {
             m.remove(&u64::from(self.id));
@@ -455,7 +470,10 @@ impl Storage for MemoryStorage {
         };
         let meta = object.meta.to_meta();
         let end = object.body.len;
-        Ok(Some((meta, Box::new(Hit::Complete(CompleteHit { object, pos: 0, end })))))
+        Ok(Some((
+            meta,
+            Box::new(Hit::Complete(CompleteHit { object, pos: 0, end })),
+        )))
     }
 
     async fn lookup_streaming_write(
@@ -476,7 +494,12 @@ impl Storage for MemoryStorage {
         }
     }
 
-    async fn get_miss_handler(&'static self, key: &CacheKey, meta: &CacheMeta, _trace: &SpanHandle) -> Result<MissHandler> {
+    async fn get_miss_handler(
+        &'static self,
+        key: &CacheKey,
+        meta: &CacheMeta,
+        _trace: &SpanHandle,
+    ) -> Result<MissHandler> {
         let k = key.combined_bin();
         let (state, _) = watch::channel(FillState::Writing(0));
         let fill = Arc::new(Fill {
@@ -499,7 +522,12 @@ impl Storage for MemoryStorage {
         }))
     }
 
-    async fn purge(&'static self, target: PurgeTarget<'_>, kind: PurgeType, _trace: &SpanHandle) -> Result<PurgeOutcome> {
+    async fn purge(
+        &'static self,
+        target: PurgeTarget<'_>,
+        kind: PurgeType,
+        _trace: &SpanHandle,
+    ) -> Result<PurgeOutcome> {
         let k = target.key().combined_bin();
         if self.remove_object(&k) {
             if matches!(kind, PurgeType::Eviction) {
@@ -596,7 +624,12 @@ mod tests {
             miss.write_body(Bytes::from(part), false).await.unwrap();
         }
         miss.finish().await.unwrap();
-        for (start, end, want) in [(0, Some(10), "0123456789"), (3, Some(6), "345"), (7, None, "789"), (9, Some(99), "9")] {
+        for (start, end, want) in [
+            (0, Some(10), "0123456789"),
+            (3, Some(6), "345"),
+            (7, None, "789"),
+            (9, Some(99), "9"),
+        ] {
             let (_, mut hit) = s.lookup(&key, span).await.unwrap().unwrap();
             hit.seek(start, end).unwrap();
             assert_eq!(read_all(&mut hit).await.unwrap(), want.as_bytes(), "{start}..{end:?}");
@@ -631,7 +664,10 @@ mod tests {
         miss.write_body(Bytes::from_static(b"partial"), false).await.unwrap();
         let (_, mut hit) = s.lookup(&key, span).await.unwrap().unwrap();
         drop(miss); // the origin went away mid-body
-        assert!(read_all(&mut hit).await.is_err(), "a failed fill must not read as a clean end");
+        assert!(
+            read_all(&mut hit).await.is_err(),
+            "a failed fill must not read as a clean end"
+        );
         assert!(s.lookup(&key, span).await.unwrap().is_none());
         assert_eq!(s.usage.bytes.load(Ordering::Relaxed), 0);
         assert_eq!(s.usage.filling_bytes.load(Ordering::Relaxed), 0);
@@ -659,7 +695,11 @@ mod tests {
             miss.finish().await.unwrap();
         }
         assert_eq!(s.purge_where(|p| p.starts_with("h/fw/")).len(), 2);
-        assert!(s.lookup(&CacheKey::new("h/fw/a.bin", ""), span).await.unwrap().is_none());
+        assert!(s
+            .lookup(&CacheKey::new("h/fw/a.bin", ""), span)
+            .await
+            .unwrap()
+            .is_none());
         assert!(s.lookup(&CacheKey::new("h/other", ""), span).await.unwrap().is_some());
         assert_eq!(s.usage.objects.load(Ordering::Relaxed), 1);
     }
@@ -675,12 +715,18 @@ mod tests {
         // A reader that started before the purge keeps its copy alive and complete.
         let (_, mut hit) = s.lookup(&key, span).await.unwrap().unwrap();
         let compact = key.to_compact();
-        let out = s.purge(PurgeTarget::Active(&compact), PurgeType::Eviction, span).await.unwrap();
+        let out = s
+            .purge(PurgeTarget::Active(&compact), PurgeType::Eviction, span)
+            .await
+            .unwrap();
         assert!(matches!(out, PurgeOutcome::Purged(None)));
         assert_eq!(s.usage.bytes.load(Ordering::Relaxed), 0);
         assert!(s.lookup(&key, span).await.unwrap().is_none());
         assert_eq!(read_all(&mut hit).await.unwrap(), b"x");
-        let out = s.purge(PurgeTarget::Active(&compact), PurgeType::Invalidation, span).await.unwrap();
+        let out = s
+            .purge(PurgeTarget::Active(&compact), PurgeType::Invalidation, span)
+            .await
+            .unwrap();
         assert!(matches!(out, PurgeOutcome::NotFound));
     }
 
@@ -711,7 +757,13 @@ mod tests {
         let now = SystemTime::now();
         let mut header = ResponseHeader::build(200, None).unwrap();
         header.append_header("etag", "\"v1\"").unwrap();
-        let mut m = CacheMeta::new(now + Duration::from_secs(60), now - Duration::from_secs(30), 7, 9, header);
+        let mut m = CacheMeta::new(
+            now + Duration::from_secs(60),
+            now - Duration::from_secs(30),
+            7,
+            9,
+            header,
+        );
         m.set_variance_key(*b"0123456789abcdef");
         m.update_freshness(now + Duration::from_secs(90), 7, 9); // a revalidation: the epoch moves
         let mut miss = s.get_miss_handler(&key, &m, span).await.unwrap();

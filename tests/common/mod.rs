@@ -108,7 +108,11 @@ pub fn spawn_origin(dir: &Path, cert_stem: &str, client_ca: &str) -> Proc {
 pub fn spawn_edge(dir: &Path, yaml: &str, wait_port: u16) -> Proc {
     let conf = dir.join(format!("edge-{wait_port}.yaml"));
     std::fs::write(&conf, yaml).unwrap();
-    spawn(&["-c", conf.to_str().unwrap()], wait_port, dir.join(format!("edge-{wait_port}.log")))
+    spawn(
+        &["-c", conf.to_str().unwrap()],
+        wait_port,
+        dir.join(format!("edge-{wait_port}.log")),
+    )
 }
 
 /// The `server:` line of every test edge: fast shutdown, pid file and socket in `dir`.
@@ -150,7 +154,11 @@ impl ServerPki {
             .unwrap()
             .write(dir, "edge-server")
             .unwrap();
-        edge_ca.issue(&LeafSpec::client("mtls-edge")).unwrap().write(dir, "edge-client").unwrap();
+        edge_ca
+            .issue(&LeafSpec::client("mtls-edge"))
+            .unwrap()
+            .write(dir, "edge-client")
+            .unwrap();
         let origin_ca = Ca::root("Test Origin CA").unwrap();
         origin_ca
             .issue(&LeafSpec::server("origin.internal", &["origin.internal"]))
@@ -260,12 +268,18 @@ impl<'a> Client<'a> {
 
     /// Sends `GET path` and returns as soon as `min_body` body bytes have arrived, with the
     /// connection still open: what a device sees while a download is in flight.
-    pub fn first_bytes(&self, path: &str, min_body: usize) -> Result<(boring::ssl::SslStream<TcpStream>, usize), String> {
+    pub fn first_bytes(
+        &self,
+        path: &str,
+        min_body: usize,
+    ) -> Result<(boring::ssl::SslStream<TcpStream>, usize), String> {
         let mut b = SslConnector::builder(SslMethod::tls()).map_err(|e| e.to_string())?;
         b.set_ca_file(self.dir.join("edge-ca.pem")).map_err(|e| e.to_string())?;
         if let Some(stem) = &self.cert {
-            b.set_certificate_chain_file(self.dir.join(format!("{stem}.pem"))).map_err(|e| e.to_string())?;
-            b.set_private_key_file(self.dir.join(format!("{stem}.key")), SslFiletype::PEM).map_err(|e| e.to_string())?;
+            b.set_certificate_chain_file(self.dir.join(format!("{stem}.pem")))
+                .map_err(|e| e.to_string())?;
+            b.set_private_key_file(self.dir.join(format!("{stem}.key")), SslFiletype::PEM)
+                .map_err(|e| e.to_string())?;
         }
         let mut cfg = b.build().configure().map_err(|e| e.to_string())?;
         cfg.set_verify_hostname(false);
@@ -325,7 +339,10 @@ impl<'a> Client<'a> {
             let mut tls = cfg
                 .connect(self.sni.as_deref().unwrap_or("ignored.invalid"), tcp)
                 .map_err(|e| format!("handshake: {e}"))?;
-            let mut req = format!("{} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n", self.method, self.host);
+            let mut req = format!(
+                "{} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
+                self.method, self.host
+            );
             for (k, v) in &self.extra_headers {
                 req.push_str(&format!("{k}: {v}\r\n"));
             }
@@ -336,11 +353,20 @@ impl<'a> Client<'a> {
             resumed = tls.ssl().session_reused();
             session = tls.ssl().session().map(|s| s.to_owned());
             if raw.is_empty() {
-                return Err(format!("read: {}", read.err().map(|e| e.to_string()).unwrap_or_else(|| "connection closed".into())));
+                return Err(format!(
+                    "read: {}",
+                    read.err()
+                        .map(|e| e.to_string())
+                        .unwrap_or_else(|| "connection closed".into())
+                ));
             }
             parse_response(&raw)
         })();
-        Outcome { result, session, resumed }
+        Outcome {
+            result,
+            session,
+            resumed,
+        }
     }
 }
 
@@ -397,7 +423,11 @@ pub fn curl(dir: &Path, port: u16, stem: &str, path: &str, args: &[&str]) -> std
 /// A plain-HTTP request to the admin listener; returns the status line's code and the body.
 pub fn admin(admin_port: u16, method: &str, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(("127.0.0.1", admin_port)).expect("admin listener");
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).unwrap();
     let r = parse_response(&raw).expect("an HTTP response");
@@ -407,7 +437,8 @@ pub fn admin(admin_port: u16, method: &str, path: &str) -> (u16, String) {
 /// A Prometheus counter's value from the admin listener, 0 when absent.
 pub fn metric(admin_port: u16, name_and_labels: &str) -> f64 {
     let mut s = TcpStream::connect(("127.0.0.1", admin_port)).expect("admin listener");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        .unwrap();
     let mut raw = String::new();
     s.read_to_string(&mut raw).unwrap();
     raw.lines()
