@@ -60,7 +60,7 @@ run() { # name port n path pids...
   local non2xx; non2xx=$(awk '/Non-2xx responses/ {print $3}' <<<"$out")
   fail=$(( n - ${done_:-0} + $(awk '/Failed requests/ {print $3}' <<<"$out") + ${non2xx:-0} ))
   awk -v s="$name" -v o="$path" -v r="$round" -v rps="$rps" -v t=$((after - before)) -v hz="$HZ" -v n="$n" -v f="$fail" \
-    'BEGIN { printf "%-10s %-28s %5s %12s %14.1f %6s\n", s, o, r, rps, t * 1e6 / hz / n, f }'
+    'BEGIN { printf "%-10s %-28s %5s %12s %14.1f %6s\n", s, o, r, rps, t * 1e6 / hz / n, f }' | tee -a "$D/rows"
 }
 
 echo "# cached objects over keep-alive mTLS, ab -k, concurrency 8, $(nproc) cores"
@@ -80,6 +80,18 @@ for round in $(seq "$ROUNDS"); do
     else
       run nginx 8444 "$2" "$1" $(nginx_pids); run mtls-edge 8443 "$2" "$1" "$EDGE"
     fi
+  done
+done
+
+echo
+echo "# medians over the rounds (the machine is shared: single rounds swing by 20% either way)"
+printf "%-10s %-28s %12s %14s\n" server object "req/s" "cpu us/req"
+median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+for o in "${OBJECTS[@]}"; do
+  set -- $o
+  for server in mtls-edge nginx; do
+    rows=$(awk -v s="$server" -v o="$1" '$1 == s && $2 == o' "$D/rows")
+    printf "%-10s %-28s %12.1f %14.1f\n" "$server" "$1" "$(awk '{print $4}' <<<"$rows" | median)" "$(awk '{print $5}' <<<"$rows" | median)"
   done
 done
 

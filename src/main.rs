@@ -8,6 +8,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use mtls_edge::{app, demo};
 
+/// glibc malloc took about 8% of the CPU of a small cached response (per-request header maps
+/// and buffers, freed on other threads); mimalloc's thread-local free lists avoid most of it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "mtls-edge", version, about = "An mTLS CDN edge on Pingora")]
 struct Cli {
