@@ -110,6 +110,8 @@ fn fleet_with(extra: &str) -> Fleet {
     pki::write_file(&d.join("device-crl.pem"), &crls, false).unwrap();
     // Only the root's CRL: with crl_check chain, the issuing CA's revocation status is unknown.
     pki::write_file(&d.join("root-crl.pem"), &root.crl(&[]).unwrap(), false).unwrap();
+    // Only the issuing CA's CRL: enough with crl_check leaf, which checks the leaf alone.
+    pki::write_file(&d.join("issuing-crl.pem"), &int.crl(&[&revoked.serial]).unwrap(), false).unwrap();
 
     // Fleet B: another root; its devices may use only fleet-b.test.
     let root_b = Ca::root("Fleet B Root CA").unwrap();
@@ -127,6 +129,8 @@ fn fleet_with(extra: &str) -> Fleet {
         mtls: {{ mode: required, trust_store: fleetb }}
       - names: [partial-crl.test]
         mtls: {{ mode: required, trust_store: partialcrl }}
+      - names: [leaf-crl.test]
+        mtls: {{ mode: required, trust_store: leafcrl }}
 {optional}trust_stores:
   devices:
     ca_files: [device-ca.pem]
@@ -137,6 +141,10 @@ fn fleet_with(extra: &str) -> Fleet {
   partialcrl:
     ca_files: [device-ca.pem]
     crl_files: [root-crl.pem]
+  leafcrl:
+    ca_files: [device-ca.pem]
+    crl_files: [issuing-crl.pem]
+    crl_check: leaf
 origins:
 {origin}routes:
   - {{ host: fleet-b.test, path_prefix: /, origin: firmware }}
@@ -521,6 +529,31 @@ fn a_missing_crl_refuses_the_handshake_as_revocation_unknown() {
         f.admin_port,
         &format!(
             "mtls_edge_handshakes_total{{listener=\"127.0.0.1:{}\",outcome=\"refused\",reason=\"ClientCertRevocationUnknown\"}}",
+            f.edge.port
+        ),
+    );
+    assert_eq!(n, 2.0, "{}", f.edge.log_text());
+}
+
+#[test]
+fn crl_check_leaf_needs_only_the_issuers_crl_and_still_refuses_a_revoked_leaf() {
+    let f = fleet();
+    let d = f.dir.path();
+    for v in VERSIONS {
+        let c = || {
+            Client::new(d, f.edge.port)
+                .sni(Some("leaf-crl.test"))
+                .host("leaf-crl.test")
+                .version(v)
+        };
+        let r = c().cert("good").get("/echo").unwrap();
+        assert_eq!(r.status, 200, "{v:?}: the root's CRL is not needed for the leaf");
+        assert!(c().cert("revoked").get("/echo").is_err(), "{v:?}: revoked leaf accepted");
+    }
+    let n = metric(
+        f.admin_port,
+        &format!(
+            "mtls_edge_handshakes_total{{listener=\"127.0.0.1:{}\",outcome=\"refused\",reason=\"ClientCertRevoked\"}}",
             f.edge.port
         ),
     );
