@@ -23,12 +23,14 @@ use crate::pki::{self, Ca, LeafSpec};
 /// A small origin:
 /// - `/firmware/manifest.json` returns a manifest naming the device;
 /// - `/files/NAME?size=N[&delay_ms=D][&private=1]` returns N deterministic bytes, cacheable for
-///   300 s (or `private`), after an optional delay;
+///   300 s (or `private`), after an optional delay; more cache headers on request (see below);
 /// - `/__origin/count?path=P` says how many requests for path P it has served;
+/// - `/__origin/fail?path=P&status=S` makes later requests for P answer S (`status=0`: heal);
 /// - every other path echoes the request headers, one `name: value` line each.
 #[derive(Default)]
 pub struct OriginApp {
     served: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    failing: std::sync::Mutex<std::collections::HashMap<String, u16>>,
 }
 
 impl OriginApp {
@@ -45,6 +47,21 @@ fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
         .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
 }
 
+/// An HTTP date (RFC 9110 IMF-fixdate).
+fn http_date(t: time::OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{}, {:02} {} {} {:02}:{:02}:{:02} GMT",
+        &t.weekday().to_string()[..3],
+        t.day(),
+        &t.month().to_string()[..3],
+        t.year(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}
+
 /// `size` bytes cycling through the alphabet, so that truncation and offsets are visible.
 pub fn file_body(size: usize) -> Vec<u8> {
     (0..size).map(|i| b'a' + (i % 26) as u8).collect()
@@ -59,12 +76,32 @@ impl ServeHttp for OriginApp {
         self.count(&path);
         let mut extra: Vec<(&str, String)> = Vec::new();
         let mut status = StatusCode::OK;
-        let body = if path.starts_with("/files/") {
+        let failing = self.failing.lock().ok().and_then(|f| f.get(&path).copied());
+        let body = if let Some(code) = failing {
+            status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            b"failing on purpose\n".to_vec()
+        } else if path == "/__origin/fail" {
+            let q = query.as_deref();
+            let code = query_param(q, "status")
+                .and_then(|v| v.parse::<u16>().ok())
+                .unwrap_or(0);
+            if let (Some(p), Ok(mut f)) = (query_param(q, "path"), self.failing.lock()) {
+                if code == 0 {
+                    f.remove(p);
+                } else {
+                    f.insert(p.to_string(), code);
+                }
+            }
+            b"ok\n".to_vec()
+        } else if path.starts_with("/files/") {
             let q = query.as_deref();
             if let Some(ms) = query_param(q, "delay_ms").and_then(|v| v.parse().ok()) {
                 tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
             }
             let size: usize = query_param(q, "size").and_then(|v| v.parse().ok()).unwrap_or(1024);
+            // Cache headers on request: `cc=` replaces Cache-Control (`cc=none` drops it),
+            // `expires=SECS` (negative: in the past), `lm=1` adds Last-Modified, `etag=0` drops
+            // the ETag, `cookie=1` adds Set-Cookie.
             let mut cc = vec![format!("max-age={}", query_param(q, "max_age").unwrap_or("300"))];
             if query_param(q, "private").is_some() {
                 cc.insert(0, "private".into());
@@ -74,9 +111,26 @@ impl ServeHttp for OriginApp {
                     cc.push(format!("{directive}={v}"));
                 }
             }
+            match query_param(q, "cc") {
+                Some("none") => {}
+                Some(raw) => extra.push(("cache-control", raw.replace("%20", " "))),
+                None => extra.push(("cache-control", cc.join(", "))),
+            }
+            if let Some(secs) = query_param(q, "expires").and_then(|v| v.parse::<i64>().ok()) {
+                let at = time::OffsetDateTime::now_utc() + time::Duration::seconds(secs);
+                extra.push(("expires", http_date(at)));
+            }
             let etag = format!("\"{size}\"");
-            extra.push(("cache-control", cc.join(", ")));
-            extra.push(("etag", etag.clone()));
+            if query_param(q, "etag") != Some("0") {
+                extra.push(("etag", etag.clone()));
+            }
+            let last_modified = query_param(q, "lm").map(|_| http_date(time::OffsetDateTime::UNIX_EPOCH));
+            if let Some(lm) = &last_modified {
+                extra.push(("last-modified", lm.clone()));
+            }
+            if query_param(q, "cookie").is_some() {
+                extra.push(("set-cookie", "session=1".into()));
+            }
             let mut body = Vec::new();
             if let Some(name) = query_param(q, "vary") {
                 extra.push(("vary", name.to_string()));
@@ -84,10 +138,12 @@ impl ServeHttp for OriginApp {
                 body.extend_from_slice(&value);
                 body.push(b':');
             }
+            // The only Last-Modified is the epoch, so any If-Modified-Since is at or after it.
             let not_modified = req
                 .headers
                 .get(http::header::IF_NONE_MATCH)
-                .is_some_and(|v| v.as_bytes() == etag.as_bytes());
+                .is_some_and(|v| v.as_bytes() == etag.as_bytes())
+                || (last_modified.is_some() && req.headers.contains_key(http::header::IF_MODIFIED_SINCE));
             if not_modified {
                 status = StatusCode::NOT_MODIFIED;
                 Vec::new()

@@ -305,6 +305,23 @@ fn stale_content_is_served_while_revalidating_and_when_the_origin_fails() {
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert_eq!(s.origin_count("/files/swr.bin"), 2, "no background refresh");
 
+    // stale-if-error: when the origin answers 5xx, the expired copy is served; without
+    // stale-if-error the 5xx goes through.
+    for (name, sie, status) in [("sie5xx", "&sie=60", 200), ("plain5xx", "", 503)] {
+        let path = format!("/files/{name}.bin?size=50&max_age=1{sie}");
+        let first = c(s.edge.port).get(&path).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        c(s.edge.port)
+            .get(&format!("/__origin/fail?path=/files/{name}.bin&status=503"))
+            .unwrap();
+        let r = c(s.edge.port).get(&path).unwrap();
+        assert_eq!(r.status, status, "{name}");
+        if status == 200 {
+            assert_eq!(r.body, first.body);
+            assert_eq!(r.header("cache-status"), Some("mtls-edge; hit; fwd=stale"));
+        }
+    }
+
     // stale-if-error: with the origin gone, the expired copy is served.
     let sie = "/files/sie.bin?size=50&max_age=1&sie=60";
     let first = c(s.edge.port).get(sie).unwrap();
@@ -435,4 +452,71 @@ fn fills_in_progress_are_bounded_and_an_excess_fill_streams_through_uncached() {
     assert!(stored, "the 8 MB object is stored once the fill budget is free");
     assert_eq!(c().get(path).unwrap().header("cache-status"), Some("mtls-edge; hit"));
     assert_eq!(s.origin_count("/files/other.bin"), 2);
+}
+
+#[test]
+fn freshness_follows_expires_no_cache_no_store_cookies_and_the_route_default() {
+    let s = setup();
+    let c = || Client::new(s.dir.path(), s.edge.port).cert("device");
+    let status = |path: &str| c().get(path).unwrap().header("cache-status").map(str::to_string);
+    // (object, query, the second request's Cache-Status, origin fetches after two requests)
+    let cases = [
+        ("expires-future", "cc=none&expires=100", "mtls-edge; hit", 1),
+        // An Expires in the past: stale on arrival, so the second request revalidates (304).
+        (
+            "expires-past",
+            "cc=none&expires=-100",
+            "mtls-edge; fwd=stale; fwd-status=304",
+            2,
+        ),
+        // No freshness from the origin: the route's default TTL (60 s here).
+        ("route-default", "cc=none", "mtls-edge; hit", 1),
+        // no-cache: stored, but revalidated with the origin before every reuse.
+        ("no-cache", "cc=no-cache", "mtls-edge; fwd=stale; fwd-status=304", 2),
+        ("no-store", "cc=no-store", "mtls-edge; fwd=miss", 2),
+        (
+            "s-maxage-0",
+            "cc=max-age=100,s-maxage=0",
+            "mtls-edge; fwd=stale; fwd-status=304",
+            2,
+        ),
+        ("cookie", "cookie=1", "mtls-edge; fwd=miss", 2),
+    ];
+    for (name, query, second, fetches) in cases {
+        let path = format!("/files/{name}.bin?size=10&{query}");
+        let first = status(&path);
+        assert!(
+            first.as_deref().is_some_and(|s| s.contains("fwd=miss")),
+            "{name}: first {first:?}"
+        );
+        assert_eq!(status(&path).as_deref(), Some(second), "{name}");
+        assert_eq!(s.origin_count(&format!("/files/{name}.bin")), fetches, "{name}");
+    }
+}
+
+#[test]
+fn last_modified_revalidates_and_answers_if_modified_since() {
+    let s = setup();
+    let c = || Client::new(s.dir.path(), s.edge.port).cert("device");
+    let path = "/files/lm.bin?size=30&etag=0&lm=1&max_age=1";
+    assert_eq!(c().get(path).unwrap().status, 200);
+    // A client's If-Modified-Since at or after Last-Modified: 304 from the cache.
+    let r = c()
+        .header("If-Modified-Since", "Thu, 01 Jan 1970 00:00:00 GMT")
+        .get(path)
+        .unwrap();
+    assert_eq!((r.status, r.header("cache-status")), (304, Some("mtls-edge; hit")));
+    // Before it: the whole object.
+    let r = c()
+        .header("If-Modified-Since", "Wed, 31 Dec 1969 00:00:00 GMT")
+        .get(path)
+        .unwrap();
+    assert_eq!((r.status, r.body.len()), (200, 30));
+    // Expired: the edge revalidates with If-Modified-Since, and the origin's 304 refreshes it.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let r = c().get(path).unwrap();
+    assert_eq!((r.status, r.body.len()), (200, 30));
+    assert_eq!(r.header("cache-status"), Some("mtls-edge; fwd=stale; fwd-status=304"));
+    assert_eq!(c().get(path).unwrap().header("cache-status"), Some("mtls-edge; hit"));
+    assert_eq!(s.origin_count("/files/lm.bin"), 2);
 }

@@ -548,7 +548,10 @@ fn crl_check_leaf_needs_only_the_issuers_crl_and_still_refuses_a_revoked_leaf() 
         };
         let r = c().cert("good").get("/echo").unwrap();
         assert_eq!(r.status, 200, "{v:?}: the root's CRL is not needed for the leaf");
-        assert!(c().cert("revoked").get("/echo").is_err(), "{v:?}: revoked leaf accepted");
+        assert!(
+            c().cert("revoked").get("/echo").is_err(),
+            "{v:?}: revoked leaf accepted"
+        );
     }
     let n = metric(
         f.admin_port,
