@@ -183,6 +183,18 @@ fn ranges_conditionals_and_head_are_answered_from_the_cache() {
     assert_eq!(r.body.as_bytes(), &full[995..]);
     let r = c().header("Range", "bytes=5000-").get(path).unwrap();
     assert_eq!(r.status, 416);
+    // Several ranges: one multipart/byteranges response whose parts hold the right bytes.
+    let r = c().header("Range", "bytes=0-1,10-12").get(path).unwrap();
+    assert_eq!(r.status, 206);
+    let ct = r.header("content-type").unwrap_or_default();
+    let boundary = ct.strip_prefix("multipart/byteranges; boundary=").expect(ct);
+    let parts: Vec<&str> = r.body.split(&format!("--{boundary}")).collect();
+    assert_eq!(parts.len(), 4, "preamble, two parts, closing: {:?}", r.body); // last is "--\r\n"
+    for (part, (range, bytes)) in parts[1..3].iter().zip([("0-1", &full[0..2]), ("10-12", &full[10..13])]) {
+        assert!(part.contains(&format!("Content-Range: bytes {range}/1000")), "{part:?}");
+        let body = part.split("\r\n\r\n").nth(1).unwrap().trim_end_matches("\r\n");
+        assert_eq!(body.as_bytes(), bytes, "{part:?}");
+    }
     // If-Range with the current validator gives the range, with another the whole object.
     let r = c()
         .header("Range", "bytes=0-0")
