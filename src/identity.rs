@@ -7,6 +7,7 @@ use std::sync::Arc;
 use base64::Engine;
 use boring::asn1::{Asn1Time, Asn1TimeRef};
 use boring::hash::MessageDigest;
+use boring::nid::Nid;
 use boring::ssl::SslRef;
 use boring::x509::{X509NameRef, X509Ref};
 use http::{HeaderName, HeaderValue};
@@ -19,7 +20,7 @@ use crate::config::IdentityHeaders;
 const XN_FLAG_RFC2253: i32 = 0x317 | (1 << 16) | (1 << 20) | (1 << 24);
 
 /// A client certificate that passed verification.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ViewerCert {
     /// RFC 2253 distinguished names.
     pub subject: String,
@@ -37,6 +38,36 @@ pub struct ViewerCert {
     pub chain_der: Vec<Vec<u8>>,
     pub san_dns: Vec<String>,
     pub san_uri: Vec<String>,
+    pub san_email: Vec<String>,
+    /// IP address SANs in their usual text form.
+    pub san_ip: Vec<String>,
+    /// CN, O and OU of the subject and of the issuer (the first of each), for rules.
+    pub subject_parts: NameParts,
+    pub issuer_parts: NameParts,
+}
+
+/// The parts of a distinguished name that rules match on most.
+#[derive(Debug, Clone, Default)]
+pub struct NameParts {
+    pub cn: String,
+    pub o: String,
+    pub ou: String,
+}
+
+impl NameParts {
+    fn of(name: &X509NameRef) -> NameParts {
+        let first = |nid| {
+            name.entries_by_nid(nid)
+                .next()
+                .and_then(|e| e.data().as_utf8().ok().map(|s| s.to_string()))
+                .unwrap_or_default()
+        };
+        NameParts {
+            cn: first(Nid::COMMONNAME),
+            o: first(Nid::ORGANIZATIONNAME),
+            ou: first(Nid::ORGANIZATIONALUNITNAME),
+        }
+    }
 }
 
 /// What the edge knows about a TLS connection once its handshake has completed.
@@ -108,13 +139,26 @@ impl ViewerCert {
         let pem = String::from_utf8(leaf.to_pem().ok()?).ok()?;
         let serial = leaf.serial_number().to_bn().ok()?.to_vec();
         let sha256 = leaf.digest(MessageDigest::sha256()).ok()?;
-        let (mut san_dns, mut san_uri) = (Vec::new(), Vec::new());
+        let (mut san_dns, mut san_uri, mut san_email, mut san_ip) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         if let Some(names) = leaf.subject_alt_names() {
             for n in names.iter() {
                 if let Some(d) = n.dnsname() {
                     san_dns.push(d.to_string());
                 } else if let Some(u) = n.uri() {
                     san_uri.push(u.to_string());
+                } else if let Some(e) = n.email() {
+                    san_email.push(e.to_string());
+                } else if let Some(ip) = n.ipaddress() {
+                    let addr = match ip.len() {
+                        4 => <[u8; 4]>::try_from(ip)
+                            .ok()
+                            .map(|b| std::net::IpAddr::from(b).to_string()),
+                        16 => <[u8; 16]>::try_from(ip)
+                            .ok()
+                            .map(|b| std::net::IpAddr::from(b).to_string()),
+                        _ => None,
+                    };
+                    san_ip.extend(addr);
                 }
             }
         }
@@ -130,6 +174,10 @@ impl ViewerCert {
             chain_der,
             san_dns,
             san_uri,
+            san_email,
+            san_ip,
+            subject_parts: NameParts::of(leaf.subject_name()),
+            issuer_parts: NameParts::of(leaf.issuer_name()),
         })
     }
 }

@@ -4,7 +4,8 @@
 //! A request flows one way through the modules:
 //!
 //! ```text
-//! viewer_tls (handshake, trust_store) → identity (cert → headers) → proxy (route) → origin (mTLS)
+//! viewer_tls (handshake, trust_store) → identity (cert → headers) → rules (connection phase)
+//!   → proxy (route, access) → rules (request phase) → cache → origin (mTLS)
 //! ```
 //!
 //! `config` is the leaf every stage reads; `app` compiles the stages and runs them; `metrics`
@@ -22,5 +23,6 @@ pub mod metrics;
 pub mod origin;
 pub mod pki;
 pub mod proxy;
+pub mod rules;
 pub mod trust_store;
 pub mod viewer_tls;

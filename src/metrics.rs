@@ -108,6 +108,17 @@ pub static CACHE_FILLS_DEFERRED: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect(REGISTERED)
 });
 
+/// Rule evaluations that did something, by phase, rule and outcome (`matched`, `would_match`
+/// for shadow rules, `error`).
+pub static RULE_EVALUATIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "mtls_edge_rule_evaluations_total",
+        "Rules whose condition held (or failed to evaluate), by phase, rule and outcome",
+        &["phase", "rule", "outcome"]
+    )
+    .expect(REGISTERED)
+});
+
 /// The configured budget.
 pub static CACHE_BUDGET: LazyLock<IntGauge> = LazyLock::new(|| {
     register_int_gauge!("mtls_edge_cache_budget_bytes", "Configured cache memory budget").expect(REGISTERED)
@@ -175,6 +186,7 @@ pub fn init() {
     LazyLock::force(&CACHE_FILLING_BYTES);
     LazyLock::force(&CACHE_FILLS_DEFERRED);
     LazyLock::force(&CACHE_BUDGET);
+    LazyLock::force(&RULE_EVALUATIONS);
 }
 
 /// The registry in Prometheus text format.

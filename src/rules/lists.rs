@@ -1,0 +1,293 @@
+//! Named lists that rules look things up in (`lists.NAME.contains(x)`, or `x in lists.NAME`):
+//! plain files, one entry a line, `#` comments, loaded once into hash sets for O(1) lookups.
+//! Serial and fingerprint lists keep entries in a normalized binary form, and normalize what
+//! they are asked, so `0A:1B`, `0a1b` and `A1B` are the same serial.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::sync::{Arc, LazyLock};
+
+use cel::common::traits::{Container, Indexer};
+use cel::common::types::{CelBool, CelString, Type};
+use cel::common::value::{CowVal, StaticVal, Val};
+use cel::ExecutionError;
+use serde::Deserialize;
+
+/// What a list holds, which decides how its entries are compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ListKind {
+    /// Certificate serial numbers in hex, with or without colons, in either case.
+    Serial,
+    /// SHA-256 fingerprints in hex (64 digits), with or without colons, in either case.
+    Sha256,
+    /// Exact strings (subjects, SANs, IPs...).
+    Text,
+}
+
+/// Longest serial RFC 5280 allows, in bytes.
+const MAX_SERIAL: usize = 20;
+
+#[derive(Debug)]
+enum Entries {
+    /// Serials as (length, big-endian bytes without leading zeros), inline: no allocation each.
+    Serial(HashSet<[u8; MAX_SERIAL + 1]>),
+    Sha256(HashSet<[u8; 32]>),
+    Text(HashSet<Box<str>>),
+}
+
+/// One loaded list.
+#[derive(Debug)]
+pub struct RuleList {
+    entries: Entries,
+}
+
+fn hex_digits(s: &str) -> Option<Vec<u8>> {
+    let digits: Vec<u8> = s.bytes().filter(|b| *b != b':').collect();
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_hexdigit) {
+        return None;
+    }
+    Some(digits)
+}
+
+fn nibble(d: u8) -> u8 {
+    match d {
+        b'0'..=b'9' => d - b'0',
+        b'a'..=b'f' => d - b'a' + 10,
+        _ => d - b'A' + 10,
+    }
+}
+
+/// A serial in hex (colons allowed, any case) as its normalized key.
+pub fn serial_key(s: &str) -> Option<[u8; MAX_SERIAL + 1]> {
+    let digits = hex_digits(s.trim())?;
+    let start = digits.iter().position(|d| *d != b'0').unwrap_or(digits.len());
+    let significant = &digits[start..];
+    // Pad to whole bytes from the left.
+    let nbytes = significant.len().div_ceil(2);
+    if nbytes > MAX_SERIAL {
+        return None;
+    }
+    let mut key = [0u8; MAX_SERIAL + 1];
+    key[0] = nbytes as u8;
+    let odd = significant.len() % 2;
+    for (i, d) in significant.iter().enumerate() {
+        let pos = i + odd; // position in the zero-padded digit string
+        key[1 + pos / 2] |= nibble(*d) << if pos % 2 == 0 { 4 } else { 0 };
+    }
+    Some(key)
+}
+
+/// The serial form rules see as `client.cert.serial`: lowercase hex, no colons, no leading zeros.
+pub fn normalize_serial(s: &str) -> Option<String> {
+    let key = serial_key(s)?;
+    let bytes = &key[1..=usize::from(key[0])];
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let trimmed = hex.trim_start_matches('0');
+    Some(if trimmed.is_empty() { "0".into() } else { trimmed.into() })
+}
+
+fn sha256_key(s: &str) -> Option<[u8; 32]> {
+    let digits = hex_digits(s.trim())?;
+    if digits.len() != 64 {
+        return None;
+    }
+    let mut key = [0u8; 32];
+    for (i, pair) in digits.chunks(2).enumerate() {
+        key[i] = (nibble(pair[0]) << 4) | nibble(pair[1]);
+    }
+    Some(key)
+}
+
+impl RuleList {
+    /// Parses a list file's text. Errors name the line.
+    pub fn parse(kind: ListKind, text: &str) -> Result<RuleList, String> {
+        let lines = text
+            .lines()
+            .enumerate()
+            .map(|(i, l)| (i + 1, l.split('#').next().unwrap_or("").trim()))
+            .filter(|(_, l)| !l.is_empty());
+        let bad = |n: usize, l: &str, what: &str| format!("line {n}: '{l}' is not {what}");
+        let entries = match kind {
+            ListKind::Serial => {
+                let mut set = HashSet::new();
+                for (n, l) in lines {
+                    set.insert(serial_key(l).ok_or_else(|| bad(n, l, "a hex serial of at most 20 bytes"))?);
+                }
+                Entries::Serial(set)
+            }
+            ListKind::Sha256 => {
+                let mut set = HashSet::new();
+                for (n, l) in lines {
+                    set.insert(sha256_key(l).ok_or_else(|| bad(n, l, "a SHA-256 in hex (64 digits)"))?);
+                }
+                Entries::Sha256(set)
+            }
+            ListKind::Text => Entries::Text(lines.map(|(_, l)| Box::from(l)).collect()),
+        };
+        Ok(RuleList { entries })
+    }
+
+    pub fn load(kind: ListKind, path: &Path) -> Result<RuleList, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        RuleList::parse(kind, &text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    pub fn len(&self) -> usize {
+        match &self.entries {
+            Entries::Serial(s) => s.len(),
+            Entries::Sha256(s) => s.len(),
+            Entries::Text(s) => s.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether `item` (normalized the list's way) is in the list.
+    pub fn contains(&self, item: &str) -> bool {
+        match &self.entries {
+            Entries::Serial(s) => serial_key(item).is_some_and(|k| s.contains(&k)),
+            Entries::Sha256(s) => sha256_key(item).is_some_and(|k| s.contains(&k)),
+            Entries::Text(s) => s.contains(item),
+        }
+    }
+}
+
+static LIST_TYPE: LazyLock<Type> = LazyLock::new(|| Type::new_opaque_type("mtls_edge.list"));
+static LISTS_TYPE: LazyLock<Type> = LazyLock::new(|| Type::new_opaque_type("mtls_edge.lists"));
+
+/// A list as a CEL value; cloning shares the entries.
+#[derive(Debug, Clone)]
+pub struct ListVal(pub Arc<RuleList>);
+
+impl Val for ListVal {
+    fn get_type(&self) -> &Type {
+        &LIST_TYPE
+    }
+
+    fn cel_type() -> &'static Type {
+        &LIST_TYPE
+    }
+
+    fn as_container(&self) -> Option<&dyn Container> {
+        Some(self)
+    }
+
+    fn clone_as_boxed<'v>(&self) -> Box<dyn Val + 'v> {
+        Box::new(self.clone())
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+}
+
+impl StaticVal for ListVal {}
+
+impl Container for ListVal {
+    fn contains(&self, value: &dyn Val) -> Result<bool, ExecutionError> {
+        match value.downcast_ref::<CelString>() {
+            Some(s) => Ok(self.0.contains(s.inner())),
+            None => Err(ExecutionError::UnexpectedType {
+                got: value.get_type().name().to_owned(),
+                want: "string".to_owned(),
+            }),
+        }
+    }
+}
+
+/// `lists.NAME.contains(x)`: the member function rules call on a list.
+pub fn contains(this: &ListVal, item: &CelString) -> CelBool {
+    CelBool::from(this.0.contains(item.inner()))
+}
+
+/// Every configured list, as the CEL variable `lists`.
+#[derive(Debug, Clone, Default)]
+pub struct Lists(pub Arc<BTreeMap<String, ListVal>>);
+
+impl Val for Lists {
+    fn get_type(&self) -> &Type {
+        &LISTS_TYPE
+    }
+
+    fn cel_type() -> &'static Type {
+        &LISTS_TYPE
+    }
+
+    fn as_indexer<'b, 'v>(&'b self) -> Option<&'b (dyn Indexer + 'v)>
+    where
+        Self: 'v,
+    {
+        Some(self)
+    }
+
+    fn clone_as_boxed<'v>(&self) -> Box<dyn Val + 'v> {
+        Box::new(self.clone())
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+}
+
+impl StaticVal for Lists {}
+
+impl Indexer for Lists {
+    fn get<'b, 'v>(&'b self, idx: &dyn Val) -> Result<CowVal<'b, 'v>, ExecutionError>
+    where
+        Self: 'v,
+    {
+        let name = idx.downcast_ref::<CelString>().map(|s| s.inner().to_string());
+        match name.as_deref().and_then(|n| self.0.get(n)) {
+            Some(list) => Ok(CowVal::Borrowed(list)),
+            None => Err(ExecutionError::NoSuchKey(Arc::new(name.unwrap_or_default()))),
+        }
+    }
+    fn steal<'w>(self: Box<Self>, idx: &dyn Val) -> Result<Box<dyn Val + 'w>, ExecutionError>
+    where
+        Self: 'w,
+    {
+        self.get(idx).map(CowVal::into_owned)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serials_match_with_or_without_colons_in_either_case_and_leading_zeros() {
+        let list = RuleList::parse(ListKind::Serial, "# revoked\n0A:1B:2C\n  ff00 # trailing comment\n\n").unwrap();
+        assert_eq!(list.len(), 2);
+        for s in ["0a1b2c", "0A:1B:2C", "a1b2c", "00:0a:1b:2c", "A1B2C"] {
+            assert!(list.contains(s), "{s}");
+        }
+        assert!(list.contains("FF:00"));
+        assert!(!list.contains("0a1b2d"));
+        assert!(!list.contains("not hex"));
+        assert_eq!(normalize_serial("00:0A:1b").as_deref(), Some("a1b"));
+        assert_eq!(normalize_serial("00").as_deref(), Some("0"));
+    }
+
+    #[test]
+    fn bad_entries_are_refused_with_their_line() {
+        let e = RuleList::parse(ListKind::Serial, "0a\nzz\n").unwrap_err();
+        assert!(e.contains("line 2") && e.contains("zz"), "{e}");
+        let too_long = "ab".repeat(21);
+        assert!(RuleList::parse(ListKind::Serial, &too_long).is_err());
+        let e = RuleList::parse(ListKind::Sha256, "abcd\n").unwrap_err();
+        assert!(e.contains("line 1"), "{e}");
+    }
+
+    #[test]
+    fn fingerprints_and_text() {
+        let fp = "AB:".repeat(31) + "AB";
+        let list = RuleList::parse(ListKind::Sha256, &fp).unwrap();
+        assert!(list.contains(&"ab".repeat(32)));
+        let list = RuleList::parse(ListKind::Text, "CN=a\nspiffe://x/y\n").unwrap();
+        assert!(list.contains("spiffe://x/y"));
+        assert!(!list.contains("cn=a"));
+    }
+}

@@ -1,0 +1,726 @@
+//! Lua-free rules: YAML files of rules whose conditions are CEL expressions, compiled and
+//! checked once at load, then evaluated per handshake (`connection` phase) or per request
+//! (`request` phase) in file and line order. The first `allow` or `deny` that matches ends a
+//! phase; the other actions accumulate. Errors at run time deny (fail closed).
+
+pub mod facts;
+pub mod lists;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cel::common::ast::{Expr, IdedExpr};
+use cel::common::types::{CelBool, CelInt, CelString, CelTimestamp};
+use cel::{Context, Env, ExecutionError, Program, Value};
+use http::{HeaderName, HeaderValue};
+use log::{info, warn};
+use serde::Deserialize;
+
+use crate::config::Ctx;
+use crate::metrics;
+pub use facts::{ConnectionInfo, Facts, RequestInfo};
+use lists::{ListKind, ListVal, Lists, RuleList};
+
+/// The `rules:` section of the edge config.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RulesConfig {
+    /// Directory whose `*.yaml` files hold the rules, loaded in file name order.
+    pub dir: String,
+    /// Named lists: `lists.NAME` in conditions.
+    #[serde(default)]
+    pub lists: BTreeMap<String, ListConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListConfig {
+    pub file: String,
+    pub kind: ListKind,
+}
+
+/// One rule file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleFile {
+    rules: Vec<RuleSpec>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Connection,
+    Request,
+}
+
+impl Phase {
+    fn as_str(self) -> &'static str {
+        match self {
+            Phase::Connection => "connection",
+            Phase::Request => "request",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Mode {
+    #[default]
+    Enforce,
+    Shadow,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleSpec {
+    name: String,
+    phase: Phase,
+    #[serde(default = "always")]
+    when: String,
+    #[serde(default)]
+    mode: Mode,
+    // Exactly one action.
+    allow: Option<bool>,
+    deny: Option<DenySpec>,
+    set_headers: Option<BTreeMap<String, String>>,
+    remove_headers: Option<Vec<String>>,
+    cache_cohort: Option<String>,
+    origin: Option<String>,
+}
+
+fn always() -> String {
+    "true".into()
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DenySpec {
+    /// Request phase: the response status (default 403).
+    status: Option<u16>,
+    /// Request phase: the response body.
+    body: Option<String>,
+}
+
+/// What a rule does when its condition holds.
+enum Action {
+    Allow,
+    Deny { status: u16, body: Arc<str> },
+    SetHeaders(Vec<(HeaderName, Program)>),
+    RemoveHeaders(Vec<HeaderName>),
+    CacheCohort(Program),
+    Origin(String),
+}
+
+impl Action {
+    fn describe(&self) -> String {
+        match self {
+            Action::Allow => "allow".into(),
+            Action::Deny { status, .. } => format!("deny {status}"),
+            Action::SetHeaders(h) => format!(
+                "set_headers {}",
+                h.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(",")
+            ),
+            Action::RemoveHeaders(h) => format!(
+                "remove_headers {}",
+                h.iter().map(HeaderName::as_str).collect::<Vec<_>>().join(",")
+            ),
+            Action::CacheCohort(_) => "cache_cohort".into(),
+            Action::Origin(o) => format!("origin {o}"),
+        }
+    }
+}
+
+/// A compiled rule.
+pub struct Rule {
+    pub name: String,
+    /// `file:line` of the rule.
+    pub location: String,
+    pub phase: Phase,
+    shadow: bool,
+    when: Program,
+    action: Action,
+}
+
+/// How a phase ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// No `allow` or `deny` matched: the request goes on (a connection is accepted).
+    Continue,
+    Allow {
+        rule: String,
+    },
+    Deny {
+        rule: String,
+        status: u16,
+        body: Arc<str>,
+    },
+    /// A rule failed to evaluate: denied, fail closed.
+    Error {
+        rule: String,
+        message: String,
+    },
+}
+
+/// The result of one phase.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub decision: Option<Decision>,
+    pub set_headers: Vec<(HeaderName, HeaderValue)>,
+    pub remove_headers: Vec<HeaderName>,
+    pub cohort: Option<String>,
+    pub origin: Option<String>,
+}
+
+impl Outcome {
+    pub fn decision(&self) -> &Decision {
+        self.decision.as_ref().unwrap_or(&Decision::Continue)
+    }
+
+    pub fn denied(&self) -> bool {
+        matches!(self.decision(), Decision::Deny { .. } | Decision::Error { .. })
+    }
+}
+
+/// One rule's evaluation, for `rules explain`.
+#[derive(Debug)]
+pub struct Step {
+    pub rule: String,
+    pub location: String,
+    pub shadow: bool,
+    pub action: String,
+    /// `Ok(true)` when the condition held.
+    pub result: Result<bool, String>,
+}
+
+/// Every rule, compiled, with the lists they use.
+pub struct RuleSet {
+    rules: Vec<Rule>,
+    env: Arc<Env>,
+    lists: Lists,
+}
+
+impl std::fmt::Debug for RuleSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RuleSet({} rules)", self.rules.len())
+    }
+}
+
+/// FNV-1a, 64 bits, as a non-negative int: stable across hosts, versions and restarts.
+fn stable_hash(s: &CelString) -> CelInt {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.inner().bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    CelInt::from((h >> 1) as i64)
+}
+
+fn list_contains(this: &ListVal, item: &CelString) -> CelBool {
+    lists::contains(this, item)
+}
+
+/// The CEL environment: the standard library, `list.contains(string)` and `stableHash(string)`.
+fn environment() -> Env {
+    let mut env = Env::stdlib();
+    // Both declarations are static and unique: they cannot fail.
+    let _ = cel::add_member_overload!(env, fn list_contains: (ListVal, CelString) -> CelBool, name = "contains");
+    let _ = cel::add_overload!(env, fn stable_hash: (CelString) -> CelInt, name = "stableHash");
+    env
+}
+
+impl RuleSet {
+    pub fn empty() -> RuleSet {
+        RuleSet {
+            rules: Vec::new(),
+            env: Arc::new(environment()),
+            lists: Lists::default(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    pub fn has_phase(&self, phase: Phase) -> bool {
+        self.rules.iter().any(|r| r.phase == phase)
+    }
+
+    /// Loads every list and rule file of `cfg`, reporting each error under `rules...` with
+    /// the file and line. `origins` are the names a rule may choose; `identity_header` says
+    /// whether a header name belongs to the edge's identity headers (rules may not touch them).
+    pub fn load(
+        ctx: &mut Ctx,
+        cfg: &RulesConfig,
+        origins: &[&str],
+        identity_header: &dyn Fn(&HeaderName) -> bool,
+    ) -> RuleSet {
+        let mut lists = BTreeMap::new();
+        for (name, l) in &cfg.lists {
+            let path = ctx.path(&l.file);
+            let started = std::time::Instant::now();
+            match RuleList::load(l.kind, &path) {
+                Ok(list) => {
+                    info!(
+                        "list {name}: {} entries from {} in {} ms",
+                        list.len(),
+                        path.display(),
+                        started.elapsed().as_millis()
+                    );
+                    lists.insert(name.clone(), ListVal(Arc::new(list)));
+                }
+                Err(e) => ctx.error(format!("rules.lists.{name}.file"), e),
+            }
+        }
+        let mut set = RuleSet {
+            rules: Vec::new(),
+            env: Arc::new(environment()),
+            lists: Lists(Arc::new(lists)),
+        };
+        let dir = ctx.path(&cfg.dir);
+        let files = match rule_files(&dir) {
+            Ok(f) => f,
+            Err(e) => {
+                ctx.error("rules.dir", e);
+                return set;
+            }
+        };
+        let mut names = std::collections::HashSet::new();
+        for file in files {
+            let text = match std::fs::read_to_string(&file) {
+                Ok(t) => t,
+                Err(e) => {
+                    ctx.error("rules.dir", format!("cannot read {}: {e}", file.display()));
+                    continue;
+                }
+            };
+            let parsed: RuleFile = match serde_yaml::from_str(&text) {
+                Ok(p) => p,
+                Err(e) => {
+                    ctx.error("rules.dir", format!("{}: {e}", file.display()));
+                    continue;
+                }
+            };
+            for spec in parsed.rules {
+                let line = line_of(&text, &spec.name);
+                let location = format!("{}:{line}", file.display());
+                if !names.insert(spec.name.clone()) {
+                    ctx.error(
+                        "rules.dir",
+                        format!("{location}: rule '{}': the name is used twice", spec.name),
+                    );
+                    continue;
+                }
+                match set.compile(spec, &text, line, origins, identity_header) {
+                    Ok(rule) => set.rules.push(Rule { location, ..rule }),
+                    Err(e) => ctx.error("rules.dir", format!("{location}: {e}")),
+                }
+            }
+        }
+        set
+    }
+
+    fn compile(
+        &self,
+        spec: RuleSpec,
+        text: &str,
+        line: usize,
+        origins: &[&str],
+        identity_header: &dyn Fn(&HeaderName) -> bool,
+    ) -> Result<Rule, String> {
+        let name = spec.name.clone();
+        let at = |field: &str| format!("rule '{name}': {field} (line {})", field_line(text, line, field));
+        let phase = spec.phase;
+        let expr = |field: &str, src: &str, want: Want| -> Result<Program, String> {
+            let program = self.env.compile(src).map_err(|e| format!("{}: {e}", at(field)))?;
+            self.check_names(&program, src, phase)
+                .map_err(|e| format!("{}: {e}", at(field)))?;
+            self.check_types(&program, phase, want)
+                .map_err(|e| format!("{}: {e}", at(field)))?;
+            Ok(program)
+        };
+        let when = expr("when", &spec.when, Want::Bool)?;
+        let header = |n: &str| -> Result<HeaderName, String> {
+            let h = HeaderName::from_bytes(n.as_bytes()).map_err(|_| format!("'{n}' is not a valid header name"))?;
+            if identity_header(&h) {
+                return Err(format!("'{n}' is an identity header: only the edge sets it"));
+            }
+            Ok(h)
+        };
+        let mut actions = Vec::new();
+        if let Some(a) = spec.allow {
+            if !a {
+                return Err(format!("rule '{name}': allow must be true (leave it out instead)"));
+            }
+            actions.push(Action::Allow);
+        }
+        if let Some(d) = spec.deny {
+            if phase == Phase::Connection && (d.status.is_some() || d.body.is_some()) {
+                return Err(format!(
+                    "rule '{name}': a connection-phase deny refuses the handshake; status and body are for the request phase"
+                ));
+            }
+            let status = d.status.unwrap_or(403);
+            if !(400..=599).contains(&status) {
+                return Err(format!("rule '{name}': deny status {status} is not a 4xx or 5xx"));
+            }
+            actions.push(Action::Deny {
+                status,
+                body: Arc::from(d.body.unwrap_or_default()),
+            });
+        }
+        if let Some(h) = spec.set_headers {
+            let mut out = Vec::new();
+            for (n, src) in h {
+                out.push((
+                    header(&n).map_err(|e| format!("{}: {e}", at("set_headers")))?,
+                    expr("set_headers", &src, Want::String)?,
+                ));
+            }
+            actions.push(Action::SetHeaders(out));
+        }
+        if let Some(h) = spec.remove_headers {
+            let names = h
+                .iter()
+                .map(|n| header(n))
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("{}: {e}", at("remove_headers")))?;
+            actions.push(Action::RemoveHeaders(names));
+        }
+        if let Some(src) = spec.cache_cohort {
+            actions.push(Action::CacheCohort(expr("cache_cohort", &src, Want::String)?));
+        }
+        if let Some(o) = spec.origin {
+            if !origins.contains(&o.as_str()) {
+                return Err(format!(
+                    "{}: unknown origin '{o}' (defined: {})",
+                    at("origin"),
+                    origins.join(", ")
+                ));
+            }
+            actions.push(Action::Origin(o));
+        }
+        let action = match (actions.pop(), actions.is_empty()) {
+            (Some(a), true) => a,
+            (None, _) => return Err(format!(
+                "rule '{name}': no action (give one of allow, deny, set_headers, remove_headers, cache_cohort, origin)"
+            )),
+            (Some(_), false) => return Err(format!("rule '{name}': more than one action; split it into rules")),
+        };
+        if phase == Phase::Connection && !matches!(action, Action::Allow | Action::Deny { .. }) {
+            return Err(format!(
+                "rule '{name}': the connection phase can only allow or deny ({} is a request-phase action)",
+                action.describe()
+            ));
+        }
+        Ok(Rule {
+            name,
+            location: String::new(),
+            phase,
+            shadow: spec.mode == Mode::Shadow,
+            when,
+            action,
+        })
+    }
+
+    /// Every variable and field an expression names must exist in its phase.
+    fn check_names(&self, program: &Program, src: &str, phase: Phase) -> Result<(), String> {
+        let mut paths = Vec::new();
+        collect_paths(program.expression(), &mut Vec::new(), &mut paths);
+        for (id, path) in paths {
+            let joined = path.join(".");
+            let known = facts::SCHEMA.iter().any(|pattern| {
+                let p: Vec<&str> = pattern.split('.').collect();
+                // A path may stop at an object (`client.cert`) or name a leaf exactly.
+                path.len() <= p.len() && path.iter().zip(&p).all(|(a, b)| *b == "*" || a == b)
+            });
+            let pos = program
+                .source_info()
+                .offset_for(id)
+                .map(|(start, _)| {
+                    let before = src.get(..start as usize).unwrap_or(src);
+                    let line = before.matches('\n').count() + 1;
+                    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                    format!(" (expression line {line}, column {column})")
+                })
+                .unwrap_or_default();
+            if !known {
+                return Err(format!("unknown variable or field '{joined}'{pos}"));
+            }
+            if path[0] == "lists" {
+                if let Some(name) = path.get(1) {
+                    if !self.lists.0.contains_key(name) {
+                        let defined: Vec<&str> = self.lists.0.keys().map(String::as_str).collect();
+                        return Err(format!(
+                            "unknown list '{name}'{pos} (configured: {})",
+                            defined.join(", ")
+                        ));
+                    }
+                }
+            }
+            if phase == Phase::Connection && (path[0] == "request" || joined == "connection.client_ip") {
+                return Err(format!(
+                    "'{joined}' is not known during the handshake{pos}; use a request-phase rule"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Evaluates the expression against a sample client with every field set, so that a wrong
+    /// type (a string compared with an int, a missing overload) fails at load, not per request.
+    fn check_types(&self, program: &Program, phase: Phase, want: Want) -> Result<(), String> {
+        let sample = facts::sample_cert();
+        let client = facts::client(Some(&sample), true, 0);
+        let info = ConnectionInfo {
+            sni: "fleet.example".into(),
+            tls_version: "TLSv1.3".into(),
+            alpn: "h2".into(),
+        };
+        let mut headers = http::HeaderMap::new();
+        headers.insert("user-agent", HeaderValue::from_static("sample"));
+        let req = RequestInfo {
+            method: "GET",
+            host: "fleet.example",
+            path: "/firmware/x1/image.bin",
+            query: "",
+            headers: &headers,
+        };
+        let facts = Facts {
+            client: client.as_ref(),
+            connection: facts::connection(&info, "192.0.2.1"),
+            request: (phase == Phase::Request).then(|| facts::request(&req)),
+            lists: &self.lists,
+            now: CelTimestamp::from(facts::to_datetime(0)),
+        };
+        let mut ctx = Context::with_env(self.env.clone());
+        ctx.set_variable_resolver(&facts);
+        let value = match program.execute(&ctx) {
+            Ok(v) => v,
+            // Errors that depend on the data (a header that does not parse as a number, an
+            // empty list indexed) are for run time, where they deny; the rest are type errors.
+            Err(
+                ExecutionError::FunctionError { .. }
+                | ExecutionError::DivisionByZero(_)
+                | ExecutionError::RemainderByZero(_)
+                | ExecutionError::Overflow(..)
+                | ExecutionError::IndexOutOfBounds(_)
+                | ExecutionError::DuplicateKey(_)
+                | ExecutionError::NoSuchKey(_),
+            ) => return Ok(()),
+            Err(e) => return Err(format!("does not evaluate: {e}")),
+        };
+        match (want, &value) {
+            (Want::Bool, Value::Bool(_)) | (Want::String, Value::String(_)) => Ok(()),
+            (Want::Bool, v) => Err(format!("must be a bool, is {:?}", v.type_of())),
+            (Want::String, v) => Err(format!("must be a string, is {:?}", v.type_of())),
+        }
+    }
+
+    /// Runs the rules of `phase` against `facts`. With `trace`, every rule evaluated is recorded.
+    pub fn evaluate(&self, phase: Phase, facts: &Facts, mut trace: Option<&mut Vec<Step>>) -> Outcome {
+        let mut out = Outcome::default();
+        let mut ctx = Context::with_env(self.env.clone());
+        ctx.set_variable_resolver(facts);
+        for rule in self.rules.iter().filter(|r| r.phase == phase) {
+            let held = match rule.when.execute(&ctx) {
+                Ok(Value::Bool(b)) => Ok(b),
+                Ok(other) => Err(format!("condition gave {:?}, not a bool", other.type_of())),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Some(t) = trace.as_deref_mut() {
+                t.push(Step {
+                    rule: rule.name.clone(),
+                    location: rule.location.clone(),
+                    shadow: rule.shadow,
+                    action: rule.action.describe(),
+                    result: held.clone(),
+                });
+            }
+            let result = match held {
+                Ok(false) => continue,
+                Ok(true) if rule.shadow => {
+                    record(rule, "would_match");
+                    info!(
+                        "shadow rule={} phase={} would={}",
+                        rule.name,
+                        phase.as_str(),
+                        rule.action.describe()
+                    );
+                    continue;
+                }
+                Ok(true) => apply(rule, &ctx, &mut out),
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(None) => record(rule, "matched"),
+                Ok(Some(decision)) => {
+                    record(rule, "matched");
+                    out.decision = Some(decision);
+                    return out;
+                }
+                Err(message) => {
+                    record(rule, "error");
+                    warn!(
+                        "rule={} phase={} evaluation error: {message}",
+                        rule.name,
+                        phase.as_str()
+                    );
+                    if !rule.shadow {
+                        out.decision = Some(Decision::Error {
+                            rule: rule.name.clone(),
+                            message,
+                        });
+                        return out;
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Want {
+    Bool,
+    String,
+}
+
+fn record(rule: &Rule, outcome: &str) {
+    metrics::RULE_EVALUATIONS
+        .with_label_values(&[rule.phase.as_str(), &rule.name, outcome])
+        .inc();
+}
+
+fn eval_string(program: &Program, ctx: &Context) -> Result<String, String> {
+    match program.execute(ctx) {
+        Ok(Value::String(s)) => Ok(s.to_string()),
+        Ok(other) => Err(format!("gave {:?}, not a string", other.type_of())),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Applies a matched rule's action: `Some` decision ends the phase.
+fn apply(rule: &Rule, ctx: &Context, out: &mut Outcome) -> Result<Option<Decision>, String> {
+    match &rule.action {
+        Action::Allow => {
+            return Ok(Some(Decision::Allow {
+                rule: rule.name.clone(),
+            }))
+        }
+        Action::Deny { status, body } => {
+            return Ok(Some(Decision::Deny {
+                rule: rule.name.clone(),
+                status: *status,
+                body: body.clone(),
+            }))
+        }
+        Action::SetHeaders(headers) => {
+            for (name, program) in headers {
+                let v = eval_string(program, ctx)?;
+                let v =
+                    HeaderValue::from_str(&v).map_err(|_| format!("header {name}: value is not valid in a header"))?;
+                out.set_headers.push((name.clone(), v));
+            }
+        }
+        Action::RemoveHeaders(names) => out.remove_headers.extend(names.iter().cloned()),
+        Action::CacheCohort(program) => out.cohort = Some(eval_string(program, ctx)?),
+        Action::Origin(o) => out.origin = Some(o.clone()),
+    }
+    Ok(None)
+}
+
+/// The `*.yaml` files of a rules directory, in name order.
+fn rule_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// The line where the rule named `name` starts (its `name:` key, block or flow style), 1-based.
+fn line_of(text: &str, name: &str) -> usize {
+    text.lines()
+        .position(|l| {
+            l.split("name:").skip(1).any(|rest| {
+                let value = rest.split([',', '}']).next().unwrap_or("");
+                value.trim().trim_matches(|c| c == '"' || c == '\'') == name
+            })
+        })
+        .map_or(0, |i| i + 1)
+}
+
+/// The line of `field:` at or after the rule's start line.
+fn field_line(text: &str, start: usize, field: &str) -> usize {
+    let key = format!("{field}:");
+    text.lines()
+        .enumerate()
+        .skip(start.saturating_sub(1))
+        .find(|(_, l)| l.contains(&key))
+        .map_or(start, |(i, _)| i + 1)
+}
+
+/// Every variable path (`client.cert.subject.cn`) an expression names, with its node id.
+/// Names bound by comprehensions (`exists(x, ...)`) are left out.
+fn collect_paths(e: &IdedExpr, bound: &mut Vec<String>, out: &mut Vec<(u64, Vec<String>)>) {
+    if let Some(path) = select_path(&e.expr) {
+        if !bound.contains(&path[0]) {
+            out.push((e.id, path));
+        }
+        return;
+    }
+    match &e.expr {
+        Expr::Select(s) => collect_paths(&s.operand, bound, out),
+        Expr::Call(c) => {
+            if let Some(t) = &c.target {
+                collect_paths(t, bound, out);
+            }
+            for a in &c.args {
+                collect_paths(a, bound, out);
+            }
+        }
+        Expr::List(l) => l.elements.iter().for_each(|x| collect_paths(x, bound, out)),
+        Expr::Map(m) => {
+            for entry in &m.entries {
+                if let cel::common::ast::EntryExpr::MapEntry(me) = &entry.expr {
+                    collect_paths(&me.key, bound, out);
+                    collect_paths(&me.value, bound, out);
+                }
+            }
+        }
+        Expr::Comprehension(c) => {
+            collect_paths(&c.iter_range, bound, out);
+            collect_paths(&c.accu_init, bound, out);
+            let added = 2 + usize::from(c.iter_var2.is_some());
+            bound.push(c.iter_var.clone());
+            bound.push(c.accu_var.clone());
+            if let Some(v) = &c.iter_var2 {
+                bound.push(v.clone());
+            }
+            collect_paths(&c.loop_cond, bound, out);
+            collect_paths(&c.loop_step, bound, out);
+            collect_paths(&c.result, bound, out);
+            bound.truncate(bound.len() - added);
+        }
+        _ => {}
+    }
+}
+
+/// `a.b.c` as `["a", "b", "c"]` when the expression is a plain chain of names.
+fn select_path(e: &Expr) -> Option<Vec<String>> {
+    match e {
+        Expr::Ident(name) => Some(vec![name.clone()]),
+        Expr::Select(s) if !s.test => {
+            let mut p = select_path(&s.operand.expr)?;
+            p.push(s.field.clone());
+            Some(p)
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests;

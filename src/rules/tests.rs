@@ -1,0 +1,317 @@
+//! Rule loading, checking and evaluation semantics (no sockets: the socket tests are in
+//! tests/rules.rs).
+
+use super::*;
+use crate::identity::{NameParts, ViewerCert};
+
+struct Loaded {
+    _dir: tempfile::TempDir,
+    set: RuleSet,
+    errors: Vec<String>,
+}
+
+/// Loads `files` (name, YAML) from a fresh rules directory, with a serial list `denied`.
+fn load(files: &[(&str, &str)]) -> Loaded {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules");
+    std::fs::create_dir(&rules).unwrap();
+    for (name, text) in files {
+        std::fs::write(rules.join(name), text).unwrap();
+    }
+    std::fs::write(dir.path().join("denied.txt"), "# revoked devices\n0A:1B\n").unwrap();
+    let cfg: RulesConfig =
+        serde_yaml::from_str("dir: rules\nlists: { denied: { file: denied.txt, kind: serial } }").unwrap();
+    let mut ctx = Ctx::new(&dir.path().join("edge.yaml"));
+    let set = RuleSet::load(&mut ctx, &cfg, &["main", "beta"], &|h| {
+        h.as_str().starts_with("cloudfront-viewer-cert")
+    });
+    let errors = ctx.errors.iter().map(ToString::to_string).collect();
+    Loaded { _dir: dir, set, errors }
+}
+
+fn ok(files: &[(&str, &str)]) -> RuleSet {
+    let l = load(files);
+    assert!(l.errors.is_empty(), "{:?}", l.errors);
+    l.set
+}
+
+fn cert(cn: &str, ou: &str, serial: &str) -> ViewerCert {
+    ViewerCert {
+        subject: format!("CN={cn},OU={ou},O=Example"),
+        serial: serial.into(),
+        not_after: 86_400 * 30,
+        subject_parts: NameParts {
+            cn: cn.into(),
+            o: "Example".into(),
+            ou: ou.into(),
+        },
+        ..ViewerCert::default()
+    }
+}
+
+/// Runs `phase` for a client (`None`: no certificate) asking for `path`.
+fn run(set: &RuleSet, phase: Phase, cert: Option<&ViewerCert>, path: &str, trace: Option<&mut Vec<Step>>) -> Outcome {
+    let client = facts::client(cert, true, 0);
+    let info = ConnectionInfo {
+        sni: "fleet.example".into(),
+        tls_version: "TLSv1.3".into(),
+        alpn: "h2".into(),
+    };
+    let mut headers = http::HeaderMap::new();
+    headers.insert("x-count", HeaderValue::from_static("abc"));
+    let req = RequestInfo {
+        method: "GET",
+        host: "fleet.example",
+        path,
+        query: "",
+        headers: &headers,
+    };
+    let facts = Facts {
+        client: client.as_ref(),
+        connection: facts::connection(&info, "192.0.2.7"),
+        request: Some(facts::request(&req)),
+        lists: &set.lists,
+        now: CelTimestamp::from(facts::to_datetime(0)),
+    };
+    set.evaluate(phase, &facts, trace)
+}
+
+const FLEET: &str = r#"
+rules:
+  - name: only-devices
+    phase: connection
+    when: '!client.cert.subject.cn.startsWith("device-")'
+    deny: {}
+  - name: revoked
+    phase: connection
+    when: lists.denied.contains(client.cert.serial)
+    deny: {}
+  - name: tag-model
+    phase: request
+    when: client.cert.present
+    set_headers: { X-Model: client.cert.subject.ou }
+  - name: cohort
+    phase: request
+    when: "true"
+    cache_cohort: client.cert.subject.ou
+  - name: shadow-block
+    phase: request
+    when: "true"
+    mode: shadow
+    deny: { status: 451 }
+  - name: own-model-only
+    phase: request
+    when: |
+      request.path.startsWith("/firmware/") &&
+      !request.path.startsWith("/firmware/" + client.cert.subject.ou + "/")
+    deny: { status: 403, body: "not your model" }
+  - name: beta
+    phase: request
+    when: stableHash(client.cert.serial) % 100 < 10
+    origin: beta
+  - name: allow-rest
+    phase: request
+    when: "true"
+    allow: true
+  - name: never-reached
+    phase: request
+    when: "true"
+    deny: {}
+"#;
+
+#[test]
+fn connection_rules_deny_by_name_and_by_list_with_normalized_serials() {
+    let set = ok(&[("fleet.yaml", FLEET)]);
+    let good = cert("device-1", "x1", "01:02");
+    assert_eq!(
+        run(&set, Phase::Connection, Some(&good), "/", None).decision(),
+        &Decision::Continue
+    );
+    let partner = cert("partner-1", "x1", "01:02");
+    let out = run(&set, Phase::Connection, Some(&partner), "/", None);
+    assert!(matches!(out.decision(), Decision::Deny { rule, .. } if rule == "only-devices"));
+    // The list holds 0A:1B; the certificate's serial is written another way.
+    let revoked = cert("device-2", "x1", "00:0a:1B");
+    let out = run(&set, Phase::Connection, Some(&revoked), "/", None);
+    assert!(matches!(out.decision(), Decision::Deny { rule, .. } if rule == "revoked"));
+}
+
+#[test]
+fn request_rules_run_in_order_first_decision_ends_and_other_actions_accumulate() {
+    let set = ok(&[("fleet.yaml", FLEET)]);
+    let c = cert("device-1", "x1", "01:02");
+    let out = run(&set, Phase::Request, Some(&c), "/firmware/x1/image.bin", None);
+    assert_eq!(
+        out.decision(),
+        &Decision::Allow {
+            rule: "allow-rest".into()
+        }
+    );
+    assert_eq!(
+        out.set_headers,
+        vec![(HeaderName::from_static("x-model"), HeaderValue::from_static("x1"))]
+    );
+    assert_eq!(out.cohort.as_deref(), Some("x1"));
+    // The shadow deny changed nothing; never-reached was never reached.
+    let mut trace = Vec::new();
+    let out = run(
+        &set,
+        Phase::Request,
+        Some(&c),
+        "/firmware/x2/image.bin",
+        Some(&mut trace),
+    );
+    assert_eq!(
+        out.decision(),
+        &Decision::Deny {
+            rule: "own-model-only".into(),
+            status: 403,
+            body: Arc::from("not your model")
+        }
+    );
+    let names: Vec<&str> = trace.iter().map(|s| s.rule.as_str()).collect();
+    assert_eq!(names, ["tag-model", "cohort", "shadow-block", "own-model-only"]);
+    assert!(trace[2].shadow && trace[2].result == Ok(true));
+}
+
+#[test]
+fn the_staged_rollout_hash_is_stable_and_splits_about_ten_percent() {
+    let set = ok(&[("fleet.yaml", FLEET)]);
+    let beta = (0..1000)
+        .filter(|i| {
+            let c = cert("device-1", "x1", &format!("{i:04x}"));
+            run(&set, Phase::Request, Some(&c), "/", None).origin.as_deref() == Some("beta")
+        })
+        .count();
+    assert!((60..=140).contains(&beta), "{beta} of 1000 in beta");
+    let c = cert("device-1", "x1", "01:02");
+    let first = run(&set, Phase::Request, Some(&c), "/", None).origin;
+    assert_eq!(run(&set, Phase::Request, Some(&c), "/", None).origin, first);
+}
+
+#[test]
+fn clients_without_a_certificate_see_present_false_and_empty_fields() {
+    let set = ok(&[("fleet.yaml", FLEET)]);
+    let out = run(&set, Phase::Connection, None, "/", None);
+    assert!(matches!(out.decision(), Decision::Deny { rule, .. } if rule == "only-devices"));
+}
+
+#[test]
+fn an_evaluation_error_at_run_time_denies() {
+    let set = ok(&[(
+        "a.yaml",
+        "rules:\n  - name: count\n    phase: request\n    when: int(request.headers['x-count']) > 3\n    deny: {}\n",
+    )]);
+    let c = cert("device-1", "x1", "01");
+    // x-count is "abc": int() fails, and the request is denied, naming the rule.
+    let out = run(&set, Phase::Request, Some(&c), "/", None);
+    assert!(
+        matches!(out.decision(), Decision::Error { rule, .. } if rule == "count"),
+        "{out:?}"
+    );
+    assert!(out.denied());
+}
+
+#[test]
+fn files_load_in_name_order() {
+    let set = ok(&[
+        ("20-b.yaml", "rules:\n  - { name: second, phase: request, deny: {} }\n"),
+        (
+            "10-a.yaml",
+            "rules:\n  - { name: first, phase: request, allow: true }\n",
+        ),
+    ]);
+    let out = run(&set, Phase::Request, None, "/", None);
+    assert_eq!(out.decision(), &Decision::Allow { rule: "first".into() });
+}
+
+#[test]
+fn every_kind_of_bad_rule_stops_the_load_with_file_line_and_message() {
+    // (rule text under `rules:`, what the message must say)
+    let cases = [
+        ("{ name: a, phase: request, when: 'request.path ==', deny: {} }", "when"),
+        (
+            "{ name: a, phase: request, when: 'requst.path == \"/\"', deny: {} }",
+            "unknown variable or field 'requst.path'",
+        ),
+        (
+            "{ name: a, phase: request, when: 'client.cert.subject.cnn == \"x\"', deny: {} }",
+            "'client.cert.subject.cnn'",
+        ),
+        (
+            "{ name: a, phase: request, when: 'client.cert.days_until_expiry > \"x\"', deny: {} }",
+            "does not evaluate",
+        ),
+        (
+            "{ name: a, phase: request, when: 'request.path', deny: {} }",
+            "must be a bool",
+        ),
+        (
+            "{ name: a, phase: request, when: 'lists.nope.contains(\"x\")', deny: {} }",
+            "unknown list 'nope'",
+        ),
+        (
+            "{ name: a, phase: connection, when: 'request.path == \"/\"', deny: {} }",
+            "not known during the handshake",
+        ),
+        (
+            "{ name: a, phase: connection, when: 'connection.client_ip == \"\"', deny: {} }",
+            "not known during the handshake",
+        ),
+        (
+            "{ name: a, phase: request, origin: nowhere }",
+            "unknown origin 'nowhere'",
+        ),
+        (
+            "{ name: a, phase: request, allow: true, deny: {} }",
+            "more than one action",
+        ),
+        ("{ name: a, phase: request }", "no action"),
+        (
+            "{ name: a, phase: connection, cache_cohort: '\"x\"' }",
+            "only allow or deny",
+        ),
+        (
+            "{ name: a, phase: connection, deny: { status: 451 } }",
+            "refuses the handshake",
+        ),
+        (
+            "{ name: a, phase: request, set_headers: { X-A: '1' } }",
+            "must be a string",
+        ),
+        (
+            "{ name: a, phase: request, set_headers: { CloudFront-Viewer-Cert-Serial: '\"x\"' } }",
+            "identity header",
+        ),
+        ("{ name: a, phase: request, deny: { status: 200 } }", "not a 4xx or 5xx"),
+        ("{ name: a, phase: later, deny: {} }", "unknown variant `later`"),
+        (
+            "{ name: a, phase: request, deny: {}, colour: red }",
+            "unknown field `colour`",
+        ),
+    ];
+    for (rule, needle) in cases {
+        let text = format!("# a comment\nrules:\n  - {rule}\n");
+        let l = load(&[("bad.yaml", &text)]);
+        let all = l.errors.join("\n");
+        assert!(all.contains(needle), "{rule}: message lacks '{needle}':\n{all}");
+        assert!(all.contains("bad.yaml"), "{rule}: no file in\n{all}");
+        if !needle.starts_with("unknown variant") && !needle.starts_with("unknown field") {
+            assert!(all.contains("bad.yaml:3"), "{rule}: no line in\n{all}");
+        }
+    }
+    let l = load(&[(
+        "dup.yaml",
+        "rules:\n  - { name: a, phase: request, allow: true }\n  - { name: a, phase: request, allow: true }\n",
+    )]);
+    assert!(l.errors.join("\n").contains("used twice"), "{:?}", l.errors);
+}
+
+#[test]
+fn a_multi_line_condition_error_names_the_line_in_the_expression() {
+    let text = "rules:\n  - name: a\n    phase: request\n    when: |\n      request.path == \"/\" &&\n      client.cert.subject.bogus == \"x\"\n    deny: {}\n";
+    let l = load(&[("m.yaml", text)]);
+    let all = l.errors.join("\n");
+    assert!(all.contains("m.yaml:2") && all.contains("when (line 4)"), "{all}");
+    assert!(all.contains("expression line 2"), "{all}");
+}
