@@ -15,6 +15,7 @@ use crate::config::{self, ConfigErrors, Ctx};
 use crate::identity::HeaderPlan;
 use crate::origin;
 use crate::proxy::{EdgeProxy, ProxyState, Route};
+use crate::rules::RuleSet;
 use crate::trust_store;
 use crate::viewer_tls::{self, ListenerPolicy};
 use crate::{admin, metrics};
@@ -32,9 +33,16 @@ pub fn build(path: &Path) -> Result<Edge, ConfigErrors> {
     let mut ctx = Ctx::new(path);
     let stores = trust_store::build_all(&mut ctx, &conf.trust_stores);
     let headers = Arc::new(HeaderPlan::new(&conf.identity_headers));
+    let rules = Arc::new(match &conf.rules {
+        Some(r) => {
+            let origin_names: Vec<&str> = conf.origins.keys().map(String::as_str).collect();
+            RuleSet::load(&mut ctx, r, &origin_names, &|h| headers.is_identity(h))
+        }
+        None => RuleSet::empty(),
+    });
     let mut listeners: Vec<(Arc<str>, Arc<ArcSwap<ListenerPolicy>>, bool)> = Vec::new();
     for (i, l) in conf.listeners.iter().enumerate() {
-        if let Some(p) = viewer_tls::build_policy(&mut ctx, i, l, &stores, headers.clone()) {
+        if let Some(p) = viewer_tls::build_policy(&mut ctx, i, l, &stores, headers.clone(), rules.clone()) {
             listeners.push((
                 Arc::from(l.address.as_str()),
                 Arc::new(ArcSwap::from_pointee(p)),
@@ -66,6 +74,8 @@ pub fn build(path: &Path) -> Result<Edge, ConfigErrors> {
         headers,
         listeners.iter().map(|(n, p, _)| (n.clone(), p.clone())).collect(),
         conf.cache.as_ref().map(|c| Arc::new(SharedCache::new(c))),
+        rules,
+        origins,
     );
     Ok(Edge {
         conf,

@@ -162,6 +162,8 @@ pub struct Config {
     pub admin: Option<Admin>,
     /// The shared cache; without this section nothing is cached.
     pub cache: Option<Cache>,
+    /// Lua-free rules (CEL conditions) and the lists they use; without it nothing is evaluated.
+    pub rules: Option<crate::rules::RulesConfig>,
 }
 
 #[derive(Debug, Deserialize)]

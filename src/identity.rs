@@ -81,6 +81,12 @@ pub struct ConnectionIdentity {
     pub cert: Option<ViewerCert>,
     /// Identity headers for the origin, rendered once per connection.
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// What rules see of the connection: the client record (built once) and SNI, TLS, ALPN.
+    pub rule_client: Box<dyn cel::common::value::Val>,
+    pub info: crate::rules::ConnectionInfo,
+    /// A connection rule refused this connection after the handshake (a client without a
+    /// certificate, where no verify step ran): the first request closes it. Holds the rule.
+    pub denied: Option<String>,
 }
 
 fn hex(bytes: &[u8], sep: &str) -> String {
@@ -262,6 +268,11 @@ impl HeaderPlan {
             }
         }
         removed
+    }
+
+    /// Whether a header name belongs to the edge's identity headers (rules may not set it).
+    pub fn is_identity(&self, name: &HeaderName) -> bool {
+        name.as_str().starts_with(CLOUDFRONT_PREFIX) || self.strip.contains(name)
     }
 
     /// The headers for a connection, with or without a verified certificate.

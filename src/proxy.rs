@@ -1,11 +1,14 @@
 //! The proxy hooks, in the order pingora calls them: identity (from the TLS session) →
-//! spoofed-header stripping → fleet separation (Host against the SNI policy) → route →
-//! origin peer → identity headers toward the origin → failure accounting → metrics.
+//! spoofed-header stripping → fleet separation (Host against the SNI policy) → route and
+//! access → request-phase rules → cache → origin peer → identity and rule headers toward the
+//! origin → failure accounting → metrics.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
+use http::{HeaderName, HeaderValue};
 use log::{debug, warn};
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -20,6 +23,7 @@ use crate::config::Access;
 use crate::identity::{ConnectionIdentity, HeaderPlan};
 use crate::metrics;
 use crate::origin::{self, Origin};
+use crate::rules::{self, Decision, Outcome, Phase, RuleSet};
 use crate::viewer_tls::ListenerPolicy;
 
 /// A compiled route.
@@ -41,6 +45,9 @@ pub struct ProxyState {
     /// Listener name (its address) → its TLS policy, for the Host/SNI check.
     pub listeners: Vec<(Arc<str>, Arc<ArcSwap<ListenerPolicy>>)>,
     pub cache: Option<Arc<SharedCache>>,
+    pub rules: Arc<RuleSet>,
+    /// Origins by name, for rules that choose one.
+    pub origins: BTreeMap<String, Arc<Origin>>,
 }
 
 impl ProxyState {
@@ -49,6 +56,8 @@ impl ProxyState {
         headers: Arc<HeaderPlan>,
         listeners: Vec<(Arc<str>, Arc<ArcSwap<ListenerPolicy>>)>,
         cache: Option<Arc<SharedCache>>,
+        rules: Arc<RuleSet>,
+        origins: BTreeMap<String, Arc<Origin>>,
     ) -> Self {
         routes.sort_by_key(|r| (r.host.is_none(), std::cmp::Reverse(r.path_prefix.len())));
         ProxyState {
@@ -56,6 +65,8 @@ impl ProxyState {
             headers,
             listeners,
             cache,
+            rules,
+            origins,
         }
     }
 
@@ -89,6 +100,10 @@ pub struct RequestCtx {
     stored: bool,
     /// The origin answered a revalidation with 304: the stored body stays, nothing is filled.
     not_modified: bool,
+    /// What the request-phase rules added: headers toward the origin, and the cache cohort.
+    rule_headers: Vec<(HeaderName, HeaderValue)>,
+    rule_removes: Vec<HeaderName>,
+    cohort: Option<String>,
 }
 
 /// The identity the handshake recorded for this connection (HTTP/1.1 and HTTP/2 alike).
@@ -115,6 +130,20 @@ fn request_host(req: &RequestHeader) -> Option<String> {
     Some(raw.trim_end_matches('.').to_ascii_lowercase())
 }
 
+/// Answers with `status` and a plain-text `body`, and closes nothing: the connection stays usable.
+async fn respond(session: &mut Session, status: u16, body: &str) -> Result<bool> {
+    let mut resp = ResponseHeader::build(status, Some(2))?;
+    resp.insert_header(http::header::CONTENT_TYPE, "text/plain")?;
+    resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
+    session.write_response_header(Box::new(resp), body.is_empty()).await?;
+    if !body.is_empty() {
+        session
+            .write_response_body(Some(bytes::Bytes::copy_from_slice(body.as_bytes())), true)
+            .await?;
+    }
+    Ok(true)
+}
+
 async fn refuse(session: &mut Session, status: u16, why: &str, conn: Option<&ConnectionIdentity>) -> Result<bool> {
     debug!(
         "request refused status={status} reason={why} listener={} sni={}",
@@ -123,6 +152,32 @@ async fn refuse(session: &mut Session, status: u16, why: &str, conn: Option<&Con
     );
     session.respond_error(status).await?;
     Ok(true)
+}
+
+/// Runs the request-phase rules for this request.
+fn request_rules(rules: &RuleSet, session: &Session, conn: &ConnectionIdentity, host: &str) -> Outcome {
+    let client_ip = session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip().to_string())
+        .unwrap_or_default();
+    let req = session.req_header();
+    let info = rules::RequestInfo {
+        method: req.method.as_str(),
+        host,
+        path: req.uri.path(),
+        query: req.uri.query().unwrap_or(""),
+        headers: &req.headers,
+    };
+    let now = rules::facts::unix_now();
+    let facts = rules::Facts {
+        client: conn.rule_client.as_ref(),
+        connection: rules::facts::connection(&conn.info, &client_ip),
+        request: Some(rules::facts::request(&info)),
+        lists: rules.lists(),
+        now: rules::facts::timestamp_now(now),
+    };
+    rules.evaluate(Phase::Request, &facts, None)
 }
 
 #[async_trait]
@@ -142,6 +197,12 @@ impl ProxyHttp for EdgeProxy {
             // Every listener is TLS with our callbacks; no identity means something is wrong.
             return refuse(session, 403, "NoConnectionIdentity", None).await;
         };
+        if conn.denied.is_some() {
+            // A connection rule refused this client after its handshake: close, answer nothing.
+            session.set_keepalive(None);
+            session.shutdown().await;
+            return Ok(true);
+        }
         if removed > 0 {
             metrics::SPOOFED_HEADERS.with_label_values(&[&conn.listener]).inc();
             debug!(
@@ -173,6 +234,30 @@ impl ProxyHttp for EdgeProxy {
         ctx.cache_ttl = route.cache_ttl;
         ctx.cache = state.cache.clone();
         ctx.host = host.unwrap_or_default();
+        // Request-phase rules, still before any cache lookup.
+        if state.rules.has_phase(Phase::Request) {
+            let outcome = request_rules(&state.rules, session, &conn, &ctx.host);
+            match outcome.decision() {
+                Decision::Deny { rule, status, body } => {
+                    debug!("request denied rule={rule} status={status} listener={}", conn.listener);
+                    return respond(session, *status, body).await;
+                }
+                Decision::Error { rule, .. } => {
+                    debug!(
+                        "request denied rule={rule} reason=RuleEvaluationError listener={}",
+                        conn.listener
+                    );
+                    return respond(session, 500, "rule evaluation error\n").await;
+                }
+                Decision::Allow { .. } | Decision::Continue => {}
+            }
+            if let Some(name) = &outcome.origin {
+                ctx.origin = state.origins.get(name).cloned();
+            }
+            ctx.rule_headers = outcome.set_headers;
+            ctx.rule_removes = outcome.remove_headers;
+            ctx.cohort = outcome.cohort;
+        }
         ctx.identity = Some(conn);
         Ok(false)
     }
@@ -191,7 +276,7 @@ impl ProxyHttp for EdgeProxy {
     fn cache_key_callback(&self, session: &Session, ctx: &mut RequestCtx) -> Result<CacheKey> {
         let uri = &session.req_header().uri;
         let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
-        Ok(cache::key(&ctx.host, path_and_query, None))
+        Ok(cache::key(&ctx.host, path_and_query, ctx.cohort.as_deref()))
     }
 
     fn response_cache_filter(
@@ -251,7 +336,7 @@ impl ProxyHttp for EdgeProxy {
         }
     }
 
-    /// Sets the identity headers rendered at handshake time.
+    /// Sets the identity headers rendered at handshake time, then applies the rules' headers.
     async fn upstream_request_filter(
         &self,
         _session: &mut Session,
@@ -262,6 +347,12 @@ impl ProxyHttp for EdgeProxy {
             for (name, value) in &conn.headers {
                 upstream.insert_header(name.clone(), value.clone())?;
             }
+        }
+        for name in &ctx.rule_removes {
+            upstream.remove_header(name);
+        }
+        for (name, value) in &ctx.rule_headers {
+            upstream.insert_header(name.clone(), value.clone())?;
         }
         Ok(())
     }

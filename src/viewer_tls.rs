@@ -17,7 +17,7 @@ use boring::ssl::{
     SslVerifyMode, SslVersion,
 };
 use boring::stack::Stack;
-use boring::x509::{X509Name, X509StoreContextRef, X509VerifyError, X509VerifyResult, X509};
+use boring::x509::{X509Name, X509StoreContext, X509StoreContextRef, X509VerifyError, X509VerifyResult, X509};
 use log::{info, warn};
 use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::TlsAccept;
@@ -26,6 +26,7 @@ use pingora::tls::ext;
 use crate::config::{self, Ctx, MtlsMode};
 use crate::identity::{ConnectionIdentity, HeaderPlan, ViewerCert};
 use crate::metrics;
+use crate::rules::{self, ConnectionInfo, Decision, Phase, RuleSet};
 use crate::trust_store::TrustStore;
 
 /// A server certificate chain and its key.
@@ -49,6 +50,8 @@ pub struct ListenerPolicy {
     /// Lowercased SNI name → policy.
     pub by_sni: HashMap<String, Arc<TlsPolicy>>,
     pub headers: Arc<HeaderPlan>,
+    /// Connection-phase rules run in each handshake.
+    pub rules: Arc<RuleSet>,
 }
 
 impl ListenerPolicy {
@@ -74,6 +77,7 @@ pub fn build_policy(
     l: &config::Listener,
     stores: &std::collections::BTreeMap<String, Arc<TrustStore>>,
     headers: Arc<HeaderPlan>,
+    rules: Arc<RuleSet>,
 ) -> Option<ListenerPolicy> {
     let key = format!("listeners[{index}]");
     let default_cert = load_server_cert(ctx, &key, &l.server_cert, &l.server_key);
@@ -109,6 +113,7 @@ pub fn build_policy(
         default,
         by_sni,
         headers,
+        rules,
     })
 }
 
@@ -237,6 +242,39 @@ pub fn refusal_reason(result: X509VerifyResult) -> &'static str {
     }
 }
 
+fn connection_info(ssl: &SslRef, sni: Option<&str>) -> ConnectionInfo {
+    ConnectionInfo {
+        sni: sni.unwrap_or_default().to_string(),
+        tls_version: ssl.version_str().to_string(),
+        alpn: ssl
+            .selected_alpn_protocol()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .unwrap_or_default(),
+    }
+}
+
+/// Runs the connection-phase rules; `Some((reason, detail))` when they refuse the connection.
+fn connection_rules(
+    rules: &RuleSet,
+    cert: Option<&ViewerCert>,
+    info: &ConnectionInfo,
+) -> Option<(&'static str, String)> {
+    let now = rules::facts::unix_now();
+    let client = rules::facts::client(cert, true, now);
+    let facts = rules::Facts {
+        client: client.as_ref(),
+        connection: rules::facts::connection(info, ""),
+        request: None,
+        lists: rules.lists(),
+        now: rules::facts::timestamp_now(now),
+    };
+    match rules.evaluate(Phase::Connection, &facts, None).decision() {
+        Decision::Deny { rule, .. } => Some(("ConnectionRuleDenied", format!("rule {rule}"))),
+        Decision::Error { rule, message } => Some(("ConnectionRuleError", format!("rule {rule}: {message}"))),
+        Decision::Allow { .. } | Decision::Continue => None,
+    }
+}
+
 struct ViewerTls {
     listener: Arc<str>,
     policy: Arc<ArcSwap<ListenerPolicy>>,
@@ -293,6 +331,7 @@ impl ViewerTls {
             ssl.set_client_ca_list(stack);
         }
         let store = store.clone();
+        let rules = current.rules.clone();
         ssl.set_verify_callback(mode, move |ok, chain: &mut X509StoreContextRef| {
             if let Ok(mut s) = record.state.lock() {
                 s.verify_ran = true;
@@ -319,6 +358,22 @@ impl ViewerTls {
                         "a trust-store intermediate's pathLenConstraint is exceeded".into(),
                     );
                     return false;
+                }
+                // The chain has verified: the connection-phase rules decide.
+                if rules.has_phase(Phase::Connection) {
+                    let cert = chain
+                        .current_cert()
+                        .and_then(|leaf| ViewerCert::from_x509(leaf, Vec::new()));
+                    let info = X509StoreContext::ssl_idx()
+                        .ok()
+                        .and_then(|i| chain.ex_data(i))
+                        .map(|ssl| connection_info(ssl, record.sni.as_deref()))
+                        .unwrap_or_default();
+                    if let Some(refusal) = connection_rules(&rules, cert.as_ref(), &info) {
+                        chain.set_error(Err(X509VerifyError::APPLICATION_VERIFICATION));
+                        record.refuse(refusal.0, refusal.1);
+                        return false;
+                    }
                 }
             }
             if !ok {
@@ -350,27 +405,44 @@ impl TlsAccept for ViewerTls {
         }
     }
 
-    /// Runs once the handshake succeeded: records it and extracts the identity.
+    /// Runs once the handshake succeeded: records it and extracts the identity. Connection
+    /// rules for a client without a certificate run here (no verify step ran for it); a deny
+    /// is counted as a refused handshake and the first request closes the connection.
     async fn handshake_complete_callback(&self, ssl: &SslRef) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
         let record = record_index().and_then(|i| ssl.ex_data(i))?;
         let policy = policy_index().and_then(|i| ssl.ex_data(i))?;
-        if let Ok(mut s) = record.state.lock() {
-            s.accepted = true;
-        }
         let cert = match policy.mode {
             MtlsMode::Optional | MtlsMode::Required => ViewerCert::from_ssl(ssl),
             MtlsMode::Off => None,
         };
-        metrics::HANDSHAKES
-            .with_label_values(&[&self.listener, "accepted", "Ok"])
-            .inc();
-        let headers = self.policy.load().headers.render(cert.as_ref());
+        let current = self.policy.load();
+        let info = connection_info(ssl, record.sni.as_deref());
+        let denied = match (&cert, current.rules.has_phase(Phase::Connection)) {
+            (None, true) => connection_rules(&current.rules, None, &info),
+            _ => None,
+        };
+        match &denied {
+            Some((reason, detail)) => record.refuse(reason, detail.clone()),
+            None => {
+                if let Ok(mut s) = record.state.lock() {
+                    s.accepted = true;
+                }
+                metrics::HANDSHAKES
+                    .with_label_values(&[&self.listener, "accepted", "Ok"])
+                    .inc();
+            }
+        }
+        let headers = current.headers.render(cert.as_ref());
+        let rule_client = rules::facts::client(cert.as_ref(), true, rules::facts::unix_now());
         Some(Arc::new(Arc::new(ConnectionIdentity {
             listener: self.listener.clone(),
             sni: record.sni.clone(),
             sni_policy: policy.sni_name.clone(),
             cert,
             headers,
+            rule_client,
+            info,
+            denied: denied.map(|(_, detail)| detail),
         })))
     }
 }

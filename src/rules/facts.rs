@@ -179,6 +179,18 @@ fn timestamp(unix: i64) -> Box<dyn Val> {
     Box::new(CelTimestamp::from(to_datetime(unix)))
 }
 
+/// The current unix time, in seconds.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// `now` for an evaluation at unix time `unix`.
+pub fn timestamp_now(unix: i64) -> CelTimestamp {
+    CelTimestamp::from(to_datetime(unix))
+}
+
 pub fn to_datetime(unix: i64) -> DateTime<FixedOffset> {
     DateTime::from_timestamp(unix, 0).unwrap_or_default().fixed_offset()
 }

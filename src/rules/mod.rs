@@ -242,6 +242,10 @@ impl RuleSet {
         self.rules.is_empty()
     }
 
+    pub fn lists(&self) -> &Lists {
+        &self.lists
+    }
+
     pub fn has_phase(&self, phase: Phase) -> bool {
         self.rules.iter().any(|r| r.phase == phase)
     }
@@ -402,9 +406,11 @@ impl RuleSet {
         }
         let action = match (actions.pop(), actions.is_empty()) {
             (Some(a), true) => a,
-            (None, _) => return Err(format!(
+            (None, _) => {
+                return Err(format!(
                 "rule '{name}': no action (give one of allow, deny, set_headers, remove_headers, cache_cohort, origin)"
-            )),
+            ))
+            }
             (Some(_), false) => return Err(format!("rule '{name}': more than one action; split it into rules")),
         };
         if phase == Phase::Connection && !matches!(action, Action::Allow | Action::Deny { .. }) {
