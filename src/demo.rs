@@ -187,12 +187,20 @@ impl ServeHttp for OriginApp {
             .and_then(|s| s.peer_addr())
             .and_then(|a| a.as_inet().map(|i| i.port()))
             .unwrap_or(0);
+        // Our own port tells a test which origin answered.
+        let local_port = session
+            .digest()
+            .and_then(|d| d.socket_digest.as_ref())
+            .and_then(|s| s.local_addr())
+            .and_then(|a| a.as_inet().map(|i| i.port()))
+            .unwrap_or(0);
         let mut resp = Response::new(body);
         *resp.status_mut() = status;
         let len = resp.body().len();
         let h = resp.headers_mut();
         h.insert(http::header::CONTENT_LENGTH, len.into());
         h.insert("x-origin-peer-port", peer_port.into());
+        h.insert("x-origin-port", local_port.into());
         for (k, v) in extra {
             if let Ok(v) = http::HeaderValue::from_str(&v) {
                 h.insert(k, v);

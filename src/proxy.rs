@@ -251,12 +251,17 @@ impl ProxyHttp for EdgeProxy {
                 }
                 Decision::Allow { .. } | Decision::Continue => {}
             }
+            // An origin chosen by a rule is part of the cache key: its content may differ.
+            ctx.cohort = match (outcome.cohort, &outcome.origin) {
+                (cohort, None) => cohort,
+                (None, Some(o)) => Some(format!("origin={o}")),
+                (Some(c), Some(o)) => Some(format!("{c};origin={o}")),
+            };
             if let Some(name) = &outcome.origin {
                 ctx.origin = state.origins.get(name).cloned();
             }
             ctx.rule_headers = outcome.set_headers;
             ctx.rule_removes = outcome.remove_headers;
-            ctx.cohort = outcome.cohort;
         }
         ctx.identity = Some(conn);
         Ok(false)

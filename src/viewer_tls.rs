@@ -160,7 +160,8 @@ struct RecordState {
     refused: Option<(&'static str, String)>,
     /// The fatal alert the edge sent, if any (from the info callback).
     alert: Option<SslAlert>,
-    accepted: bool,
+    /// The handshake's outcome has been counted (accepted, or refused after completing).
+    counted: bool,
 }
 
 impl HandshakeRecord {
@@ -173,10 +174,38 @@ impl HandshakeRecord {
     }
 }
 
+impl HandshakeRecord {
+    fn count_refusal(&self, reason: &str, detail: &str) {
+        metrics::HANDSHAKES
+            .with_label_values(&[&self.listener, "refused", reason])
+            .inc();
+        info!(
+            "handshake refused listener={} sni={} reason={} detail=\"{}\"",
+            self.listener,
+            self.sni.as_deref().unwrap_or("-"),
+            reason,
+            detail
+        );
+    }
+
+    /// Counts the outcome of a completed handshake now, instead of when the SSL is freed.
+    fn count_completed(&self, refusal: Option<&(&'static str, String)>) {
+        if let Ok(mut s) = self.state.lock() {
+            s.counted = true;
+        }
+        match refusal {
+            Some((reason, detail)) => self.count_refusal(reason, detail),
+            None => metrics::HANDSHAKES
+                .with_label_values(&[&self.listener, "accepted", "Ok"])
+                .inc(),
+        }
+    }
+}
+
 impl Drop for HandshakeRecord {
     fn drop(&mut self) {
         let Ok(s) = self.state.get_mut() else { return };
-        if s.accepted {
+        if s.counted {
             return;
         }
         // Refusals the verify callback did not see are told apart by the alert the edge sent.
@@ -193,16 +222,7 @@ impl Drop for HandshakeRecord {
                 "the client closed the connection during the handshake".into(),
             ),
         };
-        metrics::HANDSHAKES
-            .with_label_values(&[&self.listener, "refused", reason])
-            .inc();
-        info!(
-            "handshake refused listener={} sni={} reason={} detail=\"{}\"",
-            self.listener,
-            self.sni.as_deref().unwrap_or("-"),
-            reason,
-            detail
-        );
+        self.count_refusal(reason, &detail);
     }
 }
 
@@ -421,17 +441,7 @@ impl TlsAccept for ViewerTls {
             (None, true) => connection_rules(&current.rules, None, &info),
             _ => None,
         };
-        match &denied {
-            Some((reason, detail)) => record.refuse(reason, detail.clone()),
-            None => {
-                if let Ok(mut s) = record.state.lock() {
-                    s.accepted = true;
-                }
-                metrics::HANDSHAKES
-                    .with_label_values(&[&self.listener, "accepted", "Ok"])
-                    .inc();
-            }
-        }
+        record.count_completed(denied.as_ref());
         let headers = current.headers.render(cert.as_ref());
         let rule_client = rules::facts::client(cert.as_ref(), true, rules::facts::unix_now());
         Some(Arc::new(Arc::new(ConnectionIdentity {

@@ -1,0 +1,327 @@
+//! The rule examples shipped in lua-free-rules/, each run by a real edge over real sockets,
+//! plus the connection-phase behaviours (refusal reason, optional mode, shadow, fail closed).
+
+mod common;
+
+use common::*;
+use mtls_edge::pki::{self, Ca, Issued, LeafSpec};
+use std::path::{Path, PathBuf};
+
+fn example(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("lua-free-rules").join(name)
+}
+
+fn device(ca: &Ca, cn: &str, org: Option<&str>, ou: Option<&str>) -> Issued {
+    let mut spec = LeafSpec::client(cn);
+    spec.org = org.map(str::to_string);
+    spec.org_unit = ou.map(str::to_string);
+    ca.issue(&spec).unwrap()
+}
+
+/// The serial as rules see it: lowercase hex, no colons, no leading zeros.
+fn serial_text(i: &Issued) -> String {
+    let hex: String = i.serial.iter().map(|b| format!("{b:02x}")).collect();
+    let t = hex.trim_start_matches('0');
+    if t.is_empty() {
+        "0".into()
+    } else {
+        t.into()
+    }
+}
+
+struct Edge {
+    dir: tempfile::TempDir,
+    origin: Proc,
+    _beta: Option<Proc>,
+    edge: Proc,
+    optional_port: u16,
+    admin_port: u16,
+}
+
+impl Edge {
+    fn client(&self, cert: &str) -> Client {
+        Client::new(self.dir.path(), self.edge.port).cert(cert)
+    }
+
+    /// Handshakes refused for `reason` on the listener at `port`.
+    fn refused_on(&self, port: u16, reason: &str) -> f64 {
+        metric(
+            self.admin_port,
+            &format!(
+                "mtls_edge_handshakes_total{{listener=\"127.0.0.1:{port}\",outcome=\"refused\",reason=\"{reason}\"}}"
+            ),
+        )
+    }
+
+    fn refused(&self, reason: &str) -> f64 {
+        self.refused_on(self.edge.port, reason)
+    }
+}
+
+/// An edge with `rules_yaml` (the `rules:` section), a fleet CA and another CA in its trust
+/// store, and the devices `certs` written by `make`. `beta` adds a second origin named beta.
+fn edge(rules_yaml: &str, beta: bool, make: impl FnOnce(&Path, &Ca, &Ca)) -> Edge {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ServerPki::write(d);
+    let fleet = Ca::root("Fleet Device CA").unwrap();
+    let other = Ca::root("Other CA").unwrap();
+    pki::write_file(
+        &d.join("devices-ca.pem"),
+        &format!("{}{}", fleet.cert_pem, other.cert_pem),
+        false,
+    )
+    .unwrap();
+    make(d, &fleet, &other);
+    let origin = spawn_origin(d, "origin-server", "edge-ca.pem");
+    let beta = beta.then(|| spawn_origin(d, "origin-server", "edge-ca.pem"));
+    let (port, optional_port, admin_port) = (free_port(), free_port(), free_port());
+    let origins = match &beta {
+        Some(b) => format!("{}{}", origin_yaml("main", origin.port), origin_yaml("beta", b.port)),
+        None => origin_yaml("main", origin.port),
+    };
+    let yaml = format!(
+        "{server}listeners:\n{required}{optional}trust_stores:\n  devices: {{ ca_files: [devices-ca.pem] }}\norigins:\n{origins}routes:\n  - {{ path_prefix: /firmware/, origin: main, access: any, cache: {{ default_ttl_secs: 60 }} }}\n  - {{ path_prefix: /, origin: main, access: any }}\ncache: {{ max_bytes: 16777216, max_object_bytes: 1048576 }}\nadmin: {{ address: 127.0.0.1:{admin_port} }}\n{rules_yaml}\n",
+        server = server_yaml(d, 2),
+        required = listener_yaml(port, "required", "devices"),
+        optional = listener_yaml(optional_port, "optional", "devices"),
+    );
+    let edge = spawn_edge(d, &yaml, port);
+    Edge {
+        dir,
+        origin,
+        _beta: beta,
+        edge,
+        optional_port,
+        admin_port,
+    }
+}
+
+fn rules_dir(name: &str) -> String {
+    format!("rules: {{ dir: {} }}", example(name).display())
+}
+
+#[test]
+fn firmware_fleet_only_devices_from_the_fleet_ca_and_only_their_own_models_images() {
+    let e = edge(&rules_dir("firmware-fleet"), false, |d, fleet, other| {
+        save(d, "x1", &device(fleet, "device-0001", None, Some("x1")));
+        save(d, "sensor", &device(fleet, "sensor-0001", None, Some("x1")));
+        save(d, "foreign", &device(other, "device-0002", None, Some("x1")));
+    });
+    let r = e.client("x1").get("/firmware/images/x1/fw-2.0.bin").unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(e.client("x1").get("/firmware/manifest.json").unwrap().status, 200);
+    let r = e.client("x1").get("/firmware/images/x2/fw-2.0.bin").unwrap();
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (403, "this device model may not fetch that image\n")
+    );
+    // Refused in the handshake: a CN that is not device-*, and a device of another CA that the
+    // trust store also holds.
+    assert!(e.client("sensor").get("/firmware/manifest.json").is_err());
+    assert!(e.client("foreign").get("/firmware/manifest.json").is_err());
+    assert_eq!(e.refused("ConnectionRuleDenied"), 2.0);
+    let log = e.edge.log_text();
+    assert!(
+        log.contains("reason=ConnectionRuleDenied detail=\"rule devices-only\""),
+        "{log}"
+    );
+    assert!(log.contains("detail=\"rule fleet-ca-only\""), "{log}");
+}
+
+#[test]
+fn partner_api_maps_the_organization_to_paths_and_a_header() {
+    let e = edge(&rules_dir("partner-api"), false, |d, fleet, _| {
+        save(d, "acme", &device(fleet, "api-client", Some("Acme Corp"), None));
+        save(d, "globex", &device(fleet, "api-client", Some("Globex"), None));
+        save(d, "initech", &device(fleet, "api-client", Some("Initech"), None));
+    });
+    let r = e.client("acme").get("/api/acme/orders").unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.body.contains("x-partner: acme"), "{}", r.body);
+    let r = e.client("globex").get("/api/shared/status").unwrap();
+    assert!(r.body.contains("x-partner: globex"), "{}", r.body);
+    // A client cannot send its own X-Partner: the rule sets it.
+    let r = e
+        .client("globex")
+        .header("X-Partner", "acme")
+        .get("/api/globex/x")
+        .unwrap();
+    assert!(
+        r.body.contains("x-partner: globex") && !r.body.contains("x-partner: acme"),
+        "{}",
+        r.body
+    );
+    assert_eq!(e.client("acme").get("/api/globex/orders").unwrap().status, 403);
+    let r = e.client("initech").get("/api/shared/status").unwrap();
+    assert_eq!((r.status, r.body.as_str()), (403, "unknown partner\n"));
+}
+
+#[test]
+fn a_revocation_denylist_refuses_listed_serials_in_the_handshake() {
+    let dir_holder = tempfile::tempdir().unwrap();
+    let list = dir_holder.path().join("revoked.txt");
+    let rules = format!(
+        "rules:\n  dir: {}\n  lists:\n    revoked_serials: {{ file: {}, kind: serial }}",
+        example("revocation-denylist").display(),
+        list.display()
+    );
+    let e = edge(&rules, false, |d, fleet, _| {
+        let revoked = device(fleet, "device-0009", None, None);
+        // Written with colons and in upper case; the certificate's serial is matched anyway.
+        let colons: Vec<String> = revoked.serial.iter().map(|b| format!("{b:02X}")).collect();
+        std::fs::write(&list, format!("# revoked\n{}\n", colons.join(":"))).unwrap();
+        save(d, "revoked", &revoked);
+        save(d, "good", &device(fleet, "device-0001", None, None));
+    });
+    assert_eq!(e.client("good").get("/firmware/manifest.json").unwrap().status, 200);
+    for v in [boring::ssl::SslVersion::TLS1_2, boring::ssl::SslVersion::TLS1_3] {
+        assert!(
+            e.client("revoked").version(v).get("/firmware/manifest.json").is_err(),
+            "{v:?}"
+        );
+    }
+    assert_eq!(e.refused("ConnectionRuleDenied"), 2.0);
+    assert!(e.edge.log_text().contains("detail=\"rule revoked-serials\""));
+}
+
+/// FNV-1a as the edge's `stableHash`: the test predicts each device's group independently.
+fn stable_hash(s: &str) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h >> 1) as i64
+}
+
+#[test]
+fn a_staged_rollout_sends_a_stable_ten_percent_to_the_beta_origin_without_mixing_the_cache() {
+    let mut expected = Vec::new();
+    let e = edge(&rules_dir("staged-rollout"), true, |d, fleet, _| {
+        // Enough devices that both groups have members (about one in ten is beta).
+        let mut beta = 0;
+        let mut i = 0;
+        while beta < 2 || i < 20 {
+            let dev = device(fleet, &format!("device-{i:04}"), None, None);
+            let is_beta = stable_hash(&serial_text(&dev)) % 100 < 10;
+            beta += usize::from(is_beta);
+            expected.push((save(d, &format!("dev{i}"), &dev), is_beta));
+            i += 1;
+        }
+    });
+    let beta_port = e._beta.as_ref().unwrap().port.to_string();
+    let main_port = e.origin.port.to_string();
+    for round in 0..2 {
+        for (stem, is_beta) in &expected {
+            let r = e.client(stem).get("/firmware/manifest.json").unwrap();
+            assert_eq!(r.status, 200);
+            let want = if *is_beta { &beta_port } else { &main_port };
+            assert_eq!(r.header("x-origin-port"), Some(want.as_str()), "{stem} round {round}");
+        }
+    }
+    // Each group's manifest was fetched once and then served from its own cache entry.
+    let r = e.client(&expected[0].0).get("/firmware/manifest.json").unwrap();
+    assert_eq!(r.header("cache-status"), Some("mtls-edge; hit"));
+}
+
+#[test]
+fn connection_rules_also_run_for_clients_without_a_certificate_in_optional_mode() {
+    let rules =
+        "rules:\n  - { name: certificate-or-nothing, phase: connection, when: '!client.cert.present', deny: {} }\n";
+    let dir_holder = tempfile::tempdir().unwrap();
+    std::fs::write(dir_holder.path().join("r.yaml"), rules).unwrap();
+    let e = edge(
+        &format!("rules: {{ dir: {} }}", dir_holder.path().display()),
+        false,
+        |d, fleet, _| {
+            save(d, "good", &device(fleet, "device-0001", None, None));
+        },
+    );
+    let anonymous = Client::new(e.dir.path(), e.optional_port).get("/firmware/manifest.json");
+    assert!(anonymous.is_err(), "answered: {anonymous:?}");
+    let with_cert = Client::new(e.dir.path(), e.optional_port)
+        .cert("good")
+        .get("/firmware/manifest.json");
+    assert_eq!(with_cert.unwrap().status, 200);
+    assert_eq!(e.refused_on(e.optional_port, "ConnectionRuleDenied"), 1.0);
+}
+
+#[test]
+fn shadow_rules_change_nothing_and_evaluation_errors_deny() {
+    let rules = r#"rules:
+  - { name: would-block-all, phase: request, mode: shadow, deny: {} }
+  - { name: bad-count, phase: request, when: 'int(request.headers["x-count"]) > 3', deny: {} }
+"#;
+    let dir_holder = tempfile::tempdir().unwrap();
+    std::fs::write(dir_holder.path().join("r.yaml"), rules).unwrap();
+    let e = edge(
+        &format!("rules: {{ dir: {} }}", dir_holder.path().display()),
+        false,
+        |d, fleet, _| {
+            save(d, "good", &device(fleet, "device-0001", None, None));
+        },
+    );
+    assert_eq!(
+        e.client("good").header("x-count", "1").get("/echo").unwrap().status,
+        200
+    );
+    assert_eq!(
+        e.client("good").header("x-count", "9").get("/echo").unwrap().status,
+        403
+    );
+    let r = e.client("good").header("x-count", "many").get("/echo").unwrap();
+    assert_eq!(r.status, 500, "an evaluation error must deny");
+    let m = |rule: &str, outcome: &str| {
+        metric(
+            e.admin_port,
+            &format!("mtls_edge_rule_evaluations_total{{outcome=\"{outcome}\",phase=\"request\",rule=\"{rule}\"}}"),
+        )
+    };
+    assert_eq!(m("would-block-all", "would_match"), 3.0);
+    assert_eq!(m("bad-count", "matched"), 1.0);
+    assert_eq!(m("bad-count", "error"), 1.0);
+    assert!(e
+        .edge
+        .log_text()
+        .contains("rule=bad-count phase=request evaluation error"));
+}
+
+#[test]
+fn a_bad_rule_stops_the_start_up_and_the_check_with_file_and_line() {
+    let dir_holder = tempfile::tempdir().unwrap();
+    let d = dir_holder.path();
+    ServerPki::write(d);
+    let fleet = Ca::root("Fleet Device CA").unwrap();
+    pki::write_file(&d.join("devices-ca.pem"), &fleet.cert_pem, false).unwrap();
+    std::fs::create_dir(d.join("rules")).unwrap();
+    std::fs::write(
+        d.join("rules/bad.yaml"),
+        "rules:\n  - name: typo\n    phase: request\n    when: client.cert.subject.nc == \"x\"\n    deny: {}\n",
+    )
+    .unwrap();
+    let yaml = format!(
+        "{}listeners:\n{}trust_stores:\n  devices: {{ ca_files: [devices-ca.pem] }}\norigins:\n{}routes:\n  - {{ path_prefix: /, origin: main }}\nrules: {{ dir: rules }}\n",
+        server_yaml(d, 1),
+        listener_yaml(free_port(), "required", "devices"),
+        origin_yaml("main", free_port()),
+    );
+    std::fs::write(d.join("edge.yaml"), yaml).unwrap();
+    for args in [vec!["-t", "-c"], vec!["-c"]] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mtls-edge"))
+            .args(&args)
+            .arg(d.join("edge.yaml"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: started with a bad rule");
+        assert!(
+            text.contains("bad.yaml:2") && text.contains("when (line 4)"),
+            "{args:?}: {text}"
+        );
+        assert!(
+            text.contains("unknown variable or field 'client.cert.subject.nc'"),
+            "{text}"
+        );
+    }
+}
