@@ -29,12 +29,14 @@ start_origin() {
 }
 
 # start_edge THREADS [CACHE_MAX_BYTES [MAX_OBJECT_BYTES]]: the edge on 8443 with /files/ cached.
+# EDGE_PORT, ADMIN_PORT and EXTRA_YAML (appended to the config) start a second, different edge.
 start_edge() {
   local threads=$1 max=${2:-1073741824} obj=${3:-134217728}
-  cat > "$D/edge-bench.yaml" <<YAML
-server: { threads: $threads, grace_period_seconds: 0, graceful_shutdown_timeout_seconds: 0, pid_file: $D/edge.pid, upgrade_sock: $D/edge.sock }
+  local port=${EDGE_PORT:-8443} admin=${ADMIN_PORT:-9100}
+  cat > "$D/edge-$port.yaml" <<YAML
+server: { threads: $threads, grace_period_seconds: 0, graceful_shutdown_timeout_seconds: 0, pid_file: $D/edge-$port.pid, upgrade_sock: $D/edge-$port.sock }
 listeners:
-  - { address: 127.0.0.1:8443, server_cert: edge-server.pem, server_key: edge-server.key, mtls: { mode: required, trust_store: devices } }
+  - { address: 127.0.0.1:$port, server_cert: edge-server.pem, server_key: edge-server.key, mtls: { mode: required, trust_store: devices } }
 trust_stores:
   devices: { ca_files: [device-ca.pem], crl_files: [device-crl.pem] }
 origins:
@@ -43,12 +45,13 @@ routes:
   - { path_prefix: /files/, origin: files, cache: { default_ttl_secs: 3600 } }
   - { path_prefix: /, origin: files }
 cache: { max_bytes: $max, max_object_bytes: $obj, lock_timeout_secs: 60 }
-admin: { address: 127.0.0.1:9100 }
+admin: { address: 127.0.0.1:$admin }
+${EXTRA_YAML:-}
 YAML
-  RUST_LOG=warn "$BIN" -c "$D/edge-bench.yaml" 2>"$D/edge.log" &
+  RUST_LOG=${RUST_LOG:-warn} ${EDGE_CPU:+taskset -c $EDGE_CPU} "$BIN" -c "$D/edge-$port.yaml" 2>"$D/edge-$port.log" &
   EDGE=$!
   PIDS+=("$EDGE")
-  wait_port 8443
+  wait_port "$port"
 }
 
 # ticks PID...: user+system CPU of the processes, in clock ticks (HZ per second).

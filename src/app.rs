@@ -15,7 +15,7 @@ use crate::config::{self, ConfigErrors, Ctx};
 use crate::identity::HeaderPlan;
 use crate::origin;
 use crate::proxy::{EdgeProxy, ProxyState, Route};
-use crate::rules::RuleSet;
+use crate::rules::{explain, RuleSet};
 use crate::trust_store;
 use crate::viewer_tls::{self, ListenerPolicy};
 use crate::{admin, metrics};
@@ -85,6 +85,32 @@ pub fn build(path: &Path) -> Result<Edge, ConfigErrors> {
 }
 
 impl Edge {
+    /// `rules bench`: nanoseconds per request of the request-phase rules for `q`.
+    pub fn bench_rules(&self, q: &explain::Query, iterations: u32) -> Result<f64, String> {
+        explain::bench(&self.state.load().rules, q, iterations)
+    }
+
+    /// `rules explain`: the certificate and request `q` through the trust store of `listener`
+    /// (default: the first) for the query's SNI, the rules and the routes.
+    pub fn explain(&self, listener: Option<&str>, q: &explain::Query) -> Result<String, String> {
+        let policy = match listener {
+            Some(name) => self.listeners.iter().find(|(n, _, _)| &**n == name),
+            None => self.listeners.first(),
+        }
+        .map(|(_, p, _)| p.load_full())
+        .ok_or_else(|| format!("no listener {}", listener.unwrap_or("in the config")))?;
+        let tls = policy.select(q.sni.as_deref());
+        let state = self.state.load();
+        let route = |host: &str, path: &str| {
+            let r = state.route(Some(host), path);
+            explain::Routing {
+                route: r.map(|r| r.path_prefix.clone()),
+                origin: r.map(|r| r.origin.name.to_string()),
+            }
+        };
+        explain::explain(&state.rules, tls.trust_store.as_deref(), route, q)
+    }
+
     fn server_conf(&self) -> ServerConf {
         let s = &self.conf.server;
         let threads = if s.threads == 0 {

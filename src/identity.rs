@@ -82,7 +82,8 @@ pub struct ConnectionIdentity {
     /// Identity headers for the origin, rendered once per connection.
     pub headers: Vec<(HeaderName, HeaderValue)>,
     /// What rules see of the connection: the client record (built once) and SNI, TLS, ALPN.
-    pub rule_client: Box<dyn cel::common::value::Val>,
+    pub rule_client: crate::rules::facts::ClientFacts,
+    pub rule_memo: crate::rules::ConnectionMemo,
     pub info: crate::rules::ConnectionInfo,
     /// A connection rule refused this connection after the handshake (a client without a
     /// certificate, where no verify step ran): the first request closes it. Holds the rule.

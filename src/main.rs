@@ -17,7 +17,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(name = "mtls-edge", version, about = "An mTLS CDN edge on Pingora")]
 struct Cli {
     /// The configuration file.
-    #[arg(short = 'c', long = "conf", default_value = "conf/edge.yaml")]
+    #[arg(short = 'c', long = "conf", default_value = "conf/edge.yaml", global = true)]
     conf: PathBuf,
     /// Check the configuration (every certificate, key, CRL and reference), then exit 0 or 1.
     #[arg(short = 't', long = "test")]
@@ -28,6 +28,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Lua-free rules: see lua-free-rules/README.md.
+    Rules {
+        #[command(subcommand)]
+        command: RulesCommand,
+    },
     /// Generate a demo PKI, start a demo origin that requires origin mTLS and the edge in front.
     Demo {
         /// Where the demo PKI and config are written.
@@ -48,6 +53,38 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum RulesCommand {
+    /// Say which rules a certificate and a request match, and what the edge would do, without
+    /// running it (uses the config's trust stores, rules, lists and routes).
+    Explain {
+        /// The client certificate (PEM), then any intermediates the device sends.
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long, default_value = "/")]
+        path: String,
+        /// The SNI the device sends (selects the trust store); also the default Host.
+        #[arg(long)]
+        sni: Option<String>,
+        /// The Host header (default: the SNI, else localhost).
+        #[arg(long)]
+        host: Option<String>,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// A request header, `Name: value`; repeat for more.
+        #[arg(long = "header")]
+        headers: Vec<String>,
+        #[arg(long, default_value = "192.0.2.1")]
+        client_ip: String,
+        /// The listener address (default: the first listener).
+        #[arg(long)]
+        listener: Option<String>,
+        /// Instead of explaining, time the request phase over this many requests (load/rules.sh).
+        #[arg(long, hide = true)]
+        bench: Option<u32>,
+    },
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp_millis()
@@ -55,6 +92,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         None => run_edge(&cli.conf, cli.test),
+        Some(Command::Rules { command }) => run_rules(&cli.conf, command),
         Some(Command::Demo { dir }) => run_demo(&dir),
         Some(Command::Origin {
             listen,
@@ -79,6 +117,43 @@ fn run_edge(conf: &std::path::Path, test_only: bool) -> Result<(), String> {
         return Ok(());
     }
     edge.run(Vec::new()).map_err(|e| e.to_string())
+}
+
+fn run_rules(conf: &std::path::Path, command: RulesCommand) -> Result<(), String> {
+    let RulesCommand::Explain {
+        cert,
+        path,
+        sni,
+        host,
+        method,
+        headers,
+        client_ip,
+        listener,
+        bench,
+    } = command;
+    let headers = headers
+        .iter()
+        .map(|h| {
+            h.split_once(':')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .ok_or_else(|| format!("--header '{h}': expected 'Name: value'"))
+        })
+        .collect::<Result<_, _>>()?;
+    let q = mtls_edge::rules::explain::Query {
+        cert_pem: std::fs::read(&cert).map_err(|e| format!("--cert {}: {e}", cert.display()))?,
+        host: host.or_else(|| sni.clone()).unwrap_or_else(|| "localhost".into()),
+        sni,
+        method,
+        path_and_query: path,
+        headers,
+        client_ip,
+    };
+    let edge = app::build(conf).map_err(|e| format!("configuration invalid:\n{e}"))?;
+    match bench {
+        Some(n) => println!("{:.0} ns per request", edge.bench_rules(&q, n)?),
+        None => print!("{}", edge.explain(listener.as_deref(), &q)?),
+    }
+    Ok(())
 }
 
 fn run_demo(dir: &std::path::Path) -> Result<(), String> {

@@ -70,7 +70,7 @@ impl ProxyState {
         }
     }
 
-    fn route(&self, host: Option<&str>, path: &str) -> Option<&Route> {
+    pub fn route(&self, host: Option<&str>, path: &str) -> Option<&Route> {
         self.routes
             .iter()
             .find(|r| r.host.as_deref().is_none_or(|h| Some(h) == host) && path.starts_with(&r.path_prefix))
@@ -171,13 +171,14 @@ fn request_rules(rules: &RuleSet, session: &Session, conn: &ConnectionIdentity, 
     };
     let now = rules::facts::unix_now();
     let facts = rules::Facts {
-        client: conn.rule_client.as_ref(),
-        connection: rules::facts::connection(&conn.info, &client_ip),
-        request: Some(rules::facts::request(&info)),
+        client: &conn.rule_client,
+        connection: &conn.info,
+        client_ip: &client_ip,
+        request: Some(&info),
         lists: rules.lists(),
         now: rules::facts::timestamp_now(now),
     };
-    rules.evaluate(Phase::Request, &facts, None)
+    rules.evaluate(Phase::Request, &facts, Some(&conn.rule_memo), None)
 }
 
 #[async_trait]

@@ -280,15 +280,16 @@ fn connection_rules(
     info: &ConnectionInfo,
 ) -> Option<(&'static str, String)> {
     let now = rules::facts::unix_now();
-    let client = rules::facts::client(cert, true, now);
+    let client = rules::facts::ClientFacts::new(cert, true, now);
     let facts = rules::Facts {
-        client: client.as_ref(),
-        connection: rules::facts::connection(info, ""),
+        client: &client,
+        connection: info,
+        client_ip: "",
         request: None,
         lists: rules.lists(),
         now: rules::facts::timestamp_now(now),
     };
-    match rules.evaluate(Phase::Connection, &facts, None).decision() {
+    match rules.evaluate(Phase::Connection, &facts, None, None).decision() {
         Decision::Deny { rule, .. } => Some(("ConnectionRuleDenied", format!("rule {rule}"))),
         Decision::Error { rule, message } => Some(("ConnectionRuleError", format!("rule {rule}: {message}"))),
         Decision::Allow { .. } | Decision::Continue => None,
@@ -443,7 +444,7 @@ impl TlsAccept for ViewerTls {
         };
         record.count_completed(denied.as_ref());
         let headers = current.headers.render(cert.as_ref());
-        let rule_client = rules::facts::client(cert.as_ref(), true, rules::facts::unix_now());
+        let rule_client = rules::facts::ClientFacts::new(cert.as_ref(), true, rules::facts::unix_now());
         Some(Arc::new(Arc::new(ConnectionIdentity {
             listener: self.listener.clone(),
             sni: record.sni.clone(),
@@ -451,6 +452,7 @@ impl TlsAccept for ViewerTls {
             cert,
             headers,
             rule_client,
+            rule_memo: Default::default(),
             info,
             denied: denied.map(|(_, detail)| detail),
         })))

@@ -88,6 +88,12 @@ fn the_demo_prints_curl_commands_that_work_and_stops_on_ctrl_c() {
         conf.join("edge.yaml"),
     )
     .unwrap();
+    // Its rules and lists are the shipped examples, next to conf/ as in the repository.
+    std::os::unix::fs::symlink(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("lua-free-rules"),
+        dir.path().join("lua-free-rules"),
+    )
+    .unwrap();
     let check = Command::new(common::BIN)
         .args(["-t", "-c"])
         .arg(conf.join("edge.yaml"))

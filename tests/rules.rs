@@ -325,3 +325,78 @@ fn a_bad_rule_stops_the_start_up_and_the_check_with_file_and_line() {
         );
     }
 }
+
+/// Writes an edge config (not started) with `rules_yaml`, and returns its path.
+fn config_only(d: &Path, rules_yaml: &str) -> PathBuf {
+    ServerPki::write(d);
+    let yaml = format!(
+        "{}listeners:\n{}trust_stores:\n  devices: {{ ca_files: [devices-ca.pem] }}\norigins:\n{}routes:\n  - {{ path_prefix: /, origin: main }}\n{rules_yaml}\n",
+        server_yaml(d, 1),
+        listener_yaml(free_port(), "required", "devices"),
+        origin_yaml("main", free_port()),
+    );
+    let path = d.join("edge.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+fn explain(conf: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mtls-edge"))
+        .args(["-c", conf.to_str().unwrap(), "rules", "explain"])
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{args:?}: {text}");
+    text
+}
+
+#[test]
+fn rules_explain_says_which_rules_matched_and_what_the_edge_would_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let fleet = Ca::root("Fleet Device CA").unwrap();
+    pki::write_file(&d.join("devices-ca.pem"), &fleet.cert_pem, false).unwrap();
+    save(d, "x1", &device(&fleet, "device-0001", None, Some("x1")));
+    save(d, "sensor", &device(&fleet, "sensor-0001", None, Some("x1")));
+    save(
+        d,
+        "stranger",
+        &device(&Ca::root("Fleet Device CA").unwrap(), "device-0002", None, Some("x1")),
+    );
+    let conf = config_only(d, &rules_dir("firmware-fleet"));
+    let cert = |stem: &str| d.join(format!("{stem}.pem")).display().to_string();
+
+    let text = explain(&conf, &["--cert", &cert("x1"), "--path", "/firmware/images/x2/fw.bin"]);
+    assert!(text.contains("verified against the trust store"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.contains("MATCH") && l.contains("own-model-images-only") && l.contains("fleet.yaml:")),
+        "{text}"
+    );
+    assert!(
+        text.contains("answer 403") && text.contains("result: denied by a rule"),
+        "{text}"
+    );
+
+    let text = explain(&conf, &["--cert", &cert("x1"), "--path", "/firmware/images/x1/fw.bin"]);
+    assert!(text.contains("result: forward to origin main (route /)"), "{text}");
+
+    let text = explain(&conf, &["--cert", &cert("sensor")]);
+    assert!(
+        text.contains("refuse the handshake (reason ConnectionRuleDenied, rule devices-only)"),
+        "{text}"
+    );
+    assert!(!text.contains("request phase"), "{text}");
+
+    // Same names, another key: not verified, whatever the rules say.
+    let text = explain(&conf, &["--cert", &cert("stranger")]);
+    assert!(
+        text.contains("NOT verified") && text.contains("the certificate does not verify"),
+        "{text}"
+    );
+}

@@ -141,24 +141,22 @@ impl Val for Headers<'_> {
     }
 }
 
-impl Indexer for Headers<'_> {
+impl<'v> Indexer for Headers<'v> {
     fn get<'b, 'w>(&'b self, idx: &dyn Val) -> Result<CowVal<'b, 'w>, ExecutionError>
     where
         Self: 'w,
     {
-        let name = key_name(idx)?.to_ascii_lowercase();
-        let mut values = self.0.get_all(name.as_str()).iter().filter_map(|v| v.to_str().ok());
-        let value = match (values.next(), values.next()) {
-            (None, _) => String::new(),
-            (Some(one), None) => one.to_string(),
-            (Some(a), Some(b)) => std::iter::once(a)
-                .chain(std::iter::once(b))
-                .chain(values)
-                .collect::<Vec<_>>()
-                .join(", "),
+        let map: &'v http::HeaderMap = self.0;
+        // `get_all` with a &str matches the name in any case.
+        let mut values = map.get_all(key_name(idx)?).iter().filter_map(|v| v.to_str().ok());
+        let value: CelString<'w> = match (values.next(), values.next()) {
+            (None, _) => CelString::from(""),
+            (Some(one), None) => CelString::from(one),
+            (Some(a), Some(b)) => CelString::from([a, b].into_iter().chain(values).collect::<Vec<_>>().join(", ")),
         };
-        Ok(CowVal::owned(CelString::from(value)))
+        Ok(CowVal::owned(value))
     }
+
     fn steal<'w>(self: Box<Self>, idx: &dyn Val) -> Result<Box<dyn Val + 'w>, ExecutionError>
     where
         Self: 'w,
@@ -195,54 +193,74 @@ pub fn to_datetime(unix: i64) -> DateTime<FixedOffset> {
     DateTime::from_timestamp(unix, 0).unwrap_or_default().fixed_offset()
 }
 
-fn name(dn: &str, parts: &NameParts) -> Box<dyn Val> {
-    Box::new(Record::new(vec![
-        ("dn", string(dn.to_string())),
-        ("cn", string(parts.cn.clone())),
-        ("o", string(parts.o.clone())),
-        ("ou", string(parts.ou.clone())),
-    ]))
-}
-
-/// `client`: the certificate the handshake verified, or one with `present: false` and empty
-/// fields (so that conditions keep their types for clients without one). `verified` is false
-/// only where a certificate was not checked against a trust store (`rules explain` without one).
-pub fn client(cert: Option<&ViewerCert>, verified: bool, now: i64) -> Box<dyn Val> {
+/// `client.cert.*` by full path: the certificate the handshake verified, or one with `present:
+/// false` and empty fields (so that conditions keep their types for clients without one).
+/// `verified` is false only where a certificate was not checked against a trust store (`rules
+/// explain` of one that does not verify).
+fn client_fields(cert: Option<&ViewerCert>, verified: bool, now: i64) -> Vec<(&'static str, Box<dyn Val>)> {
     let empty = ViewerCert::default();
     let c = cert.unwrap_or(&empty);
-    let days = if cert.is_some() {
+    let present = cert.is_some();
+    let serial = if present {
+        normalize_serial(&c.serial).unwrap_or_default()
+    } else {
+        String::new()
+    };
+    let days = if present {
         (c.not_after - now).div_euclid(86_400)
     } else {
         0
     };
-    let cert_record = Record::new(vec![
-        ("present", Box::new(CelBool::from(cert.is_some()))),
-        ("verified", Box::new(CelBool::from(cert.is_some() && verified))),
-        ("subject", name(&c.subject, &c.subject_parts)),
-        ("issuer", name(&c.issuer, &c.issuer_parts)),
-        (
-            "serial",
-            string(if cert.is_some() {
-                normalize_serial(&c.serial).unwrap_or_default()
-            } else {
-                String::new()
-            }),
-        ),
-        ("sha256", string(c.sha256.clone())),
-        (
-            "san",
-            Box::new(Record::new(vec![
-                ("dns", strings(&c.san_dns)),
-                ("uri", strings(&c.san_uri)),
-                ("email", strings(&c.san_email)),
-                ("ip", strings(&c.san_ip)),
-            ])),
-        ),
-        ("not_before", timestamp(c.not_before)),
-        ("not_after", timestamp(c.not_after)),
-        ("days_until_expiry", Box::new(CelInt::from(days))),
-    ]);
-    Box::new(Record::new(vec![("cert", Box::new(cert_record))]))
+    vec![
+        ("client.cert.present", Box::new(CelBool::from(present))),
+        ("client.cert.verified", Box::new(CelBool::from(present && verified))),
+        ("client.cert.subject.dn", string(c.subject.clone())),
+        ("client.cert.subject.cn", string(c.subject_parts.cn.clone())),
+        ("client.cert.subject.o", string(c.subject_parts.o.clone())),
+        ("client.cert.subject.ou", string(c.subject_parts.ou.clone())),
+        ("client.cert.issuer.dn", string(c.issuer.clone())),
+        ("client.cert.issuer.cn", string(c.issuer_parts.cn.clone())),
+        ("client.cert.issuer.o", string(c.issuer_parts.o.clone())),
+        ("client.cert.issuer.ou", string(c.issuer_parts.ou.clone())),
+        ("client.cert.serial", string(serial)),
+        ("client.cert.sha256", string(c.sha256.clone())),
+        ("client.cert.san.dns", strings(&c.san_dns)),
+        ("client.cert.san.uri", strings(&c.san_uri)),
+        ("client.cert.san.email", strings(&c.san_email)),
+        ("client.cert.san.ip", strings(&c.san_ip)),
+        ("client.cert.not_before", timestamp(c.not_before)),
+        ("client.cert.not_after", timestamp(c.not_after)),
+        ("client.cert.days_until_expiry", Box::new(CelInt::from(days))),
+    ]
+}
+
+/// Nests values by path (`["cert", "subject", "cn"]`) into records.
+fn nest(fields: Vec<(Vec<&'static str>, Box<dyn Val>)>) -> Box<dyn Val> {
+    let mut groups: Vec<(&'static str, Vec<(Vec<&'static str>, Box<dyn Val>)>)> = Vec::new();
+    for (mut path, value) in fields {
+        if path.is_empty() {
+            continue;
+        }
+        let head = path.remove(0);
+        match groups.iter_mut().find(|(h, _)| *h == head) {
+            Some((_, g)) => g.push((path, value)),
+            None => groups.push((head, vec![(path, value)])),
+        }
+    }
+    let record = groups
+        .into_iter()
+        .map(|(head, mut group)| {
+            let leaf = group.len() == 1 && group[0].0.is_empty();
+            match (leaf, group.pop()) {
+                (true, Some((_, v))) => (head, v),
+                (_, last) => {
+                    group.extend(last);
+                    (head, nest(group))
+                }
+            }
+        })
+        .collect();
+    Box::new(Record::new(record))
 }
 
 /// A certificate with every field set, to type-check expressions at load.
@@ -270,21 +288,40 @@ pub fn sample_cert() -> ViewerCert {
     }
 }
 
+/// `client`, built once per connection. The CEL interpreter looks a dotted name up whole first
+/// (`client.cert.subject.cn`), then ever shorter prefixes: answering whole names from a flat
+/// table spares it the walk through nested records, which serve whole-object use.
+#[derive(Debug)]
+pub struct ClientFacts {
+    flat: Vec<(&'static str, Box<dyn Val>)>,
+    record: Box<dyn Val>,
+}
+
+impl ClientFacts {
+    pub fn new(cert: Option<&ViewerCert>, verified: bool, now: i64) -> ClientFacts {
+        let flat = client_fields(cert, verified, now);
+        let record = nest(
+            flat.iter()
+                .map(|(p, v)| (p.split('.').skip(1).collect(), v.clone_as_boxed()))
+                .collect(),
+        );
+        ClientFacts { flat, record }
+    }
+
+    fn get(&self, name: &str) -> Option<&dyn Val> {
+        if name == "client" {
+            return Some(self.record.as_ref());
+        }
+        self.flat.iter().find(|(p, _)| *p == name).map(|(_, v)| v.as_ref())
+    }
+}
+
 /// What a connection knows besides the certificate. `client_ip` is empty during the handshake.
 #[derive(Debug, Clone, Default)]
 pub struct ConnectionInfo {
     pub sni: String,
     pub tls_version: String,
     pub alpn: String,
-}
-
-pub fn connection<'v>(info: &'v ConnectionInfo, client_ip: &'v str) -> Box<dyn Val + 'v> {
-    Box::new(Record::new(vec![
-        ("client_ip", string(client_ip)),
-        ("sni", string(info.sni.as_str())),
-        ("tls_version", string(info.tls_version.as_str())),
-        ("alpn", string(info.alpn.as_str())),
-    ]))
 }
 
 /// The parts of a request rules see.
@@ -296,7 +333,31 @@ pub struct RequestInfo<'v> {
     pub headers: &'v http::HeaderMap,
 }
 
-pub fn request<'v>(r: &RequestInfo<'v>) -> Box<dyn Val + 'v> {
+/// The variables of one evaluation, borrowed from the connection and the request: building
+/// them allocates nothing.
+pub struct Facts<'a> {
+    pub client: &'a ClientFacts,
+    pub connection: &'a ConnectionInfo,
+    /// Empty in the connection phase.
+    pub client_ip: &'a str,
+    /// `None` in the connection phase.
+    pub request: Option<&'a RequestInfo<'a>>,
+    pub lists: &'a Lists,
+    pub now: CelTimestamp,
+}
+
+impl<'a> Facts<'a> {
+    fn connection_record(&self) -> Box<dyn Val + 'a> {
+        Box::new(Record::new(vec![
+            ("client_ip", string(self.client_ip)),
+            ("sni", string(self.connection.sni.as_str())),
+            ("tls_version", string(self.connection.tls_version.as_str())),
+            ("alpn", string(self.connection.alpn.as_str())),
+        ]))
+    }
+}
+
+fn request_record<'v>(r: &RequestInfo<'v>) -> Box<dyn Val + 'v> {
     Box::new(Record::new(vec![
         ("method", string(r.method)),
         ("host", string(r.host)),
@@ -306,26 +367,41 @@ pub fn request<'v>(r: &RequestInfo<'v>) -> Box<dyn Val + 'v> {
     ]))
 }
 
-/// The variables of one evaluation.
-pub struct Facts<'a> {
-    pub client: &'a dyn Val,
-    pub connection: Box<dyn Val + 'a>,
-    /// `None` in the connection phase.
-    pub request: Option<Box<dyn Val + 'a>>,
-    pub lists: &'a Lists,
-    pub now: CelTimestamp,
-}
-
 impl VariableResolver for Facts<'_> {
-    fn resolve<'b>(&'b self, variable: &str) -> Option<CowVal<'b, 'b>> {
-        let v: &'b (dyn Val + 'b) = match variable {
-            "client" => self.client,
-            "connection" => self.connection.as_ref(),
-            "request" => self.request.as_deref()?,
-            "lists" => self.lists,
-            "now" => &self.now,
-            _ => return None,
-        };
-        Some(CowVal::Borrowed(v))
+    fn resolve<'b>(&'b self, name: &str) -> Option<CowVal<'b, 'b>> {
+        if name.starts_with("client") {
+            return self.client.get(name).map(CowVal::Borrowed);
+        }
+        let owned = |s: &'b str| Some(CowVal::owned(CelString::from(s)));
+        if let Some(field) = name.strip_prefix("request") {
+            let r = self.request?;
+            return match field {
+                ".method" => owned(r.method),
+                ".host" => owned(r.host),
+                ".path" => owned(r.path),
+                ".query" => owned(r.query),
+                ".headers" => Some(CowVal::owned(Headers(r.headers))),
+                "" => Some(CowVal::Owned(request_record(r))),
+                _ => None,
+            };
+        }
+        if let Some(field) = name.strip_prefix("connection") {
+            return match field {
+                ".client_ip" => owned(self.client_ip),
+                ".sni" => owned(&self.connection.sni),
+                ".tls_version" => owned(&self.connection.tls_version),
+                ".alpn" => owned(&self.connection.alpn),
+                "" => Some(CowVal::Owned(self.connection_record())),
+                _ => None,
+            };
+        }
+        match name {
+            "lists" => Some(CowVal::Borrowed(self.lists)),
+            "now" => Some(CowVal::Borrowed(&self.now)),
+            _ => self
+                .lists
+                .get_list(name.strip_prefix("lists.")?)
+                .map(|l| CowVal::Borrowed(l as &dyn Val)),
+        }
     }
 }

@@ -42,39 +42,50 @@ pub struct RuleList {
     entries: Entries,
 }
 
-fn hex_digits(s: &str) -> Option<Vec<u8>> {
-    let digits: Vec<u8> = s.bytes().filter(|b| *b != b':').collect();
-    if digits.is_empty() || !digits.iter().all(u8::is_ascii_hexdigit) {
-        return None;
-    }
-    Some(digits)
-}
-
-fn nibble(d: u8) -> u8 {
+fn nibble(d: u8) -> Option<u8> {
     match d {
-        b'0'..=b'9' => d - b'0',
-        b'a'..=b'f' => d - b'a' + 10,
-        _ => d - b'A' + 10,
+        b'0'..=b'9' => Some(d - b'0'),
+        b'a'..=b'f' => Some(d - b'a' + 10),
+        b'A'..=b'F' => Some(d - b'A' + 10),
+        _ => None,
     }
 }
 
-/// A serial in hex (colons allowed, any case) as its normalized key.
-pub fn serial_key(s: &str) -> Option<[u8; MAX_SERIAL + 1]> {
-    let digits = hex_digits(s.trim())?;
-    let start = digits.iter().position(|d| *d != b'0').unwrap_or(digits.len());
-    let significant = &digits[start..];
-    // Pad to whole bytes from the left.
-    let nbytes = significant.len().div_ceil(2);
-    if nbytes > MAX_SERIAL {
+/// Hex digits (colons skipped) packed into `out` as big-endian bytes, the first byte padded
+/// when the count is odd; returns how many digits there were (leading zeros dropped when `trim`
+/// is set). No allocation.
+fn pack_hex(s: &str, trim: bool, out: &mut [u8]) -> Option<usize> {
+    let mut nibbles = [0u8; 64];
+    let (mut n, mut any) = (0, false);
+    for d in s.trim().bytes().filter(|b| *b != b':') {
+        let v = nibble(d)?;
+        any = true;
+        if trim && n == 0 && v == 0 {
+            continue;
+        }
+        *nibbles.get_mut(n)? = v;
+        n += 1;
+    }
+    let bytes = n.div_ceil(2);
+    if !any || bytes > out.len() {
         return None;
     }
-    let mut key = [0u8; MAX_SERIAL + 1];
-    key[0] = nbytes as u8;
-    let odd = significant.len() % 2;
-    for (i, d) in significant.iter().enumerate() {
-        let pos = i + odd; // position in the zero-padded digit string
-        key[1 + pos / 2] |= nibble(*d) << if pos % 2 == 0 { 4 } else { 0 };
+    let odd = n % 2;
+    for (i, v) in nibbles[..n].iter().enumerate() {
+        let pos = i + odd; // position in the digit string padded to whole bytes
+        out[pos / 2] |= v << if pos % 2 == 0 { 4 } else { 0 };
     }
+    Some(n)
+}
+
+/// A serial in hex (colons allowed, any case, leading zeros ignored) as its normalized key:
+/// its length, then its bytes.
+pub fn serial_key(s: &str) -> Option<[u8; MAX_SERIAL + 1]> {
+    let mut bytes = [0u8; MAX_SERIAL];
+    let n = pack_hex(s, true, &mut bytes)?.div_ceil(2);
+    let mut key = [0u8; MAX_SERIAL + 1];
+    key[0] = n as u8;
+    key[1..=n].copy_from_slice(&bytes[..n]);
     Some(key)
 }
 
@@ -88,20 +99,15 @@ pub fn normalize_serial(s: &str) -> Option<String> {
 }
 
 fn sha256_key(s: &str) -> Option<[u8; 32]> {
-    let digits = hex_digits(s.trim())?;
-    if digits.len() != 64 {
-        return None;
-    }
     let mut key = [0u8; 32];
-    for (i, pair) in digits.chunks(2).enumerate() {
-        key[i] = (nibble(pair[0]) << 4) | nibble(pair[1]);
-    }
-    Some(key)
+    (pack_hex(s, false, &mut key)? == 64).then_some(key)
 }
 
 impl RuleList {
     /// Parses a list file's text. Errors name the line.
     pub fn parse(kind: ListKind, text: &str) -> Result<RuleList, String> {
+        // Sized once for every line: no rehashing while a big list loads.
+        let capacity = text.bytes().filter(|b| *b == b'\n').count() + 1;
         let lines = text
             .lines()
             .enumerate()
@@ -110,14 +116,14 @@ impl RuleList {
         let bad = |n: usize, l: &str, what: &str| format!("line {n}: '{l}' is not {what}");
         let entries = match kind {
             ListKind::Serial => {
-                let mut set = HashSet::new();
+                let mut set = HashSet::with_capacity(capacity);
                 for (n, l) in lines {
                     set.insert(serial_key(l).ok_or_else(|| bad(n, l, "a hex serial of at most 20 bytes"))?);
                 }
                 Entries::Serial(set)
             }
             ListKind::Sha256 => {
-                let mut set = HashSet::new();
+                let mut set = HashSet::with_capacity(capacity);
                 for (n, l) in lines {
                     set.insert(sha256_key(l).ok_or_else(|| bad(n, l, "a SHA-256 in hex (64 digits)"))?);
                 }
@@ -233,6 +239,12 @@ impl Val for Lists {
 }
 
 impl StaticVal for Lists {}
+
+impl Lists {
+    pub fn get_list(&self, name: &str) -> Option<&ListVal> {
+        self.0.get(name)
+    }
+}
 
 impl Indexer for Lists {
     fn get<'b, 'v>(&'b self, idx: &dyn Val) -> Result<CowVal<'b, 'v>, ExecutionError>

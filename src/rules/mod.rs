@@ -3,6 +3,7 @@
 //! (`request` phase) in file and line order. The first `allow` or `deny` that matches ends a
 //! phase; the other actions accumulate. Errors at run time deny (fail closed).
 
+pub mod explain;
 pub mod facts;
 pub mod lists;
 
@@ -15,6 +16,7 @@ use cel::common::types::{CelBool, CelInt, CelString, CelTimestamp};
 use cel::{Context, Env, ExecutionError, Program, Value};
 use http::{HeaderName, HeaderValue};
 use log::{info, warn};
+use pingora_prometheus::prometheus::IntCounter;
 use serde::Deserialize;
 
 use crate::config::Ctx;
@@ -139,7 +141,22 @@ pub struct Rule {
     pub phase: Phase,
     shadow: bool,
     when: Program,
+    /// `when` depends only on the connection: see [`ConnectionMemo`].
+    constant: bool,
     action: Action,
+    /// `mtls_edge_rule_evaluations_total` for this rule: matched, would_match, error (resolved
+    /// once: a label lookup per request would cost more than most conditions).
+    counters: [IntCounter; 3],
+}
+
+impl Rule {
+    /// The action in words; a connection-phase deny refuses the handshake (no status).
+    fn describe(&self) -> String {
+        match (&self.action, self.phase) {
+            (Action::Deny { .. }, Phase::Connection) => "deny (handshake)".into(),
+            (a, _) => a.describe(),
+        }
+    }
 }
 
 /// How a phase ended.
@@ -198,6 +215,28 @@ pub struct RuleSet {
     rules: Vec<Rule>,
     env: Arc<Env>,
     lists: Lists,
+    /// Tells rule sets apart (a reload makes a new one), for [`ConnectionMemo`].
+    id: u64,
+}
+
+fn next_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Per connection: the request-phase conditions that depend only on the connection (the
+/// certificate, SNI, TLS version, ALPN, lists), evaluated once at its first request. Their
+/// results cannot change while the connection and the rule set last.
+#[derive(Debug, Default)]
+pub struct ConnectionMemo(std::sync::OnceLock<(u64, Vec<Option<Result<bool, String>>>)>);
+
+/// Whether a condition naming these paths depends only on the connection.
+fn connection_constant(paths: &[(u64, Vec<String>)]) -> bool {
+    paths.iter().all(|(_, p)| match p[0].as_str() {
+        "client" | "lists" => true,
+        "connection" => p.len() > 1 && p[1] != "client_ip",
+        _ => false,
+    })
 }
 
 impl std::fmt::Debug for RuleSet {
@@ -235,6 +274,7 @@ impl RuleSet {
             rules: Vec::new(),
             env: Arc::new(environment()),
             lists: Lists::default(),
+            id: next_id(),
         }
     }
 
@@ -280,6 +320,7 @@ impl RuleSet {
             rules: Vec::new(),
             env: Arc::new(environment()),
             lists: Lists(Arc::new(lists)),
+            id: next_id(),
         };
         let dir = ctx.path(&cfg.dir);
         let files = match rule_files(&dir) {
@@ -419,13 +460,21 @@ impl RuleSet {
                 action.describe()
             ));
         }
+        let counters = ["matched", "would_match", "error"]
+            .map(|outcome| metrics::RULE_EVALUATIONS.with_label_values(&[phase.as_str(), &name, outcome]));
         Ok(Rule {
             name,
             location: String::new(),
             phase,
             shadow: spec.mode == Mode::Shadow,
+            constant: {
+                let mut paths = Vec::new();
+                collect_paths(when.expression(), &mut Vec::new(), &mut paths);
+                connection_constant(&paths)
+            },
             when,
             action,
+            counters,
         })
     }
 
@@ -477,7 +526,7 @@ impl RuleSet {
     /// type (a string compared with an int, a missing overload) fails at load, not per request.
     fn check_types(&self, program: &Program, phase: Phase, want: Want) -> Result<(), String> {
         let sample = facts::sample_cert();
-        let client = facts::client(Some(&sample), true, 0);
+        let client = facts::ClientFacts::new(Some(&sample), true, 0);
         let info = ConnectionInfo {
             sni: "fleet.example".into(),
             tls_version: "TLSv1.3".into(),
@@ -493,9 +542,10 @@ impl RuleSet {
             headers: &headers,
         };
         let facts = Facts {
-            client: client.as_ref(),
-            connection: facts::connection(&info, "192.0.2.1"),
-            request: (phase == Phase::Request).then(|| facts::request(&req)),
+            client: &client,
+            connection: &info,
+            client_ip: "192.0.2.1",
+            request: (phase == Phase::Request).then_some(&req),
             lists: &self.lists,
             now: CelTimestamp::from(facts::to_datetime(0)),
         };
@@ -523,30 +573,49 @@ impl RuleSet {
         }
     }
 
-    /// Runs the rules of `phase` against `facts`. With `trace`, every rule evaluated is recorded.
-    pub fn evaluate(&self, phase: Phase, facts: &Facts, mut trace: Option<&mut Vec<Step>>) -> Outcome {
+    /// Runs the rules of `phase` against `facts`. With `memo` (request phase), conditions that
+    /// depend only on the connection are taken from its first evaluation. With `trace`, every
+    /// rule evaluated is recorded.
+    pub fn evaluate(
+        &self,
+        phase: Phase,
+        facts: &Facts,
+        memo: Option<&ConnectionMemo>,
+        mut trace: Option<&mut Vec<Step>>,
+    ) -> Outcome {
         let mut out = Outcome::default();
         let mut ctx = Context::with_env(self.env.clone());
         ctx.set_variable_resolver(facts);
-        for rule in self.rules.iter().filter(|r| r.phase == phase) {
-            let held = match rule.when.execute(&ctx) {
-                Ok(Value::Bool(b)) => Ok(b),
-                Ok(other) => Err(format!("condition gave {:?}, not a bool", other.type_of())),
-                Err(e) => Err(e.to_string()),
+        let memo = memo
+            .map(|m| {
+                m.0.get_or_init(|| {
+                    let held = self
+                        .rules
+                        .iter()
+                        .map(|r| (r.phase == phase && r.constant).then(|| condition(r, &ctx)));
+                    (self.id, held.collect())
+                })
+            })
+            .filter(|(id, _)| *id == self.id)
+            .map(|(_, held)| held);
+        for (i, rule) in self.rules.iter().enumerate().filter(|(_, r)| r.phase == phase) {
+            let held = match memo.and_then(|m| m.get(i)).and_then(Option::as_ref) {
+                Some(cached) => cached.clone(),
+                None => condition(rule, &ctx),
             };
             if let Some(t) = trace.as_deref_mut() {
                 t.push(Step {
                     rule: rule.name.clone(),
                     location: rule.location.clone(),
                     shadow: rule.shadow,
-                    action: rule.action.describe(),
+                    action: rule.describe(),
                     result: held.clone(),
                 });
             }
             let result = match held {
                 Ok(false) => continue,
                 Ok(true) if rule.shadow => {
-                    record(rule, "would_match");
+                    record(rule, WOULD_MATCH);
                     info!(
                         "shadow rule={} phase={} would={}",
                         rule.name,
@@ -559,14 +628,14 @@ impl RuleSet {
                 Err(e) => Err(e),
             };
             match result {
-                Ok(None) => record(rule, "matched"),
+                Ok(None) => record(rule, MATCHED),
                 Ok(Some(decision)) => {
-                    record(rule, "matched");
+                    record(rule, MATCHED);
                     out.decision = Some(decision);
                     return out;
                 }
                 Err(message) => {
-                    record(rule, "error");
+                    record(rule, ERROR);
                     warn!(
                         "rule={} phase={} evaluation error: {message}",
                         rule.name,
@@ -592,10 +661,21 @@ enum Want {
     String,
 }
 
-fn record(rule: &Rule, outcome: &str) {
-    metrics::RULE_EVALUATIONS
-        .with_label_values(&[rule.phase.as_str(), &rule.name, outcome])
-        .inc();
+const MATCHED: usize = 0;
+const WOULD_MATCH: usize = 1;
+const ERROR: usize = 2;
+
+fn record(rule: &Rule, outcome: usize) {
+    rule.counters[outcome].inc();
+}
+
+/// A rule's condition: `Ok(true)` when it holds.
+fn condition(rule: &Rule, ctx: &Context) -> Result<bool, String> {
+    match rule.when.execute(ctx) {
+        Ok(Value::Bool(b)) => Ok(b),
+        Ok(other) => Err(format!("condition gave {:?}, not a bool", other.type_of())),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn eval_string(program: &Program, ctx: &Context) -> Result<String, String> {

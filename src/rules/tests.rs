@@ -51,7 +51,7 @@ fn cert(cn: &str, ou: &str, serial: &str) -> ViewerCert {
 
 /// Runs `phase` for a client (`None`: no certificate) asking for `path`.
 fn run(set: &RuleSet, phase: Phase, cert: Option<&ViewerCert>, path: &str, trace: Option<&mut Vec<Step>>) -> Outcome {
-    let client = facts::client(cert, true, 0);
+    let client = facts::ClientFacts::new(cert, true, 0);
     let info = ConnectionInfo {
         sni: "fleet.example".into(),
         tls_version: "TLSv1.3".into(),
@@ -67,13 +67,14 @@ fn run(set: &RuleSet, phase: Phase, cert: Option<&ViewerCert>, path: &str, trace
         headers: &headers,
     };
     let facts = Facts {
-        client: client.as_ref(),
-        connection: facts::connection(&info, "192.0.2.7"),
-        request: Some(facts::request(&req)),
+        client: &client,
+        connection: &info,
+        client_ip: "192.0.2.7",
+        request: Some(&req),
         lists: &set.lists,
         now: CelTimestamp::from(facts::to_datetime(0)),
     };
-    set.evaluate(phase, &facts, trace)
+    set.evaluate(phase, &facts, None, trace)
 }
 
 const FLEET: &str = r#"
@@ -314,4 +315,44 @@ fn a_multi_line_condition_error_names_the_line_in_the_expression() {
     let all = l.errors.join("\n");
     assert!(all.contains("m.yaml:2") && all.contains("when (line 4)"), "{all}");
     assert!(all.contains("expression line 2"), "{all}");
+}
+
+#[test]
+fn a_connection_memo_keeps_certificate_conditions_and_reevaluates_request_ones() {
+    let set = ok(&[("fleet.yaml", FLEET)]);
+    assert!(set.rules.iter().find(|r| r.name == "beta").is_some_and(|r| r.constant));
+    assert!(set
+        .rules
+        .iter()
+        .find(|r| r.name == "own-model-only")
+        .is_some_and(|r| !r.constant));
+    let c = cert("device-1", "x1", "01:02");
+    let client = facts::ClientFacts::new(Some(&c), true, 0);
+    let info = ConnectionInfo::default();
+    let headers = http::HeaderMap::new();
+    let memo = ConnectionMemo::default();
+    let on = |path: &str| {
+        let req = RequestInfo {
+            method: "GET",
+            host: "h",
+            path,
+            query: "",
+            headers: &headers,
+        };
+        let facts = Facts {
+            client: &client,
+            connection: &info,
+            client_ip: "192.0.2.7",
+            request: Some(&req),
+            lists: &set.lists,
+            now: CelTimestamp::from(facts::to_datetime(0)),
+        };
+        set.evaluate(Phase::Request, &facts, Some(&memo), None)
+            .decision()
+            .clone()
+    };
+    // The same connection asks for its own model, then another's: the path is re-evaluated.
+    assert!(matches!(on("/firmware/x1/a.bin"), Decision::Allow { .. }));
+    assert!(matches!(on("/firmware/x2/a.bin"), Decision::Deny { rule, .. } if rule == "own-model-only"));
+    assert!(matches!(on("/firmware/x1/a.bin"), Decision::Allow { .. }));
 }

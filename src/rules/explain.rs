@@ -1,0 +1,239 @@
+//! `mtls-edge rules explain`: runs a certificate and a request through a config's trust store,
+//! rules and routes without a running edge, and says which rules matched and what the edge
+//! would do. Operators test a policy with it before they ship it.
+
+use std::fmt::Write as _;
+
+use boring::stack::Stack;
+use boring::x509::{X509StoreContext, X509};
+
+use super::facts::{self, ConnectionInfo, RequestInfo};
+use super::{Decision, Facts, Outcome, Phase, RuleSet, Step};
+use crate::identity::ViewerCert;
+use crate::trust_store::TrustStore;
+
+/// What to explain.
+pub struct Query {
+    /// PEM: the client certificate, then any intermediates it would send.
+    pub cert_pem: Vec<u8>,
+    pub sni: Option<String>,
+    pub host: String,
+    pub method: String,
+    pub path_and_query: String,
+    pub headers: Vec<(String, String)>,
+    pub client_ip: String,
+}
+
+/// How the request would be routed, from the proxy's routing table.
+pub struct Routing {
+    /// `None` when no route matches (404).
+    pub route: Option<String>,
+    pub origin: Option<String>,
+}
+
+/// Verifies the chain against the trust store the SNI selects, as the handshake would.
+fn verify(store: Option<&TrustStore>, chain: &[X509]) -> (bool, String) {
+    let Some(store) = store else {
+        return (false, "no trust store (mTLS off on this listener)".into());
+    };
+    let Some((leaf, rest)) = chain.split_first() else {
+        return (false, "no certificate".into());
+    };
+    let result = (|| {
+        let mut intermediates = Stack::new()?;
+        for c in rest {
+            intermediates.push(c.clone())?;
+        }
+        let mut ctx = X509StoreContext::new()?;
+        ctx.init(store.store(), leaf, &intermediates, |c| {
+            let ok = c.verify_cert()?;
+            Ok((ok, c.verify_result()))
+        })
+    })();
+    match result {
+        Ok((true, _)) => (true, "verified against the trust store".into()),
+        Ok((false, r)) => (
+            false,
+            format!(
+                "NOT verified: {}",
+                r.err().map_or("unknown error", |e| e.error_string())
+            ),
+        ),
+        Err(e) => (false, format!("NOT verified: {e}")),
+    }
+}
+
+fn trace_lines(out: &mut String, trace: &[Step]) {
+    if trace.is_empty() {
+        let _ = writeln!(out, "  (no rules in this phase)");
+    }
+    for s in trace {
+        let result = match &s.result {
+            Ok(true) => "MATCH".to_string(),
+            Ok(false) => "no match".to_string(),
+            Err(e) => format!("ERROR {e}"),
+        };
+        let shadow = if s.shadow { " (shadow: no effect)" } else { "" };
+        let _ = writeln!(
+            out,
+            "  {result:<9} {:<28} {:<18} {}{shadow}",
+            s.rule, s.action, s.location
+        );
+    }
+}
+
+fn decision_line(out: &mut String, phase: Phase, o: &Outcome) {
+    let text = match (phase, o.decision()) {
+        (Phase::Connection, Decision::Deny { rule, .. }) => {
+            format!("refuse the handshake (reason ConnectionRuleDenied, rule {rule})")
+        }
+        (Phase::Connection, Decision::Error { rule, message }) => {
+            format!("refuse the handshake (reason ConnectionRuleError, rule {rule}: {message})")
+        }
+        (Phase::Request, Decision::Deny { rule, status, body }) => {
+            format!("answer {status} {:?} (rule {rule})", body.trim_end())
+        }
+        (Phase::Request, Decision::Error { rule, message }) => format!("answer 500 (rule {rule} failed: {message})"),
+        (_, Decision::Allow { rule }) => format!("allow (rule {rule})"),
+        (_, Decision::Continue) => "go on (no allow or deny matched)".into(),
+    };
+    let _ = writeln!(out, "  => {text}");
+}
+
+/// Times the request phase for `q`, as the proxy runs it per request (the facts built, every
+/// rule evaluated): nanoseconds per request over `iterations`. For `load/rules.sh`.
+pub fn bench(rules: &RuleSet, q: &Query, iterations: u32) -> Result<f64, String> {
+    let chain = X509::stack_from_pem(&q.cert_pem).map_err(|e| format!("--cert: not a PEM certificate: {e}"))?;
+    let leaf = chain.first().ok_or("--cert: no certificate in the file")?;
+    let cert = ViewerCert::from_x509(leaf, Vec::new()).ok_or("--cert: the certificate cannot be read")?;
+    let client = facts::ClientFacts::new(Some(&cert), true, facts::unix_now());
+    let info = ConnectionInfo::default();
+    let (path, query) = q.path_and_query.split_once('?').unwrap_or((&q.path_and_query, ""));
+    let mut headers = http::HeaderMap::new();
+    headers.insert("user-agent", http::HeaderValue::from_static("fw-agent/2.1"));
+    // One connection's requests: conditions on the certificate are evaluated once.
+    let memo = super::ConnectionMemo::default();
+    let started = std::time::Instant::now();
+    let mut allowed = 0u32;
+    for _ in 0..iterations {
+        let req = RequestInfo {
+            method: &q.method,
+            host: &q.host,
+            path,
+            query,
+            headers: &headers,
+        };
+        let facts = Facts {
+            client: &client,
+            connection: &info,
+            client_ip: &q.client_ip,
+            request: Some(&req),
+            lists: rules.lists(),
+            now: facts::timestamp_now(facts::unix_now()),
+        };
+        allowed += u32::from(!rules.evaluate(Phase::Request, &facts, Some(&memo), None).denied());
+    }
+    let elapsed = started.elapsed();
+    if allowed != iterations {
+        return Err(format!(
+            "{} of {iterations} requests were denied: bench a request the rules allow",
+            iterations - allowed
+        ));
+    }
+    Ok(elapsed.as_nanos() as f64 / f64::from(iterations.max(1)))
+}
+
+/// Explains `q`: the certificate, each phase's rules, and the final action.
+pub fn explain(
+    rules: &RuleSet,
+    store: Option<&TrustStore>,
+    route: impl Fn(&str, &str) -> Routing,
+    q: &Query,
+) -> Result<String, String> {
+    let chain = X509::stack_from_pem(&q.cert_pem).map_err(|e| format!("--cert: not a PEM certificate: {e}"))?;
+    let leaf = chain.first().ok_or("--cert: no certificate in the file")?;
+    let cert = ViewerCert::from_x509(leaf, Vec::new()).ok_or("--cert: the certificate cannot be read")?;
+    let (verified, verdict) = verify(store, &chain);
+    let now = facts::unix_now();
+    let client = facts::ClientFacts::new(Some(&cert), verified, now);
+    let info = ConnectionInfo {
+        sni: q.sni.clone().unwrap_or_default(),
+        tls_version: "TLSv1.3".into(),
+        alpn: "h2".into(),
+    };
+    let mut out = String::new();
+    let _ = writeln!(out, "certificate: {} (serial {})", cert.subject, cert.serial);
+    let _ = writeln!(out, "  issuer {}; {verdict}", cert.issuer);
+
+    let _ = writeln!(out, "connection phase (sni {}):", q.sni.as_deref().unwrap_or("none"));
+    let mut trace = Vec::new();
+    let conn_facts = Facts {
+        client: &client,
+        connection: &info,
+        client_ip: "",
+        request: None,
+        lists: rules.lists(),
+        now: facts::timestamp_now(now),
+    };
+    let conn = rules.evaluate(Phase::Connection, &conn_facts, None, Some(&mut trace));
+    trace_lines(&mut out, &trace);
+    decision_line(&mut out, Phase::Connection, &conn);
+    if !verified {
+        let _ = writeln!(out, "result: the handshake is refused: the certificate does not verify");
+        return Ok(out);
+    }
+    if conn.denied() {
+        let _ = writeln!(out, "result: the handshake is refused");
+        return Ok(out);
+    }
+
+    let (path, query) = q.path_and_query.split_once('?').unwrap_or((&q.path_and_query, ""));
+    let mut headers = http::HeaderMap::new();
+    for (k, v) in &q.headers {
+        let name = http::HeaderName::from_bytes(k.as_bytes()).map_err(|_| format!("--header: bad name '{k}'"))?;
+        let value = http::HeaderValue::from_str(v).map_err(|_| format!("--header: bad value for '{k}'"))?;
+        headers.append(name, value);
+    }
+    let routing = route(&q.host, path);
+    let _ = writeln!(out, "request phase ({} {}{}):", q.method, q.host, q.path_and_query);
+    let Some(route_name) = &routing.route else {
+        let _ = writeln!(out, "result: answer 404 (no route)");
+        return Ok(out);
+    };
+    let req = RequestInfo {
+        method: &q.method,
+        host: &q.host,
+        path,
+        query,
+        headers: &headers,
+    };
+    let req_facts = Facts {
+        client: &client,
+        connection: &info,
+        client_ip: &q.client_ip,
+        request: Some(&req),
+        lists: rules.lists(),
+        now: facts::timestamp_now(now),
+    };
+    let mut trace = Vec::new();
+    let outcome = rules.evaluate(Phase::Request, &req_facts, None, Some(&mut trace));
+    trace_lines(&mut out, &trace);
+    decision_line(&mut out, Phase::Request, &outcome);
+    if outcome.denied() {
+        let _ = writeln!(out, "result: denied by a rule");
+        return Ok(out);
+    }
+    let origin = outcome.origin.as_deref().or(routing.origin.as_deref()).unwrap_or("-");
+    let _ = write!(out, "result: forward to origin {origin} (route {route_name})");
+    if let Some(c) = &outcome.cohort {
+        let _ = write!(out, ", cache cohort {c:?}");
+    }
+    for (k, v) in &outcome.set_headers {
+        let _ = write!(out, ", set {k}: {}", String::from_utf8_lossy(v.as_bytes()));
+    }
+    for k in &outcome.remove_headers {
+        let _ = write!(out, ", remove {k}");
+    }
+    out.push('\n');
+    Ok(out)
+}
