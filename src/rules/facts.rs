@@ -295,17 +295,62 @@ pub fn sample_cert() -> ViewerCert {
 pub struct ClientFacts {
     flat: Vec<(&'static str, Box<dyn Val>)>,
     record: Box<dyn Val>,
+    /// The same values as plain Rust, for compiled conditions.
+    pub raw: ClientRaw,
+}
+
+/// The string fields of `client.cert`, in the order of [`ClientRaw::strings`].
+pub const CLIENT_STRINGS: &[&str] = &[
+    "client.cert.subject.dn",
+    "client.cert.subject.cn",
+    "client.cert.subject.o",
+    "client.cert.subject.ou",
+    "client.cert.issuer.dn",
+    "client.cert.issuer.cn",
+    "client.cert.issuer.o",
+    "client.cert.issuer.ou",
+    "client.cert.serial",
+    "client.cert.sha256",
+];
+
+#[derive(Debug, Default)]
+pub struct ClientRaw {
+    pub present: bool,
+    pub verified: bool,
+    pub strings: Vec<String>,
+    pub not_before: i64,
+    pub not_after: i64,
+    pub days: i64,
 }
 
 impl ClientFacts {
     pub fn new(cert: Option<&ViewerCert>, verified: bool, now: i64) -> ClientFacts {
         let flat = client_fields(cert, verified, now);
+        let value = |name: &str| flat.iter().find(|(p, _)| *p == name).map(|(_, v)| v.as_ref());
+        let raw = ClientRaw {
+            present: cert.is_some(),
+            verified: cert.is_some() && verified,
+            strings: CLIENT_STRINGS
+                .iter()
+                .map(|n| {
+                    value(n)
+                        .and_then(|v| v.downcast_ref::<CelString>())
+                        .map(|s| s.inner().to_string())
+                        .unwrap_or_default()
+                })
+                .collect(),
+            not_before: cert.map_or(0, |c| c.not_before),
+            not_after: cert.map_or(0, |c| c.not_after),
+            days: value("client.cert.days_until_expiry")
+                .and_then(|v| v.downcast_ref::<CelInt>())
+                .map_or(0, |i| *i.inner()),
+        };
         let record = nest(
             flat.iter()
                 .map(|(p, v)| (p.split('.').skip(1).collect(), v.clone_as_boxed()))
                 .collect(),
         );
-        ClientFacts { flat, record }
+        ClientFacts { flat, record, raw }
     }
 
     fn get(&self, name: &str) -> Option<&dyn Val> {

@@ -104,39 +104,73 @@ fn sha256_key(s: &str) -> Option<[u8; 32]> {
 }
 
 impl RuleList {
-    /// Parses a list file's text. Errors name the line.
-    pub fn parse(kind: ListKind, text: &str) -> Result<RuleList, String> {
-        // Sized once for every line: no rehashing while a big list loads.
-        let capacity = text.bytes().filter(|b| *b == b'\n').count() + 1;
-        let lines = text
-            .lines()
-            .enumerate()
-            .map(|(i, l)| (i + 1, l.split('#').next().unwrap_or("").trim()))
-            .filter(|(_, l)| !l.is_empty());
-        let bad = |n: usize, l: &str, what: &str| format!("line {n}: '{l}' is not {what}");
+    fn with_capacity(kind: ListKind, capacity: usize) -> RuleList {
         let entries = match kind {
-            ListKind::Serial => {
-                let mut set = HashSet::with_capacity(capacity);
-                for (n, l) in lines {
-                    set.insert(serial_key(l).ok_or_else(|| bad(n, l, "a hex serial of at most 20 bytes"))?);
-                }
-                Entries::Serial(set)
-            }
-            ListKind::Sha256 => {
-                let mut set = HashSet::with_capacity(capacity);
-                for (n, l) in lines {
-                    set.insert(sha256_key(l).ok_or_else(|| bad(n, l, "a SHA-256 in hex (64 digits)"))?);
-                }
-                Entries::Sha256(set)
-            }
-            ListKind::Text => Entries::Text(lines.map(|(_, l)| Box::from(l)).collect()),
+            ListKind::Serial => Entries::Serial(HashSet::with_capacity(capacity)),
+            ListKind::Sha256 => Entries::Sha256(HashSet::with_capacity(capacity)),
+            ListKind::Text => Entries::Text(HashSet::with_capacity(capacity)),
         };
-        Ok(RuleList { entries })
+        RuleList { entries }
     }
 
+    /// Adds line `n` of a list file (comments and blank lines are skipped).
+    fn add_line(&mut self, n: usize, raw: &str) -> Result<(), String> {
+        let line = raw.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            return Ok(());
+        }
+        let bad = |what: &str| format!("line {n}: '{line}' is not {what}");
+        match &mut self.entries {
+            Entries::Serial(set) => {
+                set.insert(serial_key(line).ok_or_else(|| bad("a hex serial of at most 20 bytes"))?)
+            }
+            Entries::Sha256(set) => set.insert(sha256_key(line).ok_or_else(|| bad("a SHA-256 in hex (64 digits)"))?),
+            Entries::Text(set) => set.insert(Box::from(line)),
+        };
+        Ok(())
+    }
+
+    /// Parses a list file's text. Errors name the line.
+    pub fn parse(kind: ListKind, text: &str) -> Result<RuleList, String> {
+        let mut list = RuleList::with_capacity(kind, text.lines().count());
+        for (i, line) in text.lines().enumerate() {
+            list.add_line(i + 1, line)?;
+        }
+        Ok(list)
+    }
+
+    /// Loads a list file line by line (a million-line file is never held whole), into a set
+    /// sized once for every line, so that it never rehashes while it grows.
     pub fn load(kind: ListKind, path: &Path) -> Result<RuleList, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        RuleList::parse(kind, &text).map_err(|e| format!("{}: {e}", path.display()))
+        use std::io::BufRead;
+        let open = || {
+            std::fs::File::open(path)
+                .map(std::io::BufReader::new)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))
+        };
+        let read_err = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
+        let mut lines = 0;
+        let mut reader = open()?;
+        loop {
+            let buf = reader.fill_buf().map_err(read_err)?;
+            if buf.is_empty() {
+                break;
+            }
+            lines += buf.iter().filter(|b| **b == b'\n').count();
+            let n = buf.len();
+            reader.consume(n);
+        }
+        let mut list = RuleList::with_capacity(kind, lines + 1);
+        let (mut reader, mut line, mut n) = (open()?, String::new(), 0);
+        while {
+            line.clear();
+            reader.read_line(&mut line).map_err(read_err)? > 0
+        } {
+            n += 1;
+            list.add_line(n, &line)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        Ok(list)
     }
 
     pub fn len(&self) -> usize {

@@ -3,6 +3,7 @@
 //! (`request` phase) in file and line order. The first `allow` or `deny` that matches ends a
 //! phase; the other actions accumulate. Errors at run time deny (fail closed).
 
+mod compiled;
 pub mod explain;
 pub mod facts;
 pub mod lists;
@@ -108,9 +109,9 @@ struct DenySpec {
 enum Action {
     Allow,
     Deny { status: u16, body: Arc<str> },
-    SetHeaders(Vec<(HeaderName, Program)>),
+    SetHeaders(Vec<(HeaderName, Expression<compiled::CompiledStr>)>),
     RemoveHeaders(Vec<HeaderName>),
-    CacheCohort(Program),
+    CacheCohort(Expression<compiled::CompiledStr>),
     Origin(String),
 }
 
@@ -140,7 +141,7 @@ pub struct Rule {
     pub location: String,
     pub phase: Phase,
     shadow: bool,
-    when: Program,
+    when: Expression<compiled::CompiledBool>,
     /// `when` depends only on the connection: see [`ConnectionMemo`].
     constant: bool,
     action: Action,
@@ -246,13 +247,51 @@ impl std::fmt::Debug for RuleSet {
 }
 
 /// FNV-1a, 64 bits, as a non-negative int: stable across hosts, versions and restarts.
-fn stable_hash(s: &CelString) -> CelInt {
+fn fnv1a(s: &str) -> i64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in s.inner().bytes() {
+    for b in s.bytes() {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
-    CelInt::from((h >> 1) as i64)
+    (h >> 1) as i64
+}
+
+/// `stableHash(string)`.
+fn stable_hash(s: &CelString) -> CelInt {
+    CelInt::from(fnv1a(s.inner()))
+}
+
+/// An expression: the cel program (the reference), and its compiled form when it is in the
+/// subset `compiled` covers.
+struct Expression<F> {
+    program: Program,
+    fast: Option<F>,
+}
+
+impl Expression<compiled::CompiledBool> {
+    fn eval(&self, ctx: &Context, facts: &Facts) -> Result<bool, String> {
+        if let Some(f) = &self.fast {
+            return f.eval(facts);
+        }
+        match self.program.execute(ctx) {
+            Ok(Value::Bool(b)) => Ok(b),
+            Ok(other) => Err(format!("condition gave {:?}, not a bool", other.type_of())),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+impl Expression<compiled::CompiledStr> {
+    fn eval(&self, ctx: &Context, facts: &Facts) -> Result<String, String> {
+        if let Some(f) = &self.fast {
+            return f.eval(facts);
+        }
+        match self.program.execute(ctx) {
+            Ok(Value::String(s)) => Ok(s.to_string()),
+            Ok(other) => Err(format!("gave {:?}, not a string", other.type_of())),
+            Err(e) => Err(e.to_string()),
+        }
+    }
 }
 
 fn list_contains(this: &ListVal, item: &CelString) -> CelBool {
@@ -385,6 +424,14 @@ impl RuleSet {
             Ok(program)
         };
         let when = expr("when", &spec.when, Want::Bool)?;
+        let when = Expression {
+            fast: compiled::compile_bool(when.expression(), &self.lists),
+            program: when,
+        };
+        let string_expr = |p: Program| Expression {
+            fast: compiled::compile_str(p.expression(), &self.lists),
+            program: p,
+        };
         let header = |n: &str| -> Result<HeaderName, String> {
             let h = HeaderName::from_bytes(n.as_bytes()).map_err(|_| format!("'{n}' is not a valid header name"))?;
             if identity_header(&h) {
@@ -415,11 +462,11 @@ impl RuleSet {
             });
         }
         if let Some(h) = spec.set_headers {
-            let mut out = Vec::new();
+            let mut out: Vec<(HeaderName, Expression<compiled::CompiledStr>)> = Vec::new();
             for (n, src) in h {
                 out.push((
                     header(&n).map_err(|e| format!("{}: {e}", at("set_headers")))?,
-                    expr("set_headers", &src, Want::String)?,
+                    string_expr(expr("set_headers", &src, Want::String)?),
                 ));
             }
             actions.push(Action::SetHeaders(out));
@@ -433,7 +480,11 @@ impl RuleSet {
             actions.push(Action::RemoveHeaders(names));
         }
         if let Some(src) = spec.cache_cohort {
-            actions.push(Action::CacheCohort(expr("cache_cohort", &src, Want::String)?));
+            actions.push(Action::CacheCohort(string_expr(expr(
+                "cache_cohort",
+                &src,
+                Want::String,
+            )?)));
         }
         if let Some(o) = spec.origin {
             if !origins.contains(&o.as_str()) {
@@ -469,7 +520,7 @@ impl RuleSet {
             shadow: spec.mode == Mode::Shadow,
             constant: {
                 let mut paths = Vec::new();
-                collect_paths(when.expression(), &mut Vec::new(), &mut paths);
+                collect_paths(when.program.expression(), &mut Vec::new(), &mut paths);
                 connection_constant(&paths)
             },
             when,
@@ -592,7 +643,7 @@ impl RuleSet {
                     let held = self
                         .rules
                         .iter()
-                        .map(|r| (r.phase == phase && r.constant).then(|| condition(r, &ctx)));
+                        .map(|r| (r.phase == phase && r.constant).then(|| r.when.eval(&ctx, facts)));
                     (self.id, held.collect())
                 })
             })
@@ -601,7 +652,7 @@ impl RuleSet {
         for (i, rule) in self.rules.iter().enumerate().filter(|(_, r)| r.phase == phase) {
             let held = match memo.and_then(|m| m.get(i)).and_then(Option::as_ref) {
                 Some(cached) => cached.clone(),
-                None => condition(rule, &ctx),
+                None => rule.when.eval(&ctx, facts),
             };
             if let Some(t) = trace.as_deref_mut() {
                 t.push(Step {
@@ -624,7 +675,7 @@ impl RuleSet {
                     );
                     continue;
                 }
-                Ok(true) => apply(rule, &ctx, &mut out),
+                Ok(true) => apply(rule, &ctx, facts, &mut out),
                 Err(e) => Err(e),
             };
             match result {
@@ -669,25 +720,8 @@ fn record(rule: &Rule, outcome: usize) {
     rule.counters[outcome].inc();
 }
 
-/// A rule's condition: `Ok(true)` when it holds.
-fn condition(rule: &Rule, ctx: &Context) -> Result<bool, String> {
-    match rule.when.execute(ctx) {
-        Ok(Value::Bool(b)) => Ok(b),
-        Ok(other) => Err(format!("condition gave {:?}, not a bool", other.type_of())),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
-fn eval_string(program: &Program, ctx: &Context) -> Result<String, String> {
-    match program.execute(ctx) {
-        Ok(Value::String(s)) => Ok(s.to_string()),
-        Ok(other) => Err(format!("gave {:?}, not a string", other.type_of())),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
 /// Applies a matched rule's action: `Some` decision ends the phase.
-fn apply(rule: &Rule, ctx: &Context, out: &mut Outcome) -> Result<Option<Decision>, String> {
+fn apply(rule: &Rule, ctx: &Context, facts: &Facts, out: &mut Outcome) -> Result<Option<Decision>, String> {
     match &rule.action {
         Action::Allow => {
             return Ok(Some(Decision::Allow {
@@ -702,15 +736,15 @@ fn apply(rule: &Rule, ctx: &Context, out: &mut Outcome) -> Result<Option<Decisio
             }))
         }
         Action::SetHeaders(headers) => {
-            for (name, program) in headers {
-                let v = eval_string(program, ctx)?;
+            for (name, value) in headers {
+                let v = value.eval(ctx, facts)?;
                 let v =
                     HeaderValue::from_str(&v).map_err(|_| format!("header {name}: value is not valid in a header"))?;
                 out.set_headers.push((name.clone(), v));
             }
         }
         Action::RemoveHeaders(names) => out.remove_headers.extend(names.iter().cloned()),
-        Action::CacheCohort(program) => out.cohort = Some(eval_string(program, ctx)?),
+        Action::CacheCohort(value) => out.cohort = Some(value.eval(ctx, facts)?),
         Action::Origin(o) => out.origin = Some(o.clone()),
     }
     Ok(None)
