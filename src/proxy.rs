@@ -156,11 +156,14 @@ async fn refuse(session: &mut Session, status: u16, why: &str, conn: Option<&Con
 
 /// Runs the request-phase rules for this request.
 fn request_rules(rules: &RuleSet, session: &Session, conn: &ConnectionIdentity, host: &str) -> Outcome {
-    let client_ip = session
-        .client_addr()
-        .and_then(|a| a.as_inet())
-        .map(|a| a.ip().to_string())
-        .unwrap_or_default();
+    let client_ip = match rules.uses_client_ip() {
+        true => session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip().to_string())
+            .unwrap_or_default(),
+        false => String::new(),
+    };
     let req = session.req_header();
     let info = rules::RequestInfo {
         method: req.method.as_str(),

@@ -136,7 +136,7 @@ impl Action {
 
 /// A compiled rule.
 pub struct Rule {
-    pub name: String,
+    pub name: Arc<str>,
     /// `file:line` of the rule.
     pub location: String,
     pub phase: Phase,
@@ -166,16 +166,16 @@ pub enum Decision {
     /// No `allow` or `deny` matched: the request goes on (a connection is accepted).
     Continue,
     Allow {
-        rule: String,
+        rule: Arc<str>,
     },
     Deny {
-        rule: String,
+        rule: Arc<str>,
         status: u16,
         body: Arc<str>,
     },
     /// A rule failed to evaluate: denied, fail closed.
     Error {
-        rule: String,
+        rule: Arc<str>,
         message: String,
     },
 }
@@ -203,7 +203,7 @@ impl Outcome {
 /// One rule's evaluation, for `rules explain`.
 #[derive(Debug)]
 pub struct Step {
-    pub rule: String,
+    pub rule: Arc<str>,
     pub location: String,
     pub shadow: bool,
     pub action: String,
@@ -218,6 +218,8 @@ pub struct RuleSet {
     lists: Lists,
     /// Tells rule sets apart (a reload makes a new one), for [`ConnectionMemo`].
     id: u64,
+    /// Some rule reads `connection.client_ip` (else the proxy does not format it).
+    uses_client_ip: bool,
 }
 
 fn next_id() -> u64 {
@@ -314,6 +316,7 @@ impl RuleSet {
             env: Arc::new(environment()),
             lists: Lists::default(),
             id: next_id(),
+            uses_client_ip: false,
         }
     }
 
@@ -323,6 +326,10 @@ impl RuleSet {
 
     pub fn lists(&self) -> &Lists {
         &self.lists
+    }
+
+    pub fn uses_client_ip(&self) -> bool {
+        self.uses_client_ip
     }
 
     pub fn has_phase(&self, phase: Phase) -> bool {
@@ -360,6 +367,7 @@ impl RuleSet {
             env: Arc::new(environment()),
             lists: Lists(Arc::new(lists)),
             id: next_id(),
+            uses_client_ip: false,
         };
         let dir = ctx.path(&cfg.dir);
         let files = match rule_files(&dir) {
@@ -395,6 +403,11 @@ impl RuleSet {
                     );
                     continue;
                 }
+                // Conservative (a string literal may mention it): only spares formatting the IP.
+                set.uses_client_ip |= std::iter::once(&spec.when)
+                    .chain(&spec.cache_cohort)
+                    .chain(spec.set_headers.iter().flat_map(BTreeMap::values))
+                    .any(|e| e.contains("client_ip"));
                 match set.compile(spec, &text, line, origins, identity_header) {
                     Ok(rule) => set.rules.push(Rule { location, ..rule }),
                     Err(e) => ctx.error("rules.dir", format!("{location}: {e}")),
@@ -514,7 +527,7 @@ impl RuleSet {
         let counters = ["matched", "would_match", "error"]
             .map(|outcome| metrics::RULE_EVALUATIONS.with_label_values(&[phase.as_str(), &name, outcome]));
         Ok(Rule {
-            name,
+            name: name.into(),
             location: String::new(),
             phase,
             shadow: spec.mode == Mode::Shadow,

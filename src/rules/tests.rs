@@ -130,11 +130,11 @@ fn connection_rules_deny_by_name_and_by_list_with_normalized_serials() {
     );
     let partner = cert("partner-1", "x1", "01:02");
     let out = run(&set, Phase::Connection, Some(&partner), "/", None);
-    assert!(matches!(out.decision(), Decision::Deny { rule, .. } if rule == "only-devices"));
+    assert!(matches!(out.decision(), Decision::Deny { rule, .. } if &**rule == "only-devices"));
     // The list holds 0A:1B; the certificate's serial is written another way.
     let revoked = cert("device-2", "x1", "00:0a:1B");
     let out = run(&set, Phase::Connection, Some(&revoked), "/", None);
-    assert!(matches!(out.decision(), Decision::Deny { rule, .. } if rule == "revoked"));
+    assert!(matches!(out.decision(), Decision::Deny { rule, .. } if &**rule == "revoked"));
 }
 
 #[test]
@@ -170,7 +170,7 @@ fn request_rules_run_in_order_first_decision_ends_and_other_actions_accumulate()
             body: Arc::from("not your model")
         }
     );
-    let names: Vec<&str> = trace.iter().map(|s| s.rule.as_str()).collect();
+    let names: Vec<&str> = trace.iter().map(|s| &*s.rule).collect();
     assert_eq!(names, ["tag-model", "cohort", "shadow-block", "own-model-only"]);
     assert!(trace[2].shadow && trace[2].result == Ok(true));
 }
@@ -194,7 +194,7 @@ fn the_staged_rollout_hash_is_stable_and_splits_about_ten_percent() {
 fn clients_without_a_certificate_see_present_false_and_empty_fields() {
     let set = ok(&[("fleet.yaml", FLEET)]);
     let out = run(&set, Phase::Connection, None, "/", None);
-    assert!(matches!(out.decision(), Decision::Deny { rule, .. } if rule == "only-devices"));
+    assert!(matches!(out.decision(), Decision::Deny { rule, .. } if &**rule == "only-devices"));
 }
 
 #[test]
@@ -207,7 +207,7 @@ fn an_evaluation_error_at_run_time_denies() {
     // x-count is "abc": int() fails, and the request is denied, naming the rule.
     let out = run(&set, Phase::Request, Some(&c), "/", None);
     assert!(
-        matches!(out.decision(), Decision::Error { rule, .. } if rule == "count"),
+        matches!(out.decision(), Decision::Error { rule, .. } if &**rule == "count"),
         "{out:?}"
     );
     assert!(out.denied());
@@ -320,11 +320,15 @@ fn a_multi_line_condition_error_names_the_line_in_the_expression() {
 #[test]
 fn a_connection_memo_keeps_certificate_conditions_and_reevaluates_request_ones() {
     let set = ok(&[("fleet.yaml", FLEET)]);
-    assert!(set.rules.iter().find(|r| r.name == "beta").is_some_and(|r| r.constant));
     assert!(set
         .rules
         .iter()
-        .find(|r| r.name == "own-model-only")
+        .find(|r| &*r.name == "beta")
+        .is_some_and(|r| r.constant));
+    assert!(set
+        .rules
+        .iter()
+        .find(|r| &*r.name == "own-model-only")
         .is_some_and(|r| !r.constant));
     let c = cert("device-1", "x1", "01:02");
     let client = facts::ClientFacts::new(Some(&c), true, 0);
@@ -353,7 +357,7 @@ fn a_connection_memo_keeps_certificate_conditions_and_reevaluates_request_ones()
     };
     // The same connection asks for its own model, then another's: the path is re-evaluated.
     assert!(matches!(on("/firmware/x1/a.bin"), Decision::Allow { .. }));
-    assert!(matches!(on("/firmware/x2/a.bin"), Decision::Deny { rule, .. } if rule == "own-model-only"));
+    assert!(matches!(on("/firmware/x2/a.bin"), Decision::Deny { rule, .. } if &*rule == "own-model-only"));
     assert!(matches!(on("/firmware/x1/a.bin"), Decision::Allow { .. }));
 }
 
