@@ -100,38 +100,77 @@ fn decision_line(out: &mut String, phase: Phase, o: &Outcome) {
     let _ = writeln!(out, "  => {text}");
 }
 
-/// Times the request phase for `q`, as the proxy runs it per request (the facts built, every
-/// rule evaluated): nanoseconds per request over `iterations`. For `load/rules.sh`.
-pub fn bench(rules: &RuleSet, q: &Query, iterations: u32) -> Result<f64, String> {
+/// What `q` turns into before any rule runs.
+struct Prepared {
+    chain: Vec<X509>,
+    cert: ViewerCert,
+    info: ConnectionInfo,
+    headers: http::HeaderMap,
+}
+
+fn prepare(q: &Query) -> Result<Prepared, String> {
     let chain = X509::stack_from_pem(&q.cert_pem).map_err(|e| format!("--cert: not a PEM certificate: {e}"))?;
     let leaf = chain.first().ok_or("--cert: no certificate in the file")?;
     let cert = ViewerCert::from_x509(leaf, Vec::new()).ok_or("--cert: the certificate cannot be read")?;
-    let client = facts::ClientFacts::new(Some(&cert), true, facts::unix_now());
-    let info = ConnectionInfo::default();
-    let (path, query) = q.path_and_query.split_once('?').unwrap_or((&q.path_and_query, ""));
     let mut headers = http::HeaderMap::new();
-    headers.insert("user-agent", http::HeaderValue::from_static("fw-agent/2.1"));
-    // One connection's requests: conditions on the certificate are evaluated once.
+    for (k, v) in &q.headers {
+        let name = http::HeaderName::from_bytes(k.as_bytes()).map_err(|_| format!("--header: bad name '{k}'"))?;
+        let value = http::HeaderValue::from_str(v).map_err(|_| format!("--header: bad value for '{k}'"))?;
+        headers.append(name, value);
+    }
+    let info = ConnectionInfo {
+        sni: q.sni.clone().unwrap_or_default(),
+        tls_version: "TLSv1.3".into(),
+        alpn: "h2".into(),
+    };
+    Ok(Prepared {
+        chain,
+        cert,
+        info,
+        headers,
+    })
+}
+
+/// Runs one phase for `q`, as the handshake or the proxy would.
+fn run_phase(
+    rules: &RuleSet,
+    phase: Phase,
+    client: &facts::ClientFacts,
+    p: &Prepared,
+    q: &Query,
+    memo: Option<&super::ConnectionMemo>,
+    trace: Option<&mut Vec<Step>>,
+) -> Outcome {
+    let (path, query) = q.path_and_query.split_once('?').unwrap_or((&q.path_and_query, ""));
+    let req = RequestInfo {
+        method: &q.method,
+        host: &q.host,
+        path,
+        query,
+        headers: &p.headers,
+    };
+    let facts = Facts {
+        client,
+        connection: &p.info,
+        client_ip: if phase == Phase::Request { &q.client_ip } else { "" },
+        request: (phase == Phase::Request).then_some(&req),
+        lists: rules.lists(),
+        now: facts::timestamp_now(facts::unix_now()),
+    };
+    rules.evaluate(phase, &facts, memo, trace)
+}
+
+/// Times the request phase for `q`, as the proxy runs it per request (the facts built, every
+/// rule evaluated) on one connection: nanoseconds per request over `iterations`. For
+/// `load/rules.sh`.
+pub fn bench(rules: &RuleSet, q: &Query, iterations: u32) -> Result<f64, String> {
+    let p = prepare(q)?;
+    let client = facts::ClientFacts::new(Some(&p.cert), true, facts::unix_now());
     let memo = super::ConnectionMemo::default();
     let started = std::time::Instant::now();
     let mut allowed = 0u32;
     for _ in 0..iterations {
-        let req = RequestInfo {
-            method: &q.method,
-            host: &q.host,
-            path,
-            query,
-            headers: &headers,
-        };
-        let facts = Facts {
-            client: &client,
-            connection: &info,
-            client_ip: &q.client_ip,
-            request: Some(&req),
-            lists: rules.lists(),
-            now: facts::timestamp_now(facts::unix_now()),
-        };
-        allowed += u32::from(!rules.evaluate(Phase::Request, &facts, Some(&memo), None).denied());
+        allowed += u32::from(!run_phase(rules, Phase::Request, &client, &p, q, Some(&memo), None).denied());
     }
     let elapsed = started.elapsed();
     if allowed != iterations {
@@ -150,32 +189,16 @@ pub fn explain(
     route: impl Fn(&str, &str) -> Routing,
     q: &Query,
 ) -> Result<String, String> {
-    let chain = X509::stack_from_pem(&q.cert_pem).map_err(|e| format!("--cert: not a PEM certificate: {e}"))?;
-    let leaf = chain.first().ok_or("--cert: no certificate in the file")?;
-    let cert = ViewerCert::from_x509(leaf, Vec::new()).ok_or("--cert: the certificate cannot be read")?;
-    let (verified, verdict) = verify(store, &chain);
-    let now = facts::unix_now();
-    let client = facts::ClientFacts::new(Some(&cert), verified, now);
-    let info = ConnectionInfo {
-        sni: q.sni.clone().unwrap_or_default(),
-        tls_version: "TLSv1.3".into(),
-        alpn: "h2".into(),
-    };
+    let p = prepare(q)?;
+    let (verified, verdict) = verify(store, &p.chain);
+    let client = facts::ClientFacts::new(Some(&p.cert), verified, facts::unix_now());
     let mut out = String::new();
-    let _ = writeln!(out, "certificate: {} (serial {})", cert.subject, cert.serial);
-    let _ = writeln!(out, "  issuer {}; {verdict}", cert.issuer);
+    let _ = writeln!(out, "certificate: {} (serial {})", p.cert.subject, p.cert.serial);
+    let _ = writeln!(out, "  issuer {}; {verdict}", p.cert.issuer);
 
     let _ = writeln!(out, "connection phase (sni {}):", q.sni.as_deref().unwrap_or("none"));
     let mut trace = Vec::new();
-    let conn_facts = Facts {
-        client: &client,
-        connection: &info,
-        client_ip: "",
-        request: None,
-        lists: rules.lists(),
-        now: facts::timestamp_now(now),
-    };
-    let conn = rules.evaluate(Phase::Connection, &conn_facts, None, Some(&mut trace));
+    let conn = run_phase(rules, Phase::Connection, &client, &p, q, None, Some(&mut trace));
     trace_lines(&mut out, &trace);
     decision_line(&mut out, Phase::Connection, &conn);
     if !verified {
@@ -187,36 +210,15 @@ pub fn explain(
         return Ok(out);
     }
 
-    let (path, query) = q.path_and_query.split_once('?').unwrap_or((&q.path_and_query, ""));
-    let mut headers = http::HeaderMap::new();
-    for (k, v) in &q.headers {
-        let name = http::HeaderName::from_bytes(k.as_bytes()).map_err(|_| format!("--header: bad name '{k}'"))?;
-        let value = http::HeaderValue::from_str(v).map_err(|_| format!("--header: bad value for '{k}'"))?;
-        headers.append(name, value);
-    }
+    let path = q.path_and_query.split('?').next().unwrap_or("/");
     let routing = route(&q.host, path);
     let _ = writeln!(out, "request phase ({} {}{}):", q.method, q.host, q.path_and_query);
     let Some(route_name) = &routing.route else {
         let _ = writeln!(out, "result: answer 404 (no route)");
         return Ok(out);
     };
-    let req = RequestInfo {
-        method: &q.method,
-        host: &q.host,
-        path,
-        query,
-        headers: &headers,
-    };
-    let req_facts = Facts {
-        client: &client,
-        connection: &info,
-        client_ip: &q.client_ip,
-        request: Some(&req),
-        lists: rules.lists(),
-        now: facts::timestamp_now(now),
-    };
     let mut trace = Vec::new();
-    let outcome = rules.evaluate(Phase::Request, &req_facts, None, Some(&mut trace));
+    let outcome = run_phase(rules, Phase::Request, &client, &p, q, None, Some(&mut trace));
     trace_lines(&mut out, &trace);
     decision_line(&mut out, Phase::Request, &outcome);
     if outcome.denied() {

@@ -61,20 +61,7 @@ impl<'v> Record<'v> {
 }
 
 impl Val for Record<'_> {
-    fn get_type(&self) -> &Type {
-        &RECORD_TYPE
-    }
-
-    fn cel_type() -> &'static Type {
-        &RECORD_TYPE
-    }
-
-    fn as_indexer<'b, 'w>(&'b self) -> Option<&'b (dyn Indexer + 'w)>
-    where
-        Self: 'w,
-    {
-        Some(self)
-    }
+    indexed_val!(RECORD_TYPE);
 
     fn clone_as_boxed<'w>(&self) -> Box<dyn Val + 'w>
     where
@@ -104,12 +91,8 @@ impl Indexer for Record<'_> {
             None => Err(ExecutionError::NoSuchKey(Arc::new(name.to_string()))),
         }
     }
-    fn steal<'w>(self: Box<Self>, idx: &dyn Val) -> Result<Box<dyn Val + 'w>, ExecutionError>
-    where
-        Self: 'w,
-    {
-        self.get(idx).map(CowVal::into_owned)
-    }
+
+    steal_via_get!();
 }
 
 /// Request headers by lowercase name; an absent header reads as `""`, several values as one
@@ -118,20 +101,7 @@ impl Indexer for Record<'_> {
 pub struct Headers<'v>(pub &'v http::HeaderMap);
 
 impl Val for Headers<'_> {
-    fn get_type(&self) -> &Type {
-        &RECORD_TYPE
-    }
-
-    fn cel_type() -> &'static Type {
-        &RECORD_TYPE
-    }
-
-    fn as_indexer<'b, 'w>(&'b self) -> Option<&'b (dyn Indexer + 'w)>
-    where
-        Self: 'w,
-    {
-        Some(self)
-    }
+    indexed_val!(RECORD_TYPE);
 
     fn clone_as_boxed<'w>(&self) -> Box<dyn Val + 'w>
     where
@@ -157,12 +127,7 @@ impl<'v> Indexer for Headers<'v> {
         Ok(CowVal::owned(value))
     }
 
-    fn steal<'w>(self: Box<Self>, idx: &dyn Val) -> Result<Box<dyn Val + 'w>, ExecutionError>
-    where
-        Self: 'w,
-    {
-        self.get(idx).map(CowVal::into_owned)
-    }
+    steal_via_get!();
 }
 
 fn string<'v>(s: impl Into<CelString<'v>>) -> Box<dyn Val + 'v> {

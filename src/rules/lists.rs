@@ -248,20 +248,7 @@ pub fn contains(this: &ListVal, item: &CelString) -> CelBool {
 pub struct Lists(pub Arc<BTreeMap<String, ListVal>>);
 
 impl Val for Lists {
-    fn get_type(&self) -> &Type {
-        &LISTS_TYPE
-    }
-
-    fn cel_type() -> &'static Type {
-        &LISTS_TYPE
-    }
-
-    fn as_indexer<'b, 'v>(&'b self) -> Option<&'b (dyn Indexer + 'v)>
-    where
-        Self: 'v,
-    {
-        Some(self)
-    }
+    indexed_val!(LISTS_TYPE);
 
     fn clone_as_boxed<'v>(&self) -> Box<dyn Val + 'v> {
         Box::new(self.clone())
@@ -291,12 +278,8 @@ impl Indexer for Lists {
             None => Err(ExecutionError::NoSuchKey(Arc::new(name.unwrap_or_default()))),
         }
     }
-    fn steal<'w>(self: Box<Self>, idx: &dyn Val) -> Result<Box<dyn Val + 'w>, ExecutionError>
-    where
-        Self: 'w,
-    {
-        self.get(idx).map(CowVal::into_owned)
-    }
+
+    steal_via_get!();
 }
 
 #[cfg(test)]

@@ -3,6 +3,41 @@
 //! (`request` phase) in file and line order. The first `allow` or `deny` that matches ends a
 //! phase; the other actions accumulate. Errors at run time deny (fail closed).
 
+/// The `Val` methods of an object that rules index by name (`a.b`, `a["b"]`), of CEL type `$ty`.
+macro_rules! indexed_val {
+    ($ty:expr) => {
+        fn get_type(&self) -> &cel::common::types::Type {
+            &$ty
+        }
+
+        fn cel_type() -> &'static cel::common::types::Type {
+            &$ty
+        }
+
+        fn as_indexer<'b, 'w>(&'b self) -> Option<&'b (dyn cel::common::traits::Indexer + 'w)>
+        where
+            Self: 'w,
+        {
+            Some(self)
+        }
+    };
+}
+
+/// `Indexer::steal` by way of `get`, for objects that hand out borrowed fields.
+macro_rules! steal_via_get {
+    () => {
+        fn steal<'w>(
+            self: Box<Self>,
+            idx: &dyn cel::common::value::Val,
+        ) -> Result<Box<dyn cel::common::value::Val + 'w>, cel::ExecutionError>
+        where
+            Self: 'w,
+        {
+            self.get(idx).map(cel::common::value::CowVal::into_owned)
+        }
+    };
+}
+
 mod compiled;
 pub mod explain;
 pub mod facts;

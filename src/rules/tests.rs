@@ -49,9 +49,9 @@ fn cert(cn: &str, ou: &str, serial: &str) -> ViewerCert {
     }
 }
 
-/// Runs `phase` for a client (`None`: no certificate) asking for `path`.
-fn run(set: &RuleSet, phase: Phase, cert: Option<&ViewerCert>, path: &str, trace: Option<&mut Vec<Step>>) -> Outcome {
-    let client = facts::ClientFacts::new(cert, true, 0);
+/// Calls `f` with the facts of a request for `path` by `client`, on a connection to
+/// fleet.example from 192.0.2.7, with `x-count: abc` and `x-count: def`, at `now`.
+fn with_facts<T>(set: &RuleSet, client: &facts::ClientFacts, path: &str, now: i64, f: impl FnOnce(&Facts) -> T) -> T {
     let info = ConnectionInfo {
         sni: "fleet.example".into(),
         tls_version: "TLSv1.3".into(),
@@ -59,6 +59,7 @@ fn run(set: &RuleSet, phase: Phase, cert: Option<&ViewerCert>, path: &str, trace
     };
     let mut headers = http::HeaderMap::new();
     headers.insert("x-count", HeaderValue::from_static("abc"));
+    headers.append("x-count", HeaderValue::from_static("def"));
     let req = RequestInfo {
         method: "GET",
         host: "fleet.example",
@@ -66,15 +67,20 @@ fn run(set: &RuleSet, phase: Phase, cert: Option<&ViewerCert>, path: &str, trace
         query: "",
         headers: &headers,
     };
-    let facts = Facts {
-        client: &client,
+    f(&Facts {
+        client,
         connection: &info,
         client_ip: "192.0.2.7",
         request: Some(&req),
         lists: &set.lists,
-        now: CelTimestamp::from(facts::to_datetime(0)),
-    };
-    set.evaluate(phase, &facts, None, trace)
+        now: CelTimestamp::from(facts::to_datetime(now)),
+    })
+}
+
+/// Runs `phase` for a client (`None`: no certificate) asking for `path`.
+fn run(set: &RuleSet, phase: Phase, cert: Option<&ViewerCert>, path: &str, trace: Option<&mut Vec<Step>>) -> Outcome {
+    let client = facts::ClientFacts::new(cert, true, 0);
+    with_facts(set, &client, path, 0, |facts| set.evaluate(phase, facts, None, trace))
 }
 
 const FLEET: &str = r#"
@@ -332,28 +338,13 @@ fn a_connection_memo_keeps_certificate_conditions_and_reevaluates_request_ones()
         .is_some_and(|r| !r.constant));
     let c = cert("device-1", "x1", "01:02");
     let client = facts::ClientFacts::new(Some(&c), true, 0);
-    let info = ConnectionInfo::default();
-    let headers = http::HeaderMap::new();
     let memo = ConnectionMemo::default();
     let on = |path: &str| {
-        let req = RequestInfo {
-            method: "GET",
-            host: "h",
-            path,
-            query: "",
-            headers: &headers,
-        };
-        let facts = Facts {
-            client: &client,
-            connection: &info,
-            client_ip: "192.0.2.7",
-            request: Some(&req),
-            lists: &set.lists,
-            now: CelTimestamp::from(facts::to_datetime(0)),
-        };
-        set.evaluate(Phase::Request, &facts, Some(&memo), None)
-            .decision()
-            .clone()
+        with_facts(&set, &client, path, 0, |facts| {
+            set.evaluate(Phase::Request, facts, Some(&memo), None)
+                .decision()
+                .clone()
+        })
     };
     // The same connection asks for its own model, then another's: the path is re-evaluated.
     assert!(matches!(on("/firmware/x1/a.bin"), Decision::Allow { .. }));
@@ -412,44 +403,23 @@ fn compiled_conditions_agree_with_the_cel_interpreter() {
         for c in &certs {
             let client = facts::ClientFacts::new(c.as_ref(), true, 0);
             for path in paths {
-                let info = ConnectionInfo {
-                    sni: "fleet.example".into(),
-                    tls_version: "TLSv1.3".into(),
-                    alpn: "h2".into(),
-                };
-                let mut headers = http::HeaderMap::new();
-                headers.insert("x-count", HeaderValue::from_static("abc"));
-                headers.append("x-count", HeaderValue::from_static("def"));
-                let req = RequestInfo {
-                    method: "GET",
-                    host: "fleet.example",
-                    path,
-                    query: "",
-                    headers: &headers,
-                };
-                let facts = Facts {
-                    client: &client,
-                    connection: &info,
-                    client_ip: "192.0.2.7",
-                    request: Some(&req),
-                    lists: &set.lists,
-                    now: CelTimestamp::from(facts::to_datetime(86_400)),
-                };
-                let mut ctx = Context::with_env(set.env.clone());
-                ctx.set_variable_resolver(&facts);
-                let reference = match program.execute(&ctx) {
-                    Ok(Value::Bool(b)) => Ok(b),
-                    other => Err(format!("{other:?}")),
-                };
-                let got = fast.eval(&facts);
-                assert_eq!(
-                    got.is_ok(),
-                    reference.is_ok(),
-                    "{src} on {path}: {got:?} vs {reference:?}"
-                );
-                if let (Ok(a), Ok(b)) = (&got, &reference) {
-                    assert_eq!(a, b, "{src} on {path} with {c:?}");
-                }
+                with_facts(&set, &client, path, 86_400, |facts| {
+                    let mut ctx = Context::with_env(set.env.clone());
+                    ctx.set_variable_resolver(facts);
+                    let reference = match program.execute(&ctx) {
+                        Ok(Value::Bool(b)) => Ok(b),
+                        other => Err(format!("{other:?}")),
+                    };
+                    let got = fast.eval(facts);
+                    assert_eq!(
+                        got.is_ok(),
+                        reference.is_ok(),
+                        "{src} on {path}: {got:?} vs {reference:?}"
+                    );
+                    if let (Ok(a), Ok(b)) = (&got, &reference) {
+                        assert_eq!(a, b, "{src} on {path} with {c:?}");
+                    }
+                });
             }
         }
     }
