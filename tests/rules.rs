@@ -97,6 +97,20 @@ fn edge(rules_yaml: &str, beta: bool, make: impl FnOnce(&Path, &Ca, &Ca)) -> Edg
     }
 }
 
+/// An edge whose only rule file holds `rules` (YAML), with one fleet device, `good`.
+fn edge_with_rule_file(rules: &str) -> (tempfile::TempDir, Edge) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("r.yaml"), rules).unwrap();
+    let e = edge(
+        &format!("rules: {{ dir: {} }}", dir.path().display()),
+        false,
+        |d, fleet, _| {
+            save(d, "good", &device(fleet, "device-0001", None, None));
+        },
+    );
+    (dir, e)
+}
+
 fn rules_dir(name: &str) -> String {
     format!("rules: {{ dir: {} }}", example(name).display())
 }
@@ -229,15 +243,7 @@ fn a_staged_rollout_sends_a_stable_ten_percent_to_the_beta_origin_without_mixing
 fn connection_rules_also_run_for_clients_without_a_certificate_in_optional_mode() {
     let rules =
         "rules:\n  - { name: certificate-or-nothing, phase: connection, when: '!client.cert.present', deny: {} }\n";
-    let dir_holder = tempfile::tempdir().unwrap();
-    std::fs::write(dir_holder.path().join("r.yaml"), rules).unwrap();
-    let e = edge(
-        &format!("rules: {{ dir: {} }}", dir_holder.path().display()),
-        false,
-        |d, fleet, _| {
-            save(d, "good", &device(fleet, "device-0001", None, None));
-        },
-    );
+    let (_rules_dir, e) = edge_with_rule_file(rules);
     let anonymous = Client::new(e.dir.path(), e.optional_port).get("/firmware/manifest.json");
     assert!(anonymous.is_err(), "answered: {anonymous:?}");
     let with_cert = Client::new(e.dir.path(), e.optional_port)
@@ -253,15 +259,7 @@ fn shadow_rules_change_nothing_and_evaluation_errors_deny() {
   - { name: would-block-all, phase: request, mode: shadow, deny: {} }
   - { name: bad-count, phase: request, when: 'int(request.headers["x-count"]) > 3', deny: {} }
 "#;
-    let dir_holder = tempfile::tempdir().unwrap();
-    std::fs::write(dir_holder.path().join("r.yaml"), rules).unwrap();
-    let e = edge(
-        &format!("rules: {{ dir: {} }}", dir_holder.path().display()),
-        false,
-        |d, fleet, _| {
-            save(d, "good", &device(fleet, "device-0001", None, None));
-        },
-    );
+    let (_rules_dir, e) = edge_with_rule_file(rules);
     assert_eq!(
         e.client("good").header("x-count", "1").get("/echo").unwrap().status,
         200
@@ -291,7 +289,6 @@ fn shadow_rules_change_nothing_and_evaluation_errors_deny() {
 fn a_bad_rule_stops_the_start_up_and_the_check_with_file_and_line() {
     let dir_holder = tempfile::tempdir().unwrap();
     let d = dir_holder.path();
-    ServerPki::write(d);
     let fleet = Ca::root("Fleet Device CA").unwrap();
     pki::write_file(&d.join("devices-ca.pem"), &fleet.cert_pem, false).unwrap();
     std::fs::create_dir(d.join("rules")).unwrap();
@@ -300,17 +297,11 @@ fn a_bad_rule_stops_the_start_up_and_the_check_with_file_and_line() {
         "rules:\n  - name: typo\n    phase: request\n    when: client.cert.subject.nc == \"x\"\n    deny: {}\n",
     )
     .unwrap();
-    let yaml = format!(
-        "{}listeners:\n{}trust_stores:\n  devices: {{ ca_files: [devices-ca.pem] }}\norigins:\n{}routes:\n  - {{ path_prefix: /, origin: main }}\nrules: {{ dir: rules }}\n",
-        server_yaml(d, 1),
-        listener_yaml(free_port(), "required", "devices"),
-        origin_yaml("main", free_port()),
-    );
-    std::fs::write(d.join("edge.yaml"), yaml).unwrap();
+    let conf = config_only(d, "rules: { dir: rules }");
     for args in [vec!["-t", "-c"], vec!["-c"]] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_mtls-edge"))
             .args(&args)
-            .arg(d.join("edge.yaml"))
+            .arg(&conf)
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stderr);
