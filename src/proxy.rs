@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use http::{HeaderName, HeaderValue};
 use log::{debug, warn};
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -23,7 +22,7 @@ use crate::config::Access;
 use crate::identity::{ConnectionIdentity, HeaderPlan};
 use crate::metrics;
 use crate::origin::{self, Origin};
-use crate::rules::{self, Decision, Outcome, Phase, RuleSet};
+use crate::rules::{self, Decision, HeaderOp, Outcome, Phase, RuleSet};
 use crate::viewer_tls::ListenerPolicy;
 
 /// A compiled route.
@@ -100,10 +99,10 @@ pub struct RequestCtx {
     stored: bool,
     /// The origin answered a revalidation with 304: the stored body stays, nothing is filled.
     not_modified: bool,
-    /// What the request-phase rules added: headers toward the origin, and the cache cohort.
-    rule_headers: Vec<(HeaderName, HeaderValue)>,
-    rule_removes: Vec<HeaderName>,
-    cohort: Option<String>,
+    /// What the request-phase rules added: header changes toward the origin, in rule order,
+    /// and the variants of the cache key they imply.
+    rule_headers: Vec<HeaderOp>,
+    key_variants: Vec<(String, String)>,
 }
 
 /// The identity the handshake recorded for this connection (HTTP/1.1 and HTTP/2 alike).
@@ -128,6 +127,24 @@ fn request_host(req: &RequestHeader) -> Option<String> {
             })
     })?;
     Some(raw.trim_end_matches('.').to_ascii_lowercase())
+}
+
+/// Whether a request path is in normal form: no empty, `.` or `..` segments, and no encoded dot,
+/// slash or backslash. Routes and rules match on the path as sent, and origins often resolve
+/// these forms: `/images/x1/../x2/fw.bin` would pass a rule that allows `/images/x1/` and reach
+/// x2's image. Such paths are refused rather than rewritten.
+fn path_is_normal(path: &str) -> bool {
+    let lower = path.to_ascii_lowercase();
+    let encoded = ["%2e", "%2f", "%5c"].iter().any(|e| lower.contains(e)) || path.contains('\\');
+    let segments_ok = path.strip_prefix('/').is_some_and(|rest| {
+        rest.split('/').enumerate().all(|(i, seg)| match seg {
+            "." | ".." => false,
+            // Only the last segment may be empty (a trailing slash, or the root).
+            "" => i == rest.split('/').count() - 1,
+            _ => true,
+        })
+    });
+    segments_ok && !encoded
 }
 
 /// Answers with `status` and a plain-text `body`, and closes nothing: the connection stays usable.
@@ -226,6 +243,9 @@ impl ProxyHttp for EdgeProxy {
         }
 
         let path = session.req_header().uri.path().to_string();
+        if !path_is_normal(&path) {
+            return respond(session, 400, "the request path is not in normal form\n").await;
+        }
         let Some(route) = state.route(host.as_deref(), &path) else {
             return refuse(session, 404, "NoRoute", Some(&conn)).await;
         };
@@ -255,17 +275,24 @@ impl ProxyHttp for EdgeProxy {
                 }
                 Decision::Allow { .. } | Decision::Continue => {}
             }
-            // An origin chosen by a rule is part of the cache key: its content may differ.
-            ctx.cohort = match (outcome.cohort, &outcome.origin) {
-                (cohort, None) => cohort,
-                (None, Some(o)) => Some(format!("origin={o}")),
-                (Some(c), Some(o)) => Some(format!("{c};origin={o}")),
-            };
+            // What may change the origin's answer is part of the cache key: the cohort, an origin
+            // chosen by a rule, and the headers rules set toward it.
+            ctx.key_variants = outcome
+                .cohort
+                .iter()
+                .map(|c| ("cohort".to_string(), c.clone()))
+                .chain(outcome.origin.iter().map(|o| ("origin".to_string(), o.clone())))
+                .chain(outcome.headers_set().into_iter().map(|(n, v)| {
+                    (
+                        format!("header:{n}"),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                }))
+                .collect();
             if let Some(name) = &outcome.origin {
                 ctx.origin = state.origins.get(name).cloned();
             }
-            ctx.rule_headers = outcome.set_headers;
-            ctx.rule_removes = outcome.remove_headers;
+            ctx.rule_headers = outcome.headers;
         }
         ctx.identity = Some(conn);
         Ok(false)
@@ -285,7 +312,8 @@ impl ProxyHttp for EdgeProxy {
     fn cache_key_callback(&self, session: &Session, ctx: &mut RequestCtx) -> Result<CacheKey> {
         let uri = &session.req_header().uri;
         let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
-        Ok(cache::key(&ctx.host, path_and_query, ctx.cohort.as_deref()))
+        let variants: Vec<(&str, &str)> = ctx.key_variants.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        Ok(cache::key(&ctx.host, path_and_query, &variants))
     }
 
     fn response_cache_filter(
@@ -357,11 +385,15 @@ impl ProxyHttp for EdgeProxy {
                 upstream.insert_header(name.clone(), value.clone())?;
             }
         }
-        for name in &ctx.rule_removes {
-            upstream.remove_header(name);
-        }
-        for (name, value) in &ctx.rule_headers {
-            upstream.insert_header(name.clone(), value.clone())?;
+        for op in &ctx.rule_headers {
+            match op {
+                HeaderOp::Set(name, value) => {
+                    upstream.insert_header(name.clone(), value.clone())?;
+                }
+                HeaderOp::Remove(name) => {
+                    upstream.remove_header(name);
+                }
+            }
         }
         Ok(())
     }
@@ -420,6 +452,28 @@ impl ProxyHttp for EdgeProxy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paths_with_dot_or_empty_segments_or_encoded_separators_are_not_normal() {
+        for ok in ["/", "/firmware/images/x1/fw.bin", "/dir/", "/a.b/c..d/.e"] {
+            assert!(path_is_normal(ok), "{ok}");
+        }
+        for bad in [
+            "/firmware/images/x1/../x2/fw.bin",
+            "/firmware/images/x1/./fw.bin",
+            "//firmware/images/x2/fw.bin",
+            "/firmware//images",
+            "/a/..",
+            "/a/%2e%2e/b",
+            "/a/%2E%2e/b",
+            "/a%2fb",
+            "/a%5cb",
+            "/a\\b",
+            "relative",
+        ] {
+            assert!(!path_is_normal(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn host_comes_from_authority_or_host_header_without_port() {

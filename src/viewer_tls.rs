@@ -382,15 +382,21 @@ impl ViewerTls {
                 }
                 // The chain has verified: the connection-phase rules decide.
                 if rules.has_phase(Phase::Connection) {
-                    let cert = chain
+                    let Some(cert) = chain
                         .current_cert()
-                        .and_then(|leaf| ViewerCert::from_x509(leaf, Vec::new()));
+                        .and_then(|leaf| ViewerCert::from_x509(leaf, Vec::new()))
+                    else {
+                        // Rules must not see a verified client as one without a certificate.
+                        chain.set_error(Err(X509VerifyError::APPLICATION_VERIFICATION));
+                        record.refuse("ConnectionRuleError", "the certificate cannot be read for rules".into());
+                        return false;
+                    };
                     let info = X509StoreContext::ssl_idx()
                         .ok()
                         .and_then(|i| chain.ex_data(i))
                         .map(|ssl| connection_info(ssl, record.sni.as_deref()))
                         .unwrap_or_default();
-                    if let Some(refusal) = connection_rules(&rules, cert.as_ref(), &info) {
+                    if let Some(refusal) = connection_rules(&rules, Some(&cert), &info) {
                         chain.set_error(Err(X509VerifyError::APPLICATION_VERIFICATION));
                         record.refuse(refusal.0, refusal.1);
                         return false;
@@ -438,8 +444,10 @@ impl TlsAccept for ViewerTls {
         };
         let current = self.policy.load();
         let info = connection_info(ssl, record.sni.as_deref());
-        let denied = match (&cert, current.rules.has_phase(Phase::Connection)) {
-            (None, true) => connection_rules(&current.rules, None, &info),
+        // A client without a certificate on an optional listener had no verify step: its
+        // connection rules run now. Listeners without mTLS run no connection rules.
+        let denied = match (&cert, policy.mode, current.rules.has_phase(Phase::Connection)) {
+            (None, MtlsMode::Optional, true) => connection_rules(&current.rules, None, &info),
             _ => None,
         };
         record.count_completed(denied.as_ref());

@@ -130,6 +130,15 @@ fn firmware_fleet_only_devices_from_the_fleet_ca_and_only_their_own_models_image
         (r.status, r.body.as_str()),
         (403, "this device model may not fetch that image\n")
     );
+    // Another model's image by way of dot segments, empty segments or encoded dots: refused
+    // before routing and rules (the origin might resolve them).
+    for sneaky in [
+        "/firmware/images/x1/../x2/fw-2.0.bin",
+        "//firmware/images/x2/fw-2.0.bin",
+        "/firmware/images/x1/%2e%2e/x2/fw-2.0.bin",
+    ] {
+        assert_eq!(e.client("x1").get(sneaky).unwrap().status, 400, "{sneaky}");
+    }
     // Refused in the handshake: a CN that is not device-*, and a device of another CA that the
     // trust store also holds.
     assert!(e.client("sensor").get("/firmware/manifest.json").is_err());

@@ -134,17 +134,18 @@ impl SharedCache {
     }
 }
 
-/// The cache key: host, path and query, and an optional cohort (set by rules). Never anything
-/// that identifies the device, so one fill serves the whole fleet.
+/// The cache key: host, path and query, and the variants rules chose (a cohort, an origin,
+/// headers they set toward the origin). Never anything that identifies the device unless a rule
+/// makes it so, so one fill serves the whole fleet.
 ///
 /// Everything goes into the primary key: pingora hashes only the primary (and the variance),
-/// not the user tag. A request target cannot contain a newline, so the cohort suffix cannot
-/// collide with another path.
-pub fn key(host: &str, path_and_query: &str, cohort: Option<&str>) -> CacheKey {
-    let primary = match cohort {
-        Some(c) => format!("{host}{path_and_query}\ncohort={c}"),
-        None => format!("{host}{path_and_query}"),
-    };
+/// not the user tag. A request target cannot contain a newline, and each variant's value is
+/// length-prefixed, so no cohort value can forge another variant or another path.
+pub fn key(host: &str, path_and_query: &str, variants: &[(&str, &str)]) -> CacheKey {
+    let mut primary = format!("{host}{path_and_query}");
+    for (name, value) in variants {
+        primary.push_str(&format!("\n{name}={}:{value}", value.len()));
+    }
     CacheKey::new(primary, "")
 }
 
@@ -276,13 +277,19 @@ mod tests {
     #[test]
     fn the_key_is_host_path_and_query_never_the_device() {
         use pingora_cache::key::CacheHashKey;
-        let a = key("fw.example", "/x.bin?v=1", None);
-        assert_eq!(a.combined(), key("fw.example", "/x.bin?v=1", None).combined());
-        assert_ne!(a.combined(), key("fw.example", "/x.bin?v=2", None).combined());
-        assert_ne!(a.combined(), key("other.example", "/x.bin?v=1", None).combined());
+        let a = key("fw.example", "/x.bin?v=1", &[]);
+        assert_eq!(a.combined(), key("fw.example", "/x.bin?v=1", &[]).combined());
+        assert_ne!(a.combined(), key("fw.example", "/x.bin?v=2", &[]).combined());
+        assert_ne!(a.combined(), key("other.example", "/x.bin?v=1", &[]).combined());
         assert_ne!(
             a.combined(),
-            key("fw.example", "/x.bin?v=1", Some("model-x1")).combined()
+            key("fw.example", "/x.bin?v=1", &[("cohort", "model-x1")]).combined()
+        );
+        // A cohort value cannot pass for another variant.
+        let forged = key("h", "/m", &[("cohort", "x\norigin=4:beta")]);
+        assert_ne!(
+            forged.combined(),
+            key("h", "/m", &[("cohort", "x"), ("origin", "beta")]).combined()
         );
     }
 }

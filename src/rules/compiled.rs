@@ -112,15 +112,8 @@ fn field(p: &[&str], lists: &Lists) -> Option<Node> {
 fn header(name: &str) -> Node {
     let name = name.to_ascii_lowercase();
     Node::Str(Box::new(move |f| {
-        let Some(r) = f.request else {
-            return Ok(Cow::Borrowed(""));
-        };
-        let mut values = r.headers.get_all(name.as_str()).iter().filter_map(|v| v.to_str().ok());
-        Ok(match (values.next(), values.next()) {
-            (None, _) => Cow::Borrowed(""),
-            (Some(one), None) => Cow::Borrowed(one),
-            (Some(a), Some(b)) => Cow::Owned([a, b].into_iter().chain(values).collect::<Vec<_>>().join(", ")),
-        })
+        Ok(f.request
+            .map_or(Cow::Borrowed(""), |r| super::facts::header_value(r.headers, &name)))
     }))
 }
 

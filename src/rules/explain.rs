@@ -230,11 +230,11 @@ pub fn explain(
     if let Some(c) = &outcome.cohort {
         let _ = write!(out, ", cache cohort {c:?}");
     }
-    for (k, v) in &outcome.set_headers {
-        let _ = write!(out, ", set {k}: {}", String::from_utf8_lossy(v.as_bytes()));
-    }
-    for k in &outcome.remove_headers {
-        let _ = write!(out, ", remove {k}");
+    for op in &outcome.headers {
+        let _ = match op {
+            super::HeaderOp::Set(k, v) => write!(out, ", set {k}: {}", String::from_utf8_lossy(v.as_bytes())),
+            super::HeaderOp::Remove(k) => write!(out, ", remove {k}"),
+        };
     }
     out.push('\n');
     Ok(out)

@@ -117,17 +117,24 @@ impl<'v> Indexer for Headers<'v> {
         Self: 'w,
     {
         let map: &'v http::HeaderMap = self.0;
-        // `get_all` with a &str matches the name in any case.
-        let mut values = map.get_all(key_name(idx)?).iter().filter_map(|v| v.to_str().ok());
-        let value: CelString<'w> = match (values.next(), values.next()) {
-            (None, _) => CelString::from(""),
-            (Some(one), None) => CelString::from(one),
-            (Some(a), Some(b)) => CelString::from([a, b].into_iter().chain(values).collect::<Vec<_>>().join(", ")),
-        };
+        let value: CelString<'w> = CelString::from(header_value(map, key_name(idx)?));
         Ok(CowVal::owned(value))
     }
 
     steal_via_get!();
+}
+
+/// A request header as rules read it, by name in any case: `""` when absent, several values
+/// joined with `, `, bytes that are not UTF-8 replaced (so a condition on a header cannot be
+/// dodged by making its value unreadable).
+pub fn header_value<'v>(map: &'v http::HeaderMap, name: &str) -> std::borrow::Cow<'v, str> {
+    use std::borrow::Cow;
+    let mut values = map.get_all(name).iter().map(|v| String::from_utf8_lossy(v.as_bytes()));
+    match (values.next(), values.next()) {
+        (None, _) => Cow::Borrowed(""),
+        (Some(one), None) => one,
+        (Some(a), Some(b)) => Cow::Owned([a, b].into_iter().chain(values).collect::<Vec<_>>().join(", ")),
+    }
 }
 
 fn string<'v>(s: impl Into<CelString<'v>>) -> Box<dyn Val + 'v> {

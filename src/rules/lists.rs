@@ -89,13 +89,15 @@ pub fn serial_key(s: &str) -> Option<[u8; MAX_SERIAL + 1]> {
     Some(key)
 }
 
-/// The serial form rules see as `client.cert.serial`: lowercase hex, no colons, no leading zeros.
+/// The serial form rules see as `client.cert.serial`: lowercase hex, no colons, no leading zeros
+/// (`"0"` for zero). Any length: only lists are limited to RFC 5280's 20 bytes.
 pub fn normalize_serial(s: &str) -> Option<String> {
-    let key = serial_key(s)?;
-    let bytes = &key[1..=usize::from(key[0])];
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    let trimmed = hex.trim_start_matches('0');
-    Some(if trimmed.is_empty() { "0".into() } else { trimmed.into() })
+    let digits: String = s.trim().chars().filter(|c| *c != ':').collect();
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let trimmed = digits.trim_start_matches('0').to_ascii_lowercase();
+    Some(if trimmed.is_empty() { "0".into() } else { trimmed })
 }
 
 fn sha256_key(s: &str) -> Option<[u8; 32]> {
@@ -131,6 +133,7 @@ impl RuleList {
     }
 
     /// Parses a list file's text. Errors name the line.
+    #[cfg(test)]
     pub fn parse(kind: ListKind, text: &str) -> Result<RuleList, String> {
         let mut list = RuleList::with_capacity(kind, text.lines().count());
         for (i, line) in text.lines().enumerate() {
@@ -179,10 +182,6 @@ impl RuleList {
             Entries::Sha256(s) => s.len(),
             Entries::Text(s) => s.len(),
         }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Whether `item` (normalized the list's way) is in the list.
@@ -298,6 +297,12 @@ mod tests {
         assert!(!list.contains("not hex"));
         assert_eq!(normalize_serial("00:0A:1b").as_deref(), Some("a1b"));
         assert_eq!(normalize_serial("00").as_deref(), Some("0"));
+        let long = "AB:".repeat(24) + "CD";
+        assert_eq!(
+            normalize_serial(&long).map(|s| s.len()),
+            Some(50),
+            "no length limit for display"
+        );
     }
 
     #[test]

@@ -58,7 +58,7 @@ use serde::Deserialize;
 use crate::config::Ctx;
 use crate::metrics;
 pub use facts::{ConnectionInfo, Facts, RequestInfo};
-use lists::{ListKind, ListVal, Lists, RuleList};
+use lists::{contains as list_contains, ListKind, ListVal, Lists, RuleList};
 
 /// The `rules:` section of the edge config.
 #[derive(Debug, Deserialize)]
@@ -196,9 +196,10 @@ impl Rule {
 }
 
 /// How a phase ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum Decision {
     /// No `allow` or `deny` matched: the request goes on (a connection is accepted).
+    #[default]
     Continue,
     Allow {
         rule: Arc<str>,
@@ -215,19 +216,41 @@ pub enum Decision {
     },
 }
 
+/// A header change toward the origin, applied in rule order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderOp {
+    Set(HeaderName, HeaderValue),
+    Remove(HeaderName),
+}
+
 /// The result of one phase.
 #[derive(Debug, Default)]
 pub struct Outcome {
-    pub decision: Option<Decision>,
-    pub set_headers: Vec<(HeaderName, HeaderValue)>,
-    pub remove_headers: Vec<HeaderName>,
+    pub decision: Decision,
+    /// In rule order: a later rule's change wins over an earlier one's.
+    pub headers: Vec<HeaderOp>,
     pub cohort: Option<String>,
     pub origin: Option<String>,
 }
 
 impl Outcome {
     pub fn decision(&self) -> &Decision {
-        self.decision.as_ref().unwrap_or(&Decision::Continue)
+        &self.decision
+    }
+
+    /// The headers the rules set, as they stand after every change.
+    pub fn headers_set(&self) -> Vec<(&HeaderName, &HeaderValue)> {
+        let mut set: Vec<(&HeaderName, &HeaderValue)> = Vec::new();
+        for op in &self.headers {
+            match op {
+                HeaderOp::Set(n, v) => {
+                    set.retain(|(k, _)| *k != n);
+                    set.push((n, v));
+                }
+                HeaderOp::Remove(n) => set.retain(|(k, _)| *k != n),
+            }
+        }
+        set
     }
 
     pub fn denied(&self) -> bool {
@@ -331,10 +354,6 @@ impl Expression<compiled::CompiledStr> {
     }
 }
 
-fn list_contains(this: &ListVal, item: &CelString) -> CelBool {
-    lists::contains(this, item)
-}
-
 /// The CEL environment: the standard library, `list.contains(string)` and `stableHash(string)`.
 fn environment() -> Env {
     let mut env = Env::stdlib();
@@ -353,10 +372,6 @@ impl RuleSet {
             id: next_id(),
             uses_client_ip: false,
         }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.rules.is_empty()
     }
 
     pub fn lists(&self) -> &Lists {
@@ -414,6 +429,8 @@ impl RuleSet {
         };
         let mut names = std::collections::HashSet::new();
         for file in files {
+            // How often each name has been seen in this file, to find the right one's line.
+            let mut in_file: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
             let text = match std::fs::read_to_string(&file) {
                 Ok(t) => t,
                 Err(e) => {
@@ -429,7 +446,9 @@ impl RuleSet {
                 }
             };
             for spec in parsed.rules {
-                let line = line_of(&text, &spec.name);
+                let nth = in_file.entry(spec.name.clone()).or_default();
+                *nth += 1;
+                let line = line_of(&text, &spec.name, *nth);
                 let location = format!("{}:{line}", file.display());
                 if !names.insert(spec.name.clone()) {
                     ctx.error(
@@ -484,6 +503,22 @@ impl RuleSet {
             let h = HeaderName::from_bytes(n.as_bytes()).map_err(|_| format!("'{n}' is not a valid header name"))?;
             if identity_header(&h) {
                 return Err(format!("'{n}' is an identity header: only the edge sets it"));
+            }
+            // Headers that frame or route the request: changing them toward the origin could
+            // make the edge and the origin disagree about where a request ends.
+            const FRAMING: &[&str] = &[
+                "host",
+                "content-length",
+                "transfer-encoding",
+                "connection",
+                "keep-alive",
+                "proxy-connection",
+                "te",
+                "trailer",
+                "upgrade",
+            ];
+            if FRAMING.contains(&h.as_str()) {
+                return Err(format!("'{n}' frames or routes the request: rules may not change it"));
             }
             Ok(h)
         };
@@ -625,7 +660,6 @@ impl RuleSet {
     /// type (a string compared with an int, a missing overload) fails at load, not per request.
     fn check_types(&self, program: &Program, phase: Phase, want: Want) -> Result<(), String> {
         let sample = facts::sample_cert();
-        let client = facts::ClientFacts::new(Some(&sample), true, 0);
         let info = ConnectionInfo {
             sni: "fleet.example".into(),
             tls_version: "TLSv1.3".into(),
@@ -633,43 +667,52 @@ impl RuleSet {
         };
         let mut headers = http::HeaderMap::new();
         headers.insert("user-agent", HeaderValue::from_static("sample"));
-        let req = RequestInfo {
-            method: "GET",
-            host: "fleet.example",
-            path: "/firmware/x1/image.bin",
-            query: "",
-            headers: &headers,
-        };
-        let facts = Facts {
-            client: &client,
-            connection: &info,
-            client_ip: "192.0.2.1",
-            request: (phase == Phase::Request).then_some(&req),
-            lists: &self.lists,
-            now: CelTimestamp::from(facts::to_datetime(0)),
-        };
-        let mut ctx = Context::with_env(self.env.clone());
-        ctx.set_variable_resolver(&facts);
-        let value = match program.execute(&ctx) {
-            Ok(v) => v,
-            // Errors that depend on the data (a header that does not parse as a number, an
-            // empty list indexed) are for run time, where they deny; the rest are type errors.
-            Err(
-                ExecutionError::FunctionError { .. }
-                | ExecutionError::DivisionByZero(_)
-                | ExecutionError::RemainderByZero(_)
-                | ExecutionError::Overflow(..)
-                | ExecutionError::IndexOutOfBounds(_)
-                | ExecutionError::DuplicateKey(_)
-                | ExecutionError::NoSuchKey(_),
-            ) => return Ok(()),
-            Err(e) => return Err(format!("does not evaluate: {e}")),
-        };
-        match (want, &value) {
-            (Want::Bool, Value::Bool(_)) | (Want::String, Value::String(_)) => Ok(()),
-            (Want::Bool, v) => Err(format!("must be a bool, is {:?}", v.type_of())),
-            (Want::String, v) => Err(format!("must be a string, is {:?}", v.type_of())),
+        // Several samples, so that more branches of `&&`, `||` and `?:` are taken: a branch no
+        // sample reaches is checked only at run time (where an error denies).
+        for cert in [Some(&sample), None] {
+            let client = facts::ClientFacts::new(cert, true, 0);
+            for path in ["/", "/firmware/images/x1/image.bin", "/api/acme/orders"] {
+                let req = RequestInfo {
+                    method: "GET",
+                    host: "fleet.example",
+                    path,
+                    query: "",
+                    headers: &headers,
+                };
+                let facts = Facts {
+                    client: &client,
+                    connection: &info,
+                    client_ip: "192.0.2.1",
+                    request: (phase == Phase::Request).then_some(&req),
+                    lists: &self.lists,
+                    now: CelTimestamp::from(facts::to_datetime(0)),
+                };
+                let mut ctx = Context::with_env(self.env.clone());
+                ctx.set_variable_resolver(&facts);
+                let value = match program.execute(&ctx) {
+                    Ok(v) => v,
+                    // Errors that depend on the data (a header that does not parse as a number,
+                    // an empty list indexed, a key missing from a map literal) are for run
+                    // time, where they deny; the rest are type errors.
+                    Err(
+                        ExecutionError::FunctionError { .. }
+                        | ExecutionError::DivisionByZero(_)
+                        | ExecutionError::RemainderByZero(_)
+                        | ExecutionError::Overflow(..)
+                        | ExecutionError::IndexOutOfBounds(_)
+                        | ExecutionError::DuplicateKey(_)
+                        | ExecutionError::NoSuchKey(_),
+                    ) => continue,
+                    Err(e) => return Err(format!("does not evaluate: {e}")),
+                };
+                match (want, &value) {
+                    (Want::Bool, Value::Bool(_)) | (Want::String, Value::String(_)) => {}
+                    (Want::Bool, v) => return Err(format!("must be a bool, is {:?}", v.type_of())),
+                    (Want::String, v) => return Err(format!("must be a string, is {:?}", v.type_of())),
+                }
+            }
         }
+        Ok(())
     }
 
     /// Runs the rules of `phase` against `facts`. With `memo` (request phase), conditions that
@@ -730,7 +773,7 @@ impl RuleSet {
                 Ok(None) => record(rule, MATCHED),
                 Ok(Some(decision)) => {
                     record(rule, MATCHED);
-                    out.decision = Some(decision);
+                    out.decision = decision;
                     return out;
                 }
                 Err(message) => {
@@ -741,10 +784,10 @@ impl RuleSet {
                         phase.as_str()
                     );
                     if !rule.shadow {
-                        out.decision = Some(Decision::Error {
+                        out.decision = Decision::Error {
                             rule: rule.name.clone(),
                             message,
-                        });
+                        };
                         return out;
                     }
                 }
@@ -788,10 +831,10 @@ fn apply(rule: &Rule, ctx: &Context, facts: &Facts, out: &mut Outcome) -> Result
                 let v = value.eval(ctx, facts)?;
                 let v =
                     HeaderValue::from_str(&v).map_err(|_| format!("header {name}: value is not valid in a header"))?;
-                out.set_headers.push((name.clone(), v));
+                out.headers.push(HeaderOp::Set(name.clone(), v));
             }
         }
-        Action::RemoveHeaders(names) => out.remove_headers.extend(names.iter().cloned()),
+        Action::RemoveHeaders(names) => out.headers.extend(names.iter().cloned().map(HeaderOp::Remove)),
         Action::CacheCohort(value) => out.cohort = Some(value.eval(ctx, facts)?),
         Action::Origin(o) => out.origin = Some(o.clone()),
     }
@@ -809,16 +852,25 @@ fn rule_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
     Ok(files)
 }
 
-/// The line where the rule named `name` starts (its `name:` key, block or flow style), 1-based.
-fn line_of(text: &str, name: &str) -> usize {
+/// The line where the `nth` rule named `name` starts (its `name:` key, block or flow style, a
+/// trailing comment allowed), 1-based; 0 when it cannot be found.
+fn line_of(text: &str, name: &str, nth: usize) -> usize {
     text.lines()
-        .position(|l| {
+        .enumerate()
+        .filter(|(_, l)| {
             l.split("name:").skip(1).any(|rest| {
-                let value = rest.split([',', '}']).next().unwrap_or("");
+                let value = rest
+                    .split(" #")
+                    .next()
+                    .unwrap_or("")
+                    .split([',', '}'])
+                    .next()
+                    .unwrap_or("");
                 value.trim().trim_matches(|c| c == '"' || c == '\'') == name
             })
         })
-        .map_or(0, |i| i + 1)
+        .nth(nth.saturating_sub(1))
+        .map_or(0, |(i, _)| i + 1)
 }
 
 /// The line of `field:` at or after the rule's start line.
@@ -836,7 +888,12 @@ fn field_line(text: &str, start: usize, field: &str) -> usize {
 fn collect_paths(e: &IdedExpr, bound: &mut Vec<String>, out: &mut Vec<(u64, Vec<String>)>) {
     if let Some(path) = select_path(&e.expr) {
         if !bound.contains(&path[0]) {
-            out.push((e.id, path));
+            // The position of the path's first name (a select's own is its last dot).
+            let mut root = e;
+            while let Expr::Select(s) = &root.expr {
+                root = &s.operand;
+            }
+            out.push((root.id, path));
         }
         return;
     }

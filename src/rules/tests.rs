@@ -155,8 +155,11 @@ fn request_rules_run_in_order_first_decision_ends_and_other_actions_accumulate()
         }
     );
     assert_eq!(
-        out.set_headers,
-        vec![(HeaderName::from_static("x-model"), HeaderValue::from_static("x1"))]
+        out.headers,
+        vec![HeaderOp::Set(
+            HeaderName::from_static("x-model"),
+            HeaderValue::from_static("x1")
+        )]
     );
     assert_eq!(out.cohort.as_deref(), Some("x1"));
     // The shadow deny changed nothing; never-reached was never reached.
@@ -291,6 +294,14 @@ fn every_kind_of_bad_rule_stops_the_load_with_file_line_and_message() {
             "identity header",
         ),
         ("{ name: a, phase: request, deny: { status: 200 } }", "not a 4xx or 5xx"),
+        (
+            "{ name: a, phase: request, remove_headers: [Content-Length] }",
+            "frames or routes the request",
+        ),
+        (
+            "{ name: a, phase: request, set_headers: { Host: '\"x\"' } }",
+            "frames or routes the request",
+        ),
         ("{ name: a, phase: later, deny: {} }", "unknown variant `later`"),
         (
             "{ name: a, phase: request, deny: {}, colour: red }",
@@ -320,7 +331,7 @@ fn a_multi_line_condition_error_names_the_line_in_the_expression() {
     let l = load(&[("m.yaml", text)]);
     let all = l.errors.join("\n");
     assert!(all.contains("m.yaml:2") && all.contains("when (line 4)"), "{all}");
-    assert!(all.contains("expression line 2"), "{all}");
+    assert!(all.contains("expression line 2, column 1"), "{all}");
 }
 
 #[test]
@@ -425,4 +436,69 @@ fn compiled_conditions_agree_with_the_cel_interpreter() {
     }
     // Everything but the comprehension (`exists`) is in the compiled subset.
     assert_eq!(compiled, sources.len() - 1, "{sources:#?}");
+}
+
+#[test]
+fn header_changes_apply_in_rule_order() {
+    let set = ok(&[(
+        "h.yaml",
+        r#"rules:
+  - { name: set-a, phase: request, set_headers: { X-A: '"1"', X-B: '"2"' } }
+  - { name: drop-a, phase: request, remove_headers: [X-A] }
+  - { name: set-b-again, phase: request, set_headers: { X-B: '"3"' } }
+"#,
+    )]);
+    let out = run(&set, Phase::Request, None, "/", None);
+    let set_now: Vec<(&str, &[u8])> = out
+        .headers_set()
+        .into_iter()
+        .map(|(n, v)| (n.as_str(), v.as_bytes()))
+        .collect();
+    assert_eq!(set_now, [("x-b", b"3".as_slice())]);
+}
+
+#[test]
+fn a_header_value_that_is_not_utf8_still_reads_as_present() {
+    let set = ok(&[(
+        "h.yaml",
+        "rules:\n  - { name: no-debug, phase: request, when: 'request.headers[\"x-debug\"] != \"\"', deny: {} }\n",
+    )]);
+    let client = facts::ClientFacts::new(None, true, 0);
+    let mut headers = http::HeaderMap::new();
+    headers.insert("x-debug", HeaderValue::from_bytes(b"on\xff").unwrap());
+    let req = RequestInfo {
+        method: "GET",
+        host: "h",
+        path: "/",
+        query: "",
+        headers: &headers,
+    };
+    let info = ConnectionInfo::default();
+    let facts = Facts {
+        client: &client,
+        connection: &info,
+        client_ip: "",
+        request: Some(&req),
+        lists: &set.lists,
+        now: CelTimestamp::from(facts::to_datetime(0)),
+    };
+    assert!(set.evaluate(Phase::Request, &facts, None, None).denied());
+    // The interpreter reads it the same way.
+    let program = set.env.compile("request.headers[\"x-debug\"] != \"\"").unwrap();
+    let mut ctx = Context::with_env(set.env.clone());
+    ctx.set_variable_resolver(&facts);
+    assert_eq!(program.execute(&ctx), Ok(Value::Bool(true)));
+}
+
+#[test]
+fn locations_survive_trailing_comments_and_point_at_the_duplicate() {
+    let text = "rules:\n  - name: a   # the first\n    phase: request\n    allow: true\n  - name: a\n    phase: request\n    allow: true\n";
+    let l = load(&[("d.yaml", text)]);
+    let all = l.errors.join("\n");
+    assert!(all.contains("d.yaml:5: rule 'a': the name is used twice"), "{all}");
+    let set = ok(&[(
+        "c.yaml",
+        "rules:\n  - name: b   # comment\n    phase: request\n    allow: true\n",
+    )]);
+    assert!(set.rules[0].location.ends_with("c.yaml:2"), "{}", set.rules[0].location);
 }
