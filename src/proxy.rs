@@ -134,17 +134,22 @@ fn request_host(req: &RequestHeader) -> Option<String> {
 /// these forms: `/images/x1/../x2/fw.bin` would pass a rule that allows `/images/x1/` and reach
 /// x2's image. Such paths are refused rather than rewritten.
 fn path_is_normal(path: &str) -> bool {
-    let lower = path.to_ascii_lowercase();
-    let encoded = ["%2e", "%2f", "%5c"].iter().any(|e| lower.contains(e)) || path.contains('\\');
-    let segments_ok = path.strip_prefix('/').is_some_and(|rest| {
-        rest.split('/').enumerate().all(|(i, seg)| match seg {
-            "." | ".." => false,
-            // Only the last segment may be empty (a trailing slash, or the root).
-            "" => i == rest.split('/').count() - 1,
-            _ => true,
-        })
-    });
-    segments_ok && !encoded
+    let Some(rest) = path.strip_prefix('/') else {
+        return false;
+    };
+    let encoded = path
+        .as_bytes()
+        .windows(3)
+        .any(|w| w[0] == b'%' && matches!((w[1], w[2].to_ascii_lowercase()), (b'2', b'e' | b'f') | (b'5', b'c')));
+    let mut segments = rest.split('/').peekable();
+    while let Some(seg) = segments.next() {
+        // Only the last segment may be empty (a trailing slash, or the root).
+        let empty_inside = seg.is_empty() && segments.peek().is_some();
+        if seg == "." || seg == ".." || empty_inside {
+            return false;
+        }
+    }
+    !encoded && !path.contains('\\')
 }
 
 /// Answers with `status` and a plain-text `body`, and closes nothing: the connection stays usable.
