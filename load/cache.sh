@@ -72,6 +72,8 @@ for o in "${OBJECTS[@]}"; do # warm both caches
   ab -q -n 2 -c 1 -E "$D/ab-client.pem" "https://localhost:8443$1" >/dev/null 2>&1
   ab -q -n 2 -c 1 -E "$D/ab-client.pem" "https://localhost:8444$1" >/dev/null 2>&1
 done
+# ONLY=storm skips the cached objects.
+[ "${ONLY:-}" = storm ] && ROUNDS=0
 for round in $(seq "$ROUNDS"); do
   for o in "${OBJECTS[@]}"; do
     set -- $o
@@ -84,6 +86,7 @@ for round in $(seq "$ROUNDS"); do
 done
 
 echo
+[ "${ONLY:-}" = storm ] || {
 echo "# medians over the rounds (the machine is shared: single rounds swing by 20% either way)"
 printf "%-10s %-28s %12s %14s\n" server object "req/s" "cpu us/req"
 median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
@@ -94,6 +97,7 @@ for o in "${OBJECTS[@]}"; do
     printf "%-10s %-28s %12.1f %14.1f\n" "$server" "$1" "$(awk '{print $4}' <<<"$rows" | median)" "$(awk '{print $5}' <<<"$rows" | median)"
   done
 done
+}
 
 echo
 echo "# cold storm: 200 concurrent clients, one 64 MiB object, origin fetches and time to the last byte"
@@ -110,7 +114,9 @@ export default function () {
 }
 JS
 printf "%-10s %14s %16s %8s\n" server origin-fetches last-byte-s errors
-for target in "mtls-edge 8443 /files/storm-a.bin" "nginx 8444 /files/storm-b.bin"; do
+# Alternating, each storm on an object neither server has seen.
+for target in "mtls-edge 8443 /files/storm-a.bin" "nginx 8444 /files/storm-b.bin" \
+  "nginx 8444 /files/storm-c.bin" "mtls-edge 8443 /files/storm-d.bin"; do
   set -- $target
   obj="$3?size=67108864"
   start=$(date +%s.%N)
