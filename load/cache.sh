@@ -113,7 +113,7 @@ export default function () {
   if (r.status !== 200) { throw new Error(`status ${r.status}`); }
 }
 JS
-printf "%-10s %14s %16s %8s\n" server origin-fetches last-byte-s errors
+printf "%-10s %14s %16s %8s %28s\n" server origin-fetches last-byte-s errors "per client med/p90/max s"
 # Alternating, each storm on an object neither server has seen.
 for target in "mtls-edge 8443 /files/storm-a.bin" "nginx 8444 /files/storm-b.bin" \
   "nginx 8444 /files/storm-c.bin" "mtls-edge 8443 /files/storm-d.bin"; do
@@ -122,6 +122,10 @@ for target in "mtls-edge 8443 /files/storm-a.bin" "nginx 8444 /files/storm-b.bin
   start=$(date +%s.%N)
   PORT=$2 OBJ=$obj CERT=$D/device.pem KEY=$D/device.key k6 run -q --no-color --summary-export "$D/storm.json" "$D/storm.js" >/dev/null 2>&1 || true
   end=$(date +%s.%N)
-  errs=$(python3 -c 'import json,sys; m=json.load(open(sys.argv[1]))["metrics"]; print(int(m.get("http_req_failed",{}).get("passes",0)))' "$D/storm.json")
-  printf "%-10s %14s %16.2f %8s\n" "$1" "$(origin_count "$3")" "$(echo "$end - $start" | bc)" "$errs"
+  read -r errs spread < <(python3 -c '
+import json, sys
+m = json.load(open(sys.argv[1]))["metrics"]
+d = m["http_req_duration"]
+print(int(m.get("http_req_failed", {}).get("passes", 0)), "%.2f/%.2f/%.2f" % (d["med"] / 1e3, d["p(90)"] / 1e3, d["max"] / 1e3))' "$D/storm.json")
+  printf "%-10s %14s %16.2f %8s %28s\n" "$1" "$(origin_count "$3")" "$(echo "$end - $start" | bc)" "$errs" "$spread"
 done

@@ -400,3 +400,30 @@ fn rules_explain_says_which_rules_matched_and_what_the_edge_would_do() {
         "{text}"
     );
 }
+
+#[test]
+fn headers_a_rule_sets_toward_the_origin_key_the_cache() {
+    let rules_dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        rules_dir.path().join("r.yaml"),
+        "rules:\n  - { name: model, phase: request, set_headers: { X-Model: client.cert.subject.ou } }\n",
+    )
+    .unwrap();
+    let e = edge(
+        &format!("rules: {{ dir: {} }}", rules_dir.path().display()),
+        false,
+        |d, fleet, _| {
+            save(d, "a1", &device(fleet, "device-a", None, Some("x1")));
+            save(d, "b2", &device(fleet, "device-b", None, Some("x2")));
+            save(d, "c1", &device(fleet, "device-c", None, Some("x1")));
+        },
+    );
+    let get = |stem: &str| e.client(stem).get("/firmware/manifest.json").unwrap();
+    assert_eq!(get("a1").header("cache-status"), Some("mtls-edge; fwd=miss; stored"));
+    // Another model gets its own copy: the origin saw another X-Model.
+    let b = get("b2");
+    assert_eq!(b.header("cache-status"), Some("mtls-edge; fwd=miss; stored"));
+    assert!(b.body.contains("CN=device-b"), "{}", b.body);
+    // The same model shares the first copy.
+    assert_eq!(get("c1").header("cache-status"), Some("mtls-edge; hit"));
+}
