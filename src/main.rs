@@ -139,9 +139,17 @@ fn run_rules(conf: &std::path::Path, command: RulesCommand) -> Result<(), String
                 .ok_or_else(|| format!("--header '{h}': expected 'Name: value'"))
         })
         .collect::<Result<_, _>>()?;
+    // As the edge sees them: SNI lowercased, Host lowercased without its port.
+    let sni = sni.map(|s| s.to_ascii_lowercase());
+    let host = host.or_else(|| sni.clone()).unwrap_or_else(|| "localhost".into());
+    let host = match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host.as_str(),
+    }
+    .to_ascii_lowercase();
     let q = mtls_edge::rules::explain::Query {
         cert_pem: std::fs::read(&cert).map_err(|e| format!("--cert {}: {e}", cert.display()))?,
-        host: host.or_else(|| sni.clone()).unwrap_or_else(|| "localhost".into()),
+        host,
         sni,
         method,
         path_and_query: path,

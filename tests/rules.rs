@@ -383,8 +383,22 @@ fn rules_explain_says_which_rules_matched_and_what_the_edge_would_do() {
         "{text}"
     );
 
-    let text = explain(&conf, &["--cert", &cert("x1"), "--path", "/firmware/images/x1/fw.bin"]);
+    let text = explain(
+        &conf,
+        &[
+            "--cert",
+            &cert("x1"),
+            "--path",
+            "/firmware/images/x1/fw.bin",
+            "--host",
+            "FW.Example.COM:8443",
+        ],
+    );
     assert!(text.contains("result: forward to origin main (route /)"), "{text}");
+    assert!(
+        text.contains("(GET fw.example.com/firmware/images/x1/fw.bin)"),
+        "the host as the edge sees it: {text}"
+    );
 
     let text = explain(&conf, &["--cert", &cert("sensor")]);
     assert!(
