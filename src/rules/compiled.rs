@@ -24,6 +24,8 @@ enum Node {
     Bool(BoolFn),
     Int(IntFn),
     Str(StrFn),
+    /// A string literal, kept apart so that comparisons with it borrow instead of cloning.
+    StrLit(String),
     Time(IntFn),
     /// `lists.NAME`: only as the target of `contains` or the right side of `in`.
     List(Arc<RuleList>),
@@ -58,9 +60,17 @@ pub fn compile_bool(e: &IdedExpr, lists: &Lists) -> Option<CompiledBool> {
 }
 
 pub fn compile_str(e: &IdedExpr, lists: &Lists) -> Option<CompiledStr> {
-    match node(e, lists)? {
-        Node::Str(s) => Some(CompiledStr(s)),
-        _ => None,
+    node(e, lists)?.into_str().map(CompiledStr)
+}
+
+impl Node {
+    /// A string node as a closure (a literal is cloned on each evaluation).
+    fn into_str(self) -> Option<StrFn> {
+        match self {
+            Node::Str(s) => Some(s),
+            Node::StrLit(lit) => Some(Box::new(move |_| Ok(Cow::Owned(lit.clone())))),
+            _ => None,
+        }
     }
 }
 
@@ -127,10 +137,7 @@ fn literal(l: &LiteralValue) -> Option<Node> {
             let i = *i.inner();
             Some(Node::Int(Box::new(move |_| Ok(i))))
         }
-        LiteralValue::String(s) => {
-            let s = s.inner().to_string();
-            Some(Node::Str(Box::new(move |_| Ok(Cow::Owned(s.clone())))))
-        }
+        LiteralValue::String(s) => Some(Node::StrLit(s.inner().to_string())),
         _ => None,
     }
 }
@@ -179,20 +186,29 @@ fn call(name: &str, target: Option<&IdedExpr>, args: &[IdedExpr], lists: &Lists)
     if let Some(t) = target {
         let this = node(t, lists)?;
         return match (name, this, args.len()) {
-            ("startsWith" | "endsWith" | "contains", Node::Str(s), 1) => {
-                let Node::Str(x) = arg(0)? else { return None };
+            ("startsWith" | "endsWith" | "contains", this @ (Node::Str(_) | Node::StrLit(_)), 1) => {
+                let s = this.into_str()?;
                 let f: fn(&str, &str) -> bool = match name {
                     "startsWith" => |a, b| a.starts_with(b),
                     "endsWith" => |a, b| a.ends_with(b),
                     _ => |a, b| a.contains(b),
                 };
-                Some(Node::Bool(Box::new(move |facts| Ok(f(&s(facts)?, &x(facts)?)))))
+                match arg(0)? {
+                    Node::StrLit(lit) => Some(Node::Bool(Box::new(move |facts| Ok(f(&s(facts)?, &lit))))),
+                    x => {
+                        let x = x.into_str()?;
+                        Some(Node::Bool(Box::new(move |facts| Ok(f(&s(facts)?, &x(facts)?)))))
+                    }
+                }
             }
             ("contains", Node::List(list), 1) => {
-                let Node::Str(x) = arg(0)? else { return None };
+                let x = arg(0)?.into_str()?;
                 Some(Node::Bool(Box::new(move |facts| Ok(list.contains(&x(facts)?)))))
             }
-            ("size", Node::Str(s), 0) => Some(Node::Int(Box::new(move |facts| Ok(s(facts)?.chars().count() as i64)))),
+            ("size", this @ (Node::Str(_) | Node::StrLit(_)), 0) => {
+                let s = this.into_str()?;
+                Some(Node::Int(Box::new(move |facts| Ok(s(facts)?.chars().count() as i64))))
+            }
             _ => None,
         };
     }
@@ -219,6 +235,10 @@ fn call(name: &str, target: Option<&IdedExpr>, args: &[IdedExpr], lists: &Lists)
         (op::EQUALS | op::NOT_EQUALS, 2) => {
             let negate = name == op::NOT_EQUALS;
             let eq: BoolFn = match (arg(0)?, arg(1)?) {
+                (Node::StrLit(a), Node::StrLit(b)) => Box::new(move |_| Ok(a == b)),
+                (Node::Str(a), Node::StrLit(lit)) | (Node::StrLit(lit), Node::Str(a)) => {
+                    Box::new(move |f| Ok(a(f)? == lit.as_str()))
+                }
                 (Node::Str(a), Node::Str(b)) => Box::new(move |f| Ok(a(f)? == b(f)?)),
                 (Node::Int(a), Node::Int(b)) | (Node::Time(a), Node::Time(b)) => Box::new(move |f| Ok(a(f)? == b(f)?)),
                 (Node::Bool(a), Node::Bool(b)) => Box::new(move |f| Ok(a(f)? == b(f)?)),
@@ -240,11 +260,14 @@ fn call(name: &str, target: Option<&IdedExpr>, args: &[IdedExpr], lists: &Lists)
             Some(Node::Bool(Box::new(move |f| Ok(cmp(a(f)?, b(f)?)))))
         }
         (op::ADD, 2) => match (arg(0)?, arg(1)?) {
-            (Node::Str(a), Node::Str(b)) => Some(Node::Str(Box::new(move |f| {
-                let mut s = a(f)?.into_owned();
-                s.push_str(&b(f)?);
-                Ok(Cow::Owned(s))
-            }))),
+            (a @ (Node::Str(_) | Node::StrLit(_)), b @ (Node::Str(_) | Node::StrLit(_))) => {
+                let (a, b) = (a.into_str()?, b.into_str()?);
+                Some(Node::Str(Box::new(move |f| {
+                    let mut s = a(f)?.into_owned();
+                    s.push_str(&b(f)?);
+                    Ok(Cow::Owned(s))
+                })))
+            }
             (Node::Int(a), Node::Int(b)) => Some(Node::Int(Box::new(move |f| {
                 a(f)?.checked_add(b(f)?).ok_or_else(|| "integer overflow".to_string())
             }))),
@@ -261,11 +284,17 @@ fn call(name: &str, target: Option<&IdedExpr>, args: &[IdedExpr], lists: &Lists)
             })))
         }
         (op::IN, 2) => match (arg(0)?, arg(1)?) {
-            (Node::Str(x), Node::List(list)) => Some(Node::Bool(Box::new(move |f| Ok(list.contains(&x(f)?))))),
-            (Node::Str(x), Node::StrSet(set)) => Some(Node::Bool(Box::new(move |f| {
-                let v = x(f)?;
-                Ok(set.iter().any(|s| *s == v))
-            }))),
+            (x @ (Node::Str(_) | Node::StrLit(_)), Node::List(list)) => {
+                let x = x.into_str()?;
+                Some(Node::Bool(Box::new(move |f| Ok(list.contains(&x(f)?)))))
+            }
+            (x @ (Node::Str(_) | Node::StrLit(_)), Node::StrSet(set)) => {
+                let x = x.into_str()?;
+                Some(Node::Bool(Box::new(move |f| {
+                    let v = x(f)?;
+                    Ok(set.iter().any(|s| *s == v))
+                })))
+            }
             (Node::Int(x), Node::IntSet(set)) => Some(Node::Bool(Box::new(move |f| Ok(set.contains(&x(f)?))))),
             _ => None,
         },
@@ -276,11 +305,11 @@ fn call(name: &str, target: Option<&IdedExpr>, args: &[IdedExpr], lists: &Lists)
             _ => None,
         },
         ("size", 1) => {
-            let Node::Str(s) = arg(0)? else { return None };
+            let s = arg(0)?.into_str()?;
             Some(Node::Int(Box::new(move |f| Ok(s(f)?.chars().count() as i64))))
         }
         ("stableHash", 1) => {
-            let Node::Str(s) = arg(0)? else { return None };
+            let s = arg(0)?.into_str()?;
             Some(Node::Int(Box::new(move |f| Ok(super::fnv1a(&s(f)?)))))
         }
         _ => None,
