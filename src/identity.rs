@@ -82,7 +82,9 @@ pub struct ConnectionIdentity {
     /// Identity headers for the origin, rendered once per connection.
     pub headers: Vec<(HeaderName, HeaderValue)>,
     /// What rules see of the connection: the client record (built once) and SNI, TLS, ALPN.
-    pub rule_client: crate::rules::facts::ClientFacts,
+    /// Built at the first request that runs request rules: a connection pays nothing for rules
+    /// when there are none.
+    pub rule_client: std::sync::OnceLock<crate::rules::facts::ClientFacts>,
     pub rule_memo: crate::rules::ConnectionMemo,
     pub info: crate::rules::ConnectionInfo,
     /// A connection rule refused this connection after the handshake (a client without a

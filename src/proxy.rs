@@ -196,7 +196,9 @@ fn request_rules(rules: &RuleSet, session: &Session, conn: &ConnectionIdentity, 
     };
     let now = rules::facts::unix_now();
     let facts = rules::Facts {
-        client: &conn.rule_client,
+        client: conn
+            .rule_client
+            .get_or_init(|| rules::facts::ClientFacts::new(conn.cert.as_ref(), true, now)),
         connection: &conn.info,
         client_ip: &client_ip,
         request: Some(&info),

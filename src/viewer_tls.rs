@@ -452,14 +452,13 @@ impl TlsAccept for ViewerTls {
         };
         record.count_completed(denied.as_ref());
         let headers = current.headers.render(cert.as_ref());
-        let rule_client = rules::facts::ClientFacts::new(cert.as_ref(), true, rules::facts::unix_now());
         Some(Arc::new(Arc::new(ConnectionIdentity {
             listener: self.listener.clone(),
             sni: record.sni.clone(),
             sni_policy: policy.sni_name.clone(),
             cert,
             headers,
-            rule_client,
+            rule_client: Default::default(),
             rule_memo: Default::default(),
             info,
             denied: denied.map(|(_, detail)| detail),

@@ -278,6 +278,9 @@ pub struct RuleSet {
     id: u64,
     /// Some rule reads `connection.client_ip` (else the proxy does not format it).
     uses_client_ip: bool,
+    /// Whether each phase has rules, known at load (asked on every handshake and request).
+    has_connection_rules: bool,
+    has_request_rules: bool,
 }
 
 fn next_id() -> u64 {
@@ -371,6 +374,8 @@ impl RuleSet {
             lists: Lists::default(),
             id: next_id(),
             uses_client_ip: false,
+            has_connection_rules: false,
+            has_request_rules: false,
         }
     }
 
@@ -383,7 +388,10 @@ impl RuleSet {
     }
 
     pub fn has_phase(&self, phase: Phase) -> bool {
-        self.rules.iter().any(|r| r.phase == phase)
+        match phase {
+            Phase::Connection => self.has_connection_rules,
+            Phase::Request => self.has_request_rules,
+        }
     }
 
     /// Loads every list and rule file of `cfg`, reporting each error under `rules...` with
@@ -418,6 +426,8 @@ impl RuleSet {
             lists: Lists(Arc::new(lists)),
             id: next_id(),
             uses_client_ip: false,
+            has_connection_rules: false,
+            has_request_rules: false,
         };
         let dir = ctx.path(&cfg.dir);
         let files = match rule_files(&dir) {
@@ -468,6 +478,8 @@ impl RuleSet {
                 }
             }
         }
+        set.has_connection_rules = set.rules.iter().any(|r| r.phase == Phase::Connection);
+        set.has_request_rules = set.rules.iter().any(|r| r.phase == Phase::Request);
         set
     }
 
