@@ -47,21 +47,6 @@ fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
         .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
 }
 
-/// An HTTP date (RFC 9110 IMF-fixdate).
-fn http_date(t: time::OffsetDateTime) -> String {
-    let t = t.to_offset(time::UtcOffset::UTC);
-    format!(
-        "{}, {:02} {} {} {:02}:{:02}:{:02} GMT",
-        &t.weekday().to_string()[..3],
-        t.day(),
-        &t.month().to_string()[..3],
-        t.year(),
-        t.hour(),
-        t.minute(),
-        t.second()
-    )
-}
-
 /// `size` bytes cycling through the alphabet, so that truncation and offsets are visible.
 pub fn file_body(size: usize) -> Vec<u8> {
     (0..size).map(|i| b'a' + (i % 26) as u8).collect()
@@ -117,14 +102,16 @@ impl ServeHttp for OriginApp {
                 None => extra.push(("cache-control", cc.join(", "))),
             }
             if let Some(secs) = query_param(q, "expires").and_then(|v| v.parse::<i64>().ok()) {
-                let at = time::OffsetDateTime::now_utc() + time::Duration::seconds(secs);
-                extra.push(("expires", http_date(at)));
+                let now = std::time::SystemTime::now();
+                let delta = std::time::Duration::from_secs(secs.unsigned_abs());
+                let at = if secs >= 0 { now + delta } else { now - delta };
+                extra.push(("expires", httpdate::fmt_http_date(at)));
             }
             let etag = format!("\"{size}\"");
             if query_param(q, "etag") != Some("0") {
                 extra.push(("etag", etag.clone()));
             }
-            let last_modified = query_param(q, "lm").map(|_| http_date(time::OffsetDateTime::UNIX_EPOCH));
+            let last_modified = query_param(q, "lm").map(|_| httpdate::fmt_http_date(std::time::UNIX_EPOCH));
             if let Some(lm) = &last_modified {
                 extra.push(("last-modified", lm.clone()));
             }
