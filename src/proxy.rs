@@ -323,6 +323,14 @@ impl ProxyHttp for EdgeProxy {
         Ok(cache::key(&ctx.host, path_and_query, &variants))
     }
 
+    /// The request that fills the cache writes to its client through pingora's cancel-safe task
+    /// queue, so the proxy loop keeps reading the origin into the cache while that client is slow:
+    /// the fill runs at the origin's pace and the client becomes one reader of it, like the waiters.
+    fn cache_miss(&self, session: &mut Session, _ctx: &mut RequestCtx) {
+        session.cache.cache_miss();
+        session.set_proxy_tasks_enabled(true); // a no-op on HTTP/2, which pingora 0.9 does not queue
+    }
+
     fn response_cache_filter(
         &self,
         _session: &Session,

@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use std::time::{Duration, Instant};
 use mtls_edge::pki::{self, Ca, LeafSpec};
 
 struct Setup {
@@ -286,7 +287,7 @@ fn an_expired_object_is_revalidated_and_a_304_refreshes_it() {
     let c = || Client::new(s.dir.path(), s.edge.port).cert("device");
     let path = "/files/reval.bin?size=50&max_age=1";
     let first = c().get(path).unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_millis(1500));
     let second = c().get(path).unwrap();
     assert_eq!(second.status, 200);
     assert_eq!(second.body, first.body);
@@ -310,11 +311,11 @@ fn stale_content_is_served_while_revalidating_and_when_the_origin_fails() {
     // stale-while-revalidate: the stale copy is served at once, the refresh runs behind it.
     let swr = "/files/swr.bin?size=50&max_age=1&swr=60";
     let first = c(s.edge.port).get(swr).unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_millis(1500));
     let stale = c(s.edge.port).get(swr).unwrap();
     assert_eq!(stale.body, first.body);
     assert_eq!(stale.header("cache-status"), Some("mtls-edge; hit; fwd=stale"));
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(300));
     assert_eq!(s.origin_count("/files/swr.bin"), 2, "no background refresh");
 
     // stale-if-error: when the origin answers 5xx, the expired copy is served; without
@@ -322,7 +323,7 @@ fn stale_content_is_served_while_revalidating_and_when_the_origin_fails() {
     for (name, sie, status) in [("sie5xx", "&sie=60", 200), ("plain5xx", "", 503)] {
         let path = format!("/files/{name}.bin?size=50&max_age=1{sie}");
         let first = c(s.edge.port).get(&path).unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(1500));
+        std::thread::sleep(Duration::from_millis(1500));
         c(s.edge.port)
             .get(&format!("/__origin/fail?path=/files/{name}.bin&status=503"))
             .unwrap();
@@ -337,7 +338,7 @@ fn stale_content_is_served_while_revalidating_and_when_the_origin_fails() {
     // stale-if-error: with the origin gone, the expired copy is served.
     let sie = "/files/sie.bin?size=50&max_age=1&sie=60";
     let first = c(s.edge.port).get(sie).unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_millis(1500));
     drop(std::mem::replace(&mut s._origin, spawn_placeholder()));
     let stale = c(s.edge.port).get(sie).unwrap();
     assert_eq!(stale.status, 200);
@@ -424,6 +425,33 @@ fn waiting_clients_stream_a_fill_before_the_origin_has_finished() {
 }
 
 #[test]
+fn a_client_that_stops_reading_does_not_hold_up_the_fill() {
+    let s = setup();
+    let d = s.dir.path();
+    let size = 15_000_000; // far more than loopback socket buffers hold
+    let path = format!("/files/stalled.bin?size={size}");
+    // The device that starts the fill reads one byte and then nothing. The origin's whole body
+    // still reaches the cache, at the origin's pace.
+    let (mut stalled, got) = Client::new(d, s.edge.port).cert("device").first_bytes(&path, 1).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(s.admin_port, "mtls_edge_cache_bytes") < size as f64 {
+        assert!(Instant::now() < deadline, "the fill stalled with its first client");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = Client::new(d, s.edge.port).cert("device").get(&path).unwrap();
+    assert_eq!((r.status, r.body.len()), (200, size));
+    assert_eq!(r.header("cache-status"), Some("mtls-edge; hit"));
+    // The stalled device then gets the rest of its body.
+    let (mut total, mut buf) = (got, vec![0u8; 65536]);
+    while total < size {
+        let n = std::io::Read::read(&mut stalled, &mut buf).unwrap();
+        assert!(n > 0, "ended early at {total}");
+        total += n;
+    }
+    assert_eq!(s.origin_count("/files/stalled.bin"), 1);
+}
+
+#[test]
 fn objects_over_the_max_size_are_served_but_not_cached() {
     let s = setup();
     let c = || Client::new(s.dir.path(), s.edge.port).cert("device");
@@ -459,7 +487,7 @@ fn fills_in_progress_are_bounded_and_an_excess_fill_streams_through_uncached() {
             stored = c().get(path).unwrap().header("cache-status") == Some("mtls-edge; fwd=miss; stored");
             break;
         }
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(100));
     }
     assert!(stored, "the 8 MB object is stored once the fill budget is free");
     assert_eq!(c().get(path).unwrap().header("cache-status"), Some("mtls-edge; hit"));
@@ -525,7 +553,7 @@ fn last_modified_revalidates_and_answers_if_modified_since() {
         .unwrap();
     assert_eq!((r.status, r.body.len()), (200, 30));
     // Expired: the edge revalidates with If-Modified-Since, and the origin's 304 refreshes it.
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_millis(1500));
     let r = c().get(path).unwrap();
     assert_eq!((r.status, r.body.len()), (200, 30));
     assert_eq!(r.header("cache-status"), Some("mtls-edge; fwd=stale; fwd-status=304"));
