@@ -102,7 +102,8 @@ pub struct RequestCtx {
     /// What the request-phase rules added: header changes toward the origin, in rule order,
     /// and the variants of the cache key they imply.
     rule_headers: Vec<HeaderOp>,
-    key_variants: Vec<(String, String)>,
+    /// Encoded by `cache::push_variant`.
+    key_variants: String,
 }
 
 /// The identity the handshake recorded for this connection (HTTP/1.1 and HTTP/2 alike).
@@ -284,18 +285,20 @@ impl ProxyHttp for EdgeProxy {
             }
             // What may change the origin's answer is part of the cache key: the cohort, an origin
             // chosen by a rule, and the headers rules set toward it.
-            ctx.key_variants = outcome
-                .cohort
-                .iter()
-                .map(|c| ("cohort".to_string(), c.clone()))
-                .chain(outcome.origin.iter().map(|o| ("origin".to_string(), o.clone())))
-                .chain(outcome.headers_set().into_iter().map(|(n, v)| {
-                    (
-                        format!("header:{n}"),
-                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                    )
-                }))
-                .collect();
+            if let Some(c) = &outcome.cohort {
+                cache::push_variant(&mut ctx.key_variants, "cohort", "", c);
+            }
+            if let Some(o) = &outcome.origin {
+                cache::push_variant(&mut ctx.key_variants, "origin", "", o);
+            }
+            for (n, v) in outcome.headers_set() {
+                cache::push_variant(
+                    &mut ctx.key_variants,
+                    "header:",
+                    n.as_str(),
+                    &String::from_utf8_lossy(v.as_bytes()),
+                );
+            }
             if let Some(name) = &outcome.origin {
                 ctx.origin = state.origins.get(name).cloned();
             }
@@ -319,8 +322,7 @@ impl ProxyHttp for EdgeProxy {
     fn cache_key_callback(&self, session: &Session, ctx: &mut RequestCtx) -> Result<CacheKey> {
         let uri = &session.req_header().uri;
         let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
-        let variants: Vec<(&str, &str)> = ctx.key_variants.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        Ok(cache::key(&ctx.host, path_and_query, &variants))
+        Ok(cache::key(&ctx.host, path_and_query, &ctx.key_variants))
     }
 
     /// The request that fills the cache writes to its client through pingora's cancel-safe task

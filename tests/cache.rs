@@ -4,8 +4,8 @@
 mod common;
 
 use common::*;
-use std::time::{Duration, Instant};
 use mtls_edge::pki::{self, Ca, LeafSpec};
+use std::time::{Duration, Instant};
 
 struct Setup {
     dir: tempfile::TempDir,
@@ -432,7 +432,10 @@ fn a_client_that_stops_reading_does_not_hold_up_the_fill() {
     let path = format!("/files/stalled.bin?size={size}");
     // The device that starts the fill reads one byte and then nothing. The origin's whole body
     // still reaches the cache, at the origin's pace.
-    let (mut stalled, got) = Client::new(d, s.edge.port).cert("device").first_bytes(&path, 1).unwrap();
+    let (mut stalled, got) = Client::new(d, s.edge.port)
+        .cert("device")
+        .first_bytes(&path, 1)
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while metric(s.admin_port, "mtls_edge_cache_bytes") < size as f64 {
         assert!(Instant::now() < deadline, "the fill stalled with its first client");

@@ -141,12 +141,19 @@ impl SharedCache {
 /// Everything goes into the primary key: pingora hashes only the primary (and the variance),
 /// not the user tag. A request target cannot contain a newline, and each variant's value is
 /// length-prefixed, so no cohort value can forge another variant or another path.
-pub fn key(host: &str, path_and_query: &str, variants: &[(&str, &str)]) -> CacheKey {
-    let mut primary = format!("{host}{path_and_query}");
-    for (name, value) in variants {
-        primary.push_str(&format!("\n{name}={}:{value}", value.len()));
-    }
+pub fn key(host: &str, path_and_query: &str, variants: &str) -> CacheKey {
+    let mut primary = String::with_capacity(host.len() + path_and_query.len() + variants.len());
+    primary.push_str(host);
+    primary.push_str(path_and_query);
+    primary.push_str(variants);
     CacheKey::new(primary, "")
+}
+
+/// Appends one variant for [`key`]: its kind (`cohort`, `origin`, `header:`), a name (a header's;
+/// empty for the others) and its length-prefixed value.
+pub fn push_variant(variants: &mut String, kind: &str, name: &str, value: &str) {
+    use std::fmt::Write;
+    let _ = write!(variants, "\n{kind}{name}={}:{value}", value.len()); // writing to a String cannot fail
 }
 
 /// Statuses cacheable by default when the origin gives no freshness (RFC 9110 §15.1).
@@ -277,19 +284,22 @@ mod tests {
     #[test]
     fn the_key_is_host_path_and_query_never_the_device() {
         use pingora_cache::key::CacheHashKey;
-        let a = key("fw.example", "/x.bin?v=1", &[]);
-        assert_eq!(a.combined(), key("fw.example", "/x.bin?v=1", &[]).combined());
-        assert_ne!(a.combined(), key("fw.example", "/x.bin?v=2", &[]).combined());
-        assert_ne!(a.combined(), key("other.example", "/x.bin?v=1", &[]).combined());
-        assert_ne!(
-            a.combined(),
-            key("fw.example", "/x.bin?v=1", &[("cohort", "model-x1")]).combined()
-        );
+        let variants = |vs: &[(&str, &str)]| {
+            let mut s = String::new();
+            for (kind, value) in vs {
+                push_variant(&mut s, kind, "", value);
+            }
+            s
+        };
+        let a = key("fw.example", "/x.bin?v=1", "");
+        assert_eq!(a.combined(), key("fw.example", "/x.bin?v=1", "").combined());
+        assert_ne!(a.combined(), key("fw.example", "/x.bin?v=2", "").combined());
+        assert_ne!(a.combined(), key("other.example", "/x.bin?v=1", "").combined());
+        let cohort = variants(&[("cohort", "model-x1")]);
+        assert_ne!(a.combined(), key("fw.example", "/x.bin?v=1", &cohort).combined());
         // A cohort value cannot pass for another variant.
-        let forged = key("h", "/m", &[("cohort", "x\norigin=4:beta")]);
-        assert_ne!(
-            forged.combined(),
-            key("h", "/m", &[("cohort", "x"), ("origin", "beta")]).combined()
-        );
+        let forged = key("h", "/m", &variants(&[("cohort", "x\norigin=4:beta")]));
+        let real = key("h", "/m", &variants(&[("cohort", "x"), ("origin", "beta")]));
+        assert_ne!(forged.combined(), real.combined());
     }
 }
