@@ -2,8 +2,8 @@
 # The shared cache against nginx proxy_cache, same job, one run, alternating:
 #  1. cached objects of 1 KiB, 1 MiB and 16 MiB over keep-alive mTLS (ab -k, device cert):
 #     requests per second and server CPU per request;
-#  2. a cold storm: 200 concurrent clients (k6) ask for one 64 MiB object: origin fetches and
-#     the time until the last client has its last byte.
+#  2. a cold storm: 200 concurrent clients (k6) ask for one 64 MiB object: origin fetches, the
+#     time until the last client has its last byte, and the server's CPU time for the storm.
 # Both servers: one worker, viewer mTLS required (same CA and CRL), origin mTLS to the same
 # origin, caching with request coalescing (nginx: proxy_cache_lock).
 #   load/cache.sh [rounds]        (SCALE=10 divides the request counts, for a quick check)
@@ -113,19 +113,23 @@ export default function () {
   if (r.status !== 200) { throw new Error(`status ${r.status}`); }
 }
 JS
-printf "%-10s %14s %16s %8s %28s\n" server origin-fetches last-byte-s errors "per client med/p90/max s"
+printf "%-10s %14s %16s %12s %8s %28s\n" server origin-fetches last-byte-s cpu-s errors "per client med/p90/max s"
 # Alternating, each storm on an object neither server has seen.
 for target in "mtls-edge 8443 /files/storm-a.bin" "nginx 8444 /files/storm-b.bin" \
   "nginx 8444 /files/storm-c.bin" "mtls-edge 8443 /files/storm-d.bin"; do
   set -- $target
   obj="$3?size=67108864"
+  if [ "$1" = nginx ]; then pids=$(nginx_pids); else pids=$EDGE; fi
+  before=$(ticks $pids)
   start=$(date +%s.%N)
   PORT=$2 OBJ=$obj CERT=$D/device.pem KEY=$D/device.key k6 run -q --no-color --summary-export "$D/storm.json" "$D/storm.js" >/dev/null 2>&1 || true
   end=$(date +%s.%N)
+  after=$(ticks $pids)
   read -r errs spread < <(python3 -c '
 import json, sys
 m = json.load(open(sys.argv[1]))["metrics"]
 d = m["http_req_duration"]
 print(int(m.get("http_req_failed", {}).get("passes", 0)), "%.2f/%.2f/%.2f" % (d["med"] / 1e3, d["p(90)"] / 1e3, d["max"] / 1e3))' "$D/storm.json")
-  printf "%-10s %14s %16.2f %8s %28s\n" "$1" "$(origin_count "$3")" "$(echo "$end - $start" | bc)" "$errs" "$spread"
+  printf "%-10s %14s %16.2f %12.2f %8s %28s\n" "$1" "$(origin_count "$3")" "$(echo "$end - $start" | bc)" \
+    "$(echo "($after - $before) / $HZ" | bc -l)" "$errs" "$spread"
 done
