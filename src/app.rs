@@ -86,7 +86,7 @@ pub fn build(path: &Path) -> Result<Edge, ConfigErrors> {
 
 impl Edge {
     /// `rules bench`: nanoseconds per request of the request-phase rules for `q`.
-    pub fn bench_rules(&self, q: &explain::Query, iterations: u32) -> Result<f64, String> {
+    pub fn bench_rules(&self, q: &explain::Query, iterations: u32) -> Result<(f64, f64), String> {
         explain::bench(&self.state.load().rules, q, iterations)
     }
 

@@ -204,7 +204,7 @@ fn request_rules(rules: &RuleSet, session: &Session, conn: &ConnectionIdentity, 
         client_ip: &client_ip,
         request: Some(&info),
         lists: rules.lists(),
-        now: rules::facts::timestamp_now(now),
+        now,
     };
     rules.evaluate(Phase::Request, &facts, Some(&conn.rule_memo), None)
 }

@@ -287,7 +287,7 @@ fn connection_rules(
         client_ip: "",
         request: None,
         lists: rules.lists(),
-        now: rules::facts::timestamp_now(now),
+        now,
     };
     match rules.evaluate(Phase::Connection, &facts, None, None).decision() {
         Decision::Deny { rule, .. } => Some(("ConnectionRuleDenied", format!("rule {rule}"))),

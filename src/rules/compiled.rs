@@ -113,7 +113,7 @@ fn field(p: &[&str], lists: &Lists) -> Option<Node> {
         ["request", "query"] => s(|f| f.request.map_or("", |r| r.query)),
         ["request", "headers", name] => Some(header(name)),
         ["lists", name] => Some(Node::List(lists.get_list(name)?.0.clone())),
-        ["now"] => Some(Node::Time(Box::new(|f| Ok(f.now.inner().timestamp())))),
+        ["now"] => Some(Node::Time(Box::new(|f| Ok(f.now)))),
         _ => None,
     }
 }

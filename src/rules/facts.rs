@@ -156,11 +156,6 @@ pub fn unix_now() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
-/// `now` for an evaluation at unix time `unix`.
-pub fn timestamp_now(unix: i64) -> CelTimestamp {
-    CelTimestamp::from(to_datetime(unix))
-}
-
 pub fn to_datetime(unix: i64) -> DateTime<FixedOffset> {
     DateTime::from_timestamp(unix, 0).unwrap_or_default().fixed_offset()
 }
@@ -360,7 +355,8 @@ pub struct Facts<'a> {
     /// `None` in the connection phase.
     pub request: Option<&'a RequestInfo<'a>>,
     pub lists: &'a Lists,
-    pub now: CelTimestamp,
+    /// Unix seconds; a CEL timestamp only where the interpreter asks for `now`.
+    pub now: i64,
 }
 
 impl<'a> Facts<'a> {
@@ -414,7 +410,7 @@ impl VariableResolver for Facts<'_> {
         }
         match name {
             "lists" => Some(CowVal::Borrowed(self.lists)),
-            "now" => Some(CowVal::Borrowed(&self.now)),
+            "now" => Some(CowVal::owned(CelTimestamp::from(to_datetime(self.now)))),
             _ => self
                 .lists
                 .get_list(name.strip_prefix("lists.")?)

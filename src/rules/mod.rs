@@ -48,7 +48,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use cel::common::ast::{Expr, IdedExpr};
-use cel::common::types::{CelBool, CelInt, CelString, CelTimestamp};
+use cel::common::types::{CelBool, CelInt, CelString};
 use cel::{Context, Env, ExecutionError, Program, Value};
 use http::{HeaderName, HeaderValue};
 use log::{info, warn};
@@ -179,6 +179,8 @@ pub struct Rule {
     when: Expression<compiled::CompiledBool>,
     /// `when` depends only on the connection: see [`ConnectionMemo`].
     constant: bool,
+    /// So does what the action sets (header values, a cohort): its effect can be kept too.
+    constant_action: bool,
     action: Action,
     /// `mtls_edge_rule_evaluations_total` for this rule: matched, would_match, error (resolved
     /// once: a label lookup per request would cost more than most conditions).
@@ -289,13 +291,51 @@ fn next_id() -> u64 {
 }
 
 /// Per connection: the request-phase conditions that depend only on the connection (the
-/// certificate, SNI, TLS version, ALPN, lists), evaluated once at its first request. Their
-/// results cannot change while the connection and the rule set last.
+/// certificate, SNI, TLS version, ALPN, lists), evaluated once at its first request, and the
+/// effects of those rules whose action depends only on the connection too. None of it can
+/// change while the connection and the rule set last. What is kept is the list of rules a
+/// request still visits: a rule whose constant condition is false is not even touched.
 #[derive(Debug, Default)]
-pub struct ConnectionMemo(std::sync::OnceLock<(u64, Vec<Option<Result<bool, String>>>)>);
+pub struct ConnectionMemo(std::sync::OnceLock<(u64, Vec<Visit>)>);
 
-/// Whether a condition naming these paths depends only on the connection.
-fn connection_constant(paths: &[(u64, Vec<String>)]) -> bool {
+/// A rule a request visits, with what is already known of it.
+#[derive(Debug)]
+pub struct Visit {
+    rule: usize,
+    /// The condition's result, when it depends only on the connection.
+    known: Option<Result<bool, String>>,
+    /// The action's effect, when the condition is known to hold and the action depends only on
+    /// the connection: what `apply` returned, and what it added to an empty outcome.
+    effect: Option<(Result<Option<Decision>, String>, Outcome)>,
+}
+
+impl Visit {
+    fn unknown(rule: usize) -> Self {
+        Visit {
+            rule,
+            known: None,
+            effect: None,
+        }
+    }
+}
+
+/// Replays a kept effect into `out`, as `apply` would have made it.
+fn replay(effect: &(Result<Option<Decision>, String>, Outcome), out: &mut Outcome) -> Result<Option<Decision>, String> {
+    let (result, added) = effect;
+    out.headers.extend(added.headers.iter().cloned());
+    if added.cohort.is_some() {
+        out.cohort.clone_from(&added.cohort);
+    }
+    if added.origin.is_some() {
+        out.origin.clone_from(&added.origin);
+    }
+    result.clone()
+}
+
+/// Whether an expression depends only on the connection.
+fn connection_constant(program: &Program) -> bool {
+    let mut paths = Vec::new();
+    collect_paths(program.expression(), &mut Vec::new(), &mut paths);
     paths.iter().all(|(_, p)| match p[0].as_str() {
         "client" | "lists" => true,
         "connection" => p.len() > 1 && p[1] != "client_ip",
@@ -331,12 +371,38 @@ struct Expression<F> {
     fast: Option<F>,
 }
 
-impl Expression<compiled::CompiledBool> {
-    fn eval(&self, ctx: &Context, facts: &Facts) -> Result<bool, String> {
-        if let Some(f) = &self.fast {
-            return f.eval(facts);
+/// What an evaluation reads: the facts, and the cel interpreter's context over them, made on
+/// first use (compiled expressions never need it).
+struct Scope<'a> {
+    facts: &'a Facts<'a>,
+    env: &'a Arc<Env>,
+    interpreter: std::cell::OnceCell<Context<'a, 'a>>,
+}
+
+impl<'a> Scope<'a> {
+    fn new(env: &'a Arc<Env>, facts: &'a Facts<'a>) -> Self {
+        Scope {
+            facts,
+            env,
+            interpreter: std::cell::OnceCell::new(),
         }
-        match self.program.execute(ctx) {
+    }
+
+    fn interpreter(&self) -> &Context<'a, 'a> {
+        self.interpreter.get_or_init(|| {
+            let mut ctx = Context::with_env(self.env.clone());
+            ctx.set_variable_resolver(self.facts);
+            ctx
+        })
+    }
+}
+
+impl Expression<compiled::CompiledBool> {
+    fn eval(&self, scope: &Scope) -> Result<bool, String> {
+        if let Some(f) = &self.fast {
+            return f.eval(scope.facts);
+        }
+        match self.program.execute(scope.interpreter()) {
             Ok(Value::Bool(b)) => Ok(b),
             Ok(other) => Err(format!("condition gave {:?}, not a bool", other.type_of())),
             Err(e) => Err(e.to_string()),
@@ -345,11 +411,11 @@ impl Expression<compiled::CompiledBool> {
 }
 
 impl Expression<compiled::CompiledStr> {
-    fn eval(&self, ctx: &Context, facts: &Facts) -> Result<String, String> {
+    fn eval(&self, scope: &Scope) -> Result<String, String> {
         if let Some(f) = &self.fast {
-            return f.eval(facts);
+            return f.eval(scope.facts);
         }
-        match self.program.execute(ctx) {
+        match self.program.execute(scope.interpreter()) {
             Ok(Value::String(s)) => Ok(s.to_string()),
             Ok(other) => Err(format!("gave {:?}, not a string", other.type_of())),
             Err(e) => Err(e.to_string()),
@@ -613,10 +679,11 @@ impl RuleSet {
             location: String::new(),
             phase,
             shadow: spec.mode == Mode::Shadow,
-            constant: {
-                let mut paths = Vec::new();
-                collect_paths(when.program.expression(), &mut Vec::new(), &mut paths);
-                connection_constant(&paths)
+            constant: connection_constant(&when.program),
+            constant_action: match &action {
+                Action::SetHeaders(values) => values.iter().all(|(_, v)| connection_constant(&v.program)),
+                Action::CacheCohort(v) => connection_constant(&v.program),
+                Action::Allow | Action::Deny { .. } | Action::RemoveHeaders(_) | Action::Origin(_) => true,
             },
             when,
             action,
@@ -697,7 +764,7 @@ impl RuleSet {
                     client_ip: "192.0.2.1",
                     request: (phase == Phase::Request).then_some(&req),
                     lists: &self.lists,
-                    now: CelTimestamp::from(facts::to_datetime(0)),
+                    now: 0,
                 };
                 let mut ctx = Context::with_env(self.env.clone());
                 ctx.set_variable_resolver(&facts);
@@ -738,24 +805,43 @@ impl RuleSet {
         mut trace: Option<&mut Vec<Step>>,
     ) -> Outcome {
         let mut out = Outcome::default();
-        let mut ctx = Context::with_env(self.env.clone());
-        ctx.set_variable_resolver(facts);
-        let memo = memo
+        let scope = Scope::new(&self.env, facts);
+        let in_phase = || self.rules.iter().enumerate().filter(move |(_, r)| r.phase == phase);
+        let remembered = memo
             .map(|m| {
                 m.0.get_or_init(|| {
-                    let held = self
-                        .rules
-                        .iter()
-                        .map(|r| (r.phase == phase && r.constant).then(|| r.when.eval(&ctx, facts)));
-                    (self.id, held.collect())
+                    let visit = in_phase().filter_map(|(i, r)| {
+                        if !r.constant {
+                            return Some(Visit::unknown(i));
+                        }
+                        let held = r.when.eval(&scope);
+                        let effect = (held == Ok(true) && !r.shadow && r.constant_action).then(|| {
+                            let mut added = Outcome::default();
+                            (apply(r, &scope, &mut added), added)
+                        });
+                        (held != Ok(false)).then_some(Visit {
+                            rule: i,
+                            known: Some(held),
+                            effect,
+                        })
+                    });
+                    (self.id, visit.collect())
                 })
             })
-            .filter(|(id, _)| *id == self.id)
-            .map(|(_, held)| held);
-        for (i, rule) in self.rules.iter().enumerate().filter(|(_, r)| r.phase == phase) {
-            let held = match memo.and_then(|m| m.get(i)).and_then(Option::as_ref) {
-                Some(cached) => cached.clone(),
-                None => rule.when.eval(&ctx, facts),
+            .filter(|(id, _)| *id == self.id);
+        let every: Vec<Visit>;
+        let visit = match remembered {
+            Some((_, visit)) => visit.as_slice(),
+            None => {
+                every = in_phase().map(|(i, _)| Visit::unknown(i)).collect();
+                every.as_slice()
+            }
+        };
+        for v in visit {
+            let Some(rule) = self.rules.get(v.rule) else { continue };
+            let held = match &v.known {
+                Some(known) => known.clone(),
+                None => rule.when.eval(&scope),
             };
             if let Some(t) = trace.as_deref_mut() {
                 t.push(Step {
@@ -778,7 +864,10 @@ impl RuleSet {
                     );
                     continue;
                 }
-                Ok(true) => apply(rule, &ctx, facts, &mut out),
+                Ok(true) => match &v.effect {
+                    Some(effect) => replay(effect, &mut out),
+                    None => apply(rule, &scope, &mut out),
+                },
                 Err(e) => Err(e),
             };
             match result {
@@ -824,7 +913,7 @@ fn record(rule: &Rule, outcome: usize) {
 }
 
 /// Applies a matched rule's action: `Some` decision ends the phase.
-fn apply(rule: &Rule, ctx: &Context, facts: &Facts, out: &mut Outcome) -> Result<Option<Decision>, String> {
+fn apply(rule: &Rule, scope: &Scope, out: &mut Outcome) -> Result<Option<Decision>, String> {
     match &rule.action {
         Action::Allow => {
             return Ok(Some(Decision::Allow {
@@ -840,14 +929,14 @@ fn apply(rule: &Rule, ctx: &Context, facts: &Facts, out: &mut Outcome) -> Result
         }
         Action::SetHeaders(headers) => {
             for (name, value) in headers {
-                let v = value.eval(ctx, facts)?;
+                let v = value.eval(scope)?;
                 let v =
                     HeaderValue::from_str(&v).map_err(|_| format!("header {name}: value is not valid in a header"))?;
                 out.headers.push(HeaderOp::Set(name.clone(), v));
             }
         }
         Action::RemoveHeaders(names) => out.headers.extend(names.iter().cloned().map(HeaderOp::Remove)),
-        Action::CacheCohort(value) => out.cohort = Some(value.eval(ctx, facts)?),
+        Action::CacheCohort(value) => out.cohort = Some(value.eval(scope)?),
         Action::Origin(o) => out.origin = Some(o.clone()),
     }
     Ok(None)

@@ -73,7 +73,7 @@ fn with_facts<T>(set: &RuleSet, client: &facts::ClientFacts, path: &str, now: i6
         client_ip: "192.0.2.7",
         request: Some(&req),
         lists: &set.lists,
-        now: CelTimestamp::from(facts::to_datetime(now)),
+        now,
     })
 }
 
@@ -363,6 +363,81 @@ fn a_connection_memo_keeps_certificate_conditions_and_reevaluates_request_ones()
     assert!(matches!(on("/firmware/x1/a.bin"), Decision::Allow { .. }));
 }
 
+/// Kept effects replay exactly what evaluating the rules each time gives: header changes in
+/// rule order (a kept value, a per-request value, a removal), cohorts, errors and decisions.
+#[test]
+fn a_connection_memo_replays_kept_effects_as_a_fresh_evaluation_would() {
+    let set = ok(&[(
+        "m.yaml",
+        r#"rules:
+  - { name: model, phase: request, set_headers: { X-Model: client.cert.subject.ou } }
+  - { name: path, phase: request, set_headers: { X-Path: request.path } }
+  - { name: not-mine, phase: request, when: 'client.cert.subject.ou == "x2"', set_headers: { X-Model: '"x2"' } }
+  - { name: drop, phase: request, remove_headers: [X-Path] }
+  - { name: cohort, phase: request, when: client.cert.present, cache_cohort: client.cert.subject.ou + "-" + request.method }
+  - { name: bad, phase: request, when: 'request.path == "/bad"', set_headers: { X-Bad: client.cert.subject.ou + "\n" } }
+  - { name: deny-other, phase: request, when: 'request.path.startsWith("/other")', deny: { status: 404 } }
+  - { name: allow, phase: request, allow: true }
+"#,
+    )]);
+    let kept = |name: &str| {
+        set.rules
+            .iter()
+            .any(|r| &*r.name == name && r.constant && r.constant_action)
+    };
+    assert!(kept("model") && kept("drop") && kept("allow") && kept("not-mine"));
+    assert!(!kept("path") && !kept("cohort") && !kept("bad"));
+    let c = cert("device-1", "x1", "01:02");
+    let client = facts::ClientFacts::new(Some(&c), true, 0);
+    let memo = ConnectionMemo::default();
+    let view = |o: &Outcome| {
+        let headers: Vec<String> = o
+            .headers
+            .iter()
+            .map(|h| match h {
+                HeaderOp::Set(n, v) => format!("{n}={}", v.to_str().unwrap_or("?")),
+                HeaderOp::Remove(n) => format!("-{n}"),
+            })
+            .collect();
+        (o.decision().clone(), headers, o.cohort.clone())
+    };
+    for path in ["/a", "/b", "/other/x", "/bad", "/a"] {
+        let (memoized, fresh) = with_facts(&set, &client, path, 0, |facts| {
+            (
+                view(&set.evaluate(Phase::Request, facts, Some(&memo), None)),
+                view(&set.evaluate(Phase::Request, facts, None, None)),
+            )
+        });
+        assert_eq!(memoized, fresh, "{path}");
+        match path {
+            "/other/x" => assert!(matches!(memoized.0, Decision::Deny { status: 404, .. })),
+            "/bad" => assert!(matches!(memoized.0, Decision::Error { .. })),
+            _ => {
+                assert!(matches!(memoized.0, Decision::Allow { .. }), "{path}");
+                let want = ["x-model=x1".to_string(), format!("x-path={path}"), "-x-path".into()];
+                assert_eq!(memoized.1, want);
+                assert_eq!(memoized.2.as_deref(), Some("x1-GET"));
+            }
+        }
+    }
+    // A kept effect that failed fails every request, by the rule's name.
+    let set = ok(&[(
+        "e.yaml",
+        r#"rules:
+  - { name: bad-kept, phase: request, set_headers: { X-Bad: client.cert.subject.ou + "\n" } }
+"#,
+    )]);
+    let memo = ConnectionMemo::default();
+    for _ in 0..2 {
+        let d = with_facts(&set, &client, "/", 0, |facts| {
+            set.evaluate(Phase::Request, facts, Some(&memo), None)
+                .decision()
+                .clone()
+        });
+        assert!(matches!(d, Decision::Error { rule, .. } if &*rule == "bad-kept"));
+    }
+}
+
 /// Every condition of the shipped examples and of the benchmark's 20 rules, plus edge cases:
 /// the compiled form must exist for the subset, and agree with the cel interpreter everywhere.
 #[test]
@@ -483,7 +558,7 @@ fn a_header_value_that_is_not_utf8_still_reads_as_present() {
         client_ip: "",
         request: Some(&req),
         lists: &set.lists,
-        now: CelTimestamp::from(facts::to_datetime(0)),
+        now: 0,
     };
     assert!(set.evaluate(Phase::Request, &facts, None, None).denied());
     // The interpreter reads it the same way.
