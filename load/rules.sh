@@ -3,7 +3,8 @@
 #  1. a list of one million serials: load time and the memory it takes (edge RSS with and
 #     without it);
 #  2. the request phase of a 20-rule set (load/rules-20, which also looks serials up in that
-#     list), timed in-process: nanoseconds per request, facts included;
+#     list), timed in-process: nanoseconds per request, facts included, with warm CPU caches
+#     and with the caches evicted before each request (as in a loaded edge);
 #  3. the cached 1 KiB load (ab -k, keep-alive mTLS) against two edges, one without rules and
 #     one with the 20 rules, alternating: requests per second and server CPU per request.
 #     Both edges are pinned to CPU 1 and ab to CPU 0: unpinned, two identical edges differ by
@@ -36,7 +37,7 @@ done
 echo "edge RSS without rules: $(( $(rss $PLAIN) / 1024 )) MiB, with the rules and the list: $(( $(rss $RULED) / 1024 )) MiB"
 
 echo
-echo "# the request phase of 20 rules, in-process (facts built, every rule evaluated)"
+echo "# the request phase of 20 rules, in-process (facts built, the rules a request visits evaluated)"
 for i in 1 2 3; do
   "$BIN" -c "$D/edge-8445.yaml" rules explain --cert "$D/device.pem" --path "/files/small.bin?size=1024" \
     --header "User-Agent: fw-agent/2.1" --bench 200000 2>/dev/null
