@@ -291,7 +291,7 @@ fn next_id() -> u64 {
 }
 
 /// Per connection: the request-phase conditions that depend only on the connection (the
-/// certificate, SNI, TLS version, ALPN, lists), evaluated once at its first request, and the
+/// certificate, client IP, SNI, TLS version, ALPN, lists), evaluated once at its first request, and the
 /// effects of those rules whose action depends only on the connection too. None of it can
 /// change while the connection and the rule set last. What is kept is the list of rules a
 /// request still visits: a rule whose constant condition is false is not even touched.
@@ -306,7 +306,7 @@ pub struct Visit {
     known: Option<Result<bool, String>>,
     /// The action's effect, when the condition is known to hold and the action depends only on
     /// the connection: what `apply` returned, and what it added to an empty outcome.
-    effect: Option<(Result<Option<Decision>, String>, Outcome)>,
+    effect: Option<Box<(Result<Option<Decision>, String>, Outcome)>>,
 }
 
 impl Visit {
@@ -337,8 +337,7 @@ fn connection_constant(program: &Program) -> bool {
     let mut paths = Vec::new();
     collect_paths(program.expression(), &mut Vec::new(), &mut paths);
     paths.iter().all(|(_, p)| match p[0].as_str() {
-        "client" | "lists" => true,
-        "connection" => p.len() > 1 && p[1] != "client_ip",
+        "client" | "lists" | "connection" => true,
         _ => false,
     })
 }
@@ -367,7 +366,8 @@ fn stable_hash(s: &CelString) -> CelInt {
 /// An expression: the cel program (the reference), and its compiled form when it is in the
 /// subset `compiled` covers.
 struct Expression<F> {
-    program: Program,
+    /// Boxed: only the interpreter reads it, and rules stay a few cache lines each.
+    program: Box<Program>,
     fast: Option<F>,
 }
 
@@ -571,11 +571,11 @@ impl RuleSet {
         let when = expr("when", &spec.when, Want::Bool)?;
         let when = Expression {
             fast: compiled::compile_bool(when.expression(), &self.lists),
-            program: when,
+            program: Box::new(when),
         };
         let string_expr = |p: Program| Expression {
             fast: compiled::compile_str(p.expression(), &self.lists),
-            program: p,
+            program: Box::new(p),
         };
         let header = |n: &str| -> Result<HeaderName, String> {
             let h = HeaderName::from_bytes(n.as_bytes()).map_err(|_| format!("'{n}' is not a valid header name"))?;
@@ -817,7 +817,7 @@ impl RuleSet {
                         let held = r.when.eval(&scope);
                         let effect = (held == Ok(true) && !r.shadow && r.constant_action).then(|| {
                             let mut added = Outcome::default();
-                            (apply(r, &scope, &mut added), added)
+                            Box::new((apply(r, &scope, &mut added), added))
                         });
                         (held != Ok(false)).then_some(Visit {
                             rule: i,

@@ -373,6 +373,7 @@ fn a_connection_memo_replays_kept_effects_as_a_fresh_evaluation_would() {
   - { name: model, phase: request, set_headers: { X-Model: client.cert.subject.ou } }
   - { name: path, phase: request, set_headers: { X-Path: request.path } }
   - { name: not-mine, phase: request, when: 'client.cert.subject.ou == "x2"', set_headers: { X-Model: '"x2"' } }
+  - { name: private-net, phase: request, when: 'connection.client_ip.startsWith("10.")', deny: {} }
   - { name: drop, phase: request, remove_headers: [X-Path] }
   - { name: cohort, phase: request, when: client.cert.present, cache_cohort: client.cert.subject.ou + "-" + request.method }
   - { name: bad, phase: request, when: 'request.path == "/bad"', set_headers: { X-Bad: client.cert.subject.ou + "\n" } }
@@ -385,7 +386,8 @@ fn a_connection_memo_replays_kept_effects_as_a_fresh_evaluation_would() {
             .iter()
             .any(|r| &*r.name == name && r.constant && r.constant_action)
     };
-    assert!(kept("model") && kept("drop") && kept("allow") && kept("not-mine"));
+    // The client IP is the connection's too: a request-phase condition on it is kept.
+    assert!(kept("model") && kept("drop") && kept("allow") && kept("not-mine") && kept("private-net"));
     assert!(!kept("path") && !kept("cohort") && !kept("bad"));
     let c = cert("device-1", "x1", "01:02");
     let client = facts::ClientFacts::new(Some(&c), true, 0);
