@@ -85,6 +85,8 @@ pub struct ConnectionIdentity {
     /// Built at the first request that runs request rules: a connection pays nothing for rules
     /// when there are none.
     pub rule_client: std::sync::OnceLock<crate::rules::facts::ClientFacts>,
+    /// The client's IP address as rules read it, formatted at the first request that needs it.
+    pub rule_client_ip: std::sync::OnceLock<String>,
     pub rule_memo: crate::rules::ConnectionMemo,
     pub info: crate::rules::ConnectionInfo,
     /// A connection rule refused this connection after the handshake (a client without a

@@ -180,12 +180,14 @@ async fn refuse(session: &mut Session, status: u16, why: &str, conn: Option<&Con
 /// Runs the request-phase rules for this request.
 fn request_rules(rules: &RuleSet, session: &Session, conn: &ConnectionIdentity, host: &str) -> Outcome {
     let client_ip = match rules.uses_client_ip() {
-        true => session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip().to_string())
-            .unwrap_or_default(),
-        false => String::new(),
+        true => conn.rule_client_ip.get_or_init(|| {
+            session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip().to_string())
+                .unwrap_or_default()
+        }),
+        false => "",
     };
     let req = session.req_header();
     let info = rules::RequestInfo {
@@ -201,7 +203,7 @@ fn request_rules(rules: &RuleSet, session: &Session, conn: &ConnectionIdentity, 
             .rule_client
             .get_or_init(|| rules::facts::ClientFacts::new(conn.cert.as_ref(), true, now)),
         connection: &conn.info,
-        client_ip: &client_ip,
+        client_ip,
         request: Some(&info),
         lists: rules.lists(),
         now,
@@ -284,14 +286,21 @@ impl ProxyHttp for EdgeProxy {
                 Decision::Allow { .. } | Decision::Continue => {}
             }
             // What may change the origin's answer is part of the cache key: the cohort, an origin
-            // chosen by a rule, and the headers rules set toward it.
-            if let Some(c) = &outcome.cohort {
+            // chosen by a rule, and the headers rules set toward it. One allocation: each part
+            // costs at most 24 bytes besides its name and value.
+            let set = outcome.headers_set();
+            let (cohort, origin) = (&outcome.cohort, &outcome.origin);
+            let size = |s: &Option<String>| s.as_ref().map_or(0, |s| s.len() + 24);
+            ctx.key_variants.reserve(
+                size(cohort) + size(origin) + set.iter().map(|(n, v)| n.as_str().len() + v.len() + 24).sum::<usize>(),
+            );
+            if let Some(c) = cohort {
                 cache::push_variant(&mut ctx.key_variants, "cohort", "", c);
             }
-            if let Some(o) = &outcome.origin {
+            if let Some(o) = origin {
                 cache::push_variant(&mut ctx.key_variants, "origin", "", o);
             }
-            for (n, v) in outcome.headers_set() {
+            for (n, v) in set {
                 cache::push_variant(
                     &mut ctx.key_variants,
                     "header:",

@@ -459,6 +459,7 @@ impl TlsAccept for ViewerTls {
             cert,
             headers,
             rule_client: Default::default(),
+            rule_client_ip: Default::default(),
             rule_memo: Default::default(),
             info,
             denied: denied.map(|(_, detail)| detail),

@@ -9,6 +9,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use cel::common::ast::{operators as op, Expr, IdedExpr, LiteralValue};
+use http::HeaderName;
 
 use super::facts::Facts;
 use super::lists::{Lists, RuleList};
@@ -86,45 +87,134 @@ fn path(e: &Expr) -> Option<Vec<&str>> {
     }
 }
 
-fn field(p: &[&str], lists: &Lists) -> Option<Node> {
-    fn s(f: for<'a> fn(&'a Facts<'a>) -> &'a str) -> Option<Node> {
-        Some(Node::Str(Box::new(move |facts| Ok(Cow::Borrowed(f(facts))))))
+/// Where a string field comes from. Kept as data (not a closure) so that the common shapes of a
+/// condition (a field tested against literals) compile to one closure each.
+enum StrSrc {
+    Field(for<'a> fn(&'a Facts<'a>) -> &'a str),
+    /// `client.cert.*` strings, by index in `facts::CLIENT_STRINGS`.
+    Client(usize),
+    /// `request.headers.NAME`: as the facts answer it (absent: `""`; several values joined).
+    Header(HeaderName),
+}
+
+impl StrSrc {
+    fn get<'a>(&self, f: &'a Facts<'a>) -> Cow<'a, str> {
+        match self {
+            StrSrc::Field(get) => Cow::Borrowed(get(f)),
+            StrSrc::Client(i) => Cow::Borrowed(f.client.raw.strings.get(*i).map_or("", String::as_str)),
+            StrSrc::Header(name) => f
+                .request
+                .map_or(Cow::Borrowed(""), |r| super::facts::header_value(r.headers, name)),
+        }
     }
+
+    fn header(name: &str) -> Option<StrSrc> {
+        HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
+            .ok()
+            .map(StrSrc::Header)
+    }
+
+    /// The string field an expression names, if it is one.
+    fn of(e: &Expr) -> Option<StrSrc> {
+        if let Expr::Call(c) = e {
+            // `request.headers["name"]`
+            return match (c.func_name.as_str(), c.target.as_deref(), c.args.as_slice()) {
+                (op::INDEX, None, [a, b]) if path(&a.expr)? == ["request", "headers"] => match &b.expr {
+                    Expr::Literal(LiteralValue::String(name)) => StrSrc::header(name.inner()),
+                    _ => None,
+                },
+                _ => None,
+            };
+        }
+        let p = path(e)?;
+        let field: for<'a> fn(&'a Facts<'a>) -> &'a str = match p.as_slice() {
+            ["client", "cert", "present" | "verified" | "days_until_expiry" | "not_before" | "not_after"] => {
+                return None
+            }
+            ["client", "cert", ..] => {
+                let name = p.join(".");
+                return super::facts::CLIENT_STRINGS
+                    .iter()
+                    .position(|n| *n == name)
+                    .map(StrSrc::Client);
+            }
+            ["connection", "client_ip"] => |f| f.client_ip,
+            ["connection", "sni"] => |f| &f.connection.sni,
+            ["connection", "tls_version"] => |f| &f.connection.tls_version,
+            ["connection", "alpn"] => |f| &f.connection.alpn,
+            ["request", "method"] => |f| f.request.map_or("", |r| r.method),
+            ["request", "host"] => |f| f.request.map_or("", |r| r.host),
+            ["request", "path"] => |f| f.request.map_or("", |r| r.path),
+            ["request", "query"] => |f| f.request.map_or("", |r| r.query),
+            ["request", "headers", name] => return StrSrc::header(name),
+            _ => return None,
+        };
+        Some(StrSrc::Field(field))
+    }
+
+    fn into_node(self) -> Node {
+        Node::Str(Box::new(move |f| Ok(self.get(f))))
+    }
+}
+
+fn field(p: &[&str], lists: &Lists) -> Option<Node> {
     match p {
         ["client", "cert", "present"] => Some(Node::Bool(Box::new(|f| Ok(f.client.raw.present)))),
         ["client", "cert", "verified"] => Some(Node::Bool(Box::new(|f| Ok(f.client.raw.verified)))),
         ["client", "cert", "days_until_expiry"] => Some(Node::Int(Box::new(|f| Ok(f.client.raw.days)))),
         ["client", "cert", "not_before"] => Some(Node::Time(Box::new(|f| Ok(f.client.raw.not_before)))),
         ["client", "cert", "not_after"] => Some(Node::Time(Box::new(|f| Ok(f.client.raw.not_after)))),
-        ["client", "cert", ..] => {
-            let name = p.join(".");
-            let i = super::facts::CLIENT_STRINGS.iter().position(|n| *n == name)?;
-            Some(Node::Str(Box::new(move |f| {
-                Ok(Cow::Borrowed(f.client.raw.strings[i].as_str()))
-            })))
-        }
-        ["connection", "client_ip"] => s(|f| f.client_ip),
-        ["connection", "sni"] => s(|f| &f.connection.sni),
-        ["connection", "tls_version"] => s(|f| &f.connection.tls_version),
-        ["connection", "alpn"] => s(|f| &f.connection.alpn),
-        ["request", "method"] => s(|f| f.request.map_or("", |r| r.method)),
-        ["request", "host"] => s(|f| f.request.map_or("", |r| r.host)),
-        ["request", "path"] => s(|f| f.request.map_or("", |r| r.path)),
-        ["request", "query"] => s(|f| f.request.map_or("", |r| r.query)),
-        ["request", "headers", name] => Some(header(name)),
         ["lists", name] => Some(Node::List(lists.get_list(name)?.0.clone())),
         ["now"] => Some(Node::Time(Box::new(|f| Ok(f.now)))),
         _ => None,
     }
 }
 
-/// `request.headers.NAME`: as the facts answer it (absent: `""`; several values joined).
-fn header(name: &str) -> Node {
-    let name = name.to_ascii_lowercase();
-    Node::Str(Box::new(move |f| {
-        Ok(f.request
-            .map_or(Cow::Borrowed(""), |r| super::facts::header_value(r.headers, &name)))
-    }))
+fn str_lit(e: &Expr) -> Option<&str> {
+    match e {
+        Expr::Literal(LiteralValue::String(s)) => Some(s.inner()),
+        _ => None,
+    }
+}
+
+/// The common shapes, each one closure: a string field tested with `startsWith`, `endsWith` or
+/// `contains` against a literal, compared (`==`, `!=`) with a literal, or looked up (`in`) in a
+/// literal list; `negate` folds a `!` around it in.
+fn fused(e: &Expr, negate: bool) -> Option<BoolFn> {
+    let Expr::Call(c) = e else { return None };
+    match (c.func_name.as_str(), c.target.as_deref(), c.args.as_slice()) {
+        ("startsWith" | "endsWith" | "contains", Some(t), [a]) => {
+            let (src, lit) = (StrSrc::of(&t.expr)?, Box::<str>::from(str_lit(&a.expr)?));
+            let test: fn(&str, &str) -> bool = match c.func_name.as_str() {
+                "startsWith" => |a, b| a.starts_with(b),
+                "endsWith" => |a, b| a.ends_with(b),
+                _ => |a, b| a.contains(b),
+            };
+            Some(Box::new(move |f| Ok(test(&src.get(f), &lit) != negate)))
+        }
+        (op::EQUALS | op::NOT_EQUALS, None, [a, b]) => {
+            let (src, lit) = match (StrSrc::of(&a.expr), str_lit(&b.expr)) {
+                (Some(src), Some(lit)) => (src, lit),
+                _ => (StrSrc::of(&b.expr)?, str_lit(&a.expr)?),
+            };
+            let (lit, negate) = (Box::<str>::from(lit), negate != (c.func_name == op::NOT_EQUALS));
+            Some(Box::new(move |f| Ok((*src.get(f) == *lit) != negate)))
+        }
+        (op::IN, None, [a, b]) => {
+            let Expr::List(l) = &b.expr else { return None };
+            let set: Vec<Box<str>> = l
+                .elements
+                .iter()
+                .map(|x| str_lit(&x.expr).map(Box::from))
+                .collect::<Option<_>>()?;
+            let src = StrSrc::of(&a.expr)?;
+            Some(Box::new(move |f| {
+                let v = src.get(f);
+                Ok(set.iter().any(|s| **s == *v) != negate)
+            }))
+        }
+        _ => None,
+    }
 }
 
 fn literal(l: &LiteralValue) -> Option<Node> {
@@ -143,6 +233,12 @@ fn literal(l: &LiteralValue) -> Option<Node> {
 }
 
 fn node(e: &IdedExpr, lists: &Lists) -> Option<Node> {
+    if let Some(src) = StrSrc::of(&e.expr) {
+        return Some(src.into_node());
+    }
+    if let Some(b) = fused(&e.expr, false) {
+        return Some(Node::Bool(b));
+    }
     if let Some(p) = path(&e.expr) {
         return field(&p, lists);
     }
@@ -214,6 +310,9 @@ fn call(name: &str, target: Option<&IdedExpr>, args: &[IdedExpr], lists: &Lists)
     }
     match (name, args.len()) {
         (op::LOGICAL_NOT, 1) => {
+            if let Some(b) = fused(&args[0].expr, true) {
+                return Some(Node::Bool(b));
+            }
             let Node::Bool(a) = arg(0)? else { return None };
             Some(Node::Bool(Box::new(move |f| a(f).map(|v| !v))))
         }
@@ -296,12 +395,6 @@ fn call(name: &str, target: Option<&IdedExpr>, args: &[IdedExpr], lists: &Lists)
                 })))
             }
             (Node::Int(x), Node::IntSet(set)) => Some(Node::Bool(Box::new(move |f| Ok(set.contains(&x(f)?))))),
-            _ => None,
-        },
-        (op::INDEX, 2) => match (&args[0].expr, &args[1].expr) {
-            (e, Expr::Literal(LiteralValue::String(name))) if path(e)? == ["request", "headers"] => {
-                Some(header(name.inner()))
-            }
             _ => None,
         },
         ("size", 1) => {

@@ -127,7 +127,7 @@ impl<'v> Indexer for Headers<'v> {
 /// A request header as rules read it, by name in any case: `""` when absent, several values
 /// joined with `, `, bytes that are not UTF-8 replaced (so a condition on a header cannot be
 /// dodged by making its value unreadable).
-pub fn header_value<'v>(map: &'v http::HeaderMap, name: &str) -> std::borrow::Cow<'v, str> {
+pub fn header_value<'v>(map: &'v http::HeaderMap, name: impl http::header::AsHeaderName) -> std::borrow::Cow<'v, str> {
     use std::borrow::Cow;
     let mut values = map.get_all(name).iter().map(|v| String::from_utf8_lossy(v.as_bytes()));
     match (values.next(), values.next()) {

@@ -283,6 +283,8 @@ pub struct RuleSet {
     /// Whether each phase has rules, known at load (asked on every handshake and request).
     has_connection_rules: bool,
     has_request_rules: bool,
+    /// The most header changes the request phase can make: its outcome's room, made at once.
+    request_header_ops: usize,
 }
 
 fn next_id() -> u64 {
@@ -442,6 +444,7 @@ impl RuleSet {
             uses_client_ip: false,
             has_connection_rules: false,
             has_request_rules: false,
+            request_header_ops: 0,
         }
     }
 
@@ -494,6 +497,7 @@ impl RuleSet {
             uses_client_ip: false,
             has_connection_rules: false,
             has_request_rules: false,
+            request_header_ops: 0,
         };
         let dir = ctx.path(&cfg.dir);
         let files = match rule_files(&dir) {
@@ -546,6 +550,15 @@ impl RuleSet {
         }
         set.has_connection_rules = set.rules.iter().any(|r| r.phase == Phase::Connection);
         set.has_request_rules = set.rules.iter().any(|r| r.phase == Phase::Request);
+        set.request_header_ops = set
+            .rules
+            .iter()
+            .map(|r| match &r.action {
+                Action::SetHeaders(h) => h.len(),
+                Action::RemoveHeaders(h) => h.len(),
+                _ => 0,
+            })
+            .sum();
         set
     }
 
@@ -805,6 +818,9 @@ impl RuleSet {
         mut trace: Option<&mut Vec<Step>>,
     ) -> Outcome {
         let mut out = Outcome::default();
+        if phase == Phase::Request {
+            out.headers.reserve(self.request_header_ops);
+        }
         let scope = Scope::new(&self.env, facts);
         let in_phase = || self.rules.iter().enumerate().filter(move |(_, r)| r.phase == phase);
         let remembered = memo
