@@ -99,11 +99,9 @@ pub struct RequestCtx {
     stored: bool,
     /// The origin answered a revalidation with 304: the stored body stays, nothing is filled.
     not_modified: bool,
-    /// What the request-phase rules added: header changes toward the origin, in rule order,
-    /// and the variants of the cache key they imply.
-    rule_headers: Vec<HeaderOp>,
-    /// Encoded by `cache::push_variant`.
-    key_variants: String,
+    /// What the request-phase rules decided: header changes toward the origin, in rule order,
+    /// and what goes into the cache key (shared by a connection's requests that decide alike).
+    rules: Option<Arc<Outcome>>,
 }
 
 /// The identity the handshake recorded for this connection (HTTP/1.1 and HTTP/2 alike).
@@ -177,8 +175,29 @@ async fn refuse(session: &mut Session, status: u16, why: &str, conn: Option<&Con
     Ok(true)
 }
 
+/// What may change the origin's answer is part of the cache key: the cohort, an origin chosen
+/// by a rule, and the headers rules set toward it.
+fn key_variants(outcome: &Outcome) -> String {
+    let mut variants = String::new();
+    if let Some(c) = &outcome.cohort {
+        cache::push_variant(&mut variants, "cohort", "", c);
+    }
+    if let Some(o) = &outcome.origin {
+        cache::push_variant(&mut variants, "origin", "", o);
+    }
+    for (n, v) in outcome.headers_set() {
+        cache::push_variant(
+            &mut variants,
+            "header:",
+            n.as_str(),
+            &String::from_utf8_lossy(v.as_bytes()),
+        );
+    }
+    variants
+}
+
 /// Runs the request-phase rules for this request.
-fn request_rules(rules: &RuleSet, session: &Session, conn: &ConnectionIdentity, host: &str) -> Outcome {
+fn request_rules(rules: &RuleSet, session: &Session, conn: &ConnectionIdentity, host: &str) -> Arc<Outcome> {
     let client_ip = match rules.uses_client_ip() {
         true => conn.rule_client_ip.get_or_init(|| {
             session
@@ -285,33 +304,10 @@ impl ProxyHttp for EdgeProxy {
                 }
                 Decision::Allow { .. } | Decision::Continue => {}
             }
-            // What may change the origin's answer is part of the cache key: the cohort, an origin
-            // chosen by a rule, and the headers rules set toward it. One allocation: each part
-            // costs at most 24 bytes besides its name and value.
-            let set = outcome.headers_set();
-            let (cohort, origin) = (&outcome.cohort, &outcome.origin);
-            let size = |s: &Option<String>| s.as_ref().map_or(0, |s| s.len() + 24);
-            ctx.key_variants.reserve(
-                size(cohort) + size(origin) + set.iter().map(|(n, v)| n.as_str().len() + v.len() + 24).sum::<usize>(),
-            );
-            if let Some(c) = cohort {
-                cache::push_variant(&mut ctx.key_variants, "cohort", "", c);
-            }
-            if let Some(o) = origin {
-                cache::push_variant(&mut ctx.key_variants, "origin", "", o);
-            }
-            for (n, v) in set {
-                cache::push_variant(
-                    &mut ctx.key_variants,
-                    "header:",
-                    n.as_str(),
-                    &String::from_utf8_lossy(v.as_bytes()),
-                );
-            }
             if let Some(name) = &outcome.origin {
                 ctx.origin = state.origins.get(name).cloned();
             }
-            ctx.rule_headers = outcome.headers;
+            ctx.rules = Some(outcome);
         }
         ctx.identity = Some(conn);
         Ok(false)
@@ -331,7 +327,11 @@ impl ProxyHttp for EdgeProxy {
     fn cache_key_callback(&self, session: &Session, ctx: &mut RequestCtx) -> Result<CacheKey> {
         let uri = &session.req_header().uri;
         let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
-        Ok(cache::key(&ctx.host, path_and_query, &ctx.key_variants))
+        let variants = ctx
+            .rules
+            .as_ref()
+            .map_or("", |o| o.cache_variants.get_or_init(|| key_variants(o)));
+        Ok(cache::key(&ctx.host, path_and_query, variants))
     }
 
     /// The request that fills the cache writes to its client through pingora's cancel-safe task
@@ -411,7 +411,7 @@ impl ProxyHttp for EdgeProxy {
                 upstream.insert_header(name.clone(), value.clone())?;
             }
         }
-        for op in &ctx.rule_headers {
+        for op in ctx.rules.iter().flat_map(|o| &o.headers) {
             match op {
                 HeaderOp::Set(name, value) => {
                     upstream.insert_header(name.clone(), value.clone())?;

@@ -3,6 +3,7 @@
 //! would do. Operators test a policy with it before they ship it.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 
 use boring::stack::Stack;
 use boring::x509::{X509StoreContext, X509};
@@ -140,7 +141,7 @@ fn run_phase(
     q: &Query,
     memo: Option<&super::ConnectionMemo>,
     trace: Option<&mut Vec<Step>>,
-) -> Outcome {
+) -> Arc<Outcome> {
     let (path, query) = q.path_and_query.split_once('?').unwrap_or((&q.path_and_query, ""));
     let req = RequestInfo {
         method: &q.method,

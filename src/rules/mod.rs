@@ -45,7 +45,7 @@ pub mod lists;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use cel::common::ast::{Expr, IdedExpr};
 use cel::common::types::{CelBool, CelInt, CelString};
@@ -233,6 +233,9 @@ pub struct Outcome {
     pub headers: Vec<HeaderOp>,
     pub cohort: Option<String>,
     pub origin: Option<String>,
+    /// What the proxy derives from this outcome for the cache key, made once for all the
+    /// requests that share the outcome.
+    pub cache_variants: std::sync::OnceLock<String>,
 }
 
 impl Outcome {
@@ -298,7 +301,42 @@ fn next_id() -> u64 {
 /// change while the connection and the rule set last. What is kept is the list of rules a
 /// request still visits: a rule whose constant condition is false is not even touched.
 #[derive(Debug, Default)]
-pub struct ConnectionMemo(std::sync::OnceLock<(u64, Vec<Visit>)>);
+pub struct ConnectionMemo {
+    visits: std::sync::OnceLock<(u64, Vec<Visit>)>,
+    /// The last outcome made only of such effects, by the rule set and the visits that held.
+    last: Mutex<Option<(u64, Matches, Arc<Outcome>)>>,
+}
+
+/// Which of a phase's visits held: a bitset, inline up to 128 visits. Two equal sets have the
+/// same length (words are added only to set a bit).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Matches(smallvec::SmallVec<[u64; 2]>);
+
+impl Matches {
+    fn new() -> Self {
+        Matches(smallvec::SmallVec::new())
+    }
+
+    fn set(&mut self, k: usize) {
+        let word = k / 64;
+        if self.0.len() <= word {
+            self.0.resize(word + 1, 0);
+        }
+        self.0[word] |= 1 << (k % 64);
+    }
+
+    /// The positions set, in order.
+    fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        self.0.iter().enumerate().flat_map(|(w, &word)| {
+            let mut bits = word;
+            std::iter::from_fn(move || {
+                let b = (bits != 0).then(|| bits.trailing_zeros() as usize)?;
+                bits &= bits - 1;
+                Some(w * 64 + b)
+            })
+        })
+    }
+}
 
 /// A rule a request visits, with what is already known of it.
 #[derive(Debug)]
@@ -808,24 +846,21 @@ impl RuleSet {
     }
 
     /// Runs the rules of `phase` against `facts`. With `memo` (request phase), conditions that
-    /// depend only on the connection are taken from its first evaluation. With `trace`, every
-    /// rule evaluated is recorded.
+    /// depend only on the connection are taken from its first evaluation, and an outcome made
+    /// only of effects that depend on the connection is shared by the requests whose conditions
+    /// match alike. With `trace`, every rule evaluated is recorded.
     pub fn evaluate(
         &self,
         phase: Phase,
         facts: &Facts,
         memo: Option<&ConnectionMemo>,
         mut trace: Option<&mut Vec<Step>>,
-    ) -> Outcome {
-        let mut out = Outcome::default();
-        if phase == Phase::Request {
-            out.headers.reserve(self.request_header_ops);
-        }
+    ) -> Arc<Outcome> {
         let scope = Scope::new(&self.env, facts);
         let in_phase = || self.rules.iter().enumerate().filter(move |(_, r)| r.phase == phase);
         let remembered = memo
             .map(|m| {
-                m.0.get_or_init(|| {
+                m.visits.get_or_init(|| {
                     let visit = in_phase().filter_map(|(i, r)| {
                         if !r.constant {
                             return Some(Visit::unknown(i));
@@ -853,9 +888,15 @@ impl RuleSet {
                 every.as_slice()
             }
         };
-        for v in visit {
+
+        // Conditions first, in order, up to the first rule that ends the phase (a matching
+        // allow or deny) or an error: which held, as a bitset over `visit`.
+        let mut held = Matches::new();
+        let mut failed = None;
+        let mut shared = memo.is_some();
+        for (k, v) in visit.iter().enumerate() {
             let Some(rule) = self.rules.get(v.rule) else { continue };
-            let held = match &v.known {
+            let result = match &v.known {
                 Some(known) => known.clone(),
                 None => rule.when.eval(&scope),
             };
@@ -865,52 +906,102 @@ impl RuleSet {
                     location: rule.location.clone(),
                     shadow: rule.shadow,
                     action: rule.describe(),
-                    result: held.clone(),
+                    result: result.clone(),
                 });
             }
-            let result = match held {
-                Ok(false) => continue,
-                Ok(true) if rule.shadow => {
-                    record(rule, WOULD_MATCH);
-                    info!(
-                        "shadow rule={} phase={} would={}",
-                        rule.name,
-                        phase.as_str(),
-                        rule.action.describe()
-                    );
+            match result {
+                Ok(false) => {}
+                Ok(true) => {
+                    held.set(k);
+                    if !rule.shadow {
+                        shared &= v.effect.is_some() || rule.constant_action;
+                        if matches!(rule.action, Action::Allow | Action::Deny { .. }) {
+                            break;
+                        }
+                    }
+                }
+                // A shadow rule's error changes nothing: counted and logged here.
+                Err(message) if rule.shadow => count_error(rule, phase, &message),
+                Err(message) => {
+                    shared = false;
+                    failed = Some((k, message));
+                    break;
+                }
+            }
+        }
+
+        // The same conditions held on this connection before, and every effect depends only on
+        // the connection: the outcome is the one made then.
+        let last = memo
+            .filter(|_| shared)
+            .map(|m| m.last.lock().unwrap_or_else(PoisonError::into_inner));
+        if let Some(Some((id, bits, out))) = last.as_deref() {
+            if *id == self.id && *bits == held {
+                for k in held.iter() {
+                    if let Some(rule) = visit.get(k).and_then(|v| self.rules.get(v.rule)) {
+                        self.count_match(rule, phase);
+                    }
+                }
+                return out.clone();
+            }
+        }
+
+        // Then the actions, in order, as the conditions decided.
+        let mut out = Outcome::default();
+        if phase == Phase::Request {
+            out.headers.reserve(self.request_header_ops);
+        }
+        let failed_at = failed.as_ref().map(|(k, _)| *k);
+        for k in held.iter().chain(failed_at) {
+            let Some(v) = visit.get(k) else { continue };
+            let Some(rule) = self.rules.get(v.rule) else { continue };
+            let result = match &failed {
+                Some((at, message)) if *at == k => Err(message.clone()),
+                _ if rule.shadow => {
+                    self.count_match(rule, phase);
                     continue;
                 }
-                Ok(true) => match &v.effect {
+                _ => match &v.effect {
                     Some(effect) => replay(effect, &mut out),
                     None => apply(rule, &scope, &mut out),
                 },
-                Err(e) => Err(e),
             };
             match result {
                 Ok(None) => record(rule, MATCHED),
                 Ok(Some(decision)) => {
                     record(rule, MATCHED);
                     out.decision = decision;
-                    return out;
+                    break;
                 }
                 Err(message) => {
-                    record(rule, ERROR);
-                    warn!(
-                        "rule={} phase={} evaluation error: {message}",
-                        rule.name,
-                        phase.as_str()
-                    );
-                    if !rule.shadow {
-                        out.decision = Decision::Error {
-                            rule: rule.name.clone(),
-                            message,
-                        };
-                        return out;
-                    }
+                    count_error(rule, phase, &message);
+                    out.decision = Decision::Error {
+                        rule: rule.name.clone(),
+                        message,
+                    };
+                    break;
                 }
             }
         }
+        let out = Arc::new(out);
+        if let (Some(mut last), false) = (last, out.denied()) {
+            *last = Some((self.id, held, out.clone()));
+        }
         out
+    }
+
+    /// Counts a rule whose condition held: matched, or, for a shadow rule, would have matched.
+    fn count_match(&self, rule: &Rule, phase: Phase) {
+        if !rule.shadow {
+            return record(rule, MATCHED);
+        }
+        record(rule, WOULD_MATCH);
+        info!(
+            "shadow rule={} phase={} would={}",
+            rule.name,
+            phase.as_str(),
+            rule.action.describe()
+        );
     }
 }
 
@@ -923,6 +1014,16 @@ enum Want {
 const MATCHED: usize = 0;
 const WOULD_MATCH: usize = 1;
 const ERROR: usize = 2;
+
+/// Counts and logs a rule whose condition or action failed.
+fn count_error(rule: &Rule, phase: Phase, message: &str) {
+    record(rule, ERROR);
+    warn!(
+        "rule={} phase={} evaluation error: {message}",
+        rule.name,
+        phase.as_str()
+    );
+}
 
 fn record(rule: &Rule, outcome: usize) {
     rule.counters[outcome].inc();

@@ -78,7 +78,13 @@ fn with_facts<T>(set: &RuleSet, client: &facts::ClientFacts, path: &str, now: i6
 }
 
 /// Runs `phase` for a client (`None`: no certificate) asking for `path`.
-fn run(set: &RuleSet, phase: Phase, cert: Option<&ViewerCert>, path: &str, trace: Option<&mut Vec<Step>>) -> Outcome {
+fn run(
+    set: &RuleSet,
+    phase: Phase,
+    cert: Option<&ViewerCert>,
+    path: &str,
+    trace: Option<&mut Vec<Step>>,
+) -> Arc<Outcome> {
     let client = facts::ClientFacts::new(cert, true, 0);
     with_facts(set, &client, path, 0, |facts| set.evaluate(phase, facts, None, trace))
 }
@@ -195,7 +201,7 @@ fn the_staged_rollout_hash_is_stable_and_splits_about_ten_percent() {
         .count();
     assert!((60..=140).contains(&beta), "{beta} of 1000 in beta");
     let c = cert("device-1", "x1", "01:02");
-    let first = run(&set, Phase::Request, Some(&c), "/", None).origin;
+    let first = run(&set, Phase::Request, Some(&c), "/", None).origin.clone();
     assert_eq!(run(&set, Phase::Request, Some(&c), "/", None).origin, first);
 }
 
@@ -422,6 +428,50 @@ fn a_connection_memo_replays_kept_effects_as_a_fresh_evaluation_would() {
             }
         }
     }
+    // Requests whose conditions decide alike share one outcome when every effect is the
+    // connection's; each still counts its matches.
+    let set = ok(&[(
+        "s.yaml",
+        r#"rules:
+  - { name: shared-model, phase: request, set_headers: { X-Model: client.cert.subject.ou } }
+  - { name: shared-beta, phase: request, when: 'request.path.startsWith("/beta/")', cache_cohort: '"beta-" + client.cert.subject.ou' }
+  - { name: shared-shadow, phase: request, mode: shadow, when: 'request.path == "/a"', deny: {} }
+  - { name: shared-deny, phase: request, when: 'request.path.startsWith("/no/")', deny: {} }
+  - { name: shared-allow, phase: request, allow: true }
+"#,
+    )]);
+    let memo = ConnectionMemo::default();
+    let counter = |rule: &str, outcome: &str| {
+        crate::metrics::RULE_EVALUATIONS
+            .with_label_values(&["request", rule, outcome])
+            .get()
+    };
+    let (model, shadow) = (
+        counter("shared-model", "matched"),
+        counter("shared-shadow", "would_match"),
+    );
+    let mut outcomes = Vec::new();
+    for path in ["/a", "/a", "/b", "/beta/x", "/beta/y", "/no/x", "/no/y"] {
+        let (memoized, fresh) = with_facts(&set, &client, path, 0, |facts| {
+            (
+                set.evaluate(Phase::Request, facts, Some(&memo), None),
+                set.evaluate(Phase::Request, facts, None, None),
+            )
+        });
+        assert_eq!(view(&memoized), view(&fresh), "{path}");
+        outcomes.push(memoized);
+    }
+    let same = |a: usize, b: usize| Arc::ptr_eq(&outcomes[a], &outcomes[b]);
+    // The connection keeps its last outcome. "/a" twice decides alike; "/b" does not (the
+    // shadow rule changes nothing, but it is another match); "/beta/x" and "/beta/y" alike;
+    // denials are made afresh.
+    assert!(same(0, 1) && !same(1, 2) && !same(2, 3) && same(3, 4) && !same(5, 6));
+    assert_eq!(outcomes[3].cohort.as_deref(), Some("beta-x1"));
+    assert!(matches!(outcomes[5].decision(), Decision::Deny { .. }));
+    // Seven requests, each evaluated twice (memoized and fresh): every one counted.
+    assert_eq!(counter("shared-model", "matched") - model, 14);
+    assert_eq!(counter("shared-shadow", "would_match") - shadow, 4); // "/a" twice, both ways
+
     // A kept effect that failed fails every request, by the rule's name.
     let set = ok(&[(
         "e.yaml",
