@@ -183,12 +183,19 @@ fn str_lit(e: &Expr) -> Option<&str> {
 fn fused(e: &Expr, negate: bool) -> Option<BoolFn> {
     let Expr::Call(c) = e else { return None };
     match (c.func_name.as_str(), c.target.as_deref(), c.args.as_slice()) {
-        ("startsWith" | "endsWith" | "contains", Some(t), [a]) => {
+        ("contains", Some(t), [a]) => {
+            // The substring searcher is built once here, not on every request.
+            let src = StrSrc::of(&t.expr)?;
+            let finder = memchr::memmem::Finder::new(str_lit(&a.expr)?.as_bytes()).into_owned();
+            Some(Box::new(move |f| {
+                Ok(finder.find(src.get(f).as_bytes()).is_some() != negate)
+            }))
+        }
+        ("startsWith" | "endsWith", Some(t), [a]) => {
             let (src, lit) = (StrSrc::of(&t.expr)?, Box::<str>::from(str_lit(&a.expr)?));
             let test: fn(&str, &str) -> bool = match c.func_name.as_str() {
                 "startsWith" => |a, b| a.starts_with(b),
-                "endsWith" => |a, b| a.ends_with(b),
-                _ => |a, b| a.contains(b),
+                _ => |a, b| a.ends_with(b),
             };
             Some(Box::new(move |f| Ok(test(&src.get(f), &lit) != negate)))
         }
