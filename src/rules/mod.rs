@@ -179,7 +179,8 @@ pub struct Rule {
     when: Expression<compiled::CompiledBool>,
     /// `when` depends only on the connection: see [`ConnectionMemo`].
     constant: bool,
-    /// So does what the action sets (header values, a cohort): its effect can be kept too.
+    /// So does what the action sets (header values, a cohort): a match's effect is the
+    /// connection's, and requests that match alike can share it.
     constant_action: bool,
     action: Action,
     /// `mtls_edge_rule_evaluations_total` for this rule: matched, would_match, error (resolved
@@ -286,8 +287,6 @@ pub struct RuleSet {
     /// Whether each phase has rules, known at load (asked on every handshake and request).
     has_connection_rules: bool,
     has_request_rules: bool,
-    /// The most header changes the request phase can make: its outcome's room, made at once.
-    request_header_ops: usize,
 }
 
 fn next_id() -> u64 {
@@ -296,10 +295,10 @@ fn next_id() -> u64 {
 }
 
 /// Per connection: the request-phase conditions that depend only on the connection (the
-/// certificate, client IP, SNI, TLS version, ALPN, lists), evaluated once at its first request, and the
-/// effects of those rules whose action depends only on the connection too. None of it can
-/// change while the connection and the rule set last. What is kept is the list of rules a
-/// request still visits: a rule whose constant condition is false is not even touched.
+/// certificate, client IP, SNI, TLS version, ALPN, lists), evaluated once at its first request,
+/// and the last outcome made only of effects that depend on the connection too. None of it can
+/// change while the connection and the rule set last. What is kept of the conditions is the list
+/// of rules a request still visits: a rule whose constant condition is false is not touched.
 #[derive(Debug, Default)]
 pub struct ConnectionMemo {
     visits: std::sync::OnceLock<(u64, Vec<Visit>)>,
@@ -338,38 +337,12 @@ impl Matches {
     }
 }
 
-/// A rule a request visits, with what is already known of it.
+/// A rule a request visits, with its condition's result when that depends only on the
+/// connection.
 #[derive(Debug)]
 pub struct Visit {
     rule: usize,
-    /// The condition's result, when it depends only on the connection.
     known: Option<Result<bool, String>>,
-    /// The action's effect, when the condition is known to hold and the action depends only on
-    /// the connection: what `apply` returned, and what it added to an empty outcome.
-    effect: Option<Box<(Result<Option<Decision>, String>, Outcome)>>,
-}
-
-impl Visit {
-    fn unknown(rule: usize) -> Self {
-        Visit {
-            rule,
-            known: None,
-            effect: None,
-        }
-    }
-}
-
-/// Replays a kept effect into `out`, as `apply` would have made it.
-fn replay(effect: &(Result<Option<Decision>, String>, Outcome), out: &mut Outcome) -> Result<Option<Decision>, String> {
-    let (result, added) = effect;
-    out.headers.extend(added.headers.iter().cloned());
-    if added.cohort.is_some() {
-        out.cohort.clone_from(&added.cohort);
-    }
-    if added.origin.is_some() {
-        out.origin.clone_from(&added.origin);
-    }
-    result.clone()
 }
 
 /// Whether an expression depends only on the connection.
@@ -482,7 +455,6 @@ impl RuleSet {
             uses_client_ip: false,
             has_connection_rules: false,
             has_request_rules: false,
-            request_header_ops: 0,
         }
     }
 
@@ -535,7 +507,6 @@ impl RuleSet {
             uses_client_ip: false,
             has_connection_rules: false,
             has_request_rules: false,
-            request_header_ops: 0,
         };
         let dir = ctx.path(&cfg.dir);
         let files = match rule_files(&dir) {
@@ -588,15 +559,6 @@ impl RuleSet {
         }
         set.has_connection_rules = set.rules.iter().any(|r| r.phase == Phase::Connection);
         set.has_request_rules = set.rules.iter().any(|r| r.phase == Phase::Request);
-        set.request_header_ops = set
-            .rules
-            .iter()
-            .map(|r| match &r.action {
-                Action::SetHeaders(h) => h.len(),
-                Action::RemoveHeaders(h) => h.len(),
-                _ => 0,
-            })
-            .sum();
         set
     }
 
@@ -862,19 +824,8 @@ impl RuleSet {
             .map(|m| {
                 m.visits.get_or_init(|| {
                     let visit = in_phase().filter_map(|(i, r)| {
-                        if !r.constant {
-                            return Some(Visit::unknown(i));
-                        }
-                        let held = r.when.eval(&scope);
-                        let effect = (held == Ok(true) && !r.shadow && r.constant_action).then(|| {
-                            let mut added = Outcome::default();
-                            Box::new((apply(r, &scope, &mut added), added))
-                        });
-                        (held != Ok(false)).then_some(Visit {
-                            rule: i,
-                            known: Some(held),
-                            effect,
-                        })
+                        let known = r.constant.then(|| r.when.eval(&scope));
+                        (known != Some(Ok(false))).then_some(Visit { rule: i, known })
                     });
                     (self.id, visit.collect())
                 })
@@ -884,7 +835,7 @@ impl RuleSet {
         let visit = match remembered {
             Some((_, visit)) => visit.as_slice(),
             None => {
-                every = in_phase().map(|(i, _)| Visit::unknown(i)).collect();
+                every = in_phase().map(|(rule, _)| Visit { rule, known: None }).collect();
                 every.as_slice()
             }
         };
@@ -914,7 +865,7 @@ impl RuleSet {
                 Ok(true) => {
                     held.set(k);
                     if !rule.shadow {
-                        shared &= v.effect.is_some() || rule.constant_action;
+                        shared &= rule.constant_action;
                         if matches!(rule.action, Action::Allow | Action::Deny { .. }) {
                             break;
                         }
@@ -939,7 +890,7 @@ impl RuleSet {
             if *id == self.id && *bits == held {
                 for k in held.iter() {
                     if let Some(rule) = visit.get(k).and_then(|v| self.rules.get(v.rule)) {
-                        self.count_match(rule, phase);
+                        count_match(rule, phase);
                     }
                 }
                 return out.clone();
@@ -948,9 +899,6 @@ impl RuleSet {
 
         // Then the actions, in order, as the conditions decided.
         let mut out = Outcome::default();
-        if phase == Phase::Request {
-            out.headers.reserve(self.request_header_ops);
-        }
         let failed_at = failed.as_ref().map(|(k, _)| *k);
         for k in held.iter().chain(failed_at) {
             let Some(v) = visit.get(k) else { continue };
@@ -958,13 +906,10 @@ impl RuleSet {
             let result = match &failed {
                 Some((at, message)) if *at == k => Err(message.clone()),
                 _ if rule.shadow => {
-                    self.count_match(rule, phase);
+                    count_match(rule, phase);
                     continue;
                 }
-                _ => match &v.effect {
-                    Some(effect) => replay(effect, &mut out),
-                    None => apply(rule, &scope, &mut out),
-                },
+                _ => apply(rule, &scope, &mut out),
             };
             match result {
                 Ok(None) => record(rule, MATCHED),
@@ -989,20 +934,6 @@ impl RuleSet {
         }
         out
     }
-
-    /// Counts a rule whose condition held: matched, or, for a shadow rule, would have matched.
-    fn count_match(&self, rule: &Rule, phase: Phase) {
-        if !rule.shadow {
-            return record(rule, MATCHED);
-        }
-        record(rule, WOULD_MATCH);
-        info!(
-            "shadow rule={} phase={} would={}",
-            rule.name,
-            phase.as_str(),
-            rule.action.describe()
-        );
-    }
 }
 
 #[derive(Clone, Copy)]
@@ -1014,6 +945,20 @@ enum Want {
 const MATCHED: usize = 0;
 const WOULD_MATCH: usize = 1;
 const ERROR: usize = 2;
+
+/// Counts a rule whose condition held: matched, or, for a shadow rule, would have matched.
+fn count_match(rule: &Rule, phase: Phase) {
+    if !rule.shadow {
+        return record(rule, MATCHED);
+    }
+    record(rule, WOULD_MATCH);
+    info!(
+        "shadow rule={} phase={} would={}",
+        rule.name,
+        phase.as_str(),
+        rule.action.describe()
+    );
+}
 
 /// Counts and logs a rule whose condition or action failed.
 fn count_error(rule: &Rule, phase: Phase, message: &str) {

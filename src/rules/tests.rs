@@ -369,10 +369,11 @@ fn a_connection_memo_keeps_certificate_conditions_and_reevaluates_request_ones()
     assert!(matches!(on("/firmware/x1/a.bin"), Decision::Allow { .. }));
 }
 
-/// Kept effects replay exactly what evaluating the rules each time gives: header changes in
-/// rule order (a kept value, a per-request value, a removal), cohorts, errors and decisions.
+/// A connection's memo (kept conditions, shared outcomes) gives exactly what evaluating the rules
+/// afresh gives: header changes in rule order (a connection's value, a per-request value, a
+/// removal), cohorts, errors and decisions.
 #[test]
-fn a_connection_memo_replays_kept_effects_as_a_fresh_evaluation_would() {
+fn a_connection_memo_decides_as_a_fresh_evaluation_would() {
     let set = ok(&[(
         "m.yaml",
         r#"rules:
@@ -472,7 +473,7 @@ fn a_connection_memo_replays_kept_effects_as_a_fresh_evaluation_would() {
     assert_eq!(counter("shared-model", "matched") - model, 14);
     assert_eq!(counter("shared-shadow", "would_match") - shadow, 4); // "/a" twice, both ways
 
-    // A kept effect that failed fails every request, by the rule's name.
+    // An effect of the connection that fails fails every request, by the rule's name.
     let set = ok(&[(
         "e.yaml",
         r#"rules:
