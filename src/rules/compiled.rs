@@ -35,13 +35,53 @@ enum Node {
     IntSet(Vec<i64>),
 }
 
-/// A compiled condition (`when`).
-pub struct CompiledBool(BoolFn);
+/// A compiled condition (`when`). The common shapes are data run by one small function (see
+/// [`Test`]): a request then touches the rule's own cache lines and that one function, instead of
+/// a closure, its vtable and its captures for each condition.
+pub enum CompiledBool {
+    Test(Test),
+    /// `a && b && ...`
+    All(Box<[Part]>),
+    /// `a || b || ...`
+    Any(Box<[Part]>),
+    Tree(BoolFn),
+}
+
+/// An operand of `&&` or `||`: a test, or any other compiled condition.
+pub enum Part {
+    Test(Test),
+    Tree(BoolFn),
+}
 
 impl CompiledBool {
     pub fn eval(&self, f: &Facts) -> R<bool> {
-        (self.0)(f)
+        match self {
+            CompiledBool::Test(t) => Ok(t.eval(f)),
+            CompiledBool::All(parts) => logic(parts, f, false),
+            CompiledBool::Any(parts) => logic(parts, f, true),
+            CompiledBool::Tree(b) => b(f),
+        }
     }
+}
+
+/// CEL's commutative `&&` (`decisive` false) and `||` (true): an operand with the decisive value
+/// wins wherever it is, over errors in the others; otherwise the first error, if any.
+fn logic(parts: &[Part], f: &Facts, decisive: bool) -> R<bool> {
+    let mut error = None;
+    for part in parts {
+        let v = match part {
+            Part::Test(t) => Ok(t.eval(f)),
+            Part::Tree(b) => b(f),
+        };
+        match v {
+            Ok(v) if v == decisive => return Ok(v),
+            Ok(_) => {}
+            Err(e) => {
+                error.get_or_insert(e);
+            }
+        }
+    }
+    error.map_or(Ok(!decisive), Err)
 }
 
 /// A compiled string value (`set_headers`, `cache_cohort`).
@@ -54,9 +94,42 @@ impl CompiledStr {
 }
 
 pub fn compile_bool(e: &IdedExpr, lists: &Lists) -> Option<CompiledBool> {
+    if let Some(t) = Test::of(&e.expr, false) {
+        return Some(CompiledBool::Test(t));
+    }
+    for (op, all) in [(op::LOGICAL_AND, true), (op::LOGICAL_OR, false)] {
+        let mut operands = Vec::new();
+        if chain(e, op, &mut operands) {
+            let part = |x: &IdedExpr| match Test::of(&x.expr, false) {
+                Some(t) => Some(Part::Test(t)),
+                None => match node(x, lists)? {
+                    Node::Bool(b) => Some(Part::Tree(b)),
+                    _ => None,
+                },
+            };
+            let parts = operands.into_iter().map(part).collect::<Option<Box<[_]>>>()?;
+            return Some(if all { CompiledBool::All(parts) } else { CompiledBool::Any(parts) });
+        }
+    }
     match node(e, lists)? {
-        Node::Bool(b) => Some(CompiledBool(b)),
+        Node::Bool(b) => Some(CompiledBool::Tree(b)),
         _ => None,
+    }
+}
+
+/// The operands of a chain of one logical operator (`a && b && c`), in order; false when `e`
+/// is not such a chain.
+fn chain<'e>(e: &'e IdedExpr, name: &str, out: &mut Vec<&'e IdedExpr>) -> bool {
+    match &e.expr {
+        Expr::Call(c) if c.func_name == name && c.target.is_none() && c.args.len() == 2 => {
+            for a in &c.args {
+                if !chain(a, name, out) {
+                    out.push(a);
+                }
+            }
+            true
+        }
+        _ => false,
     }
 }
 
@@ -87,31 +160,46 @@ fn path(e: &Expr) -> Option<Vec<&str>> {
     }
 }
 
-/// Where a string field comes from. Kept as data (not a closure) so that the common shapes of a
-/// condition (a field tested against literals) compile to one closure each.
-enum StrSrc {
-    Field(for<'a> fn(&'a Facts<'a>) -> &'a str),
+/// Where a string field comes from, as data read by one `match` (no call per field).
+pub enum StrSrc {
+    ClientIp,
+    Sni,
+    TlsVersion,
+    Alpn,
+    Method,
+    Host,
+    Path,
+    Query,
     /// `client.cert.*` strings, by index in `facts::CLIENT_STRINGS`.
     Client(usize),
     /// `request.headers.NAME`: as the facts answer it (absent: `""`; several values joined).
-    Header(HeaderName),
+    /// Boxed, to keep tests small.
+    Header(Box<HeaderName>),
 }
 
 impl StrSrc {
+    #[inline(never)]
     fn get<'a>(&self, f: &'a Facts<'a>) -> Cow<'a, str> {
         match self {
-            StrSrc::Field(get) => Cow::Borrowed(get(f)),
+            StrSrc::ClientIp => Cow::Borrowed(f.client_ip),
+            StrSrc::Sni => Cow::Borrowed(&f.connection.sni),
+            StrSrc::TlsVersion => Cow::Borrowed(&f.connection.tls_version),
+            StrSrc::Alpn => Cow::Borrowed(&f.connection.alpn),
+            StrSrc::Method => Cow::Borrowed(f.request.map_or("", |r| r.method)),
+            StrSrc::Host => Cow::Borrowed(f.request.map_or("", |r| r.host)),
+            StrSrc::Path => Cow::Borrowed(f.request.map_or("", |r| r.path)),
+            StrSrc::Query => Cow::Borrowed(f.request.map_or("", |r| r.query)),
             StrSrc::Client(i) => Cow::Borrowed(f.client.raw.strings.get(*i).map_or("", String::as_str)),
             StrSrc::Header(name) => f
                 .request
-                .map_or(Cow::Borrowed(""), |r| super::facts::header_value(r.headers, name)),
+                .map_or(Cow::Borrowed(""), |r| super::facts::header_value(r.headers, &**name)),
         }
     }
 
     fn header(name: &str) -> Option<StrSrc> {
         HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
             .ok()
-            .map(StrSrc::Header)
+            .map(|h| StrSrc::Header(Box::new(h)))
     }
 
     /// The string field an expression names, if it is one.
@@ -127,7 +215,7 @@ impl StrSrc {
             };
         }
         let p = path(e)?;
-        let field: for<'a> fn(&'a Facts<'a>) -> &'a str = match p.as_slice() {
+        Some(match p.as_slice() {
             ["client", "cert", "present" | "verified" | "days_until_expiry" | "not_before" | "not_after"] => {
                 return None
             }
@@ -138,18 +226,17 @@ impl StrSrc {
                     .position(|n| *n == name)
                     .map(StrSrc::Client);
             }
-            ["connection", "client_ip"] => |f| f.client_ip,
-            ["connection", "sni"] => |f| &f.connection.sni,
-            ["connection", "tls_version"] => |f| &f.connection.tls_version,
-            ["connection", "alpn"] => |f| &f.connection.alpn,
-            ["request", "method"] => |f| f.request.map_or("", |r| r.method),
-            ["request", "host"] => |f| f.request.map_or("", |r| r.host),
-            ["request", "path"] => |f| f.request.map_or("", |r| r.path),
-            ["request", "query"] => |f| f.request.map_or("", |r| r.query),
+            ["connection", "client_ip"] => StrSrc::ClientIp,
+            ["connection", "sni"] => StrSrc::Sni,
+            ["connection", "tls_version"] => StrSrc::TlsVersion,
+            ["connection", "alpn"] => StrSrc::Alpn,
+            ["request", "method"] => StrSrc::Method,
+            ["request", "host"] => StrSrc::Host,
+            ["request", "path"] => StrSrc::Path,
+            ["request", "query"] => StrSrc::Query,
             ["request", "headers", name] => return StrSrc::header(name),
             _ => return None,
-        };
-        Some(StrSrc::Field(field))
+        })
     }
 
     fn into_node(self) -> Node {
@@ -177,50 +264,204 @@ fn str_lit(e: &Expr) -> Option<&str> {
     }
 }
 
-/// The common shapes, each one closure: a string field tested with `startsWith`, `endsWith` or
-/// `contains` against a literal, compared (`==`, `!=`) with a literal, or looked up (`in`) in a
-/// literal list; `negate` folds a `!` around it in.
-fn fused(e: &Expr, negate: bool) -> Option<BoolFn> {
-    let Expr::Call(c) = e else { return None };
-    match (c.func_name.as_str(), c.target.as_deref(), c.args.as_slice()) {
-        ("contains", Some(t), [a]) => {
-            // The substring searcher is built once here, not on every request.
-            let src = StrSrc::of(&t.expr)?;
-            let finder = memchr::memmem::Finder::new(str_lit(&a.expr)?.as_bytes()).into_owned();
-            Some(Box::new(move |f| {
-                Ok(finder.find(src.get(f).as_bytes()).is_some() != negate)
-            }))
+/// A literal string, inline when short (most are): comparing with it reads the rule's own lines.
+pub enum Lit {
+    Inline(u8, [u8; 22]),
+    Heap(Box<[u8]>),
+}
+
+impl Lit {
+    fn new(s: &str) -> Lit {
+        let b = s.as_bytes();
+        let mut inline = [0; 22];
+        match inline.get_mut(..b.len()) {
+            Some(dst) => {
+                dst.copy_from_slice(b);
+                Lit::Inline(b.len() as u8, inline)
+            }
+            None => Lit::Heap(b.into()),
         }
-        ("startsWith" | "endsWith", Some(t), [a]) => {
-            let (src, lit) = (StrSrc::of(&t.expr)?, Box::<str>::from(str_lit(&a.expr)?));
-            let test: fn(&str, &str) -> bool = match c.func_name.as_str() {
-                "startsWith" => |a, b| a.starts_with(b),
-                _ => |a, b| a.ends_with(b),
-            };
-            Some(Box::new(move |f| Ok(test(&src.get(f), &lit) != negate)))
+    }
+
+    #[inline]
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Lit::Inline(n, b) => &b[..usize::from(*n)],
+            Lit::Heap(b) => b,
         }
-        (op::EQUALS | op::NOT_EQUALS, None, [a, b]) => {
-            let (src, lit) = match (StrSrc::of(&a.expr), str_lit(&b.expr)) {
-                (Some(src), Some(lit)) => (src, lit),
-                _ => (StrSrc::of(&b.expr)?, str_lit(&a.expr)?),
-            };
-            let (lit, negate) = (Box::<str>::from(lit), negate != (c.func_name == op::NOT_EQUALS));
-            Some(Box::new(move |f| Ok((*src.get(f) == *lit) != negate)))
-        }
-        (op::IN, None, [a, b]) => {
-            let Expr::List(l) = &b.expr else { return None };
-            let set: Vec<Box<str>> = l
-                .elements
-                .iter()
-                .map(|x| str_lit(&x.expr).map(Box::from))
-                .collect::<Option<_>>()?;
-            let src = StrSrc::of(&a.expr)?;
-            Some(Box::new(move |f| {
+    }
+}
+
+/// The common shape of a condition: a string field tested against literals (`startsWith`,
+/// `endsWith`, `contains`, `==`, `!=`, `in [...]`), or two ints or two timestamps compared, with
+/// any `!` folded in. No test can fail.
+pub enum Test {
+    Str { src: StrSrc, op: StrOp, negate: bool },
+    Int { a: IntSrc, cmp: Cmp, b: IntSrc },
+}
+
+pub enum StrOp {
+    StartsWith(Lit),
+    EndsWith(Lit),
+    Eq(Lit),
+    /// The searcher is built once here, not on every request (`str::contains` builds one per
+    /// call); short strings are searched directly.
+    Contains(Lit, Box<memchr::memmem::Finder<'static>>),
+    In(Box<[Lit]>),
+}
+
+/// CEL's `size` of a string: its code points. Short ASCII strings (most queries and headers)
+/// are counted without the general, vectorized count.
+fn code_points(s: &str) -> i64 {
+    let n = match s.len() < 64 && s.is_ascii() {
+        true => s.len(),
+        false => s.chars().count(),
+    };
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// An int or a timestamp (unix seconds) a test compares.
+pub enum IntSrc {
+    Lit(i64),
+    Now,
+    NotBefore,
+    NotAfter,
+    DaysUntilExpiry,
+    /// `size(s)`: the number of code points.
+    Size(StrSrc),
+}
+
+#[derive(Clone, Copy)]
+pub enum Cmp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+impl Test {
+    #[inline(never)]
+    pub fn eval(&self, f: &Facts) -> bool {
+        match self {
+            Test::Str { src, op, negate } => {
                 let v = src.get(f);
-                Ok(set.iter().any(|s| **s == *v) != negate)
-            }))
+                let v = v.as_bytes();
+                let held = match op {
+                    StrOp::StartsWith(l) => v.starts_with(l.bytes()),
+                    StrOp::EndsWith(l) => v.ends_with(l.bytes()),
+                    StrOp::Eq(l) => v == l.bytes(),
+                    // Short strings are searched directly, long ones with the searcher.
+                    StrOp::Contains(l, _) if v.len() < 64 => {
+                        let l = l.bytes();
+                        l.is_empty() || v.iter().enumerate().any(|(i, &b)| b == l[0] && v[i..].starts_with(l))
+                    }
+                    StrOp::Contains(_, finder) => finder.find(v).is_some(),
+                    StrOp::In(set) => set.iter().any(|l| v == l.bytes()),
+                };
+                held != *negate
+            }
+            Test::Int { a, cmp, b } => {
+                let (x, y) = (a.get(f), b.get(f));
+                match cmp {
+                    Cmp::Eq => x == y,
+                    Cmp::Ne => x != y,
+                    Cmp::Lt => x < y,
+                    Cmp::Le => x <= y,
+                    Cmp::Gt => x > y,
+                    Cmp::Ge => x >= y,
+                }
+            }
         }
-        _ => None,
+    }
+
+    /// The test `e` is (negated when `negate`), if it has one of the shapes.
+    fn of(e: &Expr, negate: bool) -> Option<Test> {
+        let Expr::Call(c) = e else { return None };
+        let str_test = |src: &Expr, op: StrOp, negate: bool| {
+            Some(Test::Str {
+                src: StrSrc::of(src)?,
+                op,
+                negate,
+            })
+        };
+        match (c.func_name.as_str(), c.target.as_deref(), c.args.as_slice()) {
+            (op::LOGICAL_NOT, None, [a]) => Test::of(&a.expr, !negate),
+            ("contains", Some(t), [a]) => {
+                let l = str_lit(&a.expr)?;
+                let finder = memchr::memmem::Finder::new(l.as_bytes()).into_owned();
+                str_test(&t.expr, StrOp::Contains(Lit::new(l), Box::new(finder)), negate)
+            }
+            ("startsWith", Some(t), [a]) => str_test(&t.expr, StrOp::StartsWith(Lit::new(str_lit(&a.expr)?)), negate),
+            ("endsWith", Some(t), [a]) => str_test(&t.expr, StrOp::EndsWith(Lit::new(str_lit(&a.expr)?)), negate),
+            (op::IN, None, [a, b]) => {
+                let Expr::List(l) = &b.expr else { return None };
+                let set = l.elements.iter().map(|x| str_lit(&x.expr).map(Lit::new)).collect::<Option<_>>()?;
+                str_test(&a.expr, StrOp::In(set), negate)
+            }
+            (op::EQUALS | op::NOT_EQUALS, None, [a, b]) => {
+                let negate = negate != (c.func_name == op::NOT_EQUALS);
+                if let Some(l) = str_lit(&b.expr) {
+                    return str_test(&a.expr, StrOp::Eq(Lit::new(l)), negate);
+                }
+                if let Some(l) = str_lit(&a.expr) {
+                    return str_test(&b.expr, StrOp::Eq(Lit::new(l)), negate);
+                }
+                let cmp = if negate { Cmp::Ne } else { Cmp::Eq };
+                Test::ints(&a.expr, cmp, &b.expr)
+            }
+            (op::LESS | op::LESS_EQUALS | op::GREATER | op::GREATER_EQUALS, None, [a, b]) => {
+                let cmp = match (c.func_name.as_str(), negate) {
+                    (op::LESS, false) | (op::GREATER_EQUALS, true) => Cmp::Lt,
+                    (op::LESS_EQUALS, false) | (op::GREATER, true) => Cmp::Le,
+                    (op::GREATER, false) | (op::LESS_EQUALS, true) => Cmp::Gt,
+                    _ => Cmp::Ge,
+                };
+                Test::ints(&a.expr, cmp, &b.expr)
+            }
+            _ => None,
+        }
+    }
+
+    /// Two ints, or two timestamps, compared (CEL compares nothing else with these operators).
+    fn ints(a: &Expr, cmp: Cmp, b: &Expr) -> Option<Test> {
+        let ((a, a_time), (b, b_time)) = (IntSrc::of(a)?, IntSrc::of(b)?);
+        (a_time == b_time).then_some(Test::Int { a, cmp, b })
+    }
+}
+
+impl IntSrc {
+    #[inline(always)]
+    fn get(&self, f: &Facts) -> i64 {
+        match self {
+            IntSrc::Lit(i) => *i,
+            IntSrc::Now => f.now,
+            IntSrc::NotBefore => f.client.raw.not_before,
+            IntSrc::NotAfter => f.client.raw.not_after,
+            IntSrc::DaysUntilExpiry => f.client.raw.days,
+            IntSrc::Size(s) => code_points(&s.get(f)),
+        }
+    }
+
+    /// The int `e` names, and whether it is a timestamp.
+    fn of(e: &Expr) -> Option<(IntSrc, bool)> {
+        if let Expr::Literal(LiteralValue::Int(i)) = e {
+            return Some((IntSrc::Lit(*i.inner()), false));
+        }
+        if let Expr::Call(c) = e {
+            return match (c.func_name.as_str(), c.target.as_deref(), c.args.as_slice()) {
+                ("size", Some(s), []) | ("size", None, [s]) => Some((IntSrc::Size(StrSrc::of(&s.expr)?), false)),
+                _ => None,
+            };
+        }
+        match path(e)?.as_slice() {
+            ["now"] => Some((IntSrc::Now, true)),
+            ["client", "cert", "not_before"] => Some((IntSrc::NotBefore, true)),
+            ["client", "cert", "not_after"] => Some((IntSrc::NotAfter, true)),
+            ["client", "cert", "days_until_expiry"] => Some((IntSrc::DaysUntilExpiry, false)),
+            _ => None,
+        }
     }
 }
 
@@ -243,8 +484,8 @@ fn node(e: &IdedExpr, lists: &Lists) -> Option<Node> {
     if let Some(src) = StrSrc::of(&e.expr) {
         return Some(src.into_node());
     }
-    if let Some(b) = fused(&e.expr, false) {
-        return Some(Node::Bool(b));
+    if let Some(t) = Test::of(&e.expr, false) {
+        return Some(Node::Bool(Box::new(move |f| Ok(t.eval(f)))));
     }
     if let Some(p) = path(&e.expr) {
         return field(&p, lists);
@@ -310,16 +551,13 @@ fn call(name: &str, target: Option<&IdedExpr>, args: &[IdedExpr], lists: &Lists)
             }
             ("size", this @ (Node::Str(_) | Node::StrLit(_)), 0) => {
                 let s = this.into_str()?;
-                Some(Node::Int(Box::new(move |facts| Ok(s(facts)?.chars().count() as i64))))
+                Some(Node::Int(Box::new(move |facts| Ok(code_points(&s(facts)?)))))
             }
             _ => None,
         };
     }
     match (name, args.len()) {
         (op::LOGICAL_NOT, 1) => {
-            if let Some(b) = fused(&args[0].expr, true) {
-                return Some(Node::Bool(b));
-            }
             let Node::Bool(a) = arg(0)? else { return None };
             Some(Node::Bool(Box::new(move |f| a(f).map(|v| !v))))
         }
@@ -406,7 +644,7 @@ fn call(name: &str, target: Option<&IdedExpr>, args: &[IdedExpr], lists: &Lists)
         },
         ("size", 1) => {
             let s = arg(0)?.into_str()?;
-            Some(Node::Int(Box::new(move |f| Ok(s(f)?.chars().count() as i64))))
+            Some(Node::Int(Box::new(move |f| Ok(code_points(&s(f)?)))))
         }
         ("stableHash", 1) => {
             let s = arg(0)?.into_str()?;

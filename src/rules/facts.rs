@@ -2,6 +2,7 @@
 //! per connection), `connection`, `request` (borrowed from the request, not copied), `lists`
 //! and `now`. [`SCHEMA`] lists every field, so that a misspelt one fails at load.
 
+use std::borrow::Cow;
 use std::sync::{Arc, LazyLock};
 
 use cel::common::traits::Indexer;
@@ -127,14 +128,23 @@ impl<'v> Indexer for Headers<'v> {
 /// A request header as rules read it, by name in any case: `""` when absent, several values
 /// joined with `, `, bytes that are not UTF-8 replaced (so a condition on a header cannot be
 /// dodged by making its value unreadable).
-pub fn header_value<'v>(map: &'v http::HeaderMap, name: impl http::header::AsHeaderName) -> std::borrow::Cow<'v, str> {
-    use std::borrow::Cow;
-    let mut values = map.get_all(name).iter().map(|v| String::from_utf8_lossy(v.as_bytes()));
+pub fn header_value<'v>(map: &'v http::HeaderMap, name: impl http::header::AsHeaderName) -> Cow<'v, str> {
+    let mut values = map.get_all(name).iter();
     match (values.next(), values.next()) {
         (None, _) => Cow::Borrowed(""),
-        (Some(one), None) => one,
-        (Some(a), Some(b)) => Cow::Owned([a, b].into_iter().chain(values).collect::<Vec<_>>().join(", ")),
+        (Some(one), None) => text(one.as_bytes()),
+        (Some(a), Some(b)) => joined([a, b].into_iter().chain(values)),
     }
+}
+
+/// A header value as text: `from_utf8` first, which checks ASCII a word at a time.
+fn text(b: &[u8]) -> Cow<'_, str> {
+    std::str::from_utf8(b).map_or_else(|_| String::from_utf8_lossy(b), Cow::Borrowed)
+}
+
+#[cold]
+fn joined<'v>(values: impl Iterator<Item = &'v http::HeaderValue>) -> Cow<'v, str> {
+    Cow::Owned(values.map(|v| text(v.as_bytes())).collect::<Vec<_>>().join(", "))
 }
 
 fn string<'v>(s: impl Into<CelString<'v>>) -> Box<dyn Val + 'v> {

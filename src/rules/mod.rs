@@ -45,7 +45,7 @@ pub mod lists;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, OnceLock};
 
 use cel::common::ast::{Expr, IdedExpr};
 use cel::common::types::{CelBool, CelInt, CelString};
@@ -169,19 +169,23 @@ impl Action {
     }
 }
 
-/// A compiled rule.
+/// A compiled rule. What a request reads of it (the flags, then the compiled condition) comes
+/// first and fills one cache line; the rest is read when the rule matches.
+#[repr(C, align(64))]
 pub struct Rule {
-    pub name: Arc<str>,
-    /// `file:line` of the rule.
-    pub location: String,
     pub phase: Phase,
     shadow: bool,
-    when: Expression<compiled::CompiledBool>,
     /// `when` depends only on the connection: see [`ConnectionMemo`].
     constant: bool,
     /// So does what the action sets (header values, a cohort): a match's effect is the
     /// connection's, and requests that match alike can share it.
     constant_action: bool,
+    /// A match ends the phase (`allow`, `deny`).
+    ends: bool,
+    when: Expression<compiled::CompiledBool>,
+    pub name: Arc<str>,
+    /// `file:line` of the rule.
+    pub location: Box<str>,
     action: Action,
     /// `mtls_edge_rule_evaluations_total` for this rule: matched, would_match, error (resolved
     /// once: a label lookup per request would cost more than most conditions).
@@ -275,6 +279,19 @@ pub struct Step {
     pub result: Result<bool, String>,
 }
 
+impl Step {
+    #[cold]
+    fn of(rule: &Rule, result: &Result<bool, String>) -> Step {
+        Step {
+            rule: rule.name.clone(),
+            location: rule.location.to_string(),
+            shadow: rule.shadow,
+            action: rule.describe(),
+            result: result.clone(),
+        }
+    }
+}
+
 /// Every rule, compiled, with the lists they use.
 pub struct RuleSet {
     rules: Vec<Rule>,
@@ -301,32 +318,92 @@ fn next_id() -> u64 {
 /// of rules a request still visits: a rule whose constant condition is false is not touched.
 #[derive(Debug, Default)]
 pub struct ConnectionMemo {
-    visits: std::sync::OnceLock<(u64, Vec<Visit>)>,
-    /// The last outcome made only of such effects, by the rule set and the visits that held.
-    last: Mutex<Option<(u64, Matches, Arc<Outcome>)>>,
+    visits: OnceLock<(u64, Vec<Visit>)>,
+    /// Outcomes made only of such effects, by the rule set and the visits that held: the first
+    /// few distinct ones of the connection (a device fetches a manifest, then an image...).
+    outcomes: [OnceLock<Shared>; 4],
 }
 
-/// Which of a phase's visits held: a bitset, inline up to 128 visits. Two equal sets have the
-/// same length (words are added only to set a bit).
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Matches(smallvec::SmallVec<[u64; 2]>);
+/// An outcome the requests of a connection share, and how many of them are not counted yet:
+/// their matches are added to the rules' counters every [`Shared::BATCH`] requests and when
+/// the connection closes, not one counter update per rule and request.
+#[derive(Debug)]
+struct Shared {
+    id: u64,
+    held: Matches,
+    out: Arc<Outcome>,
+    /// The `matched` counters of the rules that held; `None` when a shadow rule is among them
+    /// (each of its matches is logged, so each is counted as it happens).
+    counters: Option<Box<[IntCounter]>>,
+    pending: std::sync::atomic::AtomicU64,
+}
+
+impl Shared {
+    const BATCH: u64 = 64;
+
+    /// One more request shared this outcome: counted in the batch, or by `each` (shadow
+    /// matches are counted and logged as they happen).
+    fn count(&self, each: impl FnOnce()) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.counters.is_none() {
+            return each();
+        }
+        if self.pending.fetch_add(1, Relaxed) + 1 >= Self::BATCH {
+            self.flush();
+        }
+    }
+
+    fn flush(&self) {
+        let n = self.pending.swap(0, std::sync::atomic::Ordering::Relaxed);
+        for c in self.counters.iter().flatten().filter(|_| n > 0) {
+            c.inc_by(n);
+        }
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+/// Which of a phase's visits held: a bitset, inline for the first 64 visits. Two equal sets
+/// have the same length (words are added only to set a bit).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Matches {
+    first: u64,
+    more: Vec<u64>,
+}
 
 impl Matches {
-    fn new() -> Self {
-        Matches(smallvec::SmallVec::new())
+    /// The first 64 visits' bits.
+    fn word(first: u64) -> Matches {
+        Matches {
+            first,
+            more: Vec::new(),
+        }
+    }
+
+    fn is(&self, word: u64) -> bool {
+        self.first == word && self.more.is_empty()
     }
 
     fn set(&mut self, k: usize) {
-        let word = k / 64;
-        if self.0.len() <= word {
-            self.0.resize(word + 1, 0);
+        match k.checked_sub(64) {
+            None => self.first |= 1 << k,
+            Some(k) => {
+                let word = k / 64;
+                if self.more.len() <= word {
+                    self.more.resize(word + 1, 0);
+                }
+                self.more[word] |= 1 << (k % 64);
+            }
         }
-        self.0[word] |= 1 << (k % 64);
     }
 
     /// The positions set, in order.
     fn iter(&self) -> impl Iterator<Item = usize> + '_ {
-        self.0.iter().enumerate().flat_map(|(w, &word)| {
+        std::iter::once(self.first).chain(self.more.iter().copied()).enumerate().flat_map(|(w, word)| {
             let mut bits = word;
             std::iter::from_fn(move || {
                 let b = (bits != 0).then(|| bits.trailing_zeros() as usize)?;
@@ -337,12 +414,29 @@ impl Matches {
     }
 }
 
-/// A rule a request visits, with its condition's result when that depends only on the
-/// connection.
+/// A rule a request visits (8 bytes: a connection's visits are a few cache lines), and whether
+/// its condition is known to hold for the whole connection. A constant condition that failed is
+/// evaluated again by each request (it denies each time).
 #[derive(Debug)]
 pub struct Visit {
-    rule: usize,
-    known: Option<Result<bool, String>>,
+    rule: u32,
+    holds: bool,
+    /// The rule's flags a match reads, copied: a rule whose condition is known is not touched.
+    shadow: bool,
+    constant_action: bool,
+    ends: bool,
+}
+
+impl Visit {
+    fn of(index: usize, rule: &Rule, holds: bool) -> Option<Visit> {
+        Some(Visit {
+            rule: u32::try_from(index).ok()?,
+            holds,
+            shadow: rule.shadow,
+            constant_action: rule.constant_action,
+            ends: rule.ends,
+        })
+    }
 }
 
 /// Whether an expression depends only on the connection.
@@ -378,10 +472,11 @@ fn stable_hash(s: &CelString) -> CelInt {
 
 /// An expression: the cel program (the reference), and its compiled form when it is in the
 /// subset `compiled` covers.
+#[repr(C)]
 struct Expression<F> {
+    fast: Option<F>,
     /// Boxed: only the interpreter reads it, and rules stay a few cache lines each.
     program: Box<Program>,
-    fast: Option<F>,
 }
 
 /// What an evaluation reads: the facts, and the cel interpreter's context over them, made on
@@ -411,6 +506,17 @@ impl<'a> Scope<'a> {
 }
 
 impl Expression<compiled::CompiledBool> {
+    /// Whether the condition holds; `None` when it fails (see `eval` for why).
+    #[inline]
+    fn holds(&self, scope: &Scope) -> Option<bool> {
+        match &self.fast {
+            Some(compiled::CompiledBool::Test(t)) => Some(t.eval(scope.facts)),
+            Some(fast) => fast.eval(scope.facts).ok(),
+            None => self.eval(scope).ok(),
+        }
+    }
+
+    #[inline(never)]
     fn eval(&self, scope: &Scope) -> Result<bool, String> {
         if let Some(f) = &self.fast {
             return f.eval(scope.facts);
@@ -552,7 +658,10 @@ impl RuleSet {
                     .chain(spec.set_headers.iter().flat_map(BTreeMap::values))
                     .any(|e| e.contains("client_ip"));
                 match set.compile(spec, &text, line, origins, identity_header) {
-                    Ok(rule) => set.rules.push(Rule { location, ..rule }),
+                    Ok(rule) => set.rules.push(Rule {
+                        location: location.into(),
+                        ..rule
+                    }),
                     Err(e) => ctx.error("rules.dir", format!("{location}: {e}")),
                 }
             }
@@ -689,7 +798,7 @@ impl RuleSet {
             .map(|outcome| metrics::RULE_EVALUATIONS.with_label_values(&[phase.as_str(), &name, outcome]));
         Ok(Rule {
             name: name.into(),
-            location: String::new(),
+            location: Box::default(),
             phase,
             shadow: spec.mode == Mode::Shadow,
             constant: connection_constant(&when.program),
@@ -698,6 +807,7 @@ impl RuleSet {
                 Action::CacheCohort(v) => connection_constant(&v.program),
                 Action::Allow | Action::Deny { .. } | Action::RemoveHeaders(_) | Action::Origin(_) => true,
             },
+            ends: matches!(action, Action::Allow | Action::Deny { .. }),
             when,
             action,
             counters,
@@ -816,100 +926,203 @@ impl RuleSet {
         phase: Phase,
         facts: &Facts,
         memo: Option<&ConnectionMemo>,
-        mut trace: Option<&mut Vec<Step>>,
+        trace: Option<&mut Vec<Step>>,
     ) -> Arc<Outcome> {
         let scope = Scope::new(&self.env, facts);
-        let in_phase = || self.rules.iter().enumerate().filter(move |(_, r)| r.phase == phase);
+        if let (Some(memo), None) = (memo, &trace) {
+            if let Some(out) = self.evaluate_on_connection(phase, &scope, memo) {
+                return out;
+            }
+        }
+        self.evaluate_in_full(phase, &scope, memo, trace)
+    }
+
+    /// The path of every request: the conditions a connection still visits, in order, up to the
+    /// first rule that ends the phase; then the connection's outcome for that set of matches, or
+    /// a new one. It has no error handling and records nothing, so that the code a request runs
+    /// stays a few cache lines: `None` when a condition fails (the full path then evaluates
+    /// again, and counts and logs the error).
+    #[inline(never)]
+    fn evaluate_on_connection(&self, phase: Phase, scope: &Scope, memo: &ConnectionMemo) -> Option<Arc<Outcome>> {
+        let (id, visit) = match memo.visits.get() {
+            Some(v) => v,
+            None => memo.visits.get_or_init(|| self.visits(phase, scope)),
+        };
+        if *id != self.id || visit.len() > 64 {
+            return None;
+        }
+        // Which visits held, as bits (a connection visits 64 rules at most on this path).
+        let mut held = 0u64;
+        let mut shared = true;
+        for (k, v) in visit.iter().enumerate() {
+            if !v.holds && !self.rules.get(v.rule as usize)?.when.holds(scope)? {
+                continue;
+            }
+            held |= 1 << k;
+            if !v.shadow {
+                shared &= v.constant_action;
+                if v.ends {
+                    break;
+                }
+            }
+        }
+        if shared {
+            let mut kept = memo.outcomes.iter().map_while(OnceLock::get);
+            if let Some(s) = kept.find(|s| s.id == self.id && s.held.is(held)) {
+                s.count(|| self.count_matches(phase, visit, &Matches::word(held)));
+                return Some(s.out.clone());
+            }
+        }
+        Some(self.make_outcome(phase, scope, memo, visit, Matches::word(held), shared))
+    }
+
+    /// A new outcome for a connection's request, kept when requests can share it.
+    #[cold]
+    fn make_outcome(
+        &self,
+        phase: Phase,
+        scope: &Scope,
+        memo: &ConnectionMemo,
+        visit: &[Visit],
+        held: Matches,
+        shared: bool,
+    ) -> Arc<Outcome> {
+        let out = self.decide(phase, scope, visit, &held, None);
+        if shared && !out.denied() {
+            self.keep(memo, visit, held, &out);
+        }
+        out
+    }
+
+    /// Keeps a connection's new shared outcome in a free slot, if there is one (another request
+    /// of the connection may take it first: then this outcome is not kept).
+    #[cold]
+    fn keep(&self, memo: &ConnectionMemo, visit: &[Visit], held: Matches, out: &Arc<Outcome>) {
+        let Some(free) = memo.outcomes.iter().find(|s| s.get().is_none()) else {
+            return;
+        };
+        let rules: Vec<&Rule> = held
+            .iter()
+            .filter_map(|k| visit.get(k).and_then(|v| self.rules.get(v.rule as usize)))
+            .collect();
+        let counters = (!rules.iter().any(|r| r.shadow)).then(|| rules.iter().map(|r| r.counters[MATCHED].clone()).collect());
+        let _ = free.set(Shared {
+            id: self.id,
+            held,
+            out: out.clone(),
+            counters,
+            pending: Default::default(),
+        });
+    }
+
+    /// The rules of `phase` a connection visits: those whose condition depends only on the
+    /// connection and is false are left out.
+    #[cold]
+    fn visits(&self, phase: Phase, scope: &Scope) -> (u64, Vec<Visit>) {
+        let visit = self.in_phase(phase).filter_map(|(i, r)| {
+            let known = r.constant.then(|| r.when.eval(scope));
+            match known {
+                Some(Ok(false)) => None,
+                _ => Visit::of(i, r, known == Some(Ok(true))),
+            }
+        });
+        (self.id, visit.collect())
+    }
+
+    fn in_phase(&self, phase: Phase) -> impl Iterator<Item = (usize, &Rule)> {
+        self.rules.iter().enumerate().filter(move |(_, r)| r.phase == phase)
+    }
+
+    /// Counts the matches of a shared outcome.
+    fn count_matches(&self, phase: Phase, visit: &[Visit], held: &Matches) {
+        for k in held.iter() {
+            if let Some(rule) = visit.get(k).and_then(|v| self.rules.get(v.rule as usize)) {
+                count_match(rule, phase);
+            }
+        }
+    }
+
+    /// Every rule of the phase (or a connection's visits), errors handled, and each step
+    /// recorded in `trace`: the connection phase, `rules explain`, and requests whose
+    /// conditions failed.
+    #[inline(never)]
+    fn evaluate_in_full(
+        &self,
+        phase: Phase,
+        scope: &Scope,
+        memo: Option<&ConnectionMemo>,
+        mut trace: Option<&mut Vec<Step>>,
+    ) -> Arc<Outcome> {
         let remembered = memo
-            .map(|m| {
-                m.visits.get_or_init(|| {
-                    let visit = in_phase().filter_map(|(i, r)| {
-                        let known = r.constant.then(|| r.when.eval(&scope));
-                        (known != Some(Ok(false))).then_some(Visit { rule: i, known })
-                    });
-                    (self.id, visit.collect())
-                })
-            })
+            .map(|m| m.visits.get_or_init(|| self.visits(phase, scope)))
             .filter(|(id, _)| *id == self.id);
         let every: Vec<Visit>;
         let visit = match remembered {
             Some((_, visit)) => visit.as_slice(),
             None => {
-                every = in_phase().map(|(rule, _)| Visit { rule, known: None }).collect();
+                every = self
+                    .in_phase(phase)
+                    .filter_map(|(i, rule)| Visit::of(i, rule, false))
+                    .collect();
                 every.as_slice()
             }
         };
 
         // Conditions first, in order, up to the first rule that ends the phase (a matching
         // allow or deny) or an error: which held, as a bitset over `visit`.
-        let mut held = Matches::new();
+        let mut held = Matches::default();
         let mut failed = None;
-        let mut shared = memo.is_some();
         for (k, v) in visit.iter().enumerate() {
-            let Some(rule) = self.rules.get(v.rule) else { continue };
-            let result = match &v.known {
-                Some(known) => known.clone(),
-                None => rule.when.eval(&scope),
+            let Some(rule) = self.rules.get(v.rule as usize) else { continue };
+            let result = match v.holds {
+                true => Ok(true),
+                false => rule.when.eval(scope),
             };
             if let Some(t) = trace.as_deref_mut() {
-                t.push(Step {
-                    rule: rule.name.clone(),
-                    location: rule.location.clone(),
-                    shadow: rule.shadow,
-                    action: rule.describe(),
-                    result: result.clone(),
-                });
+                t.push(Step::of(rule, &result));
             }
             match result {
                 Ok(false) => {}
                 Ok(true) => {
                     held.set(k);
-                    if !rule.shadow {
-                        shared &= rule.constant_action;
-                        if matches!(rule.action, Action::Allow | Action::Deny { .. }) {
-                            break;
-                        }
+                    if !rule.shadow && rule.ends {
+                        break;
                     }
                 }
                 // A shadow rule's error changes nothing: counted and logged here.
                 Err(message) if rule.shadow => count_error(rule, phase, &message),
                 Err(message) => {
-                    shared = false;
                     failed = Some((k, message));
                     break;
                 }
             }
         }
+        self.decide(phase, scope, visit, &held, failed)
+    }
 
-        // The same conditions held on this connection before, and every effect depends only on
-        // the connection: the outcome is the one made then.
-        let last = memo
-            .filter(|_| shared)
-            .map(|m| m.last.lock().unwrap_or_else(PoisonError::into_inner));
-        if let Some(Some((id, bits, out))) = last.as_deref() {
-            if *id == self.id && *bits == held {
-                for k in held.iter() {
-                    if let Some(rule) = visit.get(k).and_then(|v| self.rules.get(v.rule)) {
-                        count_match(rule, phase);
-                    }
-                }
-                return out.clone();
-            }
-        }
-
-        // Then the actions, in order, as the conditions decided.
+    /// Makes the outcome of the visits that `held` (and the one that `failed`): the actions in
+    /// order, counted.
+    #[cold]
+    fn decide(
+        &self,
+        phase: Phase,
+        scope: &Scope,
+        visit: &[Visit],
+        held: &Matches,
+        failed: Option<(usize, String)>,
+    ) -> Arc<Outcome> {
         let mut out = Outcome::default();
         let failed_at = failed.as_ref().map(|(k, _)| *k);
         for k in held.iter().chain(failed_at) {
             let Some(v) = visit.get(k) else { continue };
-            let Some(rule) = self.rules.get(v.rule) else { continue };
+            let Some(rule) = self.rules.get(v.rule as usize) else { continue };
             let result = match &failed {
                 Some((at, message)) if *at == k => Err(message.clone()),
                 _ if rule.shadow => {
                     count_match(rule, phase);
                     continue;
                 }
-                _ => apply(rule, &scope, &mut out),
+                _ => apply(rule, scope, &mut out),
             };
             match result {
                 Ok(None) => record(rule, MATCHED),
@@ -928,11 +1141,7 @@ impl RuleSet {
                 }
             }
         }
-        let out = Arc::new(out);
-        if let (Some(mut last), false) = (last, out.denied()) {
-            *last = Some((self.id, held, out.clone()));
-        }
-        out
+        Arc::new(out)
     }
 }
 
@@ -947,10 +1156,16 @@ const WOULD_MATCH: usize = 1;
 const ERROR: usize = 2;
 
 /// Counts a rule whose condition held: matched, or, for a shadow rule, would have matched.
+#[inline]
 fn count_match(rule: &Rule, phase: Phase) {
-    if !rule.shadow {
-        return record(rule, MATCHED);
+    match rule.shadow {
+        false => record(rule, MATCHED),
+        true => count_shadow_match(rule, phase),
     }
+}
+
+#[cold]
+fn count_shadow_match(rule: &Rule, phase: Phase) {
     record(rule, WOULD_MATCH);
     info!(
         "shadow rule={} phase={} would={}",

@@ -447,7 +447,7 @@ fn a_connection_memo_decides_as_a_fresh_evaluation_would() {
             .with_label_values(&["request", rule, outcome])
             .get()
     };
-    let (model, shadow) = (
+    let (mut model, shadow) = (
         counter("shared-model", "matched"),
         counter("shared-shadow", "would_match"),
     );
@@ -463,15 +463,32 @@ fn a_connection_memo_decides_as_a_fresh_evaluation_would() {
         outcomes.push(memoized);
     }
     let same = |a: usize, b: usize| Arc::ptr_eq(&outcomes[a], &outcomes[b]);
-    // The connection keeps its last outcome. "/a" twice decides alike; "/b" does not (the
+    // The connection keeps its first few outcomes. "/a" twice decides alike; "/b" does not (the
     // shadow rule changes nothing, but it is another match); "/beta/x" and "/beta/y" alike;
     // denials are made afresh.
     assert!(same(0, 1) && !same(1, 2) && !same(2, 3) && same(3, 4) && !same(5, 6));
+    let again = with_facts(&set, &client, "/a", 0, |facts| set.evaluate(Phase::Request, facts, Some(&memo), None));
+    assert!(Arc::ptr_eq(&again, &outcomes[0]), "an earlier outcome is shared again");
+    model += 1;
     assert_eq!(outcomes[3].cohort.as_deref(), Some("beta-x1"));
     assert!(matches!(outcomes[5].decision(), Decision::Deny { .. }));
-    // Seven requests, each evaluated twice (memoized and fresh): every one counted.
+    // Seven requests, each evaluated twice (memoized and fresh): every one counted, those that
+    // shared an outcome when the connection closes (or every 64 requests).
+    drop(memo);
     assert_eq!(counter("shared-model", "matched") - model, 14);
-    assert_eq!(counter("shared-shadow", "would_match") - shadow, 4); // "/a" twice, both ways
+
+    // A long-lived connection's counts arrive in batches while it lasts.
+    let memo = ConnectionMemo::default();
+    let before = counter("shared-allow", "matched");
+    for _ in 0..70 {
+        with_facts(&set, &client, "/b", 0, |facts| set.evaluate(Phase::Request, facts, Some(&memo), None));
+    }
+    // The first request made the outcome (counted then), 64 of the next 69 came as a batch.
+    assert_eq!(counter("shared-allow", "matched") - before, 65);
+    drop(memo);
+    assert_eq!(counter("shared-allow", "matched") - before, 70);
+    // "/a" twice both ways, then once more: a shadow match is counted (and logged) as it happens.
+    assert_eq!(counter("shared-shadow", "would_match") - shadow, 5);
 
     // An effect of the connection that fails fails every request, by the rule's name.
     let set = ok(&[(
@@ -511,6 +528,13 @@ fn compiled_conditions_agree_with_the_cel_interpreter() {
         r#"size("héllo") == 5 && "a" == "a" && "fleet.example".startsWith(request.host)"#.into(),
         r#"stableHash("x") > 0 && "/" + "firmware" + "/images/x1/a.bin" == request.path"#.into(),
         r#""device-1" in ["device-1", "x"] || "/" + "x" == request.path"#.into(),
+        // Tests held as data: negated int comparisons, a literal on the left, empty and long
+        // searches, and chains whose other operands can fail.
+        r#"!(size(request.path) > 10) || 3 < size(request.query) || client.cert.days_until_expiry != 30"#.into(),
+        r#"request.path.contains("/x1/") || request.path.contains("") && !request.path.contains("..")"#.into(),
+        r#"request.path.contains("0123456789/a.bin") && request.path.endsWith(".bin")"#.into(),
+        r#"request.path.startsWith("/firmware/") && size(request.path) % 0 == 1"#.into(),
+        r#"size(request.path) % 0 == 1 || request.path == "/" || request.query != """#.into(),
     ];
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     for file in ["load/rules-20/bench.yaml", "lua-free-rules/firmware-fleet/fleet.yaml"] {
@@ -534,6 +558,7 @@ fn compiled_conditions_agree_with_the_cel_interpreter() {
         "/firmware/images/x2/a.bin",
         "/",
         "/files/../etc",
+        "/firmware/images/x1/a-name-longer-than-sixty-four-bytes-0123456789/a.bin",
     ];
     let mut compiled = 0;
     for src in &sources {
@@ -633,3 +658,4 @@ fn locations_survive_trailing_comments_and_point_at_the_duplicate() {
     )]);
     assert!(set.rules[0].location.ends_with("c.yaml:2"), "{}", set.rules[0].location);
 }
+
