@@ -330,7 +330,8 @@ pub struct ConnectionMemo {
 #[derive(Debug)]
 struct Shared {
     id: u64,
-    held: Matches,
+    /// The visits that held, as bits (a connection shares outcomes over its first 64 visits).
+    held: u64,
     out: Arc<Outcome>,
     /// The `matched` counters of the rules that held; `None` when a shadow rule is among them
     /// (each of its matches is logged, so each is counted as it happens).
@@ -367,9 +368,8 @@ impl Drop for Shared {
     }
 }
 
-/// Which of a phase's visits held: a bitset, inline for the first 64 visits. Two equal sets
-/// have the same length (words are added only to set a bit).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Which of a phase's visits held: a bitset, inline for the first 64 visits.
+#[derive(Debug, Default)]
 struct Matches {
     first: u64,
     more: Vec<u64>,
@@ -382,10 +382,6 @@ impl Matches {
             first,
             more: Vec::new(),
         }
-    }
-
-    fn is(&self, word: u64) -> bool {
-        self.first == word && self.more.is_empty()
     }
 
     fn set(&mut self, k: usize) {
@@ -968,12 +964,12 @@ impl RuleSet {
         }
         if shared {
             let mut kept = memo.outcomes.iter().map_while(OnceLock::get);
-            if let Some(s) = kept.find(|s| s.id == self.id && s.held.is(held)) {
+            if let Some(s) = kept.find(|s| s.id == self.id && s.held == held) {
                 s.count(|| self.count_matches(phase, visit, &Matches::word(held)));
                 return Some(s.out.clone());
             }
         }
-        Some(self.make_outcome(phase, scope, memo, visit, Matches::word(held), shared))
+        Some(self.make_outcome(phase, scope, memo, visit, held, shared))
     }
 
     /// A new outcome for a connection's request, kept when requests can share it.
@@ -984,10 +980,10 @@ impl RuleSet {
         scope: &Scope,
         memo: &ConnectionMemo,
         visit: &[Visit],
-        held: Matches,
+        held: u64,
         shared: bool,
     ) -> Arc<Outcome> {
-        let out = self.decide(phase, scope, visit, &held, None);
+        let out = self.decide(phase, scope, visit, &Matches::word(held), None);
         if shared && !out.denied() {
             self.keep(memo, visit, held, &out);
         }
@@ -997,11 +993,11 @@ impl RuleSet {
     /// Keeps a connection's new shared outcome in a free slot, if there is one (another request
     /// of the connection may take it first: then this outcome is not kept).
     #[cold]
-    fn keep(&self, memo: &ConnectionMemo, visit: &[Visit], held: Matches, out: &Arc<Outcome>) {
+    fn keep(&self, memo: &ConnectionMemo, visit: &[Visit], held: u64, out: &Arc<Outcome>) {
         let Some(free) = memo.outcomes.iter().find(|s| s.get().is_none()) else {
             return;
         };
-        let rules: Vec<&Rule> = held
+        let rules: Vec<&Rule> = Matches::word(held)
             .iter()
             .filter_map(|k| visit.get(k).and_then(|v| self.rules.get(v.rule as usize)))
             .collect();
