@@ -109,11 +109,12 @@ pub static CACHE_FILLS_DEFERRED: LazyLock<IntCounter> = LazyLock::new(|| {
 });
 
 /// Rule evaluations that did something, by phase, rule and outcome (`matched`, `would_match`
-/// for shadow rules, `error`).
+/// for shadow rules, `error`). The matches of requests that share a connection's outcome are
+/// added every 64 requests and when the connection closes (see `rules::ConnectionMemo`).
 pub static RULE_EVALUATIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "mtls_edge_rule_evaluations_total",
-        "Rules whose condition held (or failed to evaluate), by phase, rule and outcome",
+        "Rules whose condition held (or failed to evaluate), by phase, rule and outcome; the matches of a connection's shared outcomes are added every 64 requests and at close",
         &["phase", "rule", "outcome"]
     )
     .expect(REGISTERED)
