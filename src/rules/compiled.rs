@@ -109,7 +109,11 @@ pub fn compile_bool(e: &IdedExpr, lists: &Lists) -> Option<CompiledBool> {
                 },
             };
             let parts = operands.into_iter().map(part).collect::<Option<Box<[_]>>>()?;
-            return Some(if all { CompiledBool::All(parts) } else { CompiledBool::Any(parts) });
+            return Some(if all {
+                CompiledBool::All(parts)
+            } else {
+                CompiledBool::Any(parts)
+            });
         }
     }
     match node(e, lists)? {
@@ -398,7 +402,11 @@ impl Test {
             ("endsWith", Some(t), [a]) => str_test(&t.expr, StrOp::EndsWith(Lit::new(str_lit(&a.expr)?)), negate),
             (op::IN, None, [a, b]) => {
                 let Expr::List(l) = &b.expr else { return None };
-                let set = l.elements.iter().map(|x| str_lit(&x.expr).map(Lit::new)).collect::<Option<_>>()?;
+                let set = l
+                    .elements
+                    .iter()
+                    .map(|x| str_lit(&x.expr).map(Lit::new))
+                    .collect::<Option<_>>()?;
                 str_test(&a.expr, StrOp::In(set), negate)
             }
             (op::EQUALS | op::NOT_EQUALS, None, [a, b]) => {

@@ -161,17 +161,15 @@ fn run_phase(
     rules.evaluate(phase, &facts, memo, trace)
 }
 
-/// Times the request phase for `q`, as the proxy runs it per request (the facts built, every
-/// rule evaluated) on one connection: nanoseconds per request over `iterations`. For
-/// `load/rules.sh`.
 /// Bytes walked between two requests of the cold run: several times the L2 cache, so rule code
 /// and data start each request evicted, as in the loaded edge, where TLS and kernel work for
 /// other connections runs between two evaluations.
 const EVICT_BYTES: usize = 8 << 20;
 
-/// Times the request phase of `q`: nanoseconds per request with warm CPU caches (the loop runs
-/// `iterations` times), and with the caches evicted before each request (a tenth as many runs,
-/// only the evaluation timed).
+/// Times the request phase of `q` as the proxy runs it on one connection (the facts built, the
+/// rules evaluated), for `load/rules.sh`: nanoseconds per request with warm CPU caches (the loop
+/// runs `iterations` times), and with the caches evicted before each request (a tenth as many
+/// runs, only the evaluation timed).
 pub fn bench(rules: &RuleSet, q: &Query, iterations: u32) -> Result<(f64, f64), String> {
     let p = prepare(q)?;
     let client = facts::ClientFacts::new(Some(&p.cert), true, facts::unix_now());

@@ -313,7 +313,7 @@ fn next_id() -> u64 {
 
 /// Per connection: the request-phase conditions that depend only on the connection (the
 /// certificate, client IP, SNI, TLS version, ALPN, lists), evaluated once at its first request,
-/// and the last outcome made only of effects that depend on the connection too. None of it can
+/// and the first few outcomes made only of effects that depend on the connection too. None of it can
 /// change while the connection and the rule set last. What is kept of the conditions is the list
 /// of rules a request still visits: a rule whose constant condition is false is not touched.
 #[derive(Debug, Default)]
@@ -399,14 +399,17 @@ impl Matches {
 
     /// The positions set, in order.
     fn iter(&self) -> impl Iterator<Item = usize> + '_ {
-        std::iter::once(self.first).chain(self.more.iter().copied()).enumerate().flat_map(|(w, word)| {
-            let mut bits = word;
-            std::iter::from_fn(move || {
-                let b = (bits != 0).then(|| bits.trailing_zeros() as usize)?;
-                bits &= bits - 1;
-                Some(w * 64 + b)
+        std::iter::once(self.first)
+            .chain(self.more.iter().copied())
+            .enumerate()
+            .flat_map(|(w, word)| {
+                let mut bits = word;
+                std::iter::from_fn(move || {
+                    let b = (bits != 0).then(|| bits.trailing_zeros() as usize)?;
+                    bits &= bits - 1;
+                    Some(w * 64 + b)
+                })
             })
-        })
     }
 }
 
@@ -1001,7 +1004,8 @@ impl RuleSet {
             .iter()
             .filter_map(|k| visit.get(k).and_then(|v| self.rules.get(v.rule as usize)))
             .collect();
-        let counters = (!rules.iter().any(|r| r.shadow)).then(|| rules.iter().map(|r| r.counters[MATCHED].clone()).collect());
+        let counters =
+            (!rules.iter().any(|r| r.shadow)).then(|| rules.iter().map(|r| r.counters[MATCHED].clone()).collect());
         let _ = free.set(Shared {
             id: self.id,
             held,
@@ -1039,8 +1043,8 @@ impl RuleSet {
     }
 
     /// Every rule of the phase (or a connection's visits), errors handled, and each step
-    /// recorded in `trace`: the connection phase, `rules explain`, and requests whose
-    /// conditions failed.
+    /// recorded in `trace`: the connection phase, `rules explain`, requests whose conditions
+    /// failed, and connections that visit more than 64 rules or began under another rule set.
     #[inline(never)]
     fn evaluate_in_full(
         &self,
@@ -1069,7 +1073,9 @@ impl RuleSet {
         let mut held = Matches::default();
         let mut failed = None;
         for (k, v) in visit.iter().enumerate() {
-            let Some(rule) = self.rules.get(v.rule as usize) else { continue };
+            let Some(rule) = self.rules.get(v.rule as usize) else {
+                continue;
+            };
             let result = match v.holds {
                 true => Ok(true),
                 false => rule.when.eval(scope),
@@ -1097,8 +1103,8 @@ impl RuleSet {
     }
 
     /// Makes the outcome of the visits that `held` (and the one that `failed`): the actions in
-    /// order, counted.
-    #[cold]
+    /// order, counted. Out of line: a request whose outcome is shared does not run it.
+    #[inline(never)]
     fn decide(
         &self,
         phase: Phase,
@@ -1111,7 +1117,9 @@ impl RuleSet {
         let failed_at = failed.as_ref().map(|(k, _)| *k);
         for k in held.iter().chain(failed_at) {
             let Some(v) = visit.get(k) else { continue };
-            let Some(rule) = self.rules.get(v.rule as usize) else { continue };
+            let Some(rule) = self.rules.get(v.rule as usize) else {
+                continue;
+            };
             let result = match &failed {
                 Some((at, message)) if *at == k => Err(message.clone()),
                 _ if rule.shadow => {

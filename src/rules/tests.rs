@@ -467,7 +467,9 @@ fn a_connection_memo_decides_as_a_fresh_evaluation_would() {
     // shadow rule changes nothing, but it is another match); "/beta/x" and "/beta/y" alike;
     // denials are made afresh.
     assert!(same(0, 1) && !same(1, 2) && !same(2, 3) && same(3, 4) && !same(5, 6));
-    let again = with_facts(&set, &client, "/a", 0, |facts| set.evaluate(Phase::Request, facts, Some(&memo), None));
+    let again = with_facts(&set, &client, "/a", 0, |facts| {
+        set.evaluate(Phase::Request, facts, Some(&memo), None)
+    });
     assert!(Arc::ptr_eq(&again, &outcomes[0]), "an earlier outcome is shared again");
     model += 1;
     assert_eq!(outcomes[3].cohort.as_deref(), Some("beta-x1"));
@@ -481,7 +483,9 @@ fn a_connection_memo_decides_as_a_fresh_evaluation_would() {
     let memo = ConnectionMemo::default();
     let before = counter("shared-allow", "matched");
     for _ in 0..70 {
-        with_facts(&set, &client, "/b", 0, |facts| set.evaluate(Phase::Request, facts, Some(&memo), None));
+        with_facts(&set, &client, "/b", 0, |facts| {
+            set.evaluate(Phase::Request, facts, Some(&memo), None)
+        });
     }
     // The first request made the outcome (counted then), 64 of the next 69 came as a batch.
     assert_eq!(counter("shared-allow", "matched") - before, 65);
@@ -658,4 +662,3 @@ fn locations_survive_trailing_comments_and_point_at_the_duplicate() {
     )]);
     assert!(set.rules[0].location.ends_with("c.yaml:2"), "{}", set.rules[0].location);
 }
-
