@@ -132,19 +132,25 @@ pub fn header_value<'v>(map: &'v http::HeaderMap, name: impl http::header::AsHea
     let mut values = map.get_all(name).iter();
     match (values.next(), values.next()) {
         (None, _) => Cow::Borrowed(""),
-        (Some(one), None) => text(one.as_bytes()),
+        (Some(one), None) => text(one),
         (Some(a), Some(b)) => joined([a, b].into_iter().chain(values)),
     }
 }
 
-/// A header value as text: `from_utf8` first, which checks ASCII a word at a time.
-fn text(b: &[u8]) -> Cow<'_, str> {
+/// A header value as text: visible ASCII (nearly every value) is checked by a short loop;
+/// anything else goes through `from_utf8`, and lossy conversion when that fails.
+fn text(v: &http::HeaderValue) -> Cow<'_, str> {
+    v.to_str().map_or_else(|_| utf8(v.as_bytes()), Cow::Borrowed)
+}
+
+#[cold]
+fn utf8(b: &[u8]) -> Cow<'_, str> {
     std::str::from_utf8(b).map_or_else(|_| String::from_utf8_lossy(b), Cow::Borrowed)
 }
 
 #[cold]
 fn joined<'v>(values: impl Iterator<Item = &'v http::HeaderValue>) -> Cow<'v, str> {
-    Cow::Owned(values.map(|v| text(v.as_bytes())).collect::<Vec<_>>().join(", "))
+    Cow::Owned(values.map(text).collect::<Vec<_>>().join(", "))
 }
 
 fn string<'v>(s: impl Into<CelString<'v>>) -> Box<dyn Val + 'v> {
@@ -159,8 +165,14 @@ fn timestamp(unix: i64) -> Box<dyn Val> {
     Box::new(CelTimestamp::from(to_datetime(unix)))
 }
 
-/// The current unix time, in seconds.
+/// The current unix time, in seconds. On Linux from the kernel's coarse clock: rules compare
+/// whole seconds, and it is read from the vDSO without the hardware counter (every request with
+/// request-phase rules reads it).
 pub fn unix_now() -> i64 {
+    #[cfg(target_os = "linux")]
+    if let Ok(t) = nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME_COARSE) {
+        return i64::from(t.tv_sec());
+    }
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
