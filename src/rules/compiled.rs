@@ -1,10 +1,11 @@
 //! Conditions compiled to native code: the common subset of CEL that rules are written in
 //! (fields, string and int literals, `&&` `||` `!`, comparisons, `+` `%`, `in`, `startsWith`
-//! `endsWith` `contains` `size`, lists, `stableHash`). The most common shapes are data ([`Test`])
-//! run by one function; the rest of the subset are closures. The cel crate still parses, checks
-//! and is the reference: an expression with anything else runs in its interpreter, and the tests
-//! check that both give the same result. Compiled, a condition touches a few cache lines where
-//! the interpreter resolves names and overloads through maps (about 4 µs a request, cold).
+//! `endsWith` `contains` `size`, lists, `stableHash`). A condition is a chain of tests in its rule
+//! set's flat table ([`Tests`]): the common shapes are data read by one loop, the rest of the
+//! subset are closures the table holds. The cel crate still parses, checks and is the reference:
+//! an expression with anything else runs in its interpreter, and the tests check that both give
+//! the same result. Compiled, a condition touches a few cache lines where the interpreter
+//! resolves names and overloads through maps (about 4 µs a request, cold).
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -36,53 +37,201 @@ enum Node {
     IntSet(Vec<i64>),
 }
 
-/// A compiled condition (`when`). The common shapes are data run by one small function (see
-/// [`Test`]): a request then touches the rule's own cache lines and that one function, instead of
-/// a closure, its vtable and its captures for each condition.
-pub enum CompiledBool {
-    Test(Test),
-    /// `a && b && ...`
-    All(Box<[Part]>),
-    /// `a || b || ...`
-    Any(Box<[Part]>),
-    Tree(BoolFn),
+/// A rule set's compiled conditions, flat: the tests of every condition in one array (24 bytes
+/// each), their string literals in one buffer, and the header names, searchers and closures
+/// they use in tables. The conditions a request evaluates then read a few contiguous cache lines
+/// and one small function, not a tree of boxes, each with its own code.
+#[derive(Default)]
+pub struct Tests {
+    tests: Vec<Test>,
+    /// String literals, each a length (u16, little-endian) and its bytes; a test's in a row.
+    lits: Vec<u8>,
+    headers: Vec<HeaderName>,
+    finders: Vec<memchr::memmem::Finder<'static>>,
+    trees: Vec<BoolFn>,
 }
 
-/// An operand of `&&` or `||`: a test, or any other compiled condition.
-pub enum Part {
-    Test(Test),
-    Tree(BoolFn),
+/// A compiled condition (`when`): tests `start..start + len` of the rule set's [`Tests`], which
+/// must all hold (`&&`), or one of which must (`any`: `||`). A lone test is a chain of one.
+#[derive(Clone, Copy, Debug)]
+pub struct CompiledBool {
+    start: u32,
+    len: u16,
+    any: bool,
 }
 
-impl CompiledBool {
-    pub fn eval(&self, f: &Facts) -> R<bool> {
-        match self {
-            CompiledBool::Test(t) => Ok(t.eval(f)),
-            CompiledBool::All(parts) => logic(parts, f, false),
-            CompiledBool::Any(parts) => logic(parts, f, true),
-            CompiledBool::Tree(b) => b(f),
-        }
-    }
-}
-
-/// CEL's commutative `&&` (`decisive` false) and `||` (true): an operand with the decisive value
-/// wins wherever it is, over errors in the others; otherwise the first error, if any.
-fn logic(parts: &[Part], f: &Facts, decisive: bool) -> R<bool> {
-    let mut error = None;
-    for part in parts {
-        let v = match part {
-            Part::Test(t) => Ok(t.eval(f)),
-            Part::Tree(b) => b(f),
-        };
-        match v {
-            Ok(v) if v == decisive => return Ok(v),
-            Ok(_) => {}
-            Err(e) => {
-                error.get_or_insert(e);
+impl Tests {
+    /// Whether `c` holds; `None` when one of its closures fails before the chain is decided
+    /// ([`Tests::eval`] then gives CEL's answer and the error). Every request runs this, inlined
+    /// into its loop over the rules (the tables' addresses are then loaded once a request);
+    /// other callers take [`Tests::holds_once`].
+    #[inline(always)]
+    pub fn holds(&self, c: CompiledBool, f: &Facts) -> Option<bool> {
+        let tests = self.tests.get(c.start as usize..)?.get(..usize::from(c.len))?;
+        for t in tests {
+            let v = match *t {
+                Test::Str {
+                    src,
+                    how,
+                    negate,
+                    n,
+                    lits,
+                } => {
+                    let v = src.get(f, &self.headers);
+                    self.matches(v.as_bytes(), how, n, lits) != negate
+                }
+                Test::Contains {
+                    src,
+                    negate,
+                    finder,
+                    lit,
+                } => {
+                    let v = src.get(f, &self.headers);
+                    self.contains(v.as_bytes(), finder, lit) != negate
+                }
+                Test::Int { a, cmp, b, lit } => cmp.holds(self.int(a, lit, f), self.int(b, lit, f)),
+                Test::Tree(i) => self.trees.get(i as usize)?(f).ok()?,
+            };
+            if v == c.any {
+                return Some(v);
             }
         }
+        Some(!c.any)
     }
-    error.map_or(Ok(!decisive), Err)
+
+    /// [`Tests::holds`], out of line.
+    #[inline(never)]
+    pub fn holds_once(&self, c: CompiledBool, f: &Facts) -> Option<bool> {
+        self.holds(c, f)
+    }
+
+    /// CEL's commutative `&&` and `||`: an operand with the deciding value wins wherever it is,
+    /// over errors in the others; otherwise the first error, if any.
+    pub fn eval(&self, c: CompiledBool, f: &Facts) -> R<bool> {
+        if let Some(v) = self.holds_once(c, f) {
+            return Ok(v);
+        }
+        let mut error = None;
+        for i in c.start..c.start + u32::from(c.len) {
+            let v = match self.tests.get(i as usize) {
+                Some(Test::Tree(t)) => self.trees.get(*t as usize).map_or(Ok(false), |t| t(f)),
+                _ => Ok(self.holds_once(
+                    CompiledBool {
+                        start: i,
+                        len: 1,
+                        any: false,
+                    },
+                    f,
+                ) == Some(true)),
+            };
+            match v {
+                Ok(v) if v == c.any => return Ok(v),
+                Ok(_) => {}
+                Err(e) => {
+                    error.get_or_insert(e);
+                }
+            }
+        }
+        error.map_or(Ok(!c.any), Err)
+    }
+
+    /// Whether `v` is, starts with or ends with one of the `n` literals at `at`: one compare
+    /// for all three.
+    #[inline(always)]
+    fn matches(&self, v: &[u8], how: How, n: u16, at: u32) -> bool {
+        let mut at = at as usize;
+        for _ in 0..n {
+            let lit = self.lit(&mut at);
+            let fits = match how {
+                How::Exact => v.len() == lit.len(),
+                How::Prefix | How::Suffix => v.len() >= lit.len(),
+            };
+            let from = match how {
+                How::Suffix => v.len().wrapping_sub(lit.len()),
+                How::Exact | How::Prefix => 0,
+            };
+            if fits && v.get(from..from.wrapping_add(lit.len())) == Some(lit) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Short strings are searched directly, long ones with the searcher built at load
+    /// (`str::contains` would build one per call).
+    #[inline(always)]
+    fn contains(&self, v: &[u8], finder: u16, at: u32) -> bool {
+        let lit = self.lit(&mut (at as usize));
+        match (v.len() < 64, lit.first()) {
+            (_, None) => true,
+            (true, Some(&first)) => v
+                .iter()
+                .enumerate()
+                .any(|(i, &b)| b == first && v[i..].starts_with(lit)),
+            (false, _) => self
+                .finders
+                .get(usize::from(finder))
+                .is_some_and(|s| s.find(v).is_some()),
+        }
+    }
+
+    /// The literal at `at`, moving `at` past it.
+    #[inline(always)]
+    fn lit(&self, at: &mut usize) -> &[u8] {
+        let Some([lo, hi, rest @ ..]) = self.lits.get(*at..) else {
+            return &[];
+        };
+        let n = usize::from(u16::from_le_bytes([*lo, *hi]));
+        *at += 2 + n;
+        rest.get(..n).unwrap_or(&[])
+    }
+
+    #[inline(always)]
+    fn int(&self, src: IntSrc, lit: i64, f: &Facts) -> i64 {
+        match src {
+            IntSrc::Lit => lit,
+            IntSrc::Now => f.now,
+            IntSrc::NotBefore => f.client.raw.not_before,
+            IntSrc::NotAfter => f.client.raw.not_after,
+            IntSrc::DaysUntilExpiry => f.client.raw.days,
+            IntSrc::Size(s) => code_points(&s.get(f, &self.headers)),
+        }
+    }
+
+    /// Adds literals; `None` when they do not fit the encoding (a literal over 64 KiB, or a
+    /// buffer over 4 GiB): the condition then runs in the interpreter.
+    fn add_lits(&mut self, lits: &[&str]) -> Option<(u16, u32)> {
+        let n = u16::try_from(lits.len()).ok()?;
+        let at = u32::try_from(self.lits.len()).ok()?;
+        let lens = lits
+            .iter()
+            .map(|l| u16::try_from(l.len()).ok())
+            .collect::<Option<Vec<_>>>()?;
+        u32::try_from(self.lits.len() + lits.iter().map(|l| l.len() + 2).sum::<usize>()).ok()?;
+        for (l, len) in lits.iter().zip(lens) {
+            self.lits.extend_from_slice(&len.to_le_bytes());
+            self.lits.extend_from_slice(l.as_bytes());
+        }
+        Some((n, at))
+    }
+
+    /// The index of a header name in the table, added once.
+    fn header(&mut self, name: HeaderName) -> Option<u16> {
+        let i = match self.headers.iter().position(|h| *h == name) {
+            Some(i) => i,
+            None => {
+                self.headers.push(name);
+                self.headers.len() - 1
+            }
+        };
+        u16::try_from(i).ok()
+    }
+}
+
+/// A test before it joins the table: closures go to their own table.
+enum Operand {
+    Test(Test),
+    Tree(BoolFn),
 }
 
 /// A compiled string value (`set_headers`, `cache_cohort`).
@@ -94,32 +243,38 @@ impl CompiledStr {
     }
 }
 
-pub fn compile_bool(e: &IdedExpr, lists: &Lists) -> Option<CompiledBool> {
-    if let Some(t) = Test::of(&e.expr, false) {
-        return Some(CompiledBool::Test(t));
+pub fn compile_bool(e: &IdedExpr, lists: &Lists, tests: &mut Tests) -> Option<CompiledBool> {
+    let mut operands = Vec::new();
+    let any = match chain(e, op::LOGICAL_AND, &mut operands) {
+        true => false,
+        false => chain(e, op::LOGICAL_OR, &mut operands),
+    };
+    if operands.is_empty() {
+        operands.push(e);
     }
-    for (op, all) in [(op::LOGICAL_AND, true), (op::LOGICAL_OR, false)] {
-        let mut operands = Vec::new();
-        if chain(e, op, &mut operands) {
-            let part = |x: &IdedExpr| match Test::of(&x.expr, false) {
-                Some(t) => Some(Part::Test(t)),
-                None => match node(x, lists)? {
-                    Node::Bool(b) => Some(Part::Tree(b)),
-                    _ => None,
-                },
-            };
-            let parts = operands.into_iter().map(part).collect::<Option<Box<[_]>>>()?;
-            return Some(if all {
-                CompiledBool::All(parts)
-            } else {
-                CompiledBool::Any(parts)
-            });
-        }
+    let operands = operands
+        .into_iter()
+        .map(|x| match Test::of(&x.expr, false, tests) {
+            Some(t) => Some(Operand::Test(t)),
+            None => match node(x, lists, tests)? {
+                Node::Bool(b) => Some(Operand::Tree(b)),
+                _ => None,
+            },
+        })
+        .collect::<Option<Vec<_>>>()?;
+    let start = u32::try_from(tests.tests.len()).ok()?;
+    let len = u16::try_from(operands.len()).ok()?;
+    for o in operands {
+        let t = match o {
+            Operand::Test(t) => t,
+            Operand::Tree(b) => {
+                tests.trees.push(b);
+                Test::Tree(u32::try_from(tests.trees.len() - 1).ok()?)
+            }
+        };
+        tests.tests.push(t);
     }
-    match node(e, lists)? {
-        Node::Bool(b) => Some(CompiledBool::Tree(b)),
-        _ => None,
-    }
+    Some(CompiledBool { start, len, any })
 }
 
 /// The operands of a chain of one logical operator (`a && b && c`), in order; false when `e`
@@ -138,8 +293,8 @@ fn chain<'e>(e: &'e IdedExpr, name: &str, out: &mut Vec<&'e IdedExpr>) -> bool {
     }
 }
 
-pub fn compile_str(e: &IdedExpr, lists: &Lists) -> Option<CompiledStr> {
-    node(e, lists)?.into_str().map(CompiledStr)
+pub fn compile_str(e: &IdedExpr, lists: &Lists, tests: &mut Tests) -> Option<CompiledStr> {
+    node(e, lists, tests)?.into_str().map(CompiledStr)
 }
 
 impl Node {
@@ -166,6 +321,7 @@ fn path(e: &Expr) -> Option<Vec<&str>> {
 }
 
 /// Where a string field comes from, as data read by one `match` (no call per field).
+#[derive(Clone, Copy)]
 pub enum StrSrc {
     ClientIp,
     Sni,
@@ -176,15 +332,15 @@ pub enum StrSrc {
     Path,
     Query,
     /// `client.cert.*` strings, by index in `facts::CLIENT_STRINGS`.
-    Client(usize),
-    /// `request.headers.NAME`: as the facts answer it (absent: `""`; several values joined).
-    /// Boxed, to keep tests small.
-    Header(Box<HeaderName>),
+    Client(u8),
+    /// `request.headers.NAME`, by index in the header names of [`Tests`]: as the facts answer
+    /// it (absent: `""`; several values joined).
+    Header(u16),
 }
 
 impl StrSrc {
     #[inline(never)]
-    fn get<'a>(&self, f: &'a Facts<'a>) -> Cow<'a, str> {
+    fn get<'a>(self, f: &'a Facts<'a>, headers: &[HeaderName]) -> Cow<'a, str> {
         match self {
             StrSrc::ClientIp => Cow::Borrowed(f.client_ip),
             StrSrc::Sni => Cow::Borrowed(&f.connection.sni),
@@ -194,26 +350,26 @@ impl StrSrc {
             StrSrc::Host => Cow::Borrowed(f.request.map_or("", |r| r.host)),
             StrSrc::Path => Cow::Borrowed(f.request.map_or("", |r| r.path)),
             StrSrc::Query => Cow::Borrowed(f.request.map_or("", |r| r.query)),
-            StrSrc::Client(i) => Cow::Borrowed(f.client.raw.strings.get(*i).map_or("", String::as_str)),
-            StrSrc::Header(name) => f
-                .request
-                .map_or(Cow::Borrowed(""), |r| super::facts::header_value(r.headers, &**name)),
+            StrSrc::Client(i) => Cow::Borrowed(f.client.raw.strings.get(usize::from(i)).map_or("", String::as_str)),
+            StrSrc::Header(i) => match (f.request, headers.get(usize::from(i))) {
+                (Some(r), Some(name)) => super::facts::header_value(r.headers, name),
+                _ => Cow::Borrowed(""),
+            },
         }
     }
 
-    fn header(name: &str) -> Option<StrSrc> {
-        HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
-            .ok()
-            .map(|h| StrSrc::Header(Box::new(h)))
+    fn header(name: &str, tests: &mut Tests) -> Option<StrSrc> {
+        let name = HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()).ok()?;
+        tests.header(name).map(StrSrc::Header)
     }
 
     /// The string field an expression names, if it is one.
-    fn of(e: &Expr) -> Option<StrSrc> {
+    fn of(e: &Expr, tests: &mut Tests) -> Option<StrSrc> {
         if let Expr::Call(c) = e {
             // `request.headers["name"]`
             return match (c.func_name.as_str(), c.target.as_deref(), c.args.as_slice()) {
                 (op::INDEX, None, [a, b]) if path(&a.expr)? == ["request", "headers"] => match &b.expr {
-                    Expr::Literal(LiteralValue::String(name)) => StrSrc::header(name.inner()),
+                    Expr::Literal(LiteralValue::String(name)) => StrSrc::header(name.inner(), tests),
                     _ => None,
                 },
                 _ => None,
@@ -226,10 +382,8 @@ impl StrSrc {
             }
             ["client", "cert", ..] => {
                 let name = p.join(".");
-                return super::facts::CLIENT_STRINGS
-                    .iter()
-                    .position(|n| *n == name)
-                    .map(StrSrc::Client);
+                let i = super::facts::CLIENT_STRINGS.iter().position(|n| *n == name)?;
+                return u8::try_from(i).ok().map(StrSrc::Client);
             }
             ["connection", "client_ip"] => StrSrc::ClientIp,
             ["connection", "sni"] => StrSrc::Sni,
@@ -239,13 +393,23 @@ impl StrSrc {
             ["request", "host"] => StrSrc::Host,
             ["request", "path"] => StrSrc::Path,
             ["request", "query"] => StrSrc::Query,
-            ["request", "headers", name] => return StrSrc::header(name),
+            ["request", "headers", name] => return StrSrc::header(name, tests),
             _ => return None,
         })
     }
 
-    fn into_node(self) -> Node {
-        Node::Str(Box::new(move |f| Ok(self.get(f))))
+    /// The field as a closure, for expressions outside the tests' shapes (a header's name is
+    /// copied into it).
+    fn into_node(self, tests: &Tests) -> Node {
+        let headers: Vec<HeaderName> = match self {
+            StrSrc::Header(i) => tests.headers.get(usize::from(i)).into_iter().cloned().collect(),
+            _ => Vec::new(),
+        };
+        let src = match self {
+            StrSrc::Header(_) => StrSrc::Header(0),
+            other => other,
+        };
+        Node::Str(Box::new(move |f| Ok(src.get(f, &headers))))
     }
 }
 
@@ -269,50 +433,40 @@ fn str_lit(e: &Expr) -> Option<&str> {
     }
 }
 
-/// A literal string, inline when short (most are): comparing with it reads the rule's own lines.
-pub enum Lit {
-    Inline(u8, [u8; 22]),
-    Heap(Box<[u8]>),
+/// The common shape of a condition: a string field tested against literals (`==`, `!=`,
+/// `startsWith`, `endsWith`, `in [...]`, `contains`), or two ints or two timestamps compared,
+/// with any `!` folded in; or, in a chain, any other compiled condition (a closure). Only a
+/// closure can fail.
+#[derive(Clone, Copy)]
+enum Test {
+    /// The field is, starts with or ends with one of `n` literals at `lits`.
+    Str {
+        src: StrSrc,
+        how: How,
+        negate: bool,
+        n: u16,
+        lits: u32,
+    },
+    Contains {
+        src: StrSrc,
+        negate: bool,
+        /// The searcher for long fields, in [`Tests`].
+        finder: u16,
+        lit: u32,
+    },
+    /// `a cmp b`, where a literal operand is `lit`.
+    Int { a: IntSrc, cmp: Cmp, b: IntSrc, lit: i64 },
+    /// A closure in [`Tests`].
+    Tree(u32),
 }
 
-impl Lit {
-    fn new(s: &str) -> Lit {
-        let b = s.as_bytes();
-        let mut inline = [0; 22];
-        match inline.get_mut(..b.len()) {
-            Some(dst) => {
-                dst.copy_from_slice(b);
-                Lit::Inline(b.len() as u8, inline)
-            }
-            None => Lit::Heap(b.into()),
-        }
-    }
+const _: () = assert!(std::mem::size_of::<Test>() == 24);
 
-    #[inline]
-    fn bytes(&self) -> &[u8] {
-        match self {
-            Lit::Inline(n, b) => &b[..usize::from(*n)],
-            Lit::Heap(b) => b,
-        }
-    }
-}
-
-/// The common shape of a condition: a string field tested against literals (`startsWith`,
-/// `endsWith`, `contains`, `==`, `!=`, `in [...]`), or two ints or two timestamps compared, with
-/// any `!` folded in. No test can fail.
-pub enum Test {
-    Str { src: StrSrc, op: StrOp, negate: bool },
-    Int { a: IntSrc, cmp: Cmp, b: IntSrc },
-}
-
-pub enum StrOp {
-    StartsWith(Lit),
-    EndsWith(Lit),
-    Eq(Lit),
-    /// The searcher is built once here, not on every request (`str::contains` builds one per
-    /// call); short strings are searched directly.
-    Contains(Lit, Box<memchr::memmem::Finder<'static>>),
-    In(Box<[Lit]>),
+#[derive(Clone, Copy, PartialEq)]
+enum How {
+    Exact,
+    Prefix,
+    Suffix,
 }
 
 /// CEL's `size` of a string: its code points. Short ASCII strings (most queries and headers)
@@ -320,14 +474,21 @@ pub enum StrOp {
 fn code_points(s: &str) -> i64 {
     let n = match s.len() < 64 && s.is_ascii() {
         true => s.len(),
-        false => s.chars().count(),
+        false => count_chars(s),
     };
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
+#[cold]
+fn count_chars(s: &str) -> usize {
+    s.chars().count()
+}
+
 /// An int or a timestamp (unix seconds) a test compares.
-pub enum IntSrc {
-    Lit(i64),
+#[derive(Clone, Copy)]
+enum IntSrc {
+    /// The test's literal.
+    Lit,
     Now,
     NotBefore,
     NotAfter,
@@ -336,141 +497,126 @@ pub enum IntSrc {
     Size(StrSrc),
 }
 
+/// A comparison, as the orderings for which it holds: less (bit 0), equal (1), greater (2).
+/// Negating it is taking the other orderings.
 #[derive(Clone, Copy)]
-pub enum Cmp {
-    Eq,
-    Ne,
-    Lt,
-    Le,
-    Gt,
-    Ge,
+struct Cmp(u8);
+
+impl Cmp {
+    #[inline(always)]
+    fn holds(self, x: i64, y: i64) -> bool {
+        self.0 & (1 << (x.cmp(&y) as i8 + 1)) != 0
+    }
+
+    fn of(op: &str, negate: bool) -> Option<Cmp> {
+        let bits = match op {
+            op::LESS => 0b001,
+            op::LESS_EQUALS => 0b011,
+            op::EQUALS => 0b010,
+            op::NOT_EQUALS => 0b101,
+            op::GREATER_EQUALS => 0b110,
+            op::GREATER => 0b100,
+            _ => return None,
+        };
+        Some(Cmp(if negate { bits ^ 0b111 } else { bits }))
+    }
 }
 
 impl Test {
-    #[inline(never)]
-    pub fn eval(&self, f: &Facts) -> bool {
-        match self {
-            Test::Str { src, op, negate } => {
-                let v = src.get(f);
-                let v = v.as_bytes();
-                let held = match op {
-                    StrOp::StartsWith(l) => v.starts_with(l.bytes()),
-                    StrOp::EndsWith(l) => v.ends_with(l.bytes()),
-                    StrOp::Eq(l) => v == l.bytes(),
-                    // Short strings are searched directly, long ones with the searcher.
-                    StrOp::Contains(l, _) if v.len() < 64 => {
-                        let l = l.bytes();
-                        l.is_empty() || v.iter().enumerate().any(|(i, &b)| b == l[0] && v[i..].starts_with(l))
-                    }
-                    StrOp::Contains(_, finder) => finder.find(v).is_some(),
-                    StrOp::In(set) => set.iter().any(|l| v == l.bytes()),
-                };
-                held != *negate
-            }
-            Test::Int { a, cmp, b } => {
-                let (x, y) = (a.get(f), b.get(f));
-                match cmp {
-                    Cmp::Eq => x == y,
-                    Cmp::Ne => x != y,
-                    Cmp::Lt => x < y,
-                    Cmp::Le => x <= y,
-                    Cmp::Gt => x > y,
-                    Cmp::Ge => x >= y,
-                }
-            }
-        }
-    }
-
-    /// The test `e` is (negated when `negate`), if it has one of the shapes.
-    fn of(e: &Expr, negate: bool) -> Option<Test> {
+    /// The test `e` is (negated when `negate`), if it has one of the shapes; its literals,
+    /// header names and searchers are added to `tests`.
+    fn of(e: &Expr, negate: bool, tests: &mut Tests) -> Option<Test> {
         let Expr::Call(c) = e else { return None };
-        let str_test = |src: &Expr, op: StrOp, negate: bool| {
+        let mut str_test = |src: &Expr, how: How, lits: &[&str], negate: bool| {
+            let src = StrSrc::of(src, tests)?;
+            let (n, lits) = tests.add_lits(lits)?;
             Some(Test::Str {
-                src: StrSrc::of(src)?,
-                op,
+                src,
+                how,
                 negate,
+                n,
+                lits,
             })
         };
         match (c.func_name.as_str(), c.target.as_deref(), c.args.as_slice()) {
-            (op::LOGICAL_NOT, None, [a]) => Test::of(&a.expr, !negate),
+            (op::LOGICAL_NOT, None, [a]) => Test::of(&a.expr, !negate, tests),
             ("contains", Some(t), [a]) => {
                 let l = str_lit(&a.expr)?;
-                let finder = memchr::memmem::Finder::new(l.as_bytes()).into_owned();
-                str_test(&t.expr, StrOp::Contains(Lit::new(l), Box::new(finder)), negate)
+                let src = StrSrc::of(&t.expr, tests)?;
+                let finder = u16::try_from(tests.finders.len()).ok()?;
+                let (_, lit) = tests.add_lits(&[l])?;
+                tests
+                    .finders
+                    .push(memchr::memmem::Finder::new(l.as_bytes()).into_owned());
+                Some(Test::Contains {
+                    src,
+                    negate,
+                    finder,
+                    lit,
+                })
             }
-            ("startsWith", Some(t), [a]) => str_test(&t.expr, StrOp::StartsWith(Lit::new(str_lit(&a.expr)?)), negate),
-            ("endsWith", Some(t), [a]) => str_test(&t.expr, StrOp::EndsWith(Lit::new(str_lit(&a.expr)?)), negate),
+            ("startsWith", Some(t), [a]) => str_test(&t.expr, How::Prefix, &[str_lit(&a.expr)?], negate),
+            ("endsWith", Some(t), [a]) => str_test(&t.expr, How::Suffix, &[str_lit(&a.expr)?], negate),
             (op::IN, None, [a, b]) => {
                 let Expr::List(l) = &b.expr else { return None };
                 let set = l
                     .elements
                     .iter()
-                    .map(|x| str_lit(&x.expr).map(Lit::new))
-                    .collect::<Option<_>>()?;
-                str_test(&a.expr, StrOp::In(set), negate)
+                    .map(|x| str_lit(&x.expr))
+                    .collect::<Option<Vec<_>>>()?;
+                str_test(&a.expr, How::Exact, &set, negate)
             }
             (op::EQUALS | op::NOT_EQUALS, None, [a, b]) => {
                 let negate = negate != (c.func_name == op::NOT_EQUALS);
                 if let Some(l) = str_lit(&b.expr) {
-                    return str_test(&a.expr, StrOp::Eq(Lit::new(l)), negate);
+                    return str_test(&a.expr, How::Exact, &[l], negate);
                 }
                 if let Some(l) = str_lit(&a.expr) {
-                    return str_test(&b.expr, StrOp::Eq(Lit::new(l)), negate);
+                    return str_test(&b.expr, How::Exact, &[l], negate);
                 }
-                let cmp = if negate { Cmp::Ne } else { Cmp::Eq };
-                Test::ints(&a.expr, cmp, &b.expr)
+                Test::ints(&a.expr, Cmp::of(op::EQUALS, negate)?, &b.expr, tests)
             }
             (op::LESS | op::LESS_EQUALS | op::GREATER | op::GREATER_EQUALS, None, [a, b]) => {
-                let cmp = match (c.func_name.as_str(), negate) {
-                    (op::LESS, false) | (op::GREATER_EQUALS, true) => Cmp::Lt,
-                    (op::LESS_EQUALS, false) | (op::GREATER, true) => Cmp::Le,
-                    (op::GREATER, false) | (op::LESS_EQUALS, true) => Cmp::Gt,
-                    _ => Cmp::Ge,
-                };
-                Test::ints(&a.expr, cmp, &b.expr)
+                Test::ints(&a.expr, Cmp::of(&c.func_name, negate)?, &b.expr, tests)
             }
             _ => None,
         }
     }
 
-    /// Two ints, or two timestamps, compared (CEL compares nothing else with these operators).
-    fn ints(a: &Expr, cmp: Cmp, b: &Expr) -> Option<Test> {
-        let ((a, a_time), (b, b_time)) = (IntSrc::of(a)?, IntSrc::of(b)?);
-        (a_time == b_time).then_some(Test::Int { a, cmp, b })
+    /// Two ints, or two timestamps, compared (CEL compares nothing else with these operators);
+    /// at most one of them a literal.
+    fn ints(a: &Expr, cmp: Cmp, b: &Expr, tests: &mut Tests) -> Option<Test> {
+        let ((a, a_time, a_lit), (b, b_time, b_lit)) = (IntSrc::of(a, tests)?, IntSrc::of(b, tests)?);
+        let lit = match (a_lit, b_lit) {
+            (Some(_), Some(_)) => return None,
+            (x, y) => x.or(y).unwrap_or(0),
+        };
+        (a_time == b_time).then_some(Test::Int { a, cmp, b, lit })
     }
 }
 
 impl IntSrc {
-    #[inline(always)]
-    fn get(&self, f: &Facts) -> i64 {
-        match self {
-            IntSrc::Lit(i) => *i,
-            IntSrc::Now => f.now,
-            IntSrc::NotBefore => f.client.raw.not_before,
-            IntSrc::NotAfter => f.client.raw.not_after,
-            IntSrc::DaysUntilExpiry => f.client.raw.days,
-            IntSrc::Size(s) => code_points(&s.get(f)),
-        }
-    }
-
-    /// The int `e` names, and whether it is a timestamp.
-    fn of(e: &Expr) -> Option<(IntSrc, bool)> {
+    /// The int `e` names, whether it is a timestamp, and its value if it is a literal.
+    fn of(e: &Expr, tests: &mut Tests) -> Option<(IntSrc, bool, Option<i64>)> {
         if let Expr::Literal(LiteralValue::Int(i)) = e {
-            return Some((IntSrc::Lit(*i.inner()), false));
+            return Some((IntSrc::Lit, false, Some(*i.inner())));
         }
         if let Expr::Call(c) = e {
             return match (c.func_name.as_str(), c.target.as_deref(), c.args.as_slice()) {
-                ("size", Some(s), []) | ("size", None, [s]) => Some((IntSrc::Size(StrSrc::of(&s.expr)?), false)),
+                ("size", Some(s), []) | ("size", None, [s]) => {
+                    Some((IntSrc::Size(StrSrc::of(&s.expr, tests)?), false, None))
+                }
                 _ => None,
             };
         }
-        match path(e)?.as_slice() {
-            ["now"] => Some((IntSrc::Now, true)),
-            ["client", "cert", "not_before"] => Some((IntSrc::NotBefore, true)),
-            ["client", "cert", "not_after"] => Some((IntSrc::NotAfter, true)),
-            ["client", "cert", "days_until_expiry"] => Some((IntSrc::DaysUntilExpiry, false)),
-            _ => None,
-        }
+        let src = match path(e)?.as_slice() {
+            ["now"] => (IntSrc::Now, true),
+            ["client", "cert", "not_before"] => (IntSrc::NotBefore, true),
+            ["client", "cert", "not_after"] => (IntSrc::NotAfter, true),
+            ["client", "cert", "days_until_expiry"] => (IntSrc::DaysUntilExpiry, false),
+            _ => return None,
+        };
+        Some((src.0, src.1, None))
     }
 }
 
@@ -489,12 +635,9 @@ fn literal(l: &LiteralValue) -> Option<Node> {
     }
 }
 
-fn node(e: &IdedExpr, lists: &Lists) -> Option<Node> {
-    if let Some(src) = StrSrc::of(&e.expr) {
-        return Some(src.into_node());
-    }
-    if let Some(t) = Test::of(&e.expr, false) {
-        return Some(Node::Bool(Box::new(move |f| Ok(t.eval(f)))));
+fn node(e: &IdedExpr, lists: &Lists, tests: &mut Tests) -> Option<Node> {
+    if let Some(src) = StrSrc::of(&e.expr, tests) {
+        return Some(src.into_node(tests));
     }
     if let Some(p) = path(&e.expr) {
         return field(&p, lists);
@@ -529,15 +672,15 @@ fn node(e: &IdedExpr, lists: &Lists) -> Option<Node> {
                 .collect::<Option<Vec<_>>>()
                 .map(Node::IntSet)
         }
-        Expr::Call(c) => call(&c.func_name, c.target.as_deref(), &c.args, lists),
+        Expr::Call(c) => call(&c.func_name, c.target.as_deref(), &c.args, lists, tests),
         _ => None,
     }
 }
 
-fn call(name: &str, target: Option<&IdedExpr>, args: &[IdedExpr], lists: &Lists) -> Option<Node> {
-    let arg = |i: usize| args.get(i).and_then(|a| node(a, lists));
+fn call(name: &str, target: Option<&IdedExpr>, args: &[IdedExpr], lists: &Lists, tests: &mut Tests) -> Option<Node> {
     if let Some(t) = target {
-        let this = node(t, lists)?;
+        let this = node(t, lists, tests)?;
+        let mut arg = |i: usize| args.get(i).and_then(|a| node(a, lists, tests));
         return match (name, this, args.len()) {
             ("startsWith" | "endsWith" | "contains", this @ (Node::Str(_) | Node::StrLit(_)), 1) => {
                 let s = this.into_str()?;
@@ -565,6 +708,7 @@ fn call(name: &str, target: Option<&IdedExpr>, args: &[IdedExpr], lists: &Lists)
             _ => None,
         };
     }
+    let mut arg = |i: usize| args.get(i).and_then(|a| node(a, lists, tests));
     match (name, args.len()) {
         (op::LOGICAL_NOT, 1) => {
             let Node::Bool(a) = arg(0)? else { return None };

@@ -169,9 +169,8 @@ impl Action {
     }
 }
 
-/// A compiled rule. What a request reads of it (the flags, then the compiled condition) comes
-/// first and fills one cache line; the rest is read when the rule matches.
-#[repr(C, align(64))]
+/// A compiled rule. A request reads it only when it matches: its visit (see [`Visit`]) carries
+/// the condition and flags.
 pub struct Rule {
     pub phase: Phase,
     shadow: bool,
@@ -295,6 +294,8 @@ impl Step {
 /// Every rule, compiled, with the lists they use.
 pub struct RuleSet {
     rules: Vec<Rule>,
+    /// The compiled conditions' tests (see `compiled`).
+    tests: compiled::Tests,
     env: Arc<Env>,
     lists: Lists,
     /// Tells rule sets apart (a reload makes a new one), for [`ConnectionMemo`].
@@ -413,23 +414,28 @@ impl Matches {
     }
 }
 
-/// A rule a request visits (8 bytes: a connection's visits are a few cache lines), and whether
+/// A rule a request visits (16 bytes: a connection's visits are a few cache lines), and whether
 /// its condition is known to hold for the whole connection. A constant condition that failed is
 /// evaluated again by each request (it denies each time).
 #[derive(Debug)]
 pub struct Visit {
     rule: u32,
+    /// What a request reads of the rule, copied (its compiled condition and the flags a match
+    /// reads): a request does not touch the rule itself unless it matches.
+    when: Option<compiled::CompiledBool>,
     holds: bool,
-    /// The rule's flags a match reads, copied: a rule whose condition is known is not touched.
     shadow: bool,
     constant_action: bool,
     ends: bool,
 }
 
+const _: () = assert!(std::mem::size_of::<Visit>() == 16);
+
 impl Visit {
     fn of(index: usize, rule: &Rule, holds: bool) -> Option<Visit> {
         Some(Visit {
             rule: u32::try_from(index).ok()?,
+            when: rule.when.fast,
             holds,
             shadow: rule.shadow,
             constant_action: rule.constant_action,
@@ -471,10 +477,9 @@ fn stable_hash(s: &CelString) -> CelInt {
 
 /// An expression: the cel program (the reference), and its compiled form when it is in the
 /// subset `compiled` covers.
-#[repr(C)]
 struct Expression<F> {
     fast: Option<F>,
-    /// Boxed: only the interpreter reads it, and rules stay a few cache lines each.
+    /// Boxed: only the interpreter reads it.
     program: Box<Program>,
 }
 
@@ -482,14 +487,16 @@ struct Expression<F> {
 /// first use (compiled expressions never need it).
 struct Scope<'a> {
     facts: &'a Facts<'a>,
+    tests: &'a compiled::Tests,
     env: &'a Arc<Env>,
     interpreter: std::cell::OnceCell<Context<'a, 'a>>,
 }
 
 impl<'a> Scope<'a> {
-    fn new(env: &'a Arc<Env>, facts: &'a Facts<'a>) -> Self {
+    fn new(env: &'a Arc<Env>, tests: &'a compiled::Tests, facts: &'a Facts<'a>) -> Self {
         Scope {
             facts,
+            tests,
             env,
             interpreter: std::cell::OnceCell::new(),
         }
@@ -508,17 +515,16 @@ impl Expression<compiled::CompiledBool> {
     /// Whether the condition holds; `None` when it fails (see `eval` for why).
     #[inline]
     fn holds(&self, scope: &Scope) -> Option<bool> {
-        match &self.fast {
-            Some(compiled::CompiledBool::Test(t)) => Some(t.eval(scope.facts)),
-            Some(fast) => fast.eval(scope.facts).ok(),
+        match self.fast {
+            Some(c) => scope.tests.holds_once(c, scope.facts),
             None => self.eval(scope).ok(),
         }
     }
 
     #[inline(never)]
     fn eval(&self, scope: &Scope) -> Result<bool, String> {
-        if let Some(f) = &self.fast {
-            return f.eval(scope.facts);
+        if let Some(c) = self.fast {
+            return scope.tests.eval(c, scope.facts);
         }
         match self.program.execute(scope.interpreter()) {
             Ok(Value::Bool(b)) => Ok(b),
@@ -554,6 +560,7 @@ impl RuleSet {
     pub fn empty() -> RuleSet {
         RuleSet {
             rules: Vec::new(),
+            tests: compiled::Tests::default(),
             env: Arc::new(environment()),
             lists: Lists::default(),
             id: next_id(),
@@ -606,6 +613,7 @@ impl RuleSet {
         }
         let mut set = RuleSet {
             rules: Vec::new(),
+            tests: compiled::Tests::default(),
             env: Arc::new(environment()),
             lists: Lists(Arc::new(lists)),
             id: next_id(),
@@ -622,6 +630,7 @@ impl RuleSet {
             }
         };
         let mut names = std::collections::HashSet::new();
+        let mut tests = compiled::Tests::default();
         for file in files {
             // How often each name has been seen in this file, to find the right one's line.
             let mut in_file: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
@@ -656,7 +665,7 @@ impl RuleSet {
                     .chain(&spec.cache_cohort)
                     .chain(spec.set_headers.iter().flat_map(BTreeMap::values))
                     .any(|e| e.contains("client_ip"));
-                match set.compile(spec, &text, line, origins, identity_header) {
+                match set.compile(spec, &text, line, origins, identity_header, &mut tests) {
                     Ok(rule) => set.rules.push(Rule {
                         location: location.into(),
                         ..rule
@@ -665,6 +674,7 @@ impl RuleSet {
                 }
             }
         }
+        set.tests = tests;
         set.has_connection_rules = set.rules.iter().any(|r| r.phase == Phase::Connection);
         set.has_request_rules = set.rules.iter().any(|r| r.phase == Phase::Request);
         set
@@ -677,6 +687,7 @@ impl RuleSet {
         line: usize,
         origins: &[&str],
         identity_header: &dyn Fn(&HeaderName) -> bool,
+        tests: &mut compiled::Tests,
     ) -> Result<Rule, String> {
         let name = spec.name.clone();
         let at = |field: &str| format!("rule '{name}': {field} (line {})", field_line(text, line, field));
@@ -691,11 +702,11 @@ impl RuleSet {
         };
         let when = expr("when", &spec.when, Want::Bool)?;
         let when = Expression {
-            fast: compiled::compile_bool(when.expression(), &self.lists),
+            fast: compiled::compile_bool(when.expression(), &self.lists, tests),
             program: Box::new(when),
         };
-        let string_expr = |p: Program| Expression {
-            fast: compiled::compile_str(p.expression(), &self.lists),
+        let mut string_expr = |p: Program| Expression {
+            fast: compiled::compile_str(p.expression(), &self.lists, tests),
             program: Box::new(p),
         };
         let header = |n: &str| -> Result<HeaderName, String> {
@@ -927,7 +938,7 @@ impl RuleSet {
         memo: Option<&ConnectionMemo>,
         trace: Option<&mut Vec<Step>>,
     ) -> Arc<Outcome> {
-        let scope = Scope::new(&self.env, facts);
+        let scope = Scope::new(&self.env, &self.tests, facts);
         if let (Some(memo), None) = (memo, &trace) {
             if let Some(out) = self.evaluate_on_connection(phase, &scope, memo) {
                 return out;
@@ -954,7 +965,12 @@ impl RuleSet {
         let mut held = 0u64;
         let mut shared = true;
         for (k, v) in visit.iter().enumerate() {
-            if !v.holds && !self.rules.get(v.rule as usize)?.when.holds(scope)? {
+            let holds = match (v.holds, v.when) {
+                (true, _) => true,
+                (false, Some(c)) => self.tests.holds(c, scope.facts)?,
+                (false, None) => self.rules.get(v.rule as usize)?.when.holds(scope)?,
+            };
+            if !holds {
                 continue;
             }
             held |= 1 << k;
