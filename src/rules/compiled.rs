@@ -60,6 +60,17 @@ pub struct CompiledBool {
     any: bool,
 }
 
+impl CompiledBool {
+    /// The test at `i` alone.
+    fn one(i: u32) -> CompiledBool {
+        CompiledBool {
+            start: i,
+            len: 1,
+            any: false,
+        }
+    }
+}
+
 impl Tests {
     /// Whether `c` holds; `None` when one of its closures fails before the chain is decided
     /// ([`Tests::eval`] then gives CEL's answer and the error). Every request runs this, inlined
@@ -115,14 +126,7 @@ impl Tests {
         for i in c.start..c.start + u32::from(c.len) {
             let v = match self.tests.get(i as usize) {
                 Some(Test::Tree(t)) => self.trees.get(*t as usize).map_or(Ok(false), |t| t(f)),
-                _ => Ok(self.holds_once(
-                    CompiledBool {
-                        start: i,
-                        len: 1,
-                        any: false,
-                    },
-                    f,
-                ) == Some(true)),
+                _ => Ok(self.holds_once(CompiledBool::one(i), f) == Some(true)),
             };
             match v {
                 Ok(v) if v == c.any => return Ok(v),
@@ -207,6 +211,7 @@ impl Tests {
             .iter()
             .map(|l| u16::try_from(l.len()).ok())
             .collect::<Option<Vec<_>>>()?;
+        // Every literal must stay addressable by a u32 offset.
         u32::try_from(self.lits.len() + lits.iter().map(|l| l.len() + 2).sum::<usize>()).ok()?;
         for (l, len) in lits.iter().zip(lens) {
             self.lits.extend_from_slice(&len.to_le_bytes());

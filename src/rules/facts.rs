@@ -171,6 +171,7 @@ fn timestamp(unix: i64) -> Box<dyn Val> {
 pub fn unix_now() -> i64 {
     #[cfg(target_os = "linux")]
     if let Ok(t) = nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME_COARSE) {
+        #[allow(clippy::useless_conversion)] // time_t is 32 bits on some targets
         return i64::from(t.tv_sec());
     }
     std::time::SystemTime::now()

@@ -542,7 +542,10 @@ fn compiled_conditions_agree_with_the_cel_interpreter() {
         // A header named twice (one table entry), a set of literals, and a literal too long for
         // the table's encoding (a closure instead).
         r#"request.headers["x-count"] in ["a", "b", "abc"] || request.headers["X-Count"].endsWith("bc")"#.into(),
-        format!(r#"request.path == "{}" || request.path.startsWith("/firmware/")"#, "a".repeat(70_000)),
+        format!(
+            r#"request.path == "{}" || request.path.startsWith("/firmware/")"#,
+            "a".repeat(70_000)
+        ),
     ];
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     for file in ["load/rules-20/bench.yaml", "lua-free-rules/firmware-fleet/fleet.yaml"] {
