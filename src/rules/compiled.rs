@@ -406,13 +406,12 @@ impl StrSrc {
     /// The field as a closure, for expressions outside the tests' shapes (a header's name is
     /// copied into it).
     fn into_node(self, tests: &Tests) -> Node {
-        let headers: Vec<HeaderName> = match self {
-            StrSrc::Header(i) => tests.headers.get(usize::from(i)).into_iter().cloned().collect(),
-            _ => Vec::new(),
-        };
-        let src = match self {
-            StrSrc::Header(_) => StrSrc::Header(0),
-            other => other,
+        let (src, headers): (StrSrc, Vec<HeaderName>) = match self {
+            StrSrc::Header(i) => (
+                StrSrc::Header(0),
+                tests.headers.get(usize::from(i)).into_iter().cloned().collect(),
+            ),
+            other => (other, Vec::new()),
         };
         Node::Str(Box::new(move |f| Ok(src.get(f, &headers))))
     }
@@ -614,14 +613,14 @@ impl IntSrc {
                 _ => None,
             };
         }
-        let src = match path(e)?.as_slice() {
+        let (src, time) = match path(e)?.as_slice() {
             ["now"] => (IntSrc::Now, true),
             ["client", "cert", "not_before"] => (IntSrc::NotBefore, true),
             ["client", "cert", "not_after"] => (IntSrc::NotAfter, true),
             ["client", "cert", "days_until_expiry"] => (IntSrc::DaysUntilExpiry, false),
             _ => return None,
         };
-        Some((src.0, src.1, None))
+        Some((src, time, None))
     }
 }
 
