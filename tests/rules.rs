@@ -39,7 +39,7 @@ struct Edge {
 }
 
 impl Edge {
-    fn client(&self, cert: &str) -> Client {
+    fn client(&self, cert: &str) -> Client<'_> {
         Client::new(self.dir.path(), self.edge.port).cert(cert)
     }
 

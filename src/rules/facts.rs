@@ -224,9 +224,12 @@ fn client_fields(cert: Option<&ViewerCert>, verified: bool, now: i64) -> Vec<(&'
     ]
 }
 
+/// A value and its path below the record being built.
+type Field = (Vec<&'static str>, Box<dyn Val>);
+
 /// Nests values by path (`["cert", "subject", "cn"]`) into records.
-fn nest(fields: Vec<(Vec<&'static str>, Box<dyn Val>)>) -> Box<dyn Val> {
-    let mut groups: Vec<(&'static str, Vec<(Vec<&'static str>, Box<dyn Val>)>)> = Vec::new();
+fn nest(fields: Vec<Field>) -> Box<dyn Val> {
+    let mut groups: Vec<(&'static str, Vec<Field>)> = Vec::new();
     for (mut path, value) in fields {
         if path.is_empty() {
             continue;

@@ -176,6 +176,10 @@ impl RuleList {
         Ok(list)
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub fn len(&self) -> usize {
         match &self.entries {
             Entries::Serial(s) => s.len(),

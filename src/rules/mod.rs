@@ -448,10 +448,9 @@ impl Visit {
 fn connection_constant(program: &Program) -> bool {
     let mut paths = Vec::new();
     collect_paths(program.expression(), &mut Vec::new(), &mut paths);
-    paths.iter().all(|(_, p)| match p[0].as_str() {
-        "client" | "lists" | "connection" => true,
-        _ => false,
-    })
+    paths
+        .iter()
+        .all(|(_, p)| matches!(p[0].as_str(), "client" | "lists" | "connection"))
 }
 
 impl std::fmt::Debug for RuleSet {
