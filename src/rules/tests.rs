@@ -559,6 +559,18 @@ fn compiled_conditions_agree_with_the_cel_interpreter() {
         );
     }
     let set = ok(&[]);
+    let compiled = sources
+        .iter()
+        .filter(|src| agrees_with_the_interpreter(&set, src))
+        .count();
+    // Everything but the comprehension (`exists`) is in the compiled subset.
+    assert_eq!(compiled, sources.len() - 1, "{sources:#?}");
+}
+
+/// Checks that `src`, compiled, gives what the cel interpreter gives (errors included) for
+/// three clients and five paths, and that the request path decides alike or not at all (when a
+/// closure fails first, the full evaluation decides). False when `src` is not compiled.
+fn agrees_with_the_interpreter(set: &RuleSet, src: &str) -> bool {
     let certs = [
         Some(cert("device-1", "x1", "0a:1b")),
         Some(cert("sensor-9", "x2", "ff")),
@@ -571,44 +583,119 @@ fn compiled_conditions_agree_with_the_cel_interpreter() {
         "/files/../etc",
         "/firmware/images/x1/a-name-longer-than-sixty-four-bytes-0123456789/a.bin",
     ];
-    let mut compiled = 0;
-    for src in &sources {
-        let program = set.env.compile(src).unwrap();
-        let mut tests = compiled::Tests::default();
-        let Some(fast) = compiled::compile_bool(program.expression(), &set.lists, &mut tests) else {
-            continue;
-        };
-        compiled += 1;
-        for c in &certs {
-            let client = facts::ClientFacts::new(c.as_ref(), true, 0);
-            for path in paths {
-                with_facts(&set, &client, path, 86_400, |facts| {
-                    let mut ctx = Context::with_env(set.env.clone());
-                    ctx.set_variable_resolver(facts);
-                    let reference = match program.execute(&ctx) {
-                        Ok(Value::Bool(b)) => Ok(b),
-                        other => Err(format!("{other:?}")),
-                    };
-                    let got = tests.eval(fast, facts);
-                    // The request path decides alike, or not at all (when a closure fails first,
-                    // the full evaluation decides).
-                    if let Some(h) = tests.holds(fast, facts) {
-                        assert_eq!(Ok(h), got, "{src} on {path}: holds");
-                    }
-                    assert_eq!(
-                        got.is_ok(),
-                        reference.is_ok(),
-                        "{src} on {path}: {got:?} vs {reference:?}"
-                    );
-                    if let (Ok(a), Ok(b)) = (&got, &reference) {
-                        assert_eq!(a, b, "{src} on {path} with {c:?}");
-                    }
-                });
-            }
+    let program = set.env.compile(src).unwrap();
+    let mut tests = compiled::Tests::default();
+    let Some(fast) = compiled::compile_bool(program.expression(), &set.lists, &mut tests) else {
+        return false;
+    };
+    for c in &certs {
+        let client = facts::ClientFacts::new(c.as_ref(), true, 0);
+        for path in paths {
+            with_facts(set, &client, path, 86_400, |facts| {
+                let mut ctx = Context::with_env(set.env.clone());
+                ctx.set_variable_resolver(facts);
+                let reference = match program.execute(&ctx) {
+                    Ok(Value::Bool(b)) => Ok(b),
+                    other => Err(format!("{other:?}")),
+                };
+                let got = tests.eval(fast, facts);
+                if let Some(h) = tests.holds(fast, facts) {
+                    assert_eq!(Ok(h), got, "{src} on {path}: holds");
+                }
+                assert_eq!(
+                    got.is_ok(),
+                    reference.is_ok(),
+                    "{src} on {path}: {got:?} vs {reference:?}"
+                );
+                if let (Ok(a), Ok(b)) = (&got, &reference) {
+                    assert_eq!(a, b, "{src} on {path} with {c:?}");
+                }
+            });
         }
     }
-    // Everything but the comprehension (`exists`) is in the compiled subset.
-    assert_eq!(compiled, sources.len() - 1, "{sources:#?}");
+    true
+}
+
+/// Conditions generated from the compiled subset's shapes (fields against literals, sizes and
+/// times compared, `!`, `&&`, `||`, nesting, and an operand that fails), a few hundred of them
+/// from a fixed seed: each must compile and agree with the interpreter.
+#[test]
+fn generated_conditions_agree_with_the_cel_interpreter() {
+    const FIELDS: &[&str] = &[
+        "request.path",
+        "request.method",
+        "request.host",
+        "request.query",
+        r#"request.headers["x-count"]"#,
+        "client.cert.subject.cn",
+        "client.cert.subject.ou",
+        "connection.sni",
+        "connection.tls_version",
+    ];
+    const LITERALS: &[&str] = &[
+        "",
+        "/",
+        "/firmware/",
+        "/firmware/images/x1/a.bin",
+        "x1",
+        "x2",
+        "device-1",
+        "GET",
+        "fleet",
+        "fleet.example",
+        "abc",
+        "abc, def",
+        "..",
+        "a.bin",
+        ".bin",
+        "TLSv1.3",
+        "1",
+    ];
+    const CMPS: &[&str] = &["<", "<=", ">", ">=", "==", "!="];
+    const INTS: &[i64] = &[0, 1, 3, 5, 13, 25, 30, 100];
+    // xorshift64: a fixed sequence, so a failure names the same expression every time.
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = move |n: usize| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % n as u64) as usize
+    };
+    fn lit(s: &str) -> String {
+        format!("{s:?}")
+    }
+    fn condition(next: &mut dyn FnMut(usize) -> usize, depth: u32) -> String {
+        let field = |next: &mut dyn FnMut(usize) -> usize| FIELDS[next(FIELDS.len())];
+        let literal = |next: &mut dyn FnMut(usize) -> usize| lit(LITERALS[next(LITERALS.len())]);
+        let cmp = |next: &mut dyn FnMut(usize) -> usize| CMPS[next(CMPS.len())];
+        match next(if depth == 0 { 9 } else { 12 }) {
+            0 => format!("{} {} {}", field(next), ["==", "!="][next(2)], literal(next)),
+            1 => format!("{} {} {}", literal(next), ["==", "!="][next(2)], field(next)),
+            2 => format!("{}.startsWith({})", field(next), literal(next)),
+            3 => format!("{}.endsWith({})", field(next), literal(next)),
+            4 => format!("{}.contains({})", field(next), literal(next)),
+            5 => {
+                let items: Vec<String> = (0..1 + next(3)).map(|_| literal(next)).collect();
+                format!("{} in [{}]", field(next), items.join(", "))
+            }
+            6 => format!("size({}) {} {}", field(next), cmp(next), INTS[next(INTS.len())]),
+            7 => match next(3) {
+                0 => format!("client.cert.days_until_expiry {} {}", cmp(next), INTS[next(INTS.len())]),
+                1 => format!("now {} client.cert.not_after", cmp(next)),
+                _ => format!("client.cert.not_before {} now", cmp(next)),
+            },
+            // An operand that fails at run time (CEL's `&&` and `||` may still decide).
+            8 => format!("size({}) % 0 == 1", field(next)),
+            9 => format!("!({})", condition(next, depth - 1)),
+            10 => format!("({} && {})", condition(next, depth - 1), condition(next, depth - 1)),
+            _ => format!("({} || {})", condition(next, depth - 1), condition(next, depth - 1)),
+        }
+    }
+    let set = ok(&[]);
+    for _ in 0..300 {
+        let src = condition(&mut next, 3);
+        assert!(agrees_with_the_interpreter(&set, &src), "not compiled: {src}");
+    }
 }
 
 #[test]
