@@ -40,7 +40,7 @@ enum Node {
 /// A rule set's compiled conditions, flat: the tests of every condition in one array (24 bytes
 /// each), their string literals in one buffer, and the header names, searchers and closures
 /// they use in tables. The conditions a request evaluates then read a few contiguous cache lines
-/// and one small function, not a tree of boxes, each with its own code.
+/// and run one loop ([`Tests::holds`]), not a tree of boxes and closures, each with its own code.
 #[derive(Default)]
 pub struct Tests {
     tests: Vec<Test>,

@@ -314,9 +314,9 @@ fn next_id() -> u64 {
 
 /// Per connection: the request-phase conditions that depend only on the connection (the
 /// certificate, client IP, SNI, TLS version, ALPN, lists), evaluated once at its first request,
-/// and the first few outcomes made only of effects that depend on the connection too. None of it can
-/// change while the connection and the rule set last. What is kept of the conditions is the list
-/// of rules a request still visits: a rule whose constant condition is false is not touched.
+/// and the first few outcomes made only of effects that depend on the connection too. None of it
+/// can change while the connection and the rule set last. What is kept of the conditions is the
+/// list of rules a request still visits: a rule whose constant condition is false is not touched.
 #[derive(Debug, Default)]
 pub struct ConnectionMemo {
     visits: OnceLock<(u64, Vec<Visit>)>,
