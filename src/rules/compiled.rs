@@ -60,54 +60,45 @@ pub struct CompiledBool {
     any: bool,
 }
 
-impl CompiledBool {
-    /// The test at `i` alone.
-    fn one(i: u32) -> CompiledBool {
-        CompiledBool {
-            start: i,
-            len: 1,
-            any: false,
-        }
-    }
-}
-
 impl Tests {
-    /// Whether `c` holds; `None` when one of its closures fails before the chain is decided
-    /// ([`Tests::eval`] then gives CEL's answer and the error). Every request runs this, inlined
+    /// Whether `c` holds; `None` when, before the chain is decided, one of its closures fails or
+    /// a header's value would have to be built ([`Tests::eval`] then gives CEL's answer and the
+    /// error). Every request runs this, inlined
     /// into its loop over the rules (the tables' addresses are then loaded once a request);
     /// other callers take [`Tests::holds_once`].
     #[inline(always)]
     pub fn holds(&self, c: CompiledBool, f: &Facts) -> Option<bool> {
         let tests = self.tests.get(c.start as usize..)?.get(..usize::from(c.len))?;
         for t in tests {
-            let v = match *t {
-                Test::Str {
-                    src,
-                    how,
-                    negate,
-                    n,
-                    lits,
-                } => {
-                    let v = src.get(f, &self.headers);
-                    self.matches(v.as_bytes(), how, n, lits) != negate
-                }
-                Test::Contains {
-                    src,
-                    negate,
-                    finder,
-                    lit,
-                } => {
-                    let v = src.get(f, &self.headers);
-                    self.contains(v.as_bytes(), finder, lit) != negate
-                }
-                Test::Int { a, cmp, b, lit } => cmp.holds(self.int(a, lit, f), self.int(b, lit, f)),
-                Test::Tree(i) => self.trees.get(i as usize)?(f).ok()?,
-            };
+            let v = self.test(t, f, |s| s.borrowed(f, &self.headers))?;
             if v == c.any {
                 return Some(v);
             }
         }
         Some(!c.any)
+    }
+
+    /// Whether test `t` holds, its fields read by `read`; `None` when a field cannot be read
+    /// that way or a closure fails.
+    #[inline(always)]
+    fn test<S: AsRef<str>>(&self, t: &Test, f: &Facts, read: impl Fn(StrSrc) -> Option<S>) -> Option<bool> {
+        Some(match *t {
+            Test::Str {
+                src,
+                how,
+                negate,
+                n,
+                lits,
+            } => self.matches(read(src)?.as_ref().as_bytes(), how, n, lits) != negate,
+            Test::Contains {
+                src,
+                negate,
+                finder,
+                lit,
+            } => self.contains(read(src)?.as_ref().as_bytes(), finder, lit) != negate,
+            Test::Int { a, cmp, b, lit } => cmp.holds(self.int(a, lit, f, &read)?, self.int(b, lit, f, &read)?),
+            Test::Tree(i) => self.trees.get(i as usize)?(f).ok()?,
+        })
     }
 
     /// [`Tests::holds`], out of line.
@@ -126,7 +117,8 @@ impl Tests {
         for i in c.start..c.start + u32::from(c.len) {
             let v = match self.tests.get(i as usize) {
                 Some(Test::Tree(t)) => self.trees.get(*t as usize).map_or(Ok(false), |t| t(f)),
-                _ => Ok(self.holds_once(CompiledBool::one(i), f) == Some(true)),
+                Some(t) => Ok(self.test(t, f, |s| Some(s.get(f, &self.headers))) == Some(true)),
+                None => Ok(false),
             };
             match v {
                 Ok(v) if v == c.any => return Ok(v),
@@ -161,8 +153,7 @@ impl Tests {
         false
     }
 
-    /// Short strings are searched directly, long ones with the searcher built at load
-    /// (`str::contains` would build one per call).
+    /// Short strings are searched directly, long ones with the searcher built at load (`str::contains` would build one per call).
     #[inline(always)]
     fn contains(&self, v: &[u8], finder: u16, at: u32) -> bool {
         let lit = self.lit(&mut (at as usize));
@@ -191,15 +182,15 @@ impl Tests {
     }
 
     #[inline(always)]
-    fn int(&self, src: IntSrc, lit: i64, f: &Facts) -> i64 {
-        match src {
+    fn int<S: AsRef<str>>(&self, src: IntSrc, lit: i64, f: &Facts, read: impl Fn(StrSrc) -> Option<S>) -> Option<i64> {
+        Some(match src {
             IntSrc::Lit => lit,
             IntSrc::Now => f.now,
             IntSrc::NotBefore => f.client.raw.not_before,
             IntSrc::NotAfter => f.client.raw.not_after,
             IntSrc::DaysUntilExpiry => f.client.raw.days,
-            IntSrc::Size(s) => code_points(&s.get(f, &self.headers)),
-        }
+            IntSrc::Size(s) => code_points(read(s)?.as_ref()),
+        })
     }
 
     /// Adds literals; `None` when they do not fit the encoding (a literal over 64 KiB, or a
@@ -344,23 +335,38 @@ pub enum StrSrc {
 }
 
 impl StrSrc {
-    #[inline(never)]
+    /// The field as the facts answer it (a header named twice joined, bytes that are not UTF-8
+    /// replaced).
     fn get<'a>(self, f: &'a Facts<'a>, headers: &[HeaderName]) -> Cow<'a, str> {
-        match self {
-            StrSrc::ClientIp => Cow::Borrowed(f.client_ip),
-            StrSrc::Sni => Cow::Borrowed(&f.connection.sni),
-            StrSrc::TlsVersion => Cow::Borrowed(&f.connection.tls_version),
-            StrSrc::Alpn => Cow::Borrowed(&f.connection.alpn),
-            StrSrc::Method => Cow::Borrowed(f.request.map_or("", |r| r.method)),
-            StrSrc::Host => Cow::Borrowed(f.request.map_or("", |r| r.host)),
-            StrSrc::Path => Cow::Borrowed(f.request.map_or("", |r| r.path)),
-            StrSrc::Query => Cow::Borrowed(f.request.map_or("", |r| r.query)),
-            StrSrc::Client(i) => Cow::Borrowed(f.client.raw.strings.get(usize::from(i)).map_or("", String::as_str)),
-            StrSrc::Header(i) => match (f.request, headers.get(usize::from(i))) {
-                (Some(r), Some(name)) => super::facts::header_value(r.headers, name),
-                _ => Cow::Borrowed(""),
+        match (self, f.request) {
+            (StrSrc::Header(i), Some(r)) => match headers.get(usize::from(i)) {
+                Some(name) => super::facts::header_value(r.headers, name),
+                None => Cow::Borrowed(""),
             },
+            _ => Cow::Borrowed(self.borrowed(f, headers).unwrap_or_default()),
         }
+    }
+
+    /// The field as the request path reads it: borrowed, or `None` for a header value that
+    /// would have to be built (named twice, or not visible ASCII); the full path then reads it
+    /// with [`StrSrc::get`].
+    #[inline(never)]
+    fn borrowed<'a>(self, f: &'a Facts<'a>, headers: &[HeaderName]) -> Option<&'a str> {
+        Some(match self {
+            StrSrc::ClientIp => f.client_ip,
+            StrSrc::Sni => &f.connection.sni,
+            StrSrc::TlsVersion => &f.connection.tls_version,
+            StrSrc::Alpn => &f.connection.alpn,
+            StrSrc::Method => f.request.map_or("", |r| r.method),
+            StrSrc::Host => f.request.map_or("", |r| r.host),
+            StrSrc::Path => f.request.map_or("", |r| r.path),
+            StrSrc::Query => f.request.map_or("", |r| r.query),
+            StrSrc::Client(i) => f.client.raw.strings.get(usize::from(i)).map_or("", String::as_str),
+            StrSrc::Header(i) => match (f.request, headers.get(usize::from(i))) {
+                (Some(r), Some(name)) => super::facts::header_text(r.headers, name)?,
+                _ => "",
+            },
+        })
     }
 
     fn header(name: &str, tests: &mut Tests) -> Option<StrSrc> {

@@ -137,6 +137,17 @@ pub fn header_value<'v>(map: &'v http::HeaderMap, name: impl http::header::AsHea
     }
 }
 
+/// A request header as the rules' request path reads it: `None` when it is named twice or its
+/// value is not visible ASCII (then [`header_value`] builds it).
+pub fn header_text<'v>(map: &'v http::HeaderMap, name: &http::HeaderName) -> Option<&'v str> {
+    let mut values = map.get_all(name).iter();
+    match (values.next(), values.next()) {
+        (None, _) => Some(""),
+        (Some(one), None) => one.to_str().ok(),
+        (Some(_), Some(_)) => None,
+    }
+}
+
 /// A header value as text: visible ASCII (nearly every value) is checked by a short loop;
 /// anything else goes through `from_utf8`, and lossy conversion when that fails.
 fn text(v: &http::HeaderValue) -> Cow<'_, str> {

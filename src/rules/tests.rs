@@ -50,7 +50,8 @@ fn cert(cn: &str, ou: &str, serial: &str) -> ViewerCert {
 }
 
 /// Calls `f` with the facts of a request for `path` by `client`, on a connection to
-/// fleet.example from 192.0.2.7, with `x-count: abc` and `x-count: def`, at `now`.
+/// fleet.example from 192.0.2.7, with `x-count: abc`, `x-count: def` and `x-name: héllo`, at
+/// `now`.
 fn with_facts<T>(set: &RuleSet, client: &facts::ClientFacts, path: &str, now: i64, f: impl FnOnce(&Facts) -> T) -> T {
     let info = ConnectionInfo {
         sni: "fleet.example".into(),
@@ -60,6 +61,7 @@ fn with_facts<T>(set: &RuleSet, client: &facts::ClientFacts, path: &str, now: i6
     let mut headers = http::HeaderMap::new();
     headers.insert("x-count", HeaderValue::from_static("abc"));
     headers.append("x-count", HeaderValue::from_static("def"));
+    headers.insert("x-name", HeaderValue::from_bytes("héllo".as_bytes()).unwrap());
     let req = RequestInfo {
         method: "GET",
         host: "fleet.example",
@@ -542,6 +544,9 @@ fn compiled_conditions_agree_with_the_cel_interpreter() {
         // A header named twice (one table entry), a set of literals, and a literal too long for
         // the table's encoding (a closure instead).
         r#"request.headers["x-count"] in ["a", "b", "abc"] || request.headers["X-Count"].endsWith("bc")"#.into(),
+        // Header values the request path does not read itself: sent twice, and not ASCII.
+        r#"request.headers["x-count"].contains("c, d") && size(request.headers["x-count"]) == 8"#.into(),
+        r#"request.headers["x-name"].startsWith("hé") && size(request.headers["x-name"]) == 5"#.into(),
         format!(
             r#"request.path == "{}" || request.path.startsWith("/firmware/")"#,
             "a".repeat(70_000)
