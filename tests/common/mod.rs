@@ -266,13 +266,9 @@ impl<'a> Client<'a> {
         self
     }
 
-    /// Sends `GET path` and returns as soon as `min_body` body bytes have arrived, with the
-    /// connection still open: what a device sees while a download is in flight.
-    pub fn first_bytes(
-        &self,
-        path: &str,
-        min_body: usize,
-    ) -> Result<(boring::ssl::SslStream<TcpStream>, usize), String> {
+    /// Connects and completes the handshake, with the certificate, version, SNI and session
+    /// set on this client.
+    pub fn connect(&self) -> Result<boring::ssl::SslStream<TcpStream>, String> {
         let mut b = SslConnector::builder(SslMethod::tls()).map_err(|e| e.to_string())?;
         b.set_ca_file(self.dir.join("edge-ca.pem")).map_err(|e| e.to_string())?;
         if let Some(stem) = &self.cert {
@@ -281,11 +277,33 @@ impl<'a> Client<'a> {
             b.set_private_key_file(self.dir.join(format!("{stem}.key")), SslFiletype::PEM)
                 .map_err(|e| e.to_string())?;
         }
+        if let Some(v) = self.version {
+            b.set_min_proto_version(Some(v)).map_err(|e| e.to_string())?;
+            b.set_max_proto_version(Some(v)).map_err(|e| e.to_string())?;
+        }
         let mut cfg = b.build().configure().map_err(|e| e.to_string())?;
         cfg.set_verify_hostname(false);
+        if self.sni.is_none() {
+            cfg.set_use_server_name_indication(false);
+        }
+        if let Some(s) = &self.session {
+            // SAFETY-free API: boring marks set_session unsafe only for cross-context use.
+            unsafe { cfg.set_session(s) }.map_err(|e| e.to_string())?;
+        }
         let tcp = TcpStream::connect(("127.0.0.1", self.port)).map_err(|e| e.to_string())?;
         tcp.set_read_timeout(Some(Duration::from_secs(10))).ok();
-        let mut tls = cfg.connect("localhost", tcp).map_err(|e| e.to_string())?;
+        cfg.connect(self.sni.as_deref().unwrap_or("ignored.invalid"), tcp)
+            .map_err(|e| format!("handshake: {e}"))
+    }
+
+    /// Sends `GET path` and returns as soon as `min_body` body bytes have arrived, with the
+    /// connection still open: what a device sees while a download is in flight.
+    pub fn first_bytes(
+        &self,
+        path: &str,
+        min_body: usize,
+    ) -> Result<(boring::ssl::SslStream<TcpStream>, usize), String> {
+        let mut tls = self.connect()?;
         write!(tls, "GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", self.host).map_err(|e| e.to_string())?;
         let mut raw = Vec::new();
         let mut buf = [0u8; 16384];
@@ -313,32 +331,7 @@ impl<'a> Client<'a> {
         let mut session = None;
         let mut resumed = false;
         let result = (|| {
-            let mut b = SslConnector::builder(SslMethod::tls()).map_err(|e| e.to_string())?;
-            b.set_ca_file(self.dir.join("edge-ca.pem")).map_err(|e| e.to_string())?;
-            if let Some(stem) = &self.cert {
-                b.set_certificate_chain_file(self.dir.join(format!("{stem}.pem")))
-                    .map_err(|e| e.to_string())?;
-                b.set_private_key_file(self.dir.join(format!("{stem}.key")), SslFiletype::PEM)
-                    .map_err(|e| e.to_string())?;
-            }
-            if let Some(v) = self.version {
-                b.set_min_proto_version(Some(v)).map_err(|e| e.to_string())?;
-                b.set_max_proto_version(Some(v)).map_err(|e| e.to_string())?;
-            }
-            let mut cfg = b.build().configure().map_err(|e| e.to_string())?;
-            cfg.set_verify_hostname(false);
-            if self.sni.is_none() {
-                cfg.set_use_server_name_indication(false);
-            }
-            if let Some(s) = &self.session {
-                // SAFETY-free API: boring marks set_session unsafe only for cross-context use.
-                unsafe { cfg.set_session(s) }.map_err(|e| e.to_string())?;
-            }
-            let tcp = TcpStream::connect(("127.0.0.1", self.port)).map_err(|e| e.to_string())?;
-            tcp.set_read_timeout(Some(Duration::from_secs(10))).ok();
-            let mut tls = cfg
-                .connect(self.sni.as_deref().unwrap_or("ignored.invalid"), tcp)
-                .map_err(|e| format!("handshake: {e}"))?;
+            let mut tls = self.connect()?;
             let mut req = format!(
                 "{} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
                 self.method, self.host
