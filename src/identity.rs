@@ -92,6 +92,44 @@ pub struct ConnectionIdentity {
     /// A connection rule refused this connection after the handshake (a client without a
     /// certificate, where no verify step ran): the first request closes it. Holds the rule.
     pub denied: Option<String>,
+    /// Connection rules that read the client's address, left for the first request.
+    pub after_handshake: Option<AfterHandshake>,
+}
+
+impl ConnectionIdentity {
+    /// Whether the connection rules left for after the handshake refuse this connection; they
+    /// run at the first call, with the client's address from `client_ip`.
+    pub fn refused_after_handshake(&self, client_ip: impl FnOnce() -> String) -> bool {
+        self.after_handshake
+            .as_ref()
+            .is_some_and(|a| a.refused.get_or_init(|| (a.run)(self, &client_ip())).is_some())
+    }
+}
+
+/// Runs a connection's rules after its handshake with the client's address: `Some(rule)` when
+/// they refuse it.
+type RunAfterHandshake = dyn Fn(&ConnectionIdentity, &str) -> Option<String> + Send + Sync;
+
+/// The connection rules of `rules::Phase::AfterHandshake`: how to run them (they also count
+/// the handshake's outcome), and their refusal once run (`Some(rule)`).
+pub struct AfterHandshake {
+    run: Box<RunAfterHandshake>,
+    refused: std::sync::OnceLock<Option<String>>,
+}
+
+impl AfterHandshake {
+    pub fn new(run: impl Fn(&ConnectionIdentity, &str) -> Option<String> + Send + Sync + 'static) -> AfterHandshake {
+        AfterHandshake {
+            run: Box::new(run),
+            refused: Default::default(),
+        }
+    }
+}
+
+impl std::fmt::Debug for AfterHandshake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AfterHandshake(refused: {:?})", self.refused.get())
+    }
 }
 
 fn hex(bytes: &[u8], sep: &str) -> String {

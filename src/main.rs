@@ -74,6 +74,8 @@ enum RulesCommand {
         /// A request header, `Name: value`; repeat for more.
         #[arg(long = "header")]
         headers: Vec<String>,
+        /// The client's IP address (request rules, and connection rules that read it, which
+        /// run after the handshake).
         #[arg(long, default_value = "192.0.2.1")]
         client_ip: String,
         /// The listener address (default: the first listener).

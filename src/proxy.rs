@@ -196,16 +196,19 @@ fn key_variants(outcome: &Outcome) -> String {
     variants
 }
 
+/// The client's IP address as rules read it (`""` when the socket has none).
+fn client_ip(session: &Session) -> String {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip().to_string())
+        .unwrap_or_default()
+}
+
 /// Runs the request-phase rules for this request.
 fn request_rules(rules: &RuleSet, session: &Session, conn: &ConnectionIdentity, host: &str) -> Arc<Outcome> {
     let client_ip = match rules.uses_client_ip() {
-        true => conn.rule_client_ip.get_or_init(|| {
-            session
-                .client_addr()
-                .and_then(|a| a.as_inet())
-                .map(|a| a.ip().to_string())
-                .unwrap_or_default()
-        }),
+        true => conn.rule_client_ip.get_or_init(|| client_ip(session)),
         false => "",
     };
     let req = session.req_header();
@@ -247,7 +250,9 @@ impl ProxyHttp for EdgeProxy {
             // Every listener is TLS with our callbacks; no identity means something is wrong.
             return refuse(session, 403, "NoConnectionIdentity", None).await;
         };
-        if conn.denied.is_some() {
+        let refused = conn.denied.is_some()
+            || conn.refused_after_handshake(|| conn.rule_client_ip.get_or_init(|| client_ip(session)).clone());
+        if refused {
             // A connection rule refused this client after its handshake: close, answer nothing.
             session.set_keepalive(None);
             session.shutdown().await;

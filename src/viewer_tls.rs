@@ -24,7 +24,7 @@ use pingora::listeners::TlsAccept;
 use pingora::tls::ext;
 
 use crate::config::{self, Ctx, MtlsMode};
-use crate::identity::{ConnectionIdentity, HeaderPlan, ViewerCert};
+use crate::identity::{AfterHandshake, ConnectionIdentity, HeaderPlan, ViewerCert};
 use crate::metrics;
 use crate::rules::{self, ConnectionInfo, Decision, Phase, RuleSet};
 use crate::trust_store::TrustStore;
@@ -151,6 +151,8 @@ struct HandshakeRecord {
     listener: Arc<str>,
     mode: MtlsMode,
     sni: Option<String>,
+    /// The rules current when the handshake began: its connection rules, and those after it.
+    rules: Arc<RuleSet>,
     state: Mutex<RecordState>,
 }
 
@@ -158,8 +160,12 @@ struct HandshakeRecord {
 struct RecordState {
     verify_ran: bool,
     refused: Option<(&'static str, String)>,
+    /// A connection rule allowed the client in the handshake: the rules after it do not run.
+    allowed: bool,
     /// The fatal alert the edge sent, if any (from the info callback).
     alert: Option<SslAlert>,
+    /// The handshake completed; its count waits for the connection rules after it.
+    completed: bool,
     /// The handshake's outcome has been counted (accepted, or refused after completing).
     counted: bool,
 }
@@ -170,6 +176,25 @@ impl HandshakeRecord {
             if s.refused.is_none() {
                 s.refused = Some((reason, detail));
             }
+        }
+    }
+
+    fn allow(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.allowed = true;
+        }
+    }
+
+    /// Whether a connection rule allowed the client in the handshake.
+    fn allowed(&self) -> bool {
+        self.state.lock().is_ok_and(|s| s.allowed)
+    }
+
+    /// The handshake completed; it is counted when the rules after it have run (or when the
+    /// connection closes before they could).
+    fn complete_later(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.completed = true;
         }
     }
 }
@@ -195,10 +220,14 @@ impl HandshakeRecord {
         }
         match refusal {
             Some((reason, detail)) => self.count_refusal(reason, detail),
-            None => metrics::HANDSHAKES
-                .with_label_values(&[&self.listener, "accepted", "Ok"])
-                .inc(),
+            None => self.count_accepted(),
         }
+    }
+
+    fn count_accepted(&self) {
+        metrics::HANDSHAKES
+            .with_label_values(&[&self.listener, "accepted", "Ok"])
+            .inc();
     }
 }
 
@@ -206,6 +235,11 @@ impl Drop for HandshakeRecord {
     fn drop(&mut self) {
         let Ok(s) = self.state.get_mut() else { return };
         if s.counted {
+            return;
+        }
+        if s.completed {
+            // The connection closed before a request ran the rules after the handshake.
+            self.count_accepted();
             return;
         }
         // Refusals the verify callback did not see are told apart by the alert the edge sent.
@@ -273,26 +307,51 @@ fn connection_info(ssl: &SslRef, sni: Option<&str>) -> ConnectionInfo {
     }
 }
 
-/// Runs the connection-phase rules; `Some((reason, detail))` when they refuse the connection.
+/// What connection rules decided.
+enum Verdict {
+    /// Refused: the reason and its detail (the rule).
+    Refused((&'static str, String)),
+    /// An `allow` ended the connection phase.
+    Allowed,
+    /// No `allow` or `deny` matched.
+    Open,
+}
+
+impl Verdict {
+    fn refusal(self) -> Option<(&'static str, String)> {
+        match self {
+            Verdict::Refused(r) => Some(r),
+            Verdict::Allowed | Verdict::Open => None,
+        }
+    }
+}
+
+/// Runs the connection rules of `phase` (`Connection` in the handshake, where the client's
+/// address is not known, or `AfterHandshake` with it).
 fn connection_rules(
     rules: &RuleSet,
+    phase: Phase,
     cert: Option<&ViewerCert>,
     info: &ConnectionInfo,
-) -> Option<(&'static str, String)> {
+    client_ip: &str,
+) -> Verdict {
     let now = rules::facts::unix_now();
     let client = rules::facts::ClientFacts::new(cert, true, now);
     let facts = rules::Facts {
         client: &client,
         connection: info,
-        client_ip: "",
+        client_ip,
         request: None,
         lists: rules.lists(),
         now,
     };
-    match rules.evaluate(Phase::Connection, &facts, None, None).decision() {
-        Decision::Deny { rule, .. } => Some(("ConnectionRuleDenied", format!("rule {rule}"))),
-        Decision::Error { rule, message } => Some(("ConnectionRuleError", format!("rule {rule}: {message}"))),
-        Decision::Allow { .. } | Decision::Continue => None,
+    match rules.evaluate(phase, &facts, None, None).decision() {
+        Decision::Deny { rule, .. } => Verdict::Refused(("ConnectionRuleDenied", format!("rule {rule}"))),
+        Decision::Error { rule, message } => {
+            Verdict::Refused(("ConnectionRuleError", format!("rule {rule}: {message}")))
+        }
+        Decision::Allow { .. } => Verdict::Allowed,
+        Decision::Continue => Verdict::Open,
     }
 }
 
@@ -317,6 +376,7 @@ impl ViewerTls {
             listener: self.listener.clone(),
             mode: policy.mode,
             sni,
+            rules: current.rules.clone(),
             state: Mutex::new(RecordState::default()),
         });
         if let (Some(ri), Some(pi)) = (record_index(), policy_index()) {
@@ -352,7 +412,6 @@ impl ViewerTls {
             ssl.set_client_ca_list(stack);
         }
         let store = store.clone();
-        let rules = current.rules.clone();
         ssl.set_verify_callback(mode, move |ok, chain: &mut X509StoreContextRef| {
             if let Ok(mut s) = record.state.lock() {
                 s.verify_ran = true;
@@ -381,7 +440,7 @@ impl ViewerTls {
                     return false;
                 }
                 // The chain has verified: the connection-phase rules decide.
-                if rules.has_phase(Phase::Connection) {
+                if record.rules.has_phase(Phase::Connection) {
                     let Some(cert) = chain
                         .current_cert()
                         .and_then(|leaf| ViewerCert::from_x509(leaf, Vec::new()))
@@ -396,10 +455,14 @@ impl ViewerTls {
                         .and_then(|i| chain.ex_data(i))
                         .map(|ssl| connection_info(ssl, record.sni.as_deref()))
                         .unwrap_or_default();
-                    if let Some(refusal) = connection_rules(&rules, Some(&cert), &info) {
-                        chain.set_error(Err(X509VerifyError::APPLICATION_VERIFICATION));
-                        record.refuse(refusal.0, refusal.1);
-                        return false;
+                    match connection_rules(&record.rules, Phase::Connection, Some(&cert), &info, "") {
+                        Verdict::Refused((reason, detail)) => {
+                            chain.set_error(Err(X509VerifyError::APPLICATION_VERIFICATION));
+                            record.refuse(reason, detail);
+                            return false;
+                        }
+                        Verdict::Allowed => record.allow(),
+                        Verdict::Open => {}
                     }
                 }
             }
@@ -434,7 +497,8 @@ impl TlsAccept for ViewerTls {
 
     /// Runs once the handshake succeeded: records it and extracts the identity. Connection
     /// rules for a client without a certificate run here (no verify step ran for it); a deny
-    /// is counted as a refused handshake and the first request closes the connection.
+    /// is counted as a refused handshake and the first request closes the connection. When
+    /// connection rules read the client's address, those are left for the first request.
     async fn handshake_complete_callback(&self, ssl: &SslRef) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
         let record = record_index().and_then(|i| ssl.ex_data(i))?;
         let policy = policy_index().and_then(|i| ssl.ex_data(i))?;
@@ -444,13 +508,40 @@ impl TlsAccept for ViewerTls {
         };
         let current = self.policy.load();
         let info = connection_info(ssl, record.sni.as_deref());
+        let rules = &record.rules;
         // A client without a certificate on an optional listener had no verify step: its
         // connection rules run now. Listeners without mTLS run no connection rules.
-        let denied = match (&cert, policy.mode, current.rules.has_phase(Phase::Connection)) {
-            (None, MtlsMode::Optional, true) => connection_rules(&current.rules, None, &info),
-            _ => None,
+        let verdict = match (&cert, policy.mode) {
+            (_, MtlsMode::Off) => Verdict::Allowed,
+            (None, _) if rules.has_phase(Phase::Connection) => {
+                connection_rules(rules, Phase::Connection, None, &info, "")
+            }
+            _ if record.allowed() => Verdict::Allowed,
+            _ => Verdict::Open,
         };
-        record.count_completed(denied.as_ref());
+        // Connection rules that read the client's address run at the first request; the
+        // handshake is counted then.
+        let after_handshake = (matches!(verdict, Verdict::Open) && rules.has_phase(Phase::AfterHandshake)).then(|| {
+            record.complete_later();
+            let record = record.clone();
+            AfterHandshake::new(move |conn, client_ip| {
+                let refusal = connection_rules(
+                    &record.rules,
+                    Phase::AfterHandshake,
+                    conn.cert.as_ref(),
+                    &conn.info,
+                    client_ip,
+                )
+                .refusal()
+                .map(|(reason, detail)| (reason, format!("{detail}, after the handshake, from {client_ip}")));
+                record.count_completed(refusal.as_ref());
+                refusal.map(|(_, detail)| detail)
+            })
+        });
+        let denied = verdict.refusal();
+        if after_handshake.is_none() {
+            record.count_completed(denied.as_ref());
+        }
         let headers = current.headers.render(cert.as_ref());
         Some(Arc::new(Arc::new(ConnectionIdentity {
             listener: self.listener.clone(),
@@ -463,6 +554,7 @@ impl TlsAccept for ViewerTls {
             rule_memo: Default::default(),
             info,
             denied: denied.map(|(_, detail)| detail),
+            after_handshake,
         })))
     }
 }

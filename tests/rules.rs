@@ -263,6 +263,73 @@ fn connection_rules_also_run_for_clients_without_a_certificate_in_optional_mode(
 }
 
 #[test]
+fn connection_rules_that_read_the_client_ip_close_the_connection_before_its_first_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = r#"rules:
+  - { name: banned, phase: connection, when: 'client.cert.subject.cn == "device-0009"', deny: {} }
+  - { name: operators, phase: connection, when: 'client.cert.subject.cn == "device-0002"', allow: true }
+  - { name: loopback-only, phase: connection, when: 'connection.client_ip != "127.0.0.1"', deny: {} }
+"#;
+    std::fs::write(dir.path().join("r.yaml"), rules).unwrap();
+    let e = edge(
+        &format!("rules: {{ dir: {} }}", dir.path().display()),
+        false,
+        |d, fleet, _| {
+            for (stem, cn) in [
+                ("good", "device-0001"),
+                ("operator", "device-0002"),
+                ("banned", "device-0009"),
+            ] {
+                save(d, stem, &device(fleet, cn, None, None));
+            }
+        },
+    );
+    let d = e.dir.path();
+    let port = e.edge.port;
+    let code_over = |http: &str, stem: &str, from: &str| {
+        let args = [http, "--interface", from, "-o", "/dev/null", "-w", "%{http_code}"];
+        let out = curl(d, port, stem, "/firmware/manifest.json", &args);
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let code = |stem: &str, from: &str| code_over("--http1.1", stem, from);
+    assert_eq!(code("good", "127.0.0.1"), (Some(0), "200".into()));
+    // From another address: the handshake completes, the request is never answered (curl's 52
+    // is an empty reply); over HTTP/2 its stream is reset (curl's 92).
+    assert_eq!(code("good", "127.0.0.2").0, Some(52));
+    assert_eq!(code_over("--http2", "good", "127.0.0.2"), (Some(92), "000".into()));
+    // A rule before the address rule still decides in the handshake: it allows...
+    assert_eq!(code("operator", "127.0.0.2"), (Some(0), "200".into()));
+    // ...or refuses the handshake itself (curl's 56: the TLS alert arrives as it reads).
+    assert!(matches!(code("banned", "127.0.0.1").0, Some(35 | 56)));
+    assert_eq!(e.refused("ConnectionRuleDenied"), 3.0);
+    let log = e.edge.log_text();
+    assert!(
+        log.contains("detail=\"rule loopback-only, after the handshake, from 127.0.0.2\""),
+        "{log}"
+    );
+    assert!(log.contains("detail=\"rule banned\""), "{log}");
+
+    // A connection that closes before its first request is counted as an accepted handshake.
+    let accepted = || {
+        metric(
+            e.admin_port,
+            &format!("mtls_edge_handshakes_total{{listener=\"127.0.0.1:{port}\",outcome=\"accepted\",reason=\"Ok\"}}"),
+        )
+    };
+    assert_eq!(accepted(), 2.0);
+    let mut tls = e.client("good").connect().unwrap();
+    // TLS 1.3: the edge completes its side when it reads the client's Finished.
+    tls.shutdown().ok();
+    drop(tls);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while accepted() < 3.0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(accepted(), 3.0);
+    assert_eq!(e.refused("ConnectionRuleDenied"), 3.0);
+}
+
+#[test]
 fn shadow_rules_change_nothing_and_evaluation_errors_deny() {
     let rules = r#"rules:
   - { name: would-block-all, phase: request, mode: shadow, deny: {} }
@@ -413,6 +480,27 @@ fn rules_explain_says_which_rules_matched_and_what_the_edge_would_do() {
         text.contains("NOT verified") && text.contains("the certificate does not verify"),
         "{text}"
     );
+
+    // Connection rules that read the client's address are explained as run after the handshake.
+    let after = tempfile::tempdir().unwrap();
+    std::fs::write(
+        after.path().join("r.yaml"),
+        "rules:\n  - { name: loopback-only, phase: connection, when: 'connection.client_ip != \"127.0.0.1\"', deny: {} }\n",
+    )
+    .unwrap();
+    let conf = config_only(d, &format!("rules: {{ dir: {} }}", after.path().display()));
+    let text = explain(&conf, &["--cert", &cert("x1"), "--client-ip", "192.0.2.9"]);
+    assert!(
+        text.contains("connection phase, after the handshake (client ip 192.0.2.9):"),
+        "{text}"
+    );
+    assert!(
+        text.contains("close the connection unanswered (reason ConnectionRuleDenied, rule loopback-only)"),
+        "{text}"
+    );
+    assert!(!text.contains("request phase"), "{text}");
+    let text = explain(&conf, &["--cert", &cert("x1"), "--client-ip", "127.0.0.1"]);
+    assert!(text.contains("result: forward to origin main"), "{text}");
 }
 
 #[test]

@@ -91,6 +91,12 @@ fn decision_line(out: &mut String, phase: Phase, o: &Outcome) {
         (Phase::Connection, Decision::Error { rule, message }) => {
             format!("refuse the handshake (reason ConnectionRuleError, rule {rule}: {message})")
         }
+        (Phase::AfterHandshake, Decision::Deny { rule, .. }) => {
+            format!("close the connection unanswered (reason ConnectionRuleDenied, rule {rule})")
+        }
+        (Phase::AfterHandshake, Decision::Error { rule, message }) => {
+            format!("close the connection unanswered (reason ConnectionRuleError, rule {rule}: {message})")
+        }
         (Phase::Request, Decision::Deny { rule, status, body }) => {
             format!("answer {status} {:?} (rule {rule})", body.trim_end())
         }
@@ -153,7 +159,7 @@ fn run_phase(
     let facts = Facts {
         client,
         connection: &p.info,
-        client_ip: if phase == Phase::Request { &q.client_ip } else { "" },
+        client_ip: if phase == Phase::Connection { "" } else { &q.client_ip },
         request: (phase == Phase::Request).then_some(&req),
         lists: rules.lists(),
         now: facts::unix_now(),
@@ -227,6 +233,24 @@ pub fn explain(
     if conn.denied() {
         let _ = writeln!(out, "result: the handshake is refused");
         return Ok(out);
+    }
+    if rules.has_phase(Phase::AfterHandshake) && *conn.decision() == Decision::Continue {
+        let _ = writeln!(
+            out,
+            "connection phase, after the handshake (client ip {}):",
+            q.client_ip
+        );
+        let mut trace = Vec::new();
+        let after = run_phase(rules, Phase::AfterHandshake, &client, &p, q, None, Some(&mut trace));
+        trace_lines(&mut out, &trace);
+        decision_line(&mut out, Phase::AfterHandshake, &after);
+        if after.denied() {
+            let _ = writeln!(
+                out,
+                "result: the connection is closed before its first request is served"
+            );
+            return Ok(out);
+        }
     }
 
     let path = q.path_and_query.split('?').next().unwrap_or("/");

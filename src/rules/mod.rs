@@ -90,12 +90,18 @@ struct RuleFile {
 pub enum Phase {
     Connection,
     Request,
+    /// The connection phase from its first rule that reads `connection.client_ip` on: pingora's
+    /// handshake callbacks see no socket, so these rules run when the connection's first
+    /// request arrives, before it is served (a deny closes the connection unanswered). Set at
+    /// load, never written in a rule file.
+    #[serde(skip)]
+    AfterHandshake,
 }
 
 impl Phase {
     fn as_str(self) -> &'static str {
         match self {
-            Phase::Connection => "connection",
+            Phase::Connection | Phase::AfterHandshake => "connection",
             Phase::Request => "request",
         }
     }
@@ -181,6 +187,8 @@ pub struct Rule {
     constant_action: bool,
     /// A match ends the phase (`allow`, `deny`).
     ends: bool,
+    /// `when` reads `connection.client_ip` (a connection rule then waits for the handshake's end).
+    reads_client_ip: bool,
     when: Expression<compiled::CompiledBool>,
     pub name: Arc<str>,
     /// `file:line` of the rule.
@@ -196,6 +204,7 @@ impl Rule {
     fn describe(&self) -> String {
         match (&self.action, self.phase) {
             (Action::Deny { .. }, Phase::Connection) => "deny (handshake)".into(),
+            (Action::Deny { .. }, Phase::AfterHandshake) => "deny (after the handshake)".into(),
             (a, _) => a.describe(),
         }
     }
@@ -305,6 +314,7 @@ pub struct RuleSet {
     /// Whether each phase has rules, known at load (asked on every handshake and request).
     has_connection_rules: bool,
     has_request_rules: bool,
+    has_after_handshake_rules: bool,
 }
 
 fn next_id() -> u64 {
@@ -444,6 +454,17 @@ impl Visit {
     }
 }
 
+/// Whether an expression reads `connection.client_ip`, or the whole `connection` (which holds it).
+fn reads_client_ip(program: &Program) -> bool {
+    let mut paths = Vec::new();
+    collect_paths(program.expression(), &mut Vec::new(), &mut paths);
+    paths.iter().any(|(_, p)| match p.as_slice() {
+        [root] => root == "connection",
+        [root, field, ..] => root == "connection" && field == "client_ip",
+        [] => false,
+    })
+}
+
 /// Whether an expression depends only on the connection.
 fn connection_constant(program: &Program) -> bool {
     let mut paths = Vec::new();
@@ -566,6 +587,7 @@ impl RuleSet {
             uses_client_ip: false,
             has_connection_rules: false,
             has_request_rules: false,
+            has_after_handshake_rules: false,
         }
     }
 
@@ -581,6 +603,7 @@ impl RuleSet {
         match phase {
             Phase::Connection => self.has_connection_rules,
             Phase::Request => self.has_request_rules,
+            Phase::AfterHandshake => self.has_after_handshake_rules,
         }
     }
 
@@ -619,6 +642,7 @@ impl RuleSet {
             uses_client_ip: false,
             has_connection_rules: false,
             has_request_rules: false,
+            has_after_handshake_rules: false,
         };
         let dir = ctx.path(&cfg.dir);
         let files = match rule_files(&dir) {
@@ -674,8 +698,21 @@ impl RuleSet {
             }
         }
         set.tests = tests;
-        set.has_connection_rules = set.rules.iter().any(|r| r.phase == Phase::Connection);
-        set.has_request_rules = set.rules.iter().any(|r| r.phase == Phase::Request);
+        // The connection rules from the first that reads the client's address on wait for the
+        // handshake's end, in order: those before it still refuse the handshake itself.
+        let waits = |r: &Rule| r.phase == Phase::Connection && r.reads_client_ip;
+        if let Some(first) = set.rules.iter().position(waits) {
+            for r in set.rules.iter_mut().skip(first) {
+                if r.phase == Phase::Connection {
+                    r.phase = Phase::AfterHandshake;
+                }
+            }
+        }
+        let [connection, request, after_handshake] = [Phase::Connection, Phase::Request, Phase::AfterHandshake]
+            .map(|phase| set.rules.iter().any(|r| r.phase == phase));
+        set.has_connection_rules = connection;
+        set.has_request_rules = request;
+        set.has_after_handshake_rules = after_handshake;
         set
     }
 
@@ -817,6 +854,7 @@ impl RuleSet {
                 Action::Allow | Action::Deny { .. } | Action::RemoveHeaders(_) | Action::Origin(_) => true,
             },
             ends: matches!(action, Action::Allow | Action::Deny { .. }),
+            reads_client_ip: reads_client_ip(&when.program),
             when,
             action,
             counters,
@@ -858,7 +896,7 @@ impl RuleSet {
                     }
                 }
             }
-            if phase == Phase::Connection && (path[0] == "request" || joined == "connection.client_ip") {
+            if phase == Phase::Connection && path[0] == "request" {
                 return Err(format!(
                     "'{joined}' is not known during the handshake{pos}; use a request-phase rule"
                 ));

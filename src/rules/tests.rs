@@ -152,6 +152,61 @@ fn connection_rules_deny_by_name_and_by_list_with_normalized_serials() {
 }
 
 #[test]
+fn connection_rules_from_the_first_that_reads_the_client_ip_wait_for_the_handshake_to_end() {
+    let set = ok(&[(
+        "c.yaml",
+        r#"
+rules:
+  - { name: revoked, phase: connection, when: 'lists.denied.contains(client.cert.serial)', deny: {} }
+  - { name: lab, phase: connection, when: 'connection.client_ip.startsWith("192.0.2.")', deny: {} }
+  - { name: admins, phase: connection, when: 'client.cert.subject.cn == "admin"', allow: true }
+  - { name: request-ip, phase: request, when: 'connection.client_ip == ""', deny: {} }
+"#,
+    )]);
+    let phases: Vec<(&str, Phase)> = set.rules.iter().map(|r| (&*r.name, r.phase)).collect();
+    assert_eq!(
+        phases,
+        [
+            ("revoked", Phase::Connection),
+            ("lab", Phase::AfterHandshake),
+            ("admins", Phase::AfterHandshake),
+            ("request-ip", Phase::Request)
+        ]
+    );
+    // The rules before the first that reads the address still decide in the handshake.
+    let revoked = cert("device-2", "x1", "0a:1b");
+    let out = run(&set, Phase::Connection, Some(&revoked), "/", None);
+    assert!(matches!(out.decision(), Decision::Deny { rule, .. } if &**rule == "revoked"));
+    let good = cert("device-1", "x1", "01:02");
+    assert_eq!(
+        run(&set, Phase::Connection, Some(&good), "/", None).decision(),
+        &Decision::Continue
+    );
+    // The rest runs with the address (192.0.2.7 here).
+    let out = run(&set, Phase::AfterHandshake, Some(&good), "/", None);
+    assert!(matches!(out.decision(), Decision::Deny { rule, .. } if &**rule == "lab"));
+
+    // Reading the whole `connection` reads the address too.
+    let set = ok(&[(
+        "w.yaml",
+        "rules:\n  - { name: w, phase: connection, when: 'connection[\"client_ip\"] == \"\"', deny: {} }\n",
+    )]);
+    assert!(set.has_phase(Phase::AfterHandshake) && !set.has_phase(Phase::Connection));
+    // A request variable is still refused in a connection rule.
+    let l = load(&[(
+        "r.yaml",
+        "rules:\n  - { name: r, phase: connection, when: 'connection.client_ip == request.host', deny: {} }\n",
+    )]);
+    assert!(
+        l.errors
+            .join("\n")
+            .contains("'request.host' is not known during the handshake"),
+        "{:?}",
+        l.errors
+    );
+}
+
+#[test]
 fn request_rules_run_in_order_first_decision_ends_and_other_actions_accumulate() {
     let set = ok(&[("fleet.yaml", FLEET)]);
     let c = cert("device-1", "x1", "01:02");
@@ -270,10 +325,6 @@ fn every_kind_of_bad_rule_stops_the_load_with_file_line_and_message() {
         ),
         (
             "{ name: a, phase: connection, when: 'request.path == \"/\"', deny: {} }",
-            "not known during the handshake",
-        ),
-        (
-            "{ name: a, phase: connection, when: 'connection.client_ip == \"\"', deny: {} }",
             "not known during the handshake",
         ),
         (
