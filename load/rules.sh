@@ -8,10 +8,14 @@
 #  3. the cached 1 KiB load (ab -k, keep-alive mTLS) against two edges, one without rules and
 #     one with the 20 rules, alternating: requests per second and server CPU per request.
 #     Both edges are pinned to CPU 1 and ab to CPU 0: unpinned, two identical edges differ by
-#     5% on this 2-core machine depending on where the scheduler puts them.
-#   load/rules.sh [rounds]
+#     5% on this 2-core machine depending on where the scheduler puts them. Each round runs
+#     both edges back to back; the change is also given per round, and its median over the
+#     rounds: other tenants of this VM slow one stretch of a run, which then weighs on one pair
+#     of measurements instead of on one edge's median.
+#   load/rules.sh [rounds] [requests-per-round]
 source "$(dirname "$0")/lib.sh"
 ROUNDS=${1:-6}
+REQUESTS=${2:-20000}
 command -v ab >/dev/null || { echo "needs ab (apache2-utils)" >&2; exit 1; }
 python3 - "$D/revoked.txt" <<'PY'
 import random, sys
@@ -50,7 +54,7 @@ for port in 8443 8445; do # warm both caches
   ab -q -n 2 -c 1 -E "$D/ab-client.pem" "https://localhost:$port/files/small.bin?size=1024" >/dev/null 2>&1
 done
 run() { # name port pid
-  local before after out n=20000
+  local before after out n=$REQUESTS
   before=$(ticks "$3")
   out=$(taskset -c 0 ab -q -k -n $n -c 8 -E "$D/ab-client.pem" "https://localhost:$2/files/small.bin?size=1024" 2>&1)
   after=$(ticks "$3")
@@ -70,3 +74,5 @@ median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] 
 for e in no-rules 20-rules; do
   printf "%-12s %12.1f %14.1f\n" $e "$(awk -v e=$e '$1 == e {print $3}' "$D/rows" | median)" "$(awk -v e=$e '$1 == e {print $4}' "$D/rows" | median)"
 done
+echo "change per round, median: $(awk '$1 == "no-rules" { a[$2] = $3 } $1 == "20-rules" { b[$2] = $3 }
+  END { for (r in a) printf "%.2f\n", (b[r] - a[r]) / a[r] * 100 }' "$D/rows" | median)%"
