@@ -63,9 +63,8 @@ pub struct CompiledBool {
 impl Tests {
     /// Whether `c` holds; `None` when, before the chain is decided, one of its closures fails or
     /// a header's value would have to be built ([`Tests::eval`] then gives CEL's answer and the
-    /// error). Every request runs this, inlined
-    /// into its loop over the rules (the tables' addresses are then loaded once a request);
-    /// other callers take [`Tests::holds_once`].
+    /// error). Every request runs this, inlined into its loop over the rules (the tables'
+    /// addresses are then loaded once a request); other callers take [`Tests::holds_once`].
     #[inline(always)]
     pub fn holds(&self, c: CompiledBool, f: &Facts) -> Option<bool> {
         let tests = self.tests.get(c.start as usize..)?.get(..usize::from(c.len))?;
@@ -153,7 +152,8 @@ impl Tests {
         false
     }
 
-    /// Short strings are searched directly, long ones with the searcher built at load (`str::contains` would build one per call).
+    /// Short strings are searched directly, long ones with the searcher built at load
+    /// (`str::contains` would build one per call).
     #[inline(always)]
     fn contains(&self, v: &[u8], finder: u16, at: u32) -> bool {
         let lit = self.lit(&mut (at as usize));
