@@ -330,6 +330,49 @@ fn connection_rules_that_read_the_client_ip_close_the_connection_before_its_firs
 }
 
 #[test]
+fn connection_rule_errors_refuse_in_the_handshake_and_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = r#"rules:
+  - { name: bad-name, phase: connection, when: 'client.cert.subject.cn == "device-0003" && int(client.cert.subject.cn) > 0', deny: {} }
+  - { name: bad-address, phase: connection, when: 'client.cert.subject.cn == "device-0004" && int(connection.client_ip) > 0', deny: {} }
+"#;
+    std::fs::write(dir.path().join("r.yaml"), rules).unwrap();
+    let e = edge(
+        &format!("rules: {{ dir: {} }}", dir.path().display()),
+        false,
+        |d, fleet, _| {
+            for (stem, cn) in [
+                ("good", "device-0001"),
+                ("three", "device-0003"),
+                ("four", "device-0004"),
+            ] {
+                save(d, stem, &device(fleet, cn, None, None));
+            }
+        },
+    );
+    assert_eq!(e.client("good").get("/firmware/manifest.json").unwrap().status, 200);
+    // In the handshake: refused.
+    assert!(e.client("three").get("/firmware/manifest.json").is_err());
+    // After it: the handshake completes and the request is not answered.
+    let r = e.client("four").get("/firmware/manifest.json");
+    assert!(
+        r.as_ref().is_err_and(|e| e.contains("read")),
+        "{:?}",
+        r.map(|r| r.status)
+    );
+    assert_eq!(e.refused("ConnectionRuleError"), 2.0);
+    let log = e.edge.log_text();
+    assert!(
+        log.contains("reason=ConnectionRuleError detail=\"rule bad-name:"),
+        "{log}"
+    );
+    assert!(
+        log.contains("reason=ConnectionRuleError detail=\"rule bad-address:"),
+        "{log}"
+    );
+}
+
+#[test]
 fn shadow_rules_change_nothing_and_evaluation_errors_deny() {
     let rules = r#"rules:
   - { name: would-block-all, phase: request, mode: shadow, deny: {} }
