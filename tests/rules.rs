@@ -99,13 +99,20 @@ fn edge(rules_yaml: &str, beta: bool, make: impl FnOnce(&Path, &Ca, &Ca)) -> Edg
 
 /// An edge whose only rule file holds `rules` (YAML), with one fleet device, `good`.
 fn edge_with_rule_file(rules: &str) -> (tempfile::TempDir, Edge) {
+    edge_with_rules_and_devices(rules, &[("good", "device-0001")])
+}
+
+/// An edge whose only rule file holds `rules` (YAML), with fleet devices `(stem, CN)`.
+fn edge_with_rules_and_devices(rules: &str, devices: &[(&str, &str)]) -> (tempfile::TempDir, Edge) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("r.yaml"), rules).unwrap();
     let e = edge(
         &format!("rules: {{ dir: {} }}", dir.path().display()),
         false,
         |d, fleet, _| {
-            save(d, "good", &device(fleet, "device-0001", None, None));
+            for (stem, cn) in devices {
+                save(d, stem, &device(fleet, cn, None, None));
+            }
         },
     );
     (dir, e)
@@ -264,25 +271,18 @@ fn connection_rules_also_run_for_clients_without_a_certificate_in_optional_mode(
 
 #[test]
 fn connection_rules_that_read_the_client_ip_close_the_connection_before_its_first_request() {
-    let dir = tempfile::tempdir().unwrap();
     let rules = r#"rules:
   - { name: banned, phase: connection, when: 'client.cert.subject.cn == "device-0009"', deny: {} }
   - { name: operators, phase: connection, when: 'client.cert.subject.cn == "device-0002"', allow: true }
   - { name: loopback-only, phase: connection, when: 'connection.client_ip != "127.0.0.1"', deny: {} }
 "#;
-    std::fs::write(dir.path().join("r.yaml"), rules).unwrap();
-    let e = edge(
-        &format!("rules: {{ dir: {} }}", dir.path().display()),
-        false,
-        |d, fleet, _| {
-            for (stem, cn) in [
-                ("good", "device-0001"),
-                ("operator", "device-0002"),
-                ("banned", "device-0009"),
-            ] {
-                save(d, stem, &device(fleet, cn, None, None));
-            }
-        },
+    let (_rules_dir, e) = edge_with_rules_and_devices(
+        rules,
+        &[
+            ("good", "device-0001"),
+            ("operator", "device-0002"),
+            ("banned", "device-0009"),
+        ],
     );
     let d = e.dir.path();
     let port = e.edge.port;
@@ -331,24 +331,17 @@ fn connection_rules_that_read_the_client_ip_close_the_connection_before_its_firs
 
 #[test]
 fn connection_rule_errors_refuse_in_the_handshake_and_after_it() {
-    let dir = tempfile::tempdir().unwrap();
     let rules = r#"rules:
   - { name: bad-name, phase: connection, when: 'client.cert.subject.cn == "device-0003" && int(client.cert.subject.cn) > 0', deny: {} }
   - { name: bad-address, phase: connection, when: 'client.cert.subject.cn == "device-0004" && int(connection.client_ip) > 0', deny: {} }
 "#;
-    std::fs::write(dir.path().join("r.yaml"), rules).unwrap();
-    let e = edge(
-        &format!("rules: {{ dir: {} }}", dir.path().display()),
-        false,
-        |d, fleet, _| {
-            for (stem, cn) in [
-                ("good", "device-0001"),
-                ("three", "device-0003"),
-                ("four", "device-0004"),
-            ] {
-                save(d, stem, &device(fleet, cn, None, None));
-            }
-        },
+    let (_rules_dir, e) = edge_with_rules_and_devices(
+        rules,
+        &[
+            ("good", "device-0001"),
+            ("three", "device-0003"),
+            ("four", "device-0004"),
+        ],
     );
     assert_eq!(e.client("good").get("/firmware/manifest.json").unwrap().status, 200);
     // In the handshake: refused.
