@@ -27,6 +27,8 @@ pub struct ViewerCert {
     pub issuer: String,
     /// Lowercase hex of the serial's bytes, colon-separated (CloudFront's form).
     pub serial: String,
+    /// The same without colons or leading zeros (`"0"` for zero): the form rules see.
+    pub serial_hex: String,
     /// Lowercase hex SHA-256 of the DER.
     pub sha256: String,
     /// Unix seconds.
@@ -81,13 +83,9 @@ pub struct ConnectionIdentity {
     pub cert: Option<ViewerCert>,
     /// Identity headers for the origin, rendered once per connection.
     pub headers: Vec<(HeaderName, HeaderValue)>,
-    /// What rules see of the connection: the client record (built once) and SNI, TLS, ALPN.
-    /// Built at the first request that runs request rules: a connection pays nothing for rules
-    /// when there are none.
-    pub rule_client: std::sync::OnceLock<crate::rules::facts::ClientFacts>,
     /// The client's IP address as rules read it, formatted at the first request that needs it.
     pub rule_client_ip: std::sync::OnceLock<String>,
-    pub rule_memo: crate::rules::ConnectionMemo,
+    /// What rules see of the connection besides the certificate: SNI, TLS version, ALPN.
     pub info: crate::rules::ConnectionInfo,
     /// A connection rule refused this connection after the handshake (a client without a
     /// certificate, where no verify step ran): the first request closes it. Holds the rule.
@@ -141,6 +139,15 @@ fn hex(bytes: &[u8], sep: &str) -> String {
         s.push_str(&format!("{b:02x}"));
     }
     s
+}
+
+/// A serial's bytes as rules read it: lowercase hex without leading zeros (`"0"` for zero).
+pub fn serial_hex(bytes: &[u8]) -> String {
+    let hex = hex(bytes, "");
+    match hex.trim_start_matches('0') {
+        "" => "0".into(),
+        t => t.into(),
+    }
 }
 
 fn rfc2253(name: &X509NameRef) -> String {
@@ -215,6 +222,7 @@ impl ViewerCert {
             subject: rfc2253(leaf.subject_name()),
             issuer: rfc2253(leaf.issuer_name()),
             serial: hex(&serial, ":"),
+            serial_hex: serial_hex(&serial),
             sha256: hex(&sha256, ""),
             not_before: unix_time(leaf.not_before())?,
             not_after: unix_time(leaf.not_after())?,
@@ -364,6 +372,14 @@ mod tests {
     fn serial_is_colon_hex() {
         assert_eq!(hex(&[0x4d, 0x00, 0xff], ":"), "4d:00:ff");
         assert_eq!(hex(&[0xab, 0x01], ""), "ab01");
+    }
+
+    #[test]
+    fn rules_read_serials_without_colons_or_leading_zeros() {
+        assert_eq!(serial_hex(&[0x00, 0x0a, 0x1b]), "a1b");
+        assert_eq!(serial_hex(&[0x00]), "0");
+        assert_eq!(serial_hex(&[]), "0");
+        assert_eq!(serial_hex(&[0x4d, 0x00]), "4d00");
     }
 
     #[test]

@@ -101,7 +101,7 @@ pub struct RequestCtx {
     not_modified: bool,
     /// What the request-phase rules decided: header changes toward the origin, in rule order,
     /// and what goes into the cache key (shared by a connection's requests that decide alike).
-    rules: Option<Arc<Outcome>>,
+    rules: Option<Outcome>,
 }
 
 /// The identity the handshake recorded for this connection (HTTP/1.1 and HTTP/2 alike).
@@ -206,7 +206,7 @@ fn client_ip(session: &Session) -> String {
 }
 
 /// Runs the request-phase rules for this request.
-fn request_rules(rules: &RuleSet, session: &Session, conn: &ConnectionIdentity, host: &str) -> Arc<Outcome> {
+fn request_rules(rules: &RuleSet, session: &Session, conn: &ConnectionIdentity, host: &str) -> Outcome {
     let client_ip = match rules.uses_client_ip() {
         true => conn.rule_client_ip.get_or_init(|| client_ip(session)),
         false => "",
@@ -219,18 +219,16 @@ fn request_rules(rules: &RuleSet, session: &Session, conn: &ConnectionIdentity, 
         query: req.uri.query().unwrap_or(""),
         headers: &req.headers,
     };
-    let now = rules::facts::unix_now();
     let facts = rules::Facts {
-        client: conn
-            .rule_client
-            .get_or_init(|| rules::facts::ClientFacts::new(conn.cert.as_ref(), true, now)),
+        cert: conn.cert.as_ref(),
+        verified: true,
         connection: &conn.info,
         client_ip,
         request: Some(&info),
         lists: rules.lists(),
-        now,
+        now: rules::facts::unix_now(),
     };
-    rules.evaluate(Phase::Request, &facts, Some(&conn.rule_memo), None)
+    rules.evaluate(&[Phase::Request], &facts, None)
 }
 
 #[async_trait]
@@ -332,11 +330,8 @@ impl ProxyHttp for EdgeProxy {
     fn cache_key_callback(&self, session: &Session, ctx: &mut RequestCtx) -> Result<CacheKey> {
         let uri = &session.req_header().uri;
         let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
-        let variants = ctx
-            .rules
-            .as_ref()
-            .map_or("", |o| o.cache_variants.get_or_init(|| key_variants(o)));
-        Ok(cache::key(&ctx.host, path_and_query, variants))
+        let variants = ctx.rules.as_ref().map(key_variants).unwrap_or_default();
+        Ok(cache::key(&ctx.host, path_and_query, &variants))
     }
 
     /// The request that fills the cache writes to its client through pingora's cancel-safe task

@@ -335,17 +335,16 @@ fn connection_rules(
     info: &ConnectionInfo,
     client_ip: &str,
 ) -> Verdict {
-    let now = rules::facts::unix_now();
-    let client = rules::facts::ClientFacts::new(cert, true, now);
     let facts = rules::Facts {
-        client: &client,
+        cert,
+        verified: true,
         connection: info,
         client_ip,
         request: None,
         lists: rules.lists(),
-        now,
+        now: rules::facts::unix_now(),
     };
-    match rules.evaluate(phase, &facts, None, None).decision() {
+    match rules.evaluate(&[phase], &facts, None).decision() {
         Decision::Deny { rule, .. } => Verdict::Refused(("ConnectionRuleDenied", format!("rule {rule}"))),
         Decision::Error { rule, message } => {
             Verdict::Refused(("ConnectionRuleError", format!("rule {rule}: {message}")))
@@ -549,9 +548,7 @@ impl TlsAccept for ViewerTls {
             sni_policy: policy.sni_name.clone(),
             cert,
             headers,
-            rule_client: Default::default(),
             rule_client_ip: Default::default(),
-            rule_memo: Default::default(),
             info,
             denied: denied.map(|(_, detail)| detail),
             after_handshake,

@@ -3,8 +3,6 @@
 //! would do. Operators test a policy with it before they ship it.
 
 use std::fmt::Write as _;
-use std::sync::Arc;
-
 use boring::stack::Stack;
 use boring::x509::{X509StoreContext, X509};
 
@@ -142,12 +140,11 @@ fn prepare(q: &Query) -> Result<Prepared, String> {
 fn run_phase(
     rules: &RuleSet,
     phase: Phase,
-    client: &facts::ClientFacts,
+    verified: bool,
     p: &Prepared,
     q: &Query,
-    memo: Option<&super::ConnectionMemo>,
     trace: Option<&mut Vec<Step>>,
-) -> Arc<Outcome> {
+) -> Outcome {
     let (path, query) = q.path_and_query.split_once('?').unwrap_or((&q.path_and_query, ""));
     let req = RequestInfo {
         method: &q.method,
@@ -157,14 +154,15 @@ fn run_phase(
         headers: &p.headers,
     };
     let facts = Facts {
-        client,
+        cert: Some(&p.cert),
+        verified,
         connection: &p.info,
         client_ip: if phase == Phase::Connection { "" } else { &q.client_ip },
         request: (phase == Phase::Request).then_some(&req),
         lists: rules.lists(),
         now: facts::unix_now(),
     };
-    rules.evaluate(phase, &facts, memo, trace)
+    rules.evaluate(&[phase], &facts, trace)
 }
 
 /// Bytes walked between two requests of the cold run: several times the L2 cache, so rule code
@@ -178,12 +176,10 @@ const EVICT_BYTES: usize = 8 << 20;
 /// runs, only the evaluation timed).
 pub fn bench(rules: &RuleSet, q: &Query, iterations: u32) -> Result<(f64, f64), String> {
     let p = prepare(q)?;
-    let client = facts::ClientFacts::new(Some(&p.cert), true, facts::unix_now());
-    let memo = super::ConnectionMemo::default();
     let mut denied = 0u32;
     let mut once = || {
         let started = std::time::Instant::now();
-        denied += u32::from(run_phase(rules, Phase::Request, &client, &p, q, Some(&memo), None).denied());
+        denied += u32::from(run_phase(rules, Phase::Request, true, &p, q, None).denied());
         started.elapsed()
     };
     let hot: std::time::Duration = (0..iterations).map(|_| once()).sum();
@@ -216,14 +212,13 @@ pub fn explain(
 ) -> Result<String, String> {
     let p = prepare(q)?;
     let (verified, verdict) = verify(store, &p.chain);
-    let client = facts::ClientFacts::new(Some(&p.cert), verified, facts::unix_now());
     let mut out = String::new();
     let _ = writeln!(out, "certificate: {} (serial {})", p.cert.subject, p.cert.serial);
     let _ = writeln!(out, "  issuer {}; {verdict}", p.cert.issuer);
 
     let _ = writeln!(out, "connection phase (sni {}):", q.sni.as_deref().unwrap_or("none"));
     let mut trace = Vec::new();
-    let conn = run_phase(rules, Phase::Connection, &client, &p, q, None, Some(&mut trace));
+    let conn = run_phase(rules, Phase::Connection, verified, &p, q, Some(&mut trace));
     trace_lines(&mut out, &trace);
     decision_line(&mut out, Phase::Connection, &conn);
     if !verified {
@@ -241,7 +236,7 @@ pub fn explain(
             q.client_ip
         );
         let mut trace = Vec::new();
-        let after = run_phase(rules, Phase::AfterHandshake, &client, &p, q, None, Some(&mut trace));
+        let after = run_phase(rules, Phase::AfterHandshake, verified, &p, q, Some(&mut trace));
         trace_lines(&mut out, &trace);
         decision_line(&mut out, Phase::AfterHandshake, &after);
         if after.denied() {
@@ -261,7 +256,7 @@ pub fn explain(
         return Ok(out);
     };
     let mut trace = Vec::new();
-    let outcome = run_phase(rules, Phase::Request, &client, &p, q, None, Some(&mut trace));
+    let outcome = run_phase(rules, Phase::Request, verified, &p, q, Some(&mut trace));
     trace_lines(&mut out, &trace);
     decision_line(&mut out, Phase::Request, &outcome);
     if outcome.denied() {

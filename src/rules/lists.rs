@@ -89,17 +89,6 @@ pub fn serial_key(s: &str) -> Option<[u8; MAX_SERIAL + 1]> {
     Some(key)
 }
 
-/// The serial form rules see as `client.cert.serial`: lowercase hex, no colons, no leading zeros
-/// (`"0"` for zero). Any length: only lists are limited to RFC 5280's 20 bytes.
-pub fn normalize_serial(s: &str) -> Option<String> {
-    let digits: String = s.trim().chars().filter(|c| *c != ':').collect();
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    let trimmed = digits.trim_start_matches('0').to_ascii_lowercase();
-    Some(if trimmed.is_empty() { "0".into() } else { trimmed })
-}
-
 fn sha256_key(s: &str) -> Option<[u8; 32]> {
     let mut key = [0u8; 32];
     (pack_hex(s, false, &mut key)? == 64).then_some(key)
@@ -299,14 +288,6 @@ mod tests {
         assert!(list.contains("FF:00"));
         assert!(!list.contains("0a1b2d"));
         assert!(!list.contains("not hex"));
-        assert_eq!(normalize_serial("00:0A:1b").as_deref(), Some("a1b"));
-        assert_eq!(normalize_serial("00").as_deref(), Some("0"));
-        let long = "AB:".repeat(24) + "CD";
-        assert_eq!(
-            normalize_serial(&long).map(|s| s.len()),
-            Some(50),
-            "no length limit for display"
-        );
     }
 
     #[test]

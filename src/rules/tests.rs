@@ -1,8 +1,11 @@
 //! Rule loading, checking and evaluation semantics (no sockets: the socket tests are in
 //! tests/rules.rs).
 
+use super::load::RuleFile;
 use super::*;
+use crate::config::Ctx;
 use crate::identity::{NameParts, ViewerCert};
+use cel::{Context, Value};
 
 struct Loaded {
     _dir: tempfile::TempDir,
@@ -36,9 +39,14 @@ fn ok(files: &[(&str, &str)]) -> RuleSet {
 }
 
 fn cert(cn: &str, ou: &str, serial: &str) -> ViewerCert {
+    let digits: String = serial.chars().filter(|c| *c != ':').collect();
     ViewerCert {
         subject: format!("CN={cn},OU={ou},O=Example"),
         serial: serial.into(),
+        serial_hex: match digits.trim_start_matches('0').to_ascii_lowercase() {
+            t if t.is_empty() => "0".into(),
+            t => t,
+        },
         not_after: 86_400 * 30,
         subject_parts: NameParts {
             cn: cn.into(),
@@ -49,10 +57,10 @@ fn cert(cn: &str, ou: &str, serial: &str) -> ViewerCert {
     }
 }
 
-/// Calls `f` with the facts of a request for `path` by `client`, on a connection to
+/// Calls `f` with the facts of a request for `path` by a client with `cert`, on a connection to
 /// fleet.example from 192.0.2.7, with `x-count: abc`, `x-count: def` and `x-name: héllo`, at
 /// `now`.
-fn with_facts<T>(set: &RuleSet, client: &facts::ClientFacts, path: &str, now: i64, f: impl FnOnce(&Facts) -> T) -> T {
+fn with_facts<T>(set: &RuleSet, cert: Option<&ViewerCert>, path: &str, now: i64, f: impl FnOnce(&Facts) -> T) -> T {
     let info = ConnectionInfo {
         sni: "fleet.example".into(),
         tls_version: "TLSv1.3".into(),
@@ -70,7 +78,8 @@ fn with_facts<T>(set: &RuleSet, client: &facts::ClientFacts, path: &str, now: i6
         headers: &headers,
     };
     f(&Facts {
-        client,
+        cert,
+        verified: true,
         connection: &info,
         client_ip: "192.0.2.7",
         request: Some(&req),
@@ -86,9 +95,8 @@ fn run(
     cert: Option<&ViewerCert>,
     path: &str,
     trace: Option<&mut Vec<Step>>,
-) -> Arc<Outcome> {
-    let client = facts::ClientFacts::new(cert, true, 0);
-    with_facts(set, &client, path, 0, |facts| set.evaluate(phase, facts, None, trace))
+) -> Outcome {
+    with_facts(set, cert, path, 0, |facts| set.evaluate(&[phase], facts, trace))
 }
 
 const FLEET: &str = r#"
@@ -393,176 +401,32 @@ fn a_multi_line_condition_error_names_the_line_in_the_expression() {
     assert!(all.contains("expression line 2, column 1"), "{all}");
 }
 
+/// Every rule whose condition held is counted per request (shadow rules as would_match), and
+/// the access log learns which rules applied.
 #[test]
-fn a_connection_memo_keeps_certificate_conditions_and_reevaluates_request_ones() {
-    let set = ok(&[("fleet.yaml", FLEET)]);
-    assert!(set
-        .rules
-        .iter()
-        .find(|r| &*r.name == "beta")
-        .is_some_and(|r| r.constant));
-    assert!(set
-        .rules
-        .iter()
-        .find(|r| &*r.name == "own-model-only")
-        .is_some_and(|r| !r.constant));
-    let c = cert("device-1", "x1", "01:02");
-    let client = facts::ClientFacts::new(Some(&c), true, 0);
-    let memo = ConnectionMemo::default();
-    let on = |path: &str| {
-        with_facts(&set, &client, path, 0, |facts| {
-            set.evaluate(Phase::Request, facts, Some(&memo), None)
-                .decision()
-                .clone()
-        })
-    };
-    // The same connection asks for its own model, then another's: the path is re-evaluated.
-    assert!(matches!(on("/firmware/x1/a.bin"), Decision::Allow { .. }));
-    assert!(matches!(on("/firmware/x2/a.bin"), Decision::Deny { rule, .. } if &*rule == "own-model-only"));
-    assert!(matches!(on("/firmware/x1/a.bin"), Decision::Allow { .. }));
-}
-
-/// A connection's memo (kept conditions, shared outcomes) gives exactly what evaluating the rules
-/// afresh gives: header changes in rule order (a connection's value, a per-request value, a
-/// removal), cohorts, errors and decisions.
-#[test]
-fn a_connection_memo_decides_as_a_fresh_evaluation_would() {
-    let set = ok(&[(
-        "m.yaml",
-        r#"rules:
-  - { name: model, phase: request, set_headers: { X-Model: client.cert.subject.ou } }
-  - { name: path, phase: request, set_headers: { X-Path: request.path } }
-  - { name: not-mine, phase: request, when: 'client.cert.subject.ou == "x2"', set_headers: { X-Model: '"x2"' } }
-  - { name: private-net, phase: request, when: 'connection.client_ip.startsWith("10.")', deny: {} }
-  - { name: drop, phase: request, remove_headers: [X-Path] }
-  - { name: cohort, phase: request, when: client.cert.present, cache_cohort: client.cert.subject.ou + "-" + request.method }
-  - { name: bad, phase: request, when: 'request.path == "/bad"', set_headers: { X-Bad: client.cert.subject.ou + "\n" } }
-  - { name: deny-other, phase: request, when: 'request.path.startsWith("/other")', deny: { status: 404 } }
-  - { name: allow, phase: request, allow: true }
-"#,
-    )]);
-    let kept = |name: &str| {
-        set.rules
-            .iter()
-            .any(|r| &*r.name == name && r.constant && r.constant_action)
-    };
-    // The client IP is the connection's too: a request-phase condition on it is kept.
-    assert!(kept("model") && kept("drop") && kept("allow") && kept("not-mine") && kept("private-net"));
-    assert!(!kept("path") && !kept("cohort") && !kept("bad"));
-    let c = cert("device-1", "x1", "01:02");
-    let client = facts::ClientFacts::new(Some(&c), true, 0);
-    let memo = ConnectionMemo::default();
-    let view = |o: &Outcome| {
-        let headers: Vec<String> = o
-            .headers
-            .iter()
-            .map(|h| match h {
-                HeaderOp::Set(n, v) => format!("{n}={}", v.to_str().unwrap_or("?")),
-                HeaderOp::Remove(n) => format!("-{n}"),
-            })
-            .collect();
-        (o.decision().clone(), headers, o.cohort.clone())
-    };
-    for path in ["/a", "/b", "/other/x", "/bad", "/a"] {
-        let (memoized, fresh) = with_facts(&set, &client, path, 0, |facts| {
-            (
-                view(&set.evaluate(Phase::Request, facts, Some(&memo), None)),
-                view(&set.evaluate(Phase::Request, facts, None, None)),
-            )
-        });
-        assert_eq!(memoized, fresh, "{path}");
-        match path {
-            "/other/x" => assert!(matches!(memoized.0, Decision::Deny { status: 404, .. })),
-            "/bad" => assert!(matches!(memoized.0, Decision::Error { .. })),
-            _ => {
-                assert!(matches!(memoized.0, Decision::Allow { .. }), "{path}");
-                let want = ["x-model=x1".to_string(), format!("x-path={path}"), "-x-path".into()];
-                assert_eq!(memoized.1, want);
-                assert_eq!(memoized.2.as_deref(), Some("x1-GET"));
-            }
-        }
-    }
-    // Requests whose conditions decide alike share one outcome when every effect is the
-    // connection's; each still counts its matches.
+fn each_request_counts_the_rules_that_matched() {
     let set = ok(&[(
         "s.yaml",
         r#"rules:
-  - { name: shared-model, phase: request, set_headers: { X-Model: client.cert.subject.ou } }
-  - { name: shared-beta, phase: request, when: 'request.path.startsWith("/beta/")', cache_cohort: '"beta-" + client.cert.subject.ou' }
-  - { name: shared-shadow, phase: request, mode: shadow, when: 'request.path == "/a"', deny: {} }
-  - { name: shared-deny, phase: request, when: 'request.path.startsWith("/no/")', deny: {} }
-  - { name: shared-allow, phase: request, allow: true }
+  - { name: counted-model, phase: request, set_headers: { X-Model: client.cert.subject.ou } }
+  - { name: counted-shadow, phase: request, mode: shadow, when: 'request.path == "/a"', deny: {} }
+  - { name: counted-allow, phase: request, allow: true }
 "#,
     )]);
-    let memo = ConnectionMemo::default();
     let counter = |rule: &str, outcome: &str| {
         crate::metrics::RULE_EVALUATIONS
             .with_label_values(&["request", rule, outcome])
             .get()
     };
-    let (mut model, shadow) = (
-        counter("shared-model", "matched"),
-        counter("shared-shadow", "would_match"),
-    );
-    let mut outcomes = Vec::new();
-    for path in ["/a", "/a", "/b", "/beta/x", "/beta/y", "/no/x", "/no/y"] {
-        let (memoized, fresh) = with_facts(&set, &client, path, 0, |facts| {
-            (
-                set.evaluate(Phase::Request, facts, Some(&memo), None),
-                set.evaluate(Phase::Request, facts, None, None),
-            )
-        });
-        assert_eq!(view(&memoized), view(&fresh), "{path}");
-        outcomes.push(memoized);
+    let (model, shadow) = (counter("counted-model", "matched"), counter("counted-shadow", "would_match"));
+    let c = cert("device-1", "x1", "01:02");
+    for path in ["/a", "/a", "/b"] {
+        let out = run(&set, Phase::Request, Some(&c), path, None);
+        let matched: Vec<&str> = out.matched.iter().map(|r| &**r).collect();
+        assert_eq!(matched, ["counted-model", "counted-allow"], "{path}");
     }
-    let same = |a: usize, b: usize| Arc::ptr_eq(&outcomes[a], &outcomes[b]);
-    // The connection keeps its first few outcomes. "/a" twice decides alike; "/b" does not (the
-    // shadow rule changes nothing, but it is another match); "/beta/x" and "/beta/y" alike;
-    // denials are made afresh.
-    assert!(same(0, 1) && !same(1, 2) && !same(2, 3) && same(3, 4) && !same(5, 6));
-    let again = with_facts(&set, &client, "/a", 0, |facts| {
-        set.evaluate(Phase::Request, facts, Some(&memo), None)
-    });
-    assert!(Arc::ptr_eq(&again, &outcomes[0]), "an earlier outcome is shared again");
-    model += 1;
-    assert_eq!(outcomes[3].cohort.as_deref(), Some("beta-x1"));
-    assert!(matches!(outcomes[5].decision(), Decision::Deny { .. }));
-    // Seven requests, each evaluated twice (memoized and fresh): every one counted, those that
-    // shared an outcome when the connection closes (or every 64 requests).
-    drop(memo);
-    assert_eq!(counter("shared-model", "matched") - model, 14);
-
-    // A long-lived connection's counts arrive in batches while it lasts.
-    let memo = ConnectionMemo::default();
-    let before = counter("shared-allow", "matched");
-    for _ in 0..70 {
-        with_facts(&set, &client, "/b", 0, |facts| {
-            set.evaluate(Phase::Request, facts, Some(&memo), None)
-        });
-    }
-    // The first request made the outcome (counted then), 64 of the next 69 came as a batch.
-    assert_eq!(counter("shared-allow", "matched") - before, 65);
-    drop(memo);
-    assert_eq!(counter("shared-allow", "matched") - before, 70);
-    // "/a" twice both ways, then once more: a shadow match is counted (and logged) as it happens.
-    assert_eq!(counter("shared-shadow", "would_match") - shadow, 5);
-
-    // An effect of the connection that fails fails every request, by the rule's name.
-    let set = ok(&[(
-        "e.yaml",
-        r#"rules:
-  - { name: bad-kept, phase: request, set_headers: { X-Bad: client.cert.subject.ou + "\n" } }
-"#,
-    )]);
-    let memo = ConnectionMemo::default();
-    for _ in 0..2 {
-        let d = with_facts(&set, &client, "/", 0, |facts| {
-            set.evaluate(Phase::Request, facts, Some(&memo), None)
-                .decision()
-                .clone()
-        });
-        assert!(matches!(d, Decision::Error { rule, .. } if &*rule == "bad-kept"));
-    }
+    assert_eq!(counter("counted-model", "matched") - model, 3);
+    assert_eq!(counter("counted-shadow", "would_match") - shadow, 2);
 }
 
 /// Every condition of the shipped examples and of the benchmark's 20 rules, plus edge cases:
@@ -619,13 +483,12 @@ fn compiled_conditions_agree_with_the_cel_interpreter() {
         .iter()
         .filter(|src| agrees_with_the_interpreter(&set, src))
         .count();
-    // Everything but the comprehension (`exists`) is in the compiled subset.
-    assert_eq!(compiled, sources.len() - 1, "{sources:#?}");
+    // Everything, the comprehension (`exists`) over SANs included, is in the tree's subset.
+    assert_eq!(compiled, sources.len(), "{sources:#?}");
 }
 
-/// Checks that `src`, compiled, gives what the cel interpreter gives (errors included) for
-/// three clients and five paths, and that the request path decides alike or not at all (when a
-/// closure fails first, the full evaluation decides). False when `src` is not compiled.
+/// Checks that `src`, compiled to a tree, gives what the cel interpreter gives (errors included)
+/// for three clients and five paths. False when `src` is not in the tree's subset.
 fn agrees_with_the_interpreter(set: &RuleSet, src: &str) -> bool {
     let certs = [
         Some(cert("device-1", "x1", "0a:1b")),
@@ -639,25 +502,16 @@ fn agrees_with_the_interpreter(set: &RuleSet, src: &str) -> bool {
         "/files/../etc",
         "/firmware/images/x1/a-name-longer-than-sixty-four-bytes-0123456789/a.bin",
     ];
-    let program = set.env.compile(src).unwrap();
-    let mut tests = compiled::Tests::default();
-    let Some(fast) = compiled::compile_bool(program.expression(), &set.lists, &mut tests) else {
+    let reference = condition::Condition::Cel(Box::new(set.env.compile(src).unwrap()));
+    let tree = condition::Condition::compile(set.env.compile(src).unwrap(), &set.lists);
+    if tree.interpreted() {
         return false;
-    };
+    }
     for c in &certs {
-        let client = facts::ClientFacts::new(c.as_ref(), true, 0);
         for path in paths {
-            with_facts(set, &client, path, 86_400, |facts| {
-                let mut ctx = Context::with_env(set.env.clone());
-                ctx.set_variable_resolver(facts);
-                let reference = match program.execute(&ctx) {
-                    Ok(Value::Bool(b)) => Ok(b),
-                    other => Err(format!("{other:?}")),
-                };
-                let got = tests.eval(fast, facts);
-                if let Some(h) = tests.holds(fast, facts) {
-                    assert_eq!(Ok(h), got, "{src} on {path}: holds");
-                }
+            with_facts(set, c.as_ref(), path, 86_400, |facts| {
+                let reference = reference.eval(&set.env, facts);
+                let got = tree.eval(&set.env, facts);
                 assert_eq!(
                     got.is_ok(),
                     reference.is_ok(),
@@ -779,7 +633,6 @@ fn a_header_value_that_is_not_utf8_still_reads_as_present() {
         "h.yaml",
         "rules:\n  - { name: no-debug, phase: request, when: 'request.headers[\"x-debug\"] != \"\"', deny: {} }\n",
     )]);
-    let client = facts::ClientFacts::new(None, true, 0);
     let mut headers = http::HeaderMap::new();
     headers.insert("x-debug", HeaderValue::from_bytes(b"on\xff").unwrap());
     let req = RequestInfo {
@@ -791,14 +644,15 @@ fn a_header_value_that_is_not_utf8_still_reads_as_present() {
     };
     let info = ConnectionInfo::default();
     let facts = Facts {
-        client: &client,
+        cert: None,
+        verified: true,
         connection: &info,
         client_ip: "",
         request: Some(&req),
         lists: &set.lists,
         now: 0,
     };
-    assert!(set.evaluate(Phase::Request, &facts, None, None).denied());
+    assert!(set.evaluate(&[Phase::Request], &facts, None).denied());
     // The interpreter reads it the same way.
     let program = set.env.compile("request.headers[\"x-debug\"] != \"\"").unwrap();
     let mut ctx = Context::with_env(set.env.clone());
