@@ -1,6 +1,6 @@
-//! The admin listener: Prometheus text on `/metrics`, a liveness answer on `/healthz`, and
-//! cache purges (`POST /cache/purge?url=…` or `?prefix=…`). It is plain HTTP and belongs on a
-//! loopback or management address.
+//! The admin listener: Prometheus text on `/metrics`, a liveness answer on `/healthz`, a reload
+//! (`POST /reload`) and cache purges (`POST /cache/purge?url=…` or `?prefix=…`). It is plain HTTP
+//! and belongs on a loopback or management address.
 
 use async_trait::async_trait;
 use http::{Response, StatusCode};
@@ -11,10 +11,12 @@ use pingora::services::listening::Service;
 use std::sync::Arc;
 
 use crate::cache::SharedCache;
-use crate::metrics;
+use crate::reload::{self, Reloader};
+use crate::{logs, metrics};
 
 pub struct AdminApp {
     cache: Option<Arc<SharedCache>>,
+    reloader: Arc<Reloader>,
 }
 
 /// A purge target as the cache keys it: `host/path?query`, from that form or a full URL
@@ -75,6 +77,42 @@ impl AdminApp {
     }
 }
 
+impl AdminApp {
+    /// Builds and swaps a new state: 200 with its generation, or 422 with every error (the
+    /// running state stays).
+    async fn reload(&self, method: &http::Method) -> Response<Vec<u8>> {
+        if method != http::Method::POST {
+            return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", b"use POST\n".to_vec());
+        }
+        match reload::reload_blocking(&self.reloader, "admin").await {
+            Ok(generation) => reply(
+                StatusCode::OK,
+                "application/json",
+                format!("{{\"generation\":{generation}}}\n").into_bytes(),
+            ),
+            Err(errors) => {
+                let list: Vec<String> = errors
+                    .0
+                    .iter()
+                    .map(|e| {
+                        format!(
+                            "{{\"file\":{},\"key\":{},\"reason\":{}}}",
+                            logs::json(&e.file.display().to_string()),
+                            logs::json(&e.key),
+                            logs::json(&e.reason)
+                        )
+                    })
+                    .collect();
+                reply(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "application/json",
+                    format!("{{\"errors\":[{}]}}\n", list.join(",")).into_bytes(),
+                )
+            }
+        }
+    }
+}
+
 fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
@@ -92,6 +130,10 @@ impl ServeHttp for AdminApp {
         let req = session.req_header();
         match req.uri.path() {
             "/cache/purge" => self.purge(&req.method, req.uri.query()),
+            "/reload" => {
+                let method = req.method.clone();
+                self.reload(&method).await
+            }
             "/metrics" => {
                 if let Some(c) = &self.cache {
                     c.update_gauges();
@@ -105,8 +147,8 @@ impl ServeHttp for AdminApp {
 }
 
 /// The admin service listening on `address`.
-pub fn service(address: &str, cache: Option<Arc<SharedCache>>) -> Service<AdminApp> {
-    let mut svc = Service::new("admin".to_string(), AdminApp { cache });
+pub fn service(address: &str, cache: Option<Arc<SharedCache>>, reloader: Arc<Reloader>) -> Service<AdminApp> {
+    let mut svc = Service::new("admin".to_string(), AdminApp { cache, reloader });
     svc.add_tcp(address);
     svc
 }

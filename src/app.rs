@@ -1,108 +1,57 @@
-//! Config → a running edge. Compiles every stage (trust stores, listener policies, origins,
-//! routes, header plan) before anything listens, so that `-t` and start-up share one path and
-//! a bad file never half-starts.
+//! A built state → a running edge: pingora's server with the proxy on every listener, the admin
+//! listener, the reload triggers and the upgrade-aware signals. Also the commands that read a
+//! built state without running it (`rules explain`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
-use pingora::server::configuration::ServerConf;
+use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server};
+use pingora::services::background::background_service;
 use pingora::services::ServiceWithDependents;
 
 use crate::cache::SharedCache;
-use crate::config::{self, ConfigErrors, Ctx};
-use crate::identity::HeaderPlan;
-use crate::origin;
-use crate::proxy::{EdgeProxy, ProxyState, Route};
-use crate::rules::{explain, RuleSet};
-use crate::trust_store;
-use crate::viewer_tls::{self, ListenerPolicy};
-use crate::{admin, metrics};
+use crate::config::ConfigErrors;
+use crate::proxy::EdgeProxy;
+use crate::reload::{Reloader, Triggers};
+use crate::rules::explain;
+use crate::state::{self, Live};
+use crate::upgrade::Signals;
+use crate::viewer_tls::{self, HandshakeState};
+use crate::{admin, logs, metrics};
 
-/// A compiled edge, ready to run.
+/// A built edge, ready to run.
 pub struct Edge {
-    pub conf: config::Config,
-    listeners: Vec<(Arc<str>, Arc<ArcSwap<ListenerPolicy>>, bool)>,
-    state: Arc<ArcSwap<ProxyState>>,
+    live: Arc<Live>,
+    config: PathBuf,
 }
 
-/// Loads and compiles a config file, reporting every error it finds.
+/// Builds the state from a config file, reporting every error it finds.
 pub fn build(path: &Path) -> Result<Edge, ConfigErrors> {
-    let conf = config::load(path)?;
-    let mut ctx = Ctx::new(path);
-    let stores = trust_store::build_all(&mut ctx, &conf.trust_stores);
-    let headers = Arc::new(HeaderPlan::new(&conf.identity_headers));
-    let rules = Arc::new(match &conf.rules {
-        Some(r) => {
-            let origin_names: Vec<&str> = conf.origins.keys().map(String::as_str).collect();
-            RuleSet::load(&mut ctx, r, &origin_names, &|h| headers.is_identity(h))
-        }
-        None => RuleSet::empty(),
-    });
-    let mut listeners: Vec<(Arc<str>, Arc<ArcSwap<ListenerPolicy>>, bool)> = Vec::new();
-    for (i, l) in conf.listeners.iter().enumerate() {
-        if let Some(p) = viewer_tls::build_policy(&mut ctx, i, l, &stores, headers.clone(), rules.clone()) {
-            listeners.push((
-                Arc::from(l.address.as_str()),
-                Arc::new(ArcSwap::from_pointee(p)),
-                l.http2,
-            ));
-        }
-    }
-    let origins: std::collections::BTreeMap<_, _> = conf
-        .origins
-        .iter()
-        .filter_map(|(name, o)| origin::build(&mut ctx, name, o).map(|o| (name.clone(), Arc::new(o))))
-        .collect();
-    let routes = conf
-        .routes
-        .iter()
-        .filter_map(|r| {
-            Some(Route {
-                host: r.host.as_ref().map(|h| h.to_ascii_lowercase()),
-                path_prefix: r.path_prefix.clone(),
-                origin: origins.get(&r.origin)?.clone(),
-                access: r.access,
-                cache_ttl: r.cache.as_ref().map(|c| c.default_ttl_secs),
-            })
-        })
-        .collect();
-    ctx.finish()?;
-    let state = ProxyState::new(
-        routes,
-        headers,
-        listeners.iter().map(|(n, p, _)| (n.clone(), p.clone())).collect(),
-        conf.cache.as_ref().map(|c| Arc::new(SharedCache::new(c))),
-        rules,
-        origins,
-    );
     Ok(Edge {
-        conf,
-        listeners,
-        state: Arc::new(ArcSwap::from_pointee(state)),
+        live: Arc::new(Live::new(state::build(path)?)),
+        config: path.to_path_buf(),
     })
 }
 
 impl Edge {
     /// `rules bench`: nanoseconds per request of the request-phase rules for `q`.
     pub fn bench_rules(&self, q: &explain::Query, iterations: u32) -> Result<(f64, f64), String> {
-        explain::bench(&self.state.load().rules, q, iterations)
+        explain::bench(&self.live.load().rules, q, iterations)
     }
 
     /// `rules explain`: the certificate and request `q` through the trust store of `listener`
     /// (default: the first) for the query's SNI, the rules and the routes.
     pub fn explain(&self, listener: Option<&str>, q: &explain::Query) -> Result<String, String> {
+        let state = self.live.load();
         let policy = match listener {
-            Some(name) => self.listeners.iter().find(|(n, _, _)| &**n == name),
-            None => self.listeners.first(),
+            Some(name) => state.listener(name),
+            None => state.listeners.first(),
         }
-        .map(|(_, p, _)| p.load_full())
         .ok_or_else(|| format!("no listener {}", listener.unwrap_or("in the config")))?;
         let tls = policy.select(q.sni.as_deref());
-        let state = self.state.load();
         let route = |host: &str, path: &str| {
-            let r = state.route(Some(host), path);
+            let r = state.routes.find(Some(host), path);
             explain::Routing {
                 route: r.map(|r| r.path_prefix.clone()),
                 origin: r.map(|r| r.origin.name.to_string()),
@@ -112,7 +61,7 @@ impl Edge {
     }
 
     fn server_conf(&self) -> ServerConf {
-        let s = &self.conf.server;
+        let s = &self.live.load().fixed.server;
         let threads = if s.threads == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         } else {
@@ -128,30 +77,59 @@ impl Edge {
         }
     }
 
-    /// Runs the edge (plus `extra` services, e.g. the demo origin) until a shutdown signal.
-    pub fn run(self, extra: Vec<Box<dyn ServiceWithDependents>>) -> pingora::Result<()> {
+    /// Runs the edge (plus `extra` services, e.g. the demo origin) until a shutdown signal. With
+    /// `upgrade`, the listening sockets are taken from the running edge (see `upgrade`).
+    pub fn run(self, upgrade: bool, extra: Vec<Box<dyn ServiceWithDependents>>) -> Result<(), String> {
+        let state = self.live.load_full();
+        let fixed = &state.fixed;
+        logs::configure(&fixed.logging)?;
         metrics::init();
-        let mut server = Server::new_with_opt_and_conf(None, self.server_conf());
+        let opt = Opt {
+            upgrade,
+            ..Opt::default()
+        };
+        let mut server = Server::new_with_opt_and_conf(Some(opt), self.server_conf());
         server.bootstrap();
+        let cache = fixed.cache.as_ref().map(|c| Arc::new(SharedCache::new(c)));
         let mut proxy = pingora::proxy::http_proxy_service_with_name(
             &server.configuration,
             EdgeProxy {
-                state: self.state.clone(),
+                live: self.live.clone(),
+                cache: cache.clone(),
             },
             "mtls-edge",
         );
-        for (name, policy, http2) in &self.listeners {
-            let settings = viewer_tls::tls_settings(name.clone(), policy.clone(), *http2)?;
-            proxy.add_tls_with_settings(name, None, settings);
+        let live = self.live.clone();
+        let current: viewer_tls::Current = Arc::new(move |listener: &str, sni: Option<&str>| {
+            let s = live.load();
+            let policy = s.listener(listener)?.select(sni).clone();
+            Some(HandshakeState {
+                policy,
+                rules: s.rules.clone(),
+                generation: s.generation,
+            })
+        });
+        for socket in &fixed.listeners {
+            let settings = viewer_tls::tls_settings(Arc::from(socket.address.as_str()), current.clone(), socket.http2)
+                .map_err(|e| format!("listener {}: {e}", socket.address))?;
+            proxy.add_tls_with_settings(&socket.address, None, settings);
         }
         server.add_service(proxy);
-        if let Some(a) = &self.conf.admin {
-            server.add_service(admin::service(&a.address, self.state.load().cache.clone()));
+        let reloader = Arc::new(Reloader::new(self.live.clone(), &self.config));
+        if let Some(address) = &fixed.admin {
+            server.add_service(admin::service(address, cache, reloader.clone()));
         }
+        server.add_service(background_service("reload", Triggers { reloader }));
         for s in extra {
             server.add_boxed_service(s);
         }
-        server.run(RunArgs::default());
+        let signals = Signals {
+            upgrade_sock: fixed.server.upgrade_sock.clone(),
+        };
+        server.run(RunArgs {
+            shutdown_signal: Box::new(signals),
+        });
+        logs::flush();
         Ok(())
     }
 }

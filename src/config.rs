@@ -1,15 +1,13 @@
 //! The configuration file: its YAML schema (unknown keys refused), loading, and the checks that
-//! need no certificate parsing. Every error names the file, the key path and the reason.
-//! Certificates, keys and CRLs are compiled later by the modules that own them (`trust_store`,
-//! `viewer_tls`, `origin`), which read them through [`Ctx`] and report errors the same way.
+//! need no other file. Every error names the file, the key path and the reason. This module is a
+//! leaf: it knows nothing of the edge. `state::build` turns a [`File`] into the running state,
+//! reading the certificates, keys, CRLs, rules and lists it names.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use boring::pkey::{PKey, Private};
-use boring::x509::X509;
 use serde::Deserialize;
 
 /// One problem in a configuration file.
@@ -45,22 +43,16 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
-/// Collects errors with the config file's path; resolves relative paths against its directory.
-pub struct Ctx {
+/// Collects the errors found in one configuration file.
+pub struct Report {
     pub file: PathBuf,
-    base: PathBuf,
     pub errors: Vec<ConfigError>,
 }
 
-impl Ctx {
-    pub fn new(file: &Path) -> Ctx {
-        let base = file
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."));
-        Ctx {
+impl Report {
+    pub fn new(file: &Path) -> Report {
+        Report {
             file: file.to_path_buf(),
-            base,
             errors: Vec::new(),
         }
     }
@@ -71,70 +63,6 @@ impl Ctx {
             key: key.into(),
             reason: reason.into(),
         });
-    }
-
-    /// A path from the config, relative to the config file's directory.
-    pub fn path(&self, p: &str) -> PathBuf {
-        let p = Path::new(p);
-        if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            self.base.join(p)
-        }
-    }
-
-    /// Reads a file named by `key`; records an error and returns `None` when it cannot.
-    pub fn read(&mut self, key: &str, p: &str) -> Option<Vec<u8>> {
-        let path = self.path(p);
-        match std::fs::read(&path) {
-            Ok(b) => Some(b),
-            Err(e) => {
-                self.error(key, format!("cannot read {}: {e}", path.display()));
-                None
-            }
-        }
-    }
-
-    /// Reads a PEM chain (leaf first) named by config key `key`.
-    pub fn load_chain(&mut self, key: &str, file: &str) -> Option<Vec<X509>> {
-        let pem = self.read(key, file)?;
-        match X509::stack_from_pem(&pem) {
-            Ok(c) if !c.is_empty() => Some(c),
-            Ok(_) => {
-                self.error(key, format!("{file}: no PEM certificate in the file"));
-                None
-            }
-            Err(e) => {
-                self.error(key, format!("{file}: not a PEM certificate: {e}"));
-                None
-            }
-        }
-    }
-
-    /// Reads a PEM private key named by config key `key`. The key's bytes never reach a message.
-    pub fn load_key(&mut self, key: &str, file: &str) -> Option<PKey<Private>> {
-        let pem = self.read(key, file)?;
-        match PKey::private_key_from_pem(&pem) {
-            Ok(k) => Some(k),
-            Err(_) => {
-                self.error(key, format!("{file}: not a PEM private key"));
-                None
-            }
-        }
-    }
-
-    /// Checks that `pkey` belongs to `leaf`.
-    pub fn check_key_matches(&mut self, key: &str, leaf: &X509, pkey: &PKey<Private>, cert_file: &str) -> Option<()> {
-        let matches = leaf.public_key().map(|p| p.public_eq(pkey)).unwrap_or(false);
-        if matches {
-            Some(())
-        } else {
-            self.error(
-                key,
-                format!("the private key does not match the certificate in {cert_file}"),
-            );
-            None
-        }
     }
 
     pub fn finish(self) -> Result<(), ConfigErrors> {
@@ -149,7 +77,7 @@ impl Ctx {
 /// The whole file. See `conf/edge.yaml` for every option, documented.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Config {
+pub struct File {
     #[serde(default)]
     pub server: ServerSection,
     pub listeners: Vec<Listener>,
@@ -163,10 +91,161 @@ pub struct Config {
     /// The shared cache; without this section nothing is cached.
     pub cache: Option<Cache>,
     /// Lua-free rules (CEL conditions) and the lists they use; without it nothing is evaluated.
-    pub rules: Option<crate::rules::RulesConfig>,
+    pub rules: Option<Rules>,
+    #[serde(default)]
+    pub logging: Logging,
+    #[serde(default)]
+    pub reload: Reload,
+}
+
+/// The `rules:` section.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rules {
+    /// Directory whose `*.yaml` files hold the rules, loaded in file name order.
+    pub dir: String,
+    /// Named lists: `lists.NAME` in conditions.
+    #[serde(default)]
+    pub lists: BTreeMap<String, List>,
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct List {
+    pub file: String,
+    pub kind: ListKind,
+}
+
+/// What a list holds, which decides how its entries are compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ListKind {
+    Serial,
+    Sha256,
+    Text,
+}
+
+/// One rule file (`rules.dir/*.yaml`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleFile {
+    pub rules: Vec<RuleSpec>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RulePhase {
+    Connection,
+    Request,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleMode {
+    #[default]
+    Enforce,
+    Shadow,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSpec {
+    pub name: String,
+    pub phase: RulePhase,
+    #[serde(default = "always")]
+    pub when: String,
+    #[serde(default)]
+    pub mode: RuleMode,
+    // Exactly one action.
+    pub allow: Option<bool>,
+    pub deny: Option<DenySpec>,
+    pub set_headers: Option<BTreeMap<String, String>>,
+    pub remove_headers: Option<Vec<String>>,
+    pub cache_cohort: Option<String>,
+    pub origin: Option<String>,
+}
+
+fn always() -> String {
+    "true".into()
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DenySpec {
+    /// Request phase: the response status (default 403).
+    pub status: Option<u16>,
+    /// Request phase: the response body.
+    pub body: Option<String>,
+}
+
+/// Where the edge's logs go and how they look.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Logging {
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A file to append to; stdout when absent.
+    pub file: Option<String>,
+    /// error, warn, info (default), debug or trace; `RUST_LOG` overrides it.
+    #[serde(default = "info")]
+    pub level: String,
+    /// One line per request.
+    #[serde(default = "yes")]
+    pub access_log: bool,
+}
+
+impl Default for Logging {
+    fn default() -> Self {
+        Logging {
+            format: LogFormat::default(),
+            file: None,
+            level: info(),
+            access_log: true,
+        }
+    }
+}
+
+fn info() -> String {
+    "info".into()
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// JSON lines: what container log pipelines read.
+    #[default]
+    Json,
+    /// `time level message key=value...`, for people.
+    Text,
+}
+
+/// When the running edge reloads its files (it also reloads on SIGHUP and `POST /reload`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reload {
+    /// Reload when a file the config names changes (the config itself, certificates, keys,
+    /// CAs, CRLs, the rules directory and list files).
+    #[serde(default = "yes")]
+    pub watch: bool,
+    /// How often the files are looked at.
+    #[serde(default = "default_watch_interval")]
+    pub watch_interval_ms: u64,
+}
+
+impl Default for Reload {
+    fn default() -> Self {
+        Reload {
+            watch: true,
+            watch_interval_ms: default_watch_interval(),
+        }
+    }
+}
+
+fn default_watch_interval() -> u64 {
+    250
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Cache {
     /// Memory budget for everything the cache holds (stored objects and fills in progress), in
@@ -198,7 +277,7 @@ fn default_lock_timeout() -> u64 {
     10
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerSection {
     /// Worker threads for the proxy service; 0 means one per core.
@@ -287,6 +366,17 @@ fn required() -> MtlsMode {
     MtlsMode::Required
 }
 
+/// What a CRL past its nextUpdate means.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ExpiredCrl {
+    /// The handshakes it covers are refused (reason ClientCertRevocationUnknown).
+    #[default]
+    Refuse,
+    /// Its revocations are still enforced; alert on its nextUpdate metric.
+    Enforce,
+}
+
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum CrlCheck {
@@ -305,6 +395,8 @@ pub struct TrustStore {
     pub crl_files: Vec<String>,
     #[serde(default)]
     pub crl_check: CrlCheck,
+    #[serde(default)]
+    pub expired_crl: ExpiredCrl,
     #[serde(default = "default_depth")]
     pub max_chain_depth: u32,
     #[serde(default)]
@@ -443,15 +535,15 @@ impl Default for IdentityHeaders {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Admin {
     pub address: String,
 }
 
 /// Reads and parses `path`, then runs the checks that need no file other than the config.
-pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-    let mut ctx = Ctx::new(path);
+pub fn load(path: &Path) -> Result<File, ConfigErrors> {
+    let mut ctx = Report::new(path);
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) => {
@@ -463,9 +555,9 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 }
 
 /// Parses YAML text as if it were the file `path`.
-pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
-    let mut ctx = Ctx::new(path);
-    let config: Config = match serde_yaml::from_str(text) {
+pub fn parse(path: &Path, text: &str) -> Result<File, ConfigErrors> {
+    let mut ctx = Report::new(path);
+    let config: File = match serde_yaml::from_str(text) {
         Ok(c) => c,
         Err(e) => {
             // serde_yaml puts the key path first ("listeners[0].mtls: unknown field ...").
@@ -482,8 +574,8 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
     ctx.finish().map(|()| config)
 }
 
-impl Config {
-    fn check(&self, ctx: &mut Ctx) {
+impl File {
+    fn check(&self, ctx: &mut Report) {
         if self.listeners.is_empty() {
             ctx.error("listeners", "at least one listener is required");
         }
@@ -576,6 +668,15 @@ impl Config {
         if let Some(a) = &self.admin {
             check_addr(ctx, "admin.address", &a.address);
         }
+        if self.reload.watch_interval_ms < 10 {
+            ctx.error("reload.watch_interval_ms", "must be at least 10");
+        }
+        if !["error", "warn", "info", "debug", "trace"].contains(&self.logging.level.as_str()) {
+            ctx.error(
+                "logging.level",
+                format!("'{}' is not one of error, warn, info, debug, trace", self.logging.level),
+            );
+        }
         if let Some(c) = &self.cache {
             if c.max_bytes == 0 {
                 ctx.error("cache.max_bytes", "must be more than 0");
@@ -599,7 +700,7 @@ impl Config {
         }
     }
 
-    fn check_mtls(&self, ctx: &mut Ctx, key: &str, m: &Mtls) {
+    fn check_mtls(&self, ctx: &mut Report, key: &str, m: &Mtls) {
         match (&m.trust_store, m.mode) {
             (None, MtlsMode::Off) => {}
             (None, _) => ctx.error(
@@ -634,7 +735,7 @@ impl IdentityHeaders {
         .collect()
     }
 
-    fn check(&self, ctx: &mut Ctx) {
+    fn check(&self, ctx: &mut Report) {
         let mut seen = BTreeMap::new();
         for (k, v) in self.named() {
             if http::HeaderName::from_bytes(v.as_bytes()).is_err() {
@@ -653,7 +754,7 @@ impl IdentityHeaders {
     }
 }
 
-fn check_addr(ctx: &mut Ctx, key: &str, a: &str) {
+fn check_addr(ctx: &mut Report, key: &str, a: &str) {
     if let Err(e) = a.parse::<SocketAddr>() {
         ctx.error(key, format!("'{a}' is not an IP:port address: {e}"));
     }

@@ -9,11 +9,9 @@ use boring::asn1::{Asn1Time, Asn1TimeRef};
 use boring::hash::MessageDigest;
 use boring::nid::Nid;
 use boring::ssl::SslRef;
-use boring::x509::{X509NameRef, X509Ref};
+use boring::x509::{X509NameRef, X509Ref, X509};
 use http::{HeaderName, HeaderValue};
 use pingora::http::RequestHeader;
-
-use crate::config::IdentityHeaders;
 
 /// `XN_FLAG_RFC2253` from BoringSSL's x509.h (RFC 2253 escaping, comma separators, reversed
 /// order, short names, unknown fields dumped), spelled out because bindgen cannot evaluate it.
@@ -72,7 +70,8 @@ impl NameParts {
     }
 }
 
-/// What the edge knows about a TLS connection once its handshake has completed.
+/// What the edge knows about a TLS connection once its handshake has completed: who the client
+/// is, and what rules see of the connection. Built once per connection, from the TLS session.
 #[derive(Debug)]
 pub struct ConnectionIdentity {
     pub listener: Arc<str>,
@@ -81,53 +80,20 @@ pub struct ConnectionIdentity {
     /// The SNI policy that verified this connection (its first configured name), if one matched.
     pub sni_policy: Option<Arc<str>>,
     pub cert: Option<ViewerCert>,
-    /// Identity headers for the origin, rendered once per connection.
-    pub headers: Vec<(HeaderName, HeaderValue)>,
-    /// The client's IP address as rules read it, formatted at the first request that needs it.
-    pub rule_client_ip: std::sync::OnceLock<String>,
-    /// What rules see of the connection besides the certificate: SNI, TLS version, ALPN.
-    pub info: crate::rules::ConnectionInfo,
-    /// A connection rule refused this connection after the handshake (a client without a
-    /// certificate, where no verify step ran): the first request closes it. Holds the rule.
-    pub denied: Option<String>,
-    /// Connection rules that read the client's address, left for the first request.
-    pub after_handshake: Option<AfterHandshake>,
+    /// The client's chain as it sent it (leaf first), to verify it again against a newer store.
+    pub chain: Vec<X509>,
+    /// What rules see of the connection besides the certificate and the address.
+    pub info: ConnectionInfo,
+    /// The client's IP address as rules and logs read it, formatted at the first request.
+    pub client_ip: std::sync::OnceLock<String>,
 }
 
-impl ConnectionIdentity {
-    /// Whether the connection rules left for after the handshake refuse this connection; they
-    /// run at the first call, with the client's address from `client_ip`.
-    pub fn refused_after_handshake(&self, client_ip: impl FnOnce() -> String) -> bool {
-        self.after_handshake
-            .as_ref()
-            .is_some_and(|a| a.refused.get_or_init(|| (a.run)(self, &client_ip())).is_some())
-    }
-}
-
-/// Runs a connection's rules after its handshake with the client's address: `Some(rule)` when
-/// they refuse it.
-type RunAfterHandshake = dyn Fn(&ConnectionIdentity, &str) -> Option<String> + Send + Sync;
-
-/// The connection rules of `rules::Phase::AfterHandshake`: how to run them (they also count
-/// the handshake's outcome), and their refusal once run (`Some(rule)`).
-pub struct AfterHandshake {
-    run: Box<RunAfterHandshake>,
-    refused: std::sync::OnceLock<Option<String>>,
-}
-
-impl AfterHandshake {
-    pub fn new(run: impl Fn(&ConnectionIdentity, &str) -> Option<String> + Send + Sync + 'static) -> AfterHandshake {
-        AfterHandshake {
-            run: Box::new(run),
-            refused: Default::default(),
-        }
-    }
-}
-
-impl std::fmt::Debug for AfterHandshake {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "AfterHandshake(refused: {:?})", self.refused.get())
-    }
+/// What a connection knows besides the certificate and the address.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionInfo {
+    pub sni: String,
+    pub tls_version: String,
+    pub alpn: String,
 }
 
 fn hex(bytes: &[u8], sep: &str) -> String {
@@ -152,6 +118,11 @@ pub fn serial_hex(bytes: &[u8]) -> String {
 
 fn rfc2253(name: &X509NameRef) -> String {
     name.print_ex(XN_FLAG_RFC2253).unwrap_or_default()
+}
+
+/// A certificate's notAfter, in unix seconds.
+pub fn not_after(cert: &X509Ref) -> Option<i64> {
+    unix_time(cert.not_after())
 }
 
 fn unix_time(t: &Asn1TimeRef) -> Option<i64> {
@@ -239,19 +210,27 @@ impl ViewerCert {
     }
 }
 
-/// Header names compiled from `identity_headers`, and the list of names to strip.
+/// The names of the identity headers sent to the origin; `None` turns one off.
+#[derive(Debug, Clone, Default)]
+pub struct HeaderNames {
+    pub present: Option<HeaderName>,
+    pub subject: Option<HeaderName>,
+    pub issuer: Option<HeaderName>,
+    pub serial: Option<HeaderName>,
+    pub sha256: Option<HeaderName>,
+    pub validity: Option<HeaderName>,
+    pub pem: Option<HeaderName>,
+    pub san_uri: Option<HeaderName>,
+    pub san_dns: Option<HeaderName>,
+    /// Also send RFC 9440 `Client-Cert` and `Client-Cert-Chain`.
+    pub rfc9440: bool,
+}
+
+/// The identity headers toward the origin, and the names always removed from client requests.
 pub struct HeaderPlan {
-    present: Option<HeaderName>,
-    subject: Option<HeaderName>,
-    issuer: Option<HeaderName>,
-    serial: Option<HeaderName>,
-    sha256: Option<HeaderName>,
-    validity: Option<HeaderName>,
-    pem: Option<HeaderName>,
-    san_uri: Option<HeaderName>,
-    san_dns: Option<HeaderName>,
-    rfc9440: bool,
-    /// Every identity header name, configured or default, always removed from client requests.
+    names: HeaderNames,
+    /// Every configured identity header name, `Client-Cert` and `Client-Cert-Chain`: always
+    /// removed from client requests, as is every `CloudFront-Viewer-Cert-*` header.
     strip: Vec<HeaderName>,
 }
 
@@ -268,39 +247,30 @@ const PEM_ENCODE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUME
     .remove(b'~');
 
 impl HeaderPlan {
-    /// Compiles the names; `config::load` has already checked that they are valid.
-    pub fn new(cfg: &IdentityHeaders) -> HeaderPlan {
-        let name = |n: &Option<String>| n.as_deref().and_then(|n| HeaderName::from_bytes(n.as_bytes()).ok());
-        let mut strip: Vec<HeaderName> = cfg
-            .named()
-            .into_iter()
-            .filter_map(|(_, v)| HeaderName::from_bytes(v.as_bytes()).ok())
-            .chain(
-                IdentityHeaders::default()
-                    .named()
-                    .into_iter()
-                    .filter_map(|(_, v)| HeaderName::from_bytes(v.as_bytes()).ok()),
-            )
-            .chain([
-                HeaderName::from_static(CLIENT_CERT),
-                HeaderName::from_static(CLIENT_CERT_CHAIN),
-            ])
-            .collect();
+    pub fn new(names: HeaderNames) -> HeaderPlan {
+        let n = &names;
+        let mut strip: Vec<HeaderName> = [
+            &n.present,
+            &n.subject,
+            &n.issuer,
+            &n.serial,
+            &n.sha256,
+            &n.validity,
+            &n.pem,
+            &n.san_uri,
+            &n.san_dns,
+        ]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .chain([
+            HeaderName::from_static(CLIENT_CERT),
+            HeaderName::from_static(CLIENT_CERT_CHAIN),
+        ])
+        .collect();
         strip.sort_by(|a, b| a.as_str().cmp(b.as_str()));
         strip.dedup();
-        HeaderPlan {
-            present: name(&cfg.present),
-            subject: name(&cfg.subject),
-            issuer: name(&cfg.issuer),
-            serial: name(&cfg.serial_number),
-            sha256: name(&cfg.sha256),
-            validity: name(&cfg.validity),
-            pem: name(&cfg.pem),
-            san_uri: name(&cfg.san_uri),
-            san_dns: name(&cfg.san_dns),
-            rfc9440: cfg.rfc9440,
-            strip,
-        }
+        HeaderPlan { names, strip }
     }
 
     /// Removes every identity header the client sent. Returns how many were removed.
@@ -322,37 +292,38 @@ impl HeaderPlan {
         name.as_str().starts_with(CLOUDFRONT_PREFIX) || self.strip.contains(name)
     }
 
-    /// The headers for a connection, with or without a verified certificate.
+    /// The headers for a request, with or without a verified certificate.
     pub fn render(&self, cert: Option<&ViewerCert>) -> Vec<(HeaderName, HeaderValue)> {
+        let n = &self.names;
         let mut out = Vec::new();
         let mut put = |name: &Option<HeaderName>, value: String| {
             if let (Some(n), Ok(v)) = (name, HeaderValue::from_str(&value)) {
                 out.push((n.clone(), v));
             }
         };
-        put(&self.present, if cert.is_some() { "1" } else { "0" }.to_string());
+        put(&n.present, if cert.is_some() { "1" } else { "0" }.to_string());
         let Some(c) = cert else {
             return out;
         };
-        put(&self.subject, c.subject.clone());
-        put(&self.issuer, c.issuer.clone());
-        put(&self.serial, c.serial.clone());
-        put(&self.sha256, c.sha256.clone());
+        put(&n.subject, c.subject.clone());
+        put(&n.issuer, c.issuer.clone());
+        put(&n.serial, c.serial.clone());
+        put(&n.sha256, c.sha256.clone());
         put(
-            &self.validity,
+            &n.validity,
             format!("NotBefore={};NotAfter={}", iso8601(c.not_before), iso8601(c.not_after)),
         );
         put(
-            &self.pem,
+            &n.pem,
             percent_encoding::utf8_percent_encode(&c.pem, PEM_ENCODE).to_string(),
         );
         if !c.san_uri.is_empty() {
-            put(&self.san_uri, c.san_uri.join(","));
+            put(&n.san_uri, c.san_uri.join(","));
         }
         if !c.san_dns.is_empty() {
-            put(&self.san_dns, c.san_dns.join(","));
+            put(&n.san_dns, c.san_dns.join(","));
         }
-        if self.rfc9440 {
+        if n.rfc9440 {
             let b64 = |d: &[u8]| format!(":{}:", base64::engine::general_purpose::STANDARD.encode(d));
             put(&Some(HeaderName::from_static(CLIENT_CERT)), b64(&c.der));
             if !c.chain_der.is_empty() {
@@ -390,11 +361,10 @@ mod tests {
 
     #[test]
     fn strip_removes_configured_default_and_prefixed_names() {
-        let cfg = IdentityHeaders {
-            subject: Some("X-Device-Subject".into()),
-            ..IdentityHeaders::default()
-        };
-        let plan = HeaderPlan::new(&cfg);
+        let plan = HeaderPlan::new(HeaderNames {
+            subject: Some(HeaderName::from_static("x-device-subject")),
+            ..HeaderNames::default()
+        });
         let mut req = RequestHeader::build("GET", b"/", None).unwrap();
         for h in [
             "X-Device-Subject",

@@ -4,25 +4,35 @@
 //! A request flows one way through the modules:
 //!
 //! ```text
-//! viewer_tls (handshake, trust_store) → identity (cert → headers) → rules (connection phase)
-//!   → proxy (route, access) → rules (request phase) → cache → origin (mTLS)
+//! viewer_tls (handshake, trust_store) → identity (cert → headers) → admission (connection
+//!   rules, re-checked after a reload) → routes → rules (request phase) → cache → origin (mTLS)
 //! ```
 //!
-//! `config` is the leaf every stage reads; `app` compiles the stages and runs them; `metrics`
-//! counts what happens; `admin` serves the metrics; `demo` and `pki` give newcomers and tests a
-//! working system with a freshly generated PKI.
+//! `config` is the YAML file and nothing else; `state` builds everything the stages run on from
+//! it (the one place that reads certificates, keys, CRLs, rules and lists) and holds the state in
+//! force; `reload` builds a new one and swaps it; `proxy` calls the stages in pingora's hook
+//! order; `app` runs it all, with `upgrade` for the signals. `reason` names why things happen,
+//! for `metrics` and `logs`; `admin` serves the metrics and reloads; `demo` and `pki` give
+//! newcomers and tests a working system with a freshly generated PKI.
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod admission;
 pub mod app;
 pub mod cache;
 pub mod config;
 pub mod demo;
 pub mod identity;
+pub mod logs;
 pub mod metrics;
 pub mod origin;
 pub mod pki;
 pub mod proxy;
+pub mod reason;
+pub mod reload;
+pub mod routes;
 pub mod rules;
+pub mod state;
 pub mod trust_store;
+pub mod upgrade;
 pub mod viewer_tls;

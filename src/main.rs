@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use mtls_edge::{app, demo};
+use mtls_edge::{app, demo, logs};
 
 /// glibc malloc took about 8% of the CPU of a small cached response (per-request header maps
 /// and buffers, freed on other threads); mimalloc's thread-local free lists avoid most of it.
@@ -22,6 +22,10 @@ struct Cli {
     /// Check the configuration (every certificate, key, CRL and reference), then exit 0 or 1.
     #[arg(short = 't', long = "test")]
     test: bool,
+    /// Zero-downtime upgrade: take the listening sockets from the running edge (over
+    /// `server.upgrade_sock`), which drains once it gets SIGQUIT.
+    #[arg(short = 'u', long = "upgrade")]
+    upgrade: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -88,12 +92,13 @@ enum RulesCommand {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_timestamp_millis()
-        .init();
     let cli = Cli::parse();
+    // Until the config says where logs go: text on stderr.
+    if let Err(e) = logs::init(&logs::Settings::stderr()) {
+        eprintln!("cannot start logging: {e}");
+    }
     let result = match cli.command {
-        None => run_edge(&cli.conf, cli.test),
+        None => run_edge(&cli.conf, cli.test, cli.upgrade),
         Some(Command::Rules { command }) => run_rules(&cli.conf, command),
         Some(Command::Demo { dir }) => run_demo(&dir),
         Some(Command::Origin {
@@ -112,13 +117,28 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_edge(conf: &std::path::Path, test_only: bool) -> Result<(), String> {
+/// SIGHUP's default action ends the process. The reload service answers it once the edge runs;
+/// until then (while a large state builds) it must not be fatal: its handler is installed first.
+fn catch_hangup() {
+    use tokio::signal::unix::{signal, SignalKind};
+    if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_io().build() {
+        rt.block_on(async {
+            // The handler stays installed for the life of the process.
+            let _ = signal(SignalKind::hangup());
+        });
+    }
+}
+
+fn run_edge(conf: &std::path::Path, test_only: bool, upgrade: bool) -> Result<(), String> {
+    if !test_only {
+        catch_hangup();
+    }
     let edge = app::build(conf).map_err(|e| format!("configuration invalid:\n{e}"))?;
     if test_only {
         println!("{}: configuration OK", conf.display());
         return Ok(());
     }
-    edge.run(Vec::new()).map_err(|e| e.to_string())
+    edge.run(upgrade, Vec::new())
 }
 
 fn run_rules(conf: &std::path::Path, command: RulesCommand) -> Result<(), String> {
@@ -170,6 +190,7 @@ fn run_rules(conf: &std::path::Path, command: RulesCommand) -> Result<(), String
 }
 
 fn run_demo(dir: &std::path::Path) -> Result<(), String> {
+    catch_hangup();
     let conf = demo::write_demo(dir)?;
     let edge = app::build(&conf).map_err(|e| format!("demo configuration invalid:\n{e}"))?;
     let origin = demo::origin_service(
@@ -180,7 +201,7 @@ fn run_demo(dir: &std::path::Path) -> Result<(), String> {
     )?;
     // A closed stdout (a pipe whose reader went away) must not stop the demo.
     let _ = writeln!(std::io::stdout(), "{}", demo::curl_commands(dir));
-    edge.run(vec![Box::new(origin)]).map_err(|e| e.to_string())
+    edge.run(false, vec![Box::new(origin)])
 }
 
 fn run_origin(

@@ -3,9 +3,11 @@
 
 use std::sync::LazyLock;
 
+use crate::reason::CacheResult;
 use pingora_prometheus::prometheus::{
-    self, register_int_counter, register_int_counter_vec, register_int_gauge, Encoder, IntCounter, IntCounterVec,
-    IntGauge, TextEncoder,
+    self, register_gauge, register_gauge_vec, register_histogram_vec, register_int_counter, register_int_counter_vec,
+    register_int_gauge, register_int_gauge_vec, Encoder, Gauge, GaugeVec, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, TextEncoder,
 };
 
 /// TLS handshakes that reached the certificate stage, by listener, outcome and reason.
@@ -109,16 +111,231 @@ pub static CACHE_FILLS_DEFERRED: LazyLock<IntCounter> = LazyLock::new(|| {
 });
 
 /// Rule evaluations that did something, by phase, rule and outcome (`matched`, `would_match`
-/// for shadow rules, `error`). The matches of requests that share a connection's outcome are
-/// added every 64 requests and when the connection closes (see `rules::ConnectionMemo`).
+/// for shadow rules, `error`).
 pub static RULE_EVALUATIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "mtls_edge_rule_evaluations_total",
-        "Rules whose condition held (or failed to evaluate), by phase, rule and outcome; the matches of a connection's shared outcomes are added every 64 requests and at close",
+        "Rules whose condition held (or failed to evaluate), by phase, rule and outcome",
         &["phase", "rule", "outcome"]
     )
     .expect(REGISTERED)
 });
+
+/// Buckets for durations on the request path: 100 µs to a minute (firmware downloads are long).
+const SECONDS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// Viewer handshakes, from the ClientHello to the end, by listener and outcome.
+pub static HANDSHAKE_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "mtls_edge_handshake_duration_seconds",
+        "Viewer TLS handshakes from the ClientHello to their end, by listener and outcome",
+        &["listener", "outcome"],
+        SECONDS.to_vec()
+    )
+    .expect(REGISTERED)
+});
+
+/// Requests, from their header to their last byte, by route, status class and cache result.
+pub static REQUEST_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "mtls_edge_request_duration_seconds",
+        "Viewer requests from their header to their last byte, by route, status class and cache result",
+        &["route", "status_class", "cache"],
+        SECONDS.to_vec()
+    )
+    .expect(REGISTERED)
+});
+
+/// New connections to origins (TCP and TLS), by origin.
+pub static ORIGIN_CONNECT_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "mtls_edge_origin_connect_duration_seconds",
+        "New origin connections, TCP and TLS with the edge's client certificate, by origin",
+        &["origin"],
+        SECONDS.to_vec()
+    )
+    .expect(REGISTERED)
+});
+
+/// Origin requests, from the request sent to the response header, by origin.
+pub static ORIGIN_RESPONSE_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "mtls_edge_origin_response_duration_seconds",
+        "Origin requests from the request header sent to the response header received, by origin",
+        &["origin"],
+        SECONDS.to_vec()
+    )
+    .expect(REGISTERED)
+});
+
+/// Viewer connections whose handshake completed and that are still open, by listener.
+pub static OPEN_CONNECTIONS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "mtls_edge_open_connections",
+        "Viewer TLS connections open, by listener",
+        &["listener"]
+    )
+    .expect(REGISTERED)
+});
+
+/// Viewer requests being served.
+pub static REQUESTS_IN_FLIGHT: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!("mtls_edge_requests_in_flight", "Viewer requests being served").expect(REGISTERED)
+});
+
+/// Open connections refused at a request because a reload changed what they were admitted by.
+pub static CONNECTIONS_CLOSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "mtls_edge_connections_closed_total",
+        "Open viewer connections refused at a request after a reload (certificate revoked or untrusted, connection rule), by listener and reason",
+        &["listener", "reason"]
+    )
+    .expect(REGISTERED)
+});
+
+/// The build: version and git revision (always 1).
+pub static BUILD_INFO: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "mtls_edge_build_info",
+        "The running build: version and git revision",
+        &["version", "revision"]
+    )
+    .expect(REGISTERED)
+});
+
+/// When each loaded certificate expires, by kind (server, origin_client, trust_store_ca,
+/// origin_ca) and name (its listener, origin or store, and its CN).
+pub static CERT_EXPIRY: LazyLock<GaugeVec> = LazyLock::new(|| {
+    register_gauge_vec!(
+        "mtls_edge_certificate_expiry_timestamp_seconds",
+        "notAfter of every certificate the edge loaded, by kind and name",
+        &["kind", "name"]
+    )
+    .expect(REGISTERED)
+});
+
+/// Each CRL's thisUpdate, by trust store and issuer.
+pub static CRL_THIS_UPDATE: LazyLock<GaugeVec> = LazyLock::new(|| {
+    register_gauge_vec!(
+        "mtls_edge_crl_this_update_timestamp_seconds",
+        "thisUpdate of each CRL loaded, by trust store and issuer",
+        &["trust_store", "issuer"]
+    )
+    .expect(REGISTERED)
+});
+
+/// Each CRL's nextUpdate, by trust store and issuer: alert when it is in the past.
+pub static CRL_NEXT_UPDATE: LazyLock<GaugeVec> = LazyLock::new(|| {
+    register_gauge_vec!(
+        "mtls_edge_crl_next_update_timestamp_seconds",
+        "nextUpdate of each CRL loaded, by trust store and issuer",
+        &["trust_store", "issuer"]
+    )
+    .expect(REGISTERED)
+});
+
+/// Entries of each rules list.
+pub static LIST_ENTRIES: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!("mtls_edge_list_entries", "Entries of each rules list", &["list"]).expect(REGISTERED)
+});
+
+/// When each rules list was loaded.
+pub static LIST_LOADED: LazyLock<GaugeVec> = LazyLock::new(|| {
+    register_gauge_vec!(
+        "mtls_edge_list_loaded_timestamp_seconds",
+        "When each rules list was loaded",
+        &["list"]
+    )
+    .expect(REGISTERED)
+});
+
+/// Reloads by trigger (signal, admin, watch) and result (ok, error).
+pub static RELOADS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "mtls_edge_reloads_total",
+        "Reloads of the config and its files, by trigger and result",
+        &["trigger", "result"]
+    )
+    .expect(REGISTERED)
+});
+
+/// When the state in force was built.
+pub static LAST_RELOAD: LazyLock<Gauge> = LazyLock::new(|| {
+    register_gauge!(
+        "mtls_edge_last_reload_success_timestamp_seconds",
+        "When the state in force was built (start-up or the last successful reload)"
+    )
+    .expect(REGISTERED)
+});
+
+/// The generation of the state in force: 1 at start, one more at each successful reload.
+pub static GENERATION: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "mtls_edge_config_generation",
+        "Generation of the state in force: 1 at start, +1 per successful reload"
+    )
+    .expect(REGISTERED)
+});
+
+/// SIGQUITs by result: `handed_over` (a new process was waiting) or `no_new_process` (ignored).
+pub static UPGRADES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "mtls_edge_upgrade_signals_total",
+        "SIGQUITs: handed_over when a new process was waiting on the upgrade socket, no_new_process when ignored",
+        &["result"]
+    )
+    .expect(REGISTERED)
+});
+
+/// What the lifecycle gauges show of one state.
+pub struct Lifecycle<'a> {
+    /// (kind, name, notAfter)
+    pub certificates: Vec<(&'static str, String, i64)>,
+    /// (trust store, issuer, thisUpdate, nextUpdate)
+    pub crls: Vec<(&'a str, &'a str, i64, Option<i64>)>,
+    /// (list, entries, loaded at)
+    pub lists: Vec<(&'a str, usize, i64)>,
+}
+
+/// Sets the lifecycle gauges to a state's (and drops what an earlier state had).
+pub fn set_lifecycle(l: &Lifecycle, generation: u64, built_at: i64) {
+    CERT_EXPIRY.reset();
+    for (kind, name, t) in &l.certificates {
+        CERT_EXPIRY.with_label_values(&[kind, name.as_str()]).set(*t as f64);
+    }
+    CRL_THIS_UPDATE.reset();
+    CRL_NEXT_UPDATE.reset();
+    for (store, issuer, this, next) in &l.crls {
+        CRL_THIS_UPDATE.with_label_values(&[store, issuer]).set(*this as f64);
+        if let Some(next) = next {
+            CRL_NEXT_UPDATE.with_label_values(&[store, issuer]).set(*next as f64);
+        }
+    }
+    LIST_ENTRIES.reset();
+    LIST_LOADED.reset();
+    for (name, n, at) in &l.lists {
+        LIST_ENTRIES
+            .with_label_values(&[name])
+            .set(i64::try_from(*n).unwrap_or(i64::MAX));
+        LIST_LOADED.with_label_values(&[name]).set(*at as f64);
+    }
+    GENERATION.set(i64::try_from(generation).unwrap_or(i64::MAX));
+    LAST_RELOAD.set(built_at as f64);
+}
+
+/// The status class of a response (`2xx`...), `none` when nothing was sent.
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "none",
+    }
+}
 
 /// The configured budget.
 pub static CACHE_BUDGET: LazyLock<IntGauge> = LazyLock::new(|| {
@@ -163,18 +380,37 @@ pub fn count_body_bytes(source: &'static str, n: u64) {
 }
 
 /// Counts a cache lookup by its result.
-pub fn count_cache_lookup(result: &'static str) {
-    static RESULTS: LazyLock<Resolved<&'static str>> = LazyLock::new(|| {
-        Resolved::new(
-            &CACHE_LOOKUPS,
-            &["hit", "stale", "revalidated", "miss", "uncacheable", "bypass"],
-        )
-    });
-    RESULTS.add(&CACHE_LOOKUPS, result, 1);
+pub fn count_cache_lookup(result: CacheResult) {
+    static RESULTS: LazyLock<Resolved<&'static str>> =
+        LazyLock::new(|| Resolved::new(&CACHE_LOOKUPS, &CacheResult::ALL.map(CacheResult::as_str)));
+    RESULTS.add(&CACHE_LOOKUPS, result.as_str(), 1);
 }
 
-/// Forces registration so that every metric shows on `/metrics` from the start.
+/// Forces registration so that every metric shows on `/metrics` from the start, and adds the
+/// process collector (CPU, RSS, open file descriptors).
 pub fn init() {
+    use pingora_prometheus::prometheus::process_collector::ProcessCollector;
+    static PROCESS: std::sync::Once = std::sync::Once::new();
+    PROCESS.call_once(|| {
+        // Registration fails only when it already happened.
+        let _ = prometheus::register(Box::new(ProcessCollector::for_self()));
+    });
+    BUILD_INFO
+        .with_label_values(&[env!("CARGO_PKG_VERSION"), env!("MTLS_EDGE_REVISION")])
+        .set(1);
+    for m in [
+        &HANDSHAKE_SECONDS,
+        &REQUEST_SECONDS,
+        &ORIGIN_CONNECT_SECONDS,
+        &ORIGIN_RESPONSE_SECONDS,
+    ] {
+        LazyLock::force(m);
+    }
+    LazyLock::force(&OPEN_CONNECTIONS);
+    LazyLock::force(&REQUESTS_IN_FLIGHT);
+    LazyLock::force(&CONNECTIONS_CLOSED);
+    LazyLock::force(&RELOADS);
+    LazyLock::force(&UPGRADES);
     LazyLock::force(&HANDSHAKES);
     LazyLock::force(&REQUESTS);
     LazyLock::force(&ORIGIN_FAILURES);

@@ -1,114 +1,85 @@
-//! The proxy hooks, in the order pingora calls them: identity (from the TLS session) →
-//! spoofed-header stripping → fleet separation (Host against the SNI policy) → route and
-//! access → request-phase rules → cache → origin peer → identity and rule headers toward the
-//! origin → failure accounting → metrics.
+//! The proxy hooks, in the order pingora calls them, each a short call into its stage: the
+//! connection's admission (identity from the TLS session, re-checked after a reload) → spoofed
+//! identity headers stripped → fleet separation (Host against the SNI policy) → route and access →
+//! request-phase rules → cache → origin peer → identity and rule headers toward the origin →
+//! failure accounting → metrics and the access log. A request reads the state in force once, at
+//! its header, and finishes under it.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Instant;
 
-use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use log::{debug, warn};
 use pingora::prelude::*;
+use pingora::protocols::Digest;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{ErrorSource, ErrorType};
-
 use pingora_cache::key::HashBinary;
 use pingora_cache::{CacheKey, CacheMeta, RespCacheable};
 
+use crate::admission::{self, Connection};
 use crate::cache::{self, SharedCache};
-use crate::config::Access;
-use crate::identity::{ConnectionIdentity, HeaderPlan};
-use crate::metrics;
 use crate::origin::{self, Origin};
-use crate::rules::{self, Decision, HeaderOp, Outcome, Phase, RuleSet};
-use crate::viewer_tls::ListenerPolicy;
-
-/// A compiled route.
-pub struct Route {
-    /// Lowercased host without port; `None` matches any host.
-    pub host: Option<String>,
-    pub path_prefix: String,
-    pub origin: Arc<Origin>,
-    pub access: Access,
-    /// Default freshness when the route is cached.
-    pub cache_ttl: Option<u32>,
-}
-
-/// What the hooks read for every request; replaced whole on reload.
-pub struct ProxyState {
-    /// Routes in match order: host-specific before any-host, then longest prefix first.
-    pub routes: Vec<Route>,
-    pub headers: Arc<HeaderPlan>,
-    /// Listener name (its address) → its TLS policy, for the Host/SNI check.
-    pub listeners: Vec<(Arc<str>, Arc<ArcSwap<ListenerPolicy>>)>,
-    pub cache: Option<Arc<SharedCache>>,
-    pub rules: Arc<RuleSet>,
-    /// Origins by name, for rules that choose one.
-    pub origins: BTreeMap<String, Arc<Origin>>,
-}
-
-impl ProxyState {
-    pub fn new(
-        mut routes: Vec<Route>,
-        headers: Arc<HeaderPlan>,
-        listeners: Vec<(Arc<str>, Arc<ArcSwap<ListenerPolicy>>)>,
-        cache: Option<Arc<SharedCache>>,
-        rules: Arc<RuleSet>,
-        origins: BTreeMap<String, Arc<Origin>>,
-    ) -> Self {
-        routes.sort_by_key(|r| (r.host.is_none(), std::cmp::Reverse(r.path_prefix.len())));
-        ProxyState {
-            routes,
-            headers,
-            listeners,
-            cache,
-            rules,
-            origins,
-        }
-    }
-
-    pub fn route(&self, host: Option<&str>, path: &str) -> Option<&Route> {
-        self.routes
-            .iter()
-            .find(|r| r.host.as_deref().is_none_or(|h| Some(h) == host) && path.starts_with(&r.path_prefix))
-    }
-
-    fn listener(&self, name: &str) -> Option<&Arc<ArcSwap<ListenerPolicy>>> {
-        self.listeners.iter().find(|(n, _)| &**n == name).map(|(_, p)| p)
-    }
-}
+use crate::reason::{Answered, CacheResult};
+use crate::routes::Access;
+use crate::rules::{self, Decision, HeaderOp, Outcome, Phase};
+use crate::state::{Live, State};
+use crate::{logs, metrics};
 
 pub struct EdgeProxy {
-    pub state: Arc<ArcSwap<ProxyState>>,
+    pub live: Arc<Live>,
+    /// The cache outlives reloads: its memory is fixed for the process.
+    pub cache: Option<Arc<SharedCache>>,
 }
 
 /// Per-request state handed from hook to hook.
-#[derive(Default)]
 pub struct RequestCtx {
-    identity: Option<Arc<ConnectionIdentity>>,
+    started: Instant,
+    _in_flight: InFlight,
+    /// The state the request started under.
+    state: Option<Arc<State>>,
+    conn: Option<Arc<Connection>>,
     origin: Option<Arc<Origin>>,
+    route: Option<Arc<str>>,
     /// Host the request addressed (lowercased, no port), for the cache key.
     host: String,
     /// The route's default TTL when the route is cached.
     cache_ttl: Option<u32>,
-    /// The cache (from the state the request started with).
-    cache: Option<Arc<SharedCache>>,
     /// Whether the origin's response was admitted to the cache.
     stored: bool,
     /// The origin answered a revalidation with 304: the stored body stays, nothing is filled.
     not_modified: bool,
-    /// What the request-phase rules decided: header changes toward the origin, in rule order,
-    /// and what goes into the cache key (shared by a connection's requests that decide alike).
+    /// What the request-phase rules decided.
     rules: Option<Outcome>,
+    /// Why the edge answered the request itself.
+    answered: Option<Answered>,
+    /// When the origin peer was chosen, and when the request went to it.
+    origin_connect: Option<Instant>,
+    origin_request: Option<Instant>,
+    origin_seconds: Option<f64>,
 }
 
-/// The identity the handshake recorded for this connection (HTTP/1.1 and HTTP/2 alike).
-fn connection_identity(session: &Session) -> Option<Arc<ConnectionIdentity>> {
+/// Counts a request in flight for as long as its context lives.
+struct InFlight;
+
+impl InFlight {
+    fn new() -> InFlight {
+        metrics::REQUESTS_IN_FLIGHT.inc();
+        InFlight
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::REQUESTS_IN_FLIGHT.dec();
+    }
+}
+
+/// The connection the handshake recorded (HTTP/1.1 and HTTP/2 alike).
+fn connection(session: &Session) -> Option<Arc<Connection>> {
     let digest = session.digest()?.ssl_digest.as_ref()?;
-    // The handshake stores an `Arc<ConnectionIdentity>` so that requests can share it cheaply.
-    digest.extension.get::<Arc<ConnectionIdentity>>().cloned()
+    digest.extension.get::<Arc<Connection>>().cloned()
 }
 
 /// The request's host, lowercased, without a port: from the URI authority (HTTP/2) or Host.
@@ -151,28 +122,145 @@ fn path_is_normal(path: &str) -> bool {
     !encoded && !path.contains('\\')
 }
 
-/// Answers with `status` and a plain-text `body`, and closes nothing: the connection stays usable.
-async fn respond(session: &mut Session, status: u16, body: &str) -> Result<bool> {
-    let mut resp = ResponseHeader::build(status, Some(2))?;
-    resp.insert_header(http::header::CONTENT_TYPE, "text/plain")?;
-    resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
-    session.write_response_header(Box::new(resp), body.is_empty()).await?;
-    if !body.is_empty() {
+/// The client's IP address as rules and logs read it (`""` when the socket has none).
+fn client_ip<'c>(session: &Session, conn: &'c Connection) -> &'c str {
+    conn.identity.client_ip.get_or_init(|| {
         session
-            .write_response_body(Some(bytes::Bytes::copy_from_slice(body.as_bytes())), true)
-            .await?;
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip().to_string())
+            .unwrap_or_default()
+    })
+}
+
+impl RequestCtx {
+    /// Answers with `status` and a plain-text `body`, keeping the connection usable.
+    async fn respond(&mut self, session: &mut Session, why: Answered, status: u16, body: &str) -> Result<bool> {
+        self.answered = Some(why);
+        debug!("request answered by the edge status={status} reason={}", why.as_str());
+        let mut resp = ResponseHeader::build(status, Some(2))?;
+        resp.insert_header(http::header::CONTENT_TYPE, "text/plain")?;
+        resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
+        session.write_response_header(Box::new(resp), body.is_empty()).await?;
+        if !body.is_empty() {
+            session
+                .write_response_body(Some(bytes::Bytes::copy_from_slice(body.as_bytes())), true)
+                .await?;
+        }
+        Ok(true)
     }
+
+    /// Answers with pingora's error page for `status`.
+    async fn refuse(&mut self, session: &mut Session, why: Answered, status: u16) -> Result<bool> {
+        self.answered = Some(why);
+        debug!("request refused status={status} reason={}", why.as_str());
+        session.respond_error(status).await?;
+        Ok(true)
+    }
+}
+
+/// Stage: the connection may still be served under `state` (its handshake's rules, and after a
+/// reload its certificate and connection rules again). A refused connection gets no answer.
+async fn admit(session: &mut Session, ctx: &mut RequestCtx, state: &State, conn: &Connection) -> Result<bool> {
+    let policy = state
+        .listener(&conn.identity.listener)
+        .map(|l| l.select(conn.identity.sni.as_deref()).clone());
+    let current = admission::Current {
+        generation: state.generation,
+        trust_store: policy.as_ref().and_then(|p| p.trust_store.as_deref()),
+        cert_required: policy
+            .as_ref()
+            .is_some_and(|p| p.mode == crate::viewer_tls::Mode::Required),
+        rules: &state.rules,
+    };
+    let ip = client_ip(session, conn);
+    if conn.check(&current, ip).is_ok() {
+        return Ok(false);
+    }
+    // Close, answer nothing; over HTTP/2 the stream is reset (pingora 0.9 cannot close the
+    // connection from a stream: each of its streams is reset in turn).
+    ctx.answered = Some(Answered::ConnectionRefused);
+    session.set_keepalive(None);
+    session.shutdown().await;
     Ok(true)
 }
 
-async fn refuse(session: &mut Session, status: u16, why: &str, conn: Option<&ConnectionIdentity>) -> Result<bool> {
-    debug!(
-        "request refused status={status} reason={why} listener={} sni={}",
-        conn.map(|c| &*c.listener).unwrap_or("-"),
-        conn.and_then(|c| c.sni.as_deref()).unwrap_or("-")
-    );
-    session.respond_error(status).await?;
-    Ok(true)
+/// Stage: the route for the request, and who may read it. Authorization runs before any cache
+/// lookup: a client that may not read the route never reaches the cache.
+async fn route(session: &mut Session, ctx: &mut RequestCtx, state: &State, conn: &Connection) -> Result<bool> {
+    let host = request_host(session.req_header());
+    // A connection verified under one SNI policy may only address that policy's hosts, and a
+    // connection under the default policy may not address a host that has its own policy.
+    let covered = state
+        .listener(&conn.identity.listener)
+        .is_some_and(|l| l.select(host.as_deref()).sni_name == conn.identity.sni_policy);
+    if !covered {
+        return ctx.refuse(session, Answered::HostNotCoveredBySni, 421).await;
+    }
+    let path = session.req_header().uri.path();
+    if !path_is_normal(path) {
+        return ctx
+            .respond(
+                session,
+                Answered::PathNotNormal,
+                400,
+                "the request path is not in normal form\n",
+            )
+            .await;
+    }
+    let Some(route) = state.routes.find(host.as_deref(), path) else {
+        return ctx.refuse(session, Answered::NoRoute, 404).await;
+    };
+    if route.access == Access::Authenticated && conn.identity.cert.is_none() {
+        return ctx.refuse(session, Answered::CertificateRequiredForRoute, 403).await;
+    }
+    ctx.origin = Some(route.origin.clone());
+    ctx.route = Some(route.label.clone());
+    ctx.cache_ttl = route.cache_ttl;
+    ctx.host = host.unwrap_or_default();
+    Ok(false)
+}
+
+/// Stage: the request-phase rules, still before any cache lookup.
+async fn request_rules(session: &mut Session, ctx: &mut RequestCtx, state: &State, conn: &Connection) -> Result<bool> {
+    if !state.rules.has_phase(Phase::Request) {
+        return Ok(false);
+    }
+    let ip = match state.rules.uses_client_ip() {
+        true => client_ip(session, conn),
+        false => "",
+    };
+    let req = session.req_header();
+    let info = rules::RequestInfo {
+        method: req.method.as_str(),
+        host: &ctx.host,
+        path: req.uri.path(),
+        query: req.uri.query().unwrap_or(""),
+        headers: &req.headers,
+    };
+    let facts = rules::Facts {
+        cert: conn.identity.cert.as_ref(),
+        verified: true,
+        connection: &conn.identity.info,
+        client_ip: ip,
+        request: Some(&info),
+        lists: state.rules.lists(),
+        now: rules::facts::unix_now(),
+    };
+    let outcome = state.rules.evaluate(&[Phase::Request], &facts, None);
+    let denied = match &outcome.decision {
+        Decision::Deny { status, body, .. } => Some((Answered::RuleDenied, *status, body.to_string())),
+        Decision::Error { .. } => Some((Answered::RuleError, 500, "rule evaluation error\n".to_string())),
+        Decision::Allow { .. } | Decision::Continue => None,
+    };
+    if let Some(name) = &outcome.origin {
+        ctx.origin = state.origins.get(name).cloned();
+    }
+    ctx.rules = Some(outcome);
+    match denied {
+        Some((why, status, body)) => ctx.respond(session, why, status, &body).await,
+        None => Ok(false),
+    }
 }
 
 /// What may change the origin's answer is part of the cache key: the cohort, an origin chosen
@@ -196,129 +284,63 @@ fn key_variants(outcome: &Outcome) -> String {
     variants
 }
 
-/// The client's IP address as rules read it (`""` when the socket has none).
-fn client_ip(session: &Session) -> String {
-    session
-        .client_addr()
-        .and_then(|a| a.as_inet())
-        .map(|a| a.ip().to_string())
-        .unwrap_or_default()
-}
-
-/// Runs the request-phase rules for this request.
-fn request_rules(rules: &RuleSet, session: &Session, conn: &ConnectionIdentity, host: &str) -> Outcome {
-    let client_ip = match rules.uses_client_ip() {
-        true => conn.rule_client_ip.get_or_init(|| client_ip(session)),
-        false => "",
-    };
-    let req = session.req_header();
-    let info = rules::RequestInfo {
-        method: req.method.as_str(),
-        host,
-        path: req.uri.path(),
-        query: req.uri.query().unwrap_or(""),
-        headers: &req.headers,
-    };
-    let facts = rules::Facts {
-        cert: conn.cert.as_ref(),
-        verified: true,
-        connection: &conn.info,
-        client_ip,
-        request: Some(&info),
-        lists: rules.lists(),
-        now: rules::facts::unix_now(),
-    };
-    rules.evaluate(&[Phase::Request], &facts, None)
-}
-
 #[async_trait]
 impl ProxyHttp for EdgeProxy {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        RequestCtx::default()
+        RequestCtx {
+            started: Instant::now(),
+            _in_flight: InFlight::new(),
+            state: None,
+            conn: None,
+            origin: None,
+            route: None,
+            host: String::new(),
+            cache_ttl: None,
+            stored: false,
+            not_modified: false,
+            rules: None,
+            answered: None,
+            origin_connect: None,
+            origin_request: None,
+            origin_seconds: None,
+        }
     }
 
-    /// Identity, header stripping, fleet separation and routing, before anything else runs.
+    /// Admission, header stripping, fleet separation, routing and request rules, before
+    /// anything else runs.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        let state = self.state.load();
+        let state = self.live.load_full();
         // Strip first, whatever happens next: nothing downstream may see a client-sent copy.
         let removed = state.headers.strip(session.req_header_mut());
-        let Some(conn) = connection_identity(session) else {
+        let Some(conn) = connection(session) else {
             // Every listener is TLS with our callbacks; no identity means something is wrong.
-            return refuse(session, 403, "NoConnectionIdentity", None).await;
+            return ctx.refuse(session, Answered::NoConnectionIdentity, 403).await;
         };
-        let refused = conn.denied.is_some()
-            || conn.refused_after_handshake(|| conn.rule_client_ip.get_or_init(|| client_ip(session)).clone());
-        if refused {
-            // A connection rule refused this client after its handshake: close, answer nothing.
-            session.set_keepalive(None);
-            session.shutdown().await;
+        ctx.conn = Some(conn.clone());
+        ctx.state = Some(state.clone());
+        if admit(session, ctx, &state, &conn).await? {
             return Ok(true);
         }
         if removed > 0 {
-            metrics::SPOOFED_HEADERS.with_label_values(&[&conn.listener]).inc();
+            metrics::SPOOFED_HEADERS
+                .with_label_values(&[&conn.identity.listener])
+                .inc();
             debug!(
                 "removed {removed} client-sent identity headers listener={}",
-                conn.listener
+                conn.identity.listener
             );
         }
-        let host = request_host(session.req_header());
-
-        // A connection verified under one SNI policy may only address that policy's hosts, and a
-        // connection under the default policy may not address a host that has its own policy.
-        let Some(listener) = state.listener(&conn.listener) else {
-            return refuse(session, 403, "UnknownListener", Some(&conn)).await;
-        };
-        if listener.load().select(host.as_deref()).sni_name != conn.sni_policy {
-            return refuse(session, 421, "HostNotCoveredBySni", Some(&conn)).await;
+        if route(session, ctx, &state, &conn).await? {
+            return Ok(true);
         }
-
-        let path = session.req_header().uri.path().to_string();
-        if !path_is_normal(&path) {
-            return respond(session, 400, "the request path is not in normal form\n").await;
-        }
-        let Some(route) = state.route(host.as_deref(), &path) else {
-            return refuse(session, 404, "NoRoute", Some(&conn)).await;
-        };
-        // Authorization, before any cache lookup: a client that may not read the route never
-        // reaches the cache.
-        if route.access == Access::Authenticated && conn.cert.is_none() {
-            return refuse(session, 403, "CertificateRequiredForRoute", Some(&conn)).await;
-        }
-        ctx.origin = Some(route.origin.clone());
-        ctx.cache_ttl = route.cache_ttl;
-        ctx.cache = state.cache.clone();
-        ctx.host = host.unwrap_or_default();
-        // Request-phase rules, still before any cache lookup.
-        if state.rules.has_phase(Phase::Request) {
-            let outcome = request_rules(&state.rules, session, &conn, &ctx.host);
-            match outcome.decision() {
-                Decision::Deny { rule, status, body } => {
-                    debug!("request denied rule={rule} status={status} listener={}", conn.listener);
-                    return respond(session, *status, body).await;
-                }
-                Decision::Error { rule, .. } => {
-                    debug!(
-                        "request denied rule={rule} reason=RuleEvaluationError listener={}",
-                        conn.listener
-                    );
-                    return respond(session, 500, "rule evaluation error\n").await;
-                }
-                Decision::Allow { .. } | Decision::Continue => {}
-            }
-            if let Some(name) = &outcome.origin {
-                ctx.origin = state.origins.get(name).cloned();
-            }
-            ctx.rules = Some(outcome);
-        }
-        ctx.identity = Some(conn);
-        Ok(false)
+        request_rules(session, ctx, &state, &conn).await
     }
 
     /// Turns the cache on for GET and HEAD on cached routes (after `request_filter` allowed it).
     fn request_cache_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
-        if let (Some(_), Some(cache)) = (ctx.cache_ttl, &ctx.cache) {
+        if let (Some(_), Some(cache)) = (ctx.cache_ttl, &self.cache) {
             if pingora_cache::filters::request_cacheable(session.req_header()) {
                 cache.enable(session);
             }
@@ -326,7 +348,7 @@ impl ProxyHttp for EdgeProxy {
         Ok(())
     }
 
-    /// Host, path and query: see `cache::key`.
+    /// Host, path and query, and what rules chose: see `cache::key`.
     fn cache_key_callback(&self, session: &Session, ctx: &mut RequestCtx) -> Result<CacheKey> {
         let uri = &session.req_header().uri;
         let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
@@ -342,6 +364,78 @@ impl ProxyHttp for EdgeProxy {
         session.set_proxy_tasks_enabled(true); // a no-op on HTTP/2, which pingora 0.9 does not queue
     }
 
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+        ctx.origin_connect = Some(Instant::now());
+        match &ctx.origin {
+            Some(o) => Ok(o.peer()),
+            None => Error::e_explain(ErrorType::InternalError, "no route chosen before upstream_peer"),
+        }
+    }
+
+    /// Times new origin connections (TCP and TLS).
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        reused: bool,
+        _peer: &HttpPeer,
+        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
+        _digest: Option<&Digest>,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let (false, Some(started), Some(o)) = (reused, ctx.origin_connect, &ctx.origin) {
+            metrics::ORIGIN_CONNECT_SECONDS
+                .with_label_values(&[&o.name])
+                .observe(started.elapsed().as_secs_f64());
+        }
+        Ok(())
+    }
+
+    /// Sets the identity headers from the connection's certificate, then applies the rules'.
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        ctx.origin_request = Some(Instant::now());
+        if let (Some(state), Some(conn)) = (&ctx.state, &ctx.conn) {
+            for (name, value) in state.headers.render(conn.identity.cert.as_ref()) {
+                upstream.insert_header(name, value)?;
+            }
+        }
+        for op in ctx.rules.iter().flat_map(|o| &o.headers) {
+            match op {
+                HeaderOp::Set(name, value) => {
+                    upstream.insert_header(name.clone(), value.clone())?;
+                }
+                HeaderOp::Remove(name) => {
+                    upstream.remove_header(name);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Times the origin's answer, and notes a 304 (pingora runs this before
+    /// `response_cache_filter` on 304s).
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let (Some(started), Some(o)) = (ctx.origin_request, &ctx.origin) {
+            let seconds = started.elapsed().as_secs_f64();
+            ctx.origin_seconds = Some(seconds);
+            metrics::ORIGIN_RESPONSE_SECONDS
+                .with_label_values(&[&o.name])
+                .observe(seconds);
+        }
+        ctx.not_modified = resp.status == http::StatusCode::NOT_MODIFIED;
+        Ok(())
+    }
+
     fn response_cache_filter(
         &self,
         _session: &Session,
@@ -349,29 +443,11 @@ impl ProxyHttp for EdgeProxy {
         ctx: &mut RequestCtx,
     ) -> Result<RespCacheable> {
         let mut decision = cache::cacheable(resp, ctx.cache_ttl.unwrap_or(0));
-        if let (Some(c), false) = (&ctx.cache, ctx.not_modified) {
+        if let (Some(c), false) = (&self.cache, ctx.not_modified) {
             decision = c.reserve_fill(decision, resp);
         }
         ctx.stored = matches!(decision, RespCacheable::Cacheable(_));
         Ok(decision)
-    }
-
-    /// Notes a 304 from the origin (pingora runs this before `response_cache_filter` on 304s).
-    async fn upstream_response_filter(
-        &self,
-        _session: &mut Session,
-        resp: &mut ResponseHeader,
-        ctx: &mut RequestCtx,
-    ) -> Result<()> {
-        ctx.not_modified = resp.status == http::StatusCode::NOT_MODIFIED;
-        Ok(())
-    }
-
-    /// Serves stale content within the windows the origin granted: `stale-while-revalidate`
-    /// (`error` is `None`; pingora has checked the window and refreshes in the background) and
-    /// `stale-if-error` when the origin fails.
-    fn should_serve_stale(&self, _session: &mut Session, _ctx: &mut RequestCtx, error: Option<&Error>) -> bool {
-        error.is_none_or(|e| e.esource() == &ErrorSource::Upstream)
     }
 
     /// Separates the stored variants of a response that has `Vary`.
@@ -386,42 +462,17 @@ impl ProxyHttp for EdgeProxy {
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if ctx.cache_ttl.is_some() && ctx.cache.is_some() {
+        if ctx.cache_ttl.is_some() && self.cache.is_some() {
             resp.insert_header("cache-status", cache::cache_status(session.cache.phase(), ctx.stored))?;
         }
         Ok(())
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
-        match &ctx.origin {
-            Some(o) => Ok(o.peer()),
-            None => Error::e_explain(ErrorType::InternalError, "no route chosen before upstream_peer"),
-        }
-    }
-
-    /// Sets the identity headers rendered at handshake time, then applies the rules' headers.
-    async fn upstream_request_filter(
-        &self,
-        _session: &mut Session,
-        upstream: &mut RequestHeader,
-        ctx: &mut RequestCtx,
-    ) -> Result<()> {
-        if let Some(conn) = &ctx.identity {
-            for (name, value) in &conn.headers {
-                upstream.insert_header(name.clone(), value.clone())?;
-            }
-        }
-        for op in ctx.rules.iter().flat_map(|o| &o.headers) {
-            match op {
-                HeaderOp::Set(name, value) => {
-                    upstream.insert_header(name.clone(), value.clone())?;
-                }
-                HeaderOp::Remove(name) => {
-                    upstream.remove_header(name);
-                }
-            }
-        }
-        Ok(())
+    /// Serves stale content within the windows the origin granted: `stale-while-revalidate`
+    /// (`error` is `None`; pingora has checked the window and refreshes in the background) and
+    /// `stale-if-error` when the origin fails.
+    fn should_serve_stale(&self, _session: &mut Session, _ctx: &mut RequestCtx, error: Option<&Error>) -> bool {
+        error.is_none_or(|e| e.esource() == &ErrorSource::Upstream)
     }
 
     /// Logs and counts origin failures with the origin's name and the reason, then answers 502.
@@ -438,7 +489,7 @@ impl ProxyHttp for EdgeProxy {
             },
         };
         if let (ErrorSource::Upstream, Some(o)) = (e.esource(), &ctx.origin) {
-            let reason = origin::failure_reason(e);
+            let reason = origin::failure_reason(e).as_str();
             metrics::ORIGIN_FAILURES.with_label_values(&[&o.name, reason]).inc();
             warn!(
                 "origin request failed origin={} reason={reason} sni={} error=\"{e}\"",
@@ -457,21 +508,63 @@ impl ProxyHttp for EdgeProxy {
         }
     }
 
+    /// Metrics and the access log line.
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         metrics::count_request(status);
+        let sent = u64::try_from(session.body_bytes_sent()).unwrap_or(u64::MAX);
         if ctx.origin.is_some() {
             let source = if session.cache.upstream_used() {
                 "origin"
             } else {
                 "cache"
             };
-            let sent = u64::try_from(session.body_bytes_sent()).unwrap_or(u64::MAX);
             metrics::count_body_bytes(source, sent);
         }
-        if let (Some(_), Some(cache)) = (ctx.cache_ttl, &ctx.cache) {
-            cache.record(session);
+        let cache: Option<CacheResult> = match (ctx.cache_ttl, &self.cache) {
+            (Some(_), Some(c)) => Some(c.record(session)),
+            _ => None,
+        };
+        let seconds = ctx.started.elapsed().as_secs_f64();
+        metrics::REQUEST_SECONDS
+            .with_label_values(&[
+                ctx.route.as_deref().unwrap_or("none"),
+                metrics::status_class(status),
+                cache.map_or("none", CacheResult::as_str),
+            ])
+            .observe(seconds);
+        if !logs::access_enabled() {
+            return;
         }
+        let conn = ctx.conn.as_deref();
+        let id = conn.map(|c| &c.identity);
+        let req = session.req_header();
+        logs::access(&logs::AccessEvent {
+            listener: id.map_or("", |i| &i.listener),
+            client_ip: conn.map_or("", |c| client_ip(session, c)),
+            sni: id.and_then(|i| i.sni.as_deref()),
+            cert: id.and_then(|i| i.cert.as_ref()),
+            protocol: if session.is_http2() { "HTTP/2" } else { "HTTP/1.1" },
+            method: req.method.as_str(),
+            host: &ctx.host,
+            path: req.uri.path(),
+            status,
+            bytes_sent: sent,
+            cache: cache.map(CacheResult::as_str),
+            origin: ctx
+                .origin
+                .as_ref()
+                .filter(|_| session.cache.upstream_used())
+                .map(|o| &*o.name),
+            origin_seconds: ctx.origin_seconds,
+            seconds,
+            rules: ctx
+                .rules
+                .iter()
+                .flat_map(|o| o.matched.iter().map(|r| r.to_string()))
+                .collect(),
+            answered: ctx.answered.map(Answered::as_str),
+        });
     }
 }
 

@@ -1,15 +1,15 @@
-//! Viewer TLS: the listener's BoringSSL settings and the per-connection mTLS policy.
-//! Each handshake reads the current policy (server certificate, mode, trust store, chosen by
-//! SNI) from swappable state, verifies the client chain during the handshake, counts and logs
-//! every refusal with its reason, and hands a [`ConnectionIdentity`] to the proxy.
+//! Viewer TLS: the listener's BoringSSL settings and each handshake. A handshake reads the policy
+//! current when its ClientHello arrives (server certificate, mode, trust store, chosen by SNI)
+//! and the connection rules of that state, verifies the client chain, counts and logs every
+//! refusal with its reason, and hands the proxy an `admission::Connection`.
 //!
 //! Session resumption is off (no tickets, no session cache): every connection verifies its
 //! chain, dates and CRLs afresh, so a revoked or expired certificate can never ride a ticket.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
 
-use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use boring::pkey::{PKey, Private};
 use boring::ssl::{
@@ -17,22 +17,41 @@ use boring::ssl::{
     SslVerifyMode, SslVersion,
 };
 use boring::stack::Stack;
-use boring::x509::{X509Name, X509StoreContext, X509StoreContextRef, X509VerifyError, X509VerifyResult, X509};
-use log::{info, warn};
+use boring::x509::{X509Name, X509StoreContext, X509StoreContextRef, X509VerifyError, X509};
+use log::warn;
 use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::TlsAccept;
 use pingora::tls::ext;
 
-use crate::config::{self, Ctx, MtlsMode};
-use crate::identity::{AfterHandshake, ConnectionIdentity, HeaderPlan, ViewerCert};
-use crate::metrics;
-use crate::rules::{self, ConnectionInfo, Decision, Phase, RuleSet};
-use crate::trust_store::TrustStore;
+use crate::admission::{self, Connection, Verdict};
+use crate::identity::{ConnectionIdentity, ConnectionInfo, ViewerCert};
+use crate::reason::{Refusal, Refused};
+use crate::rules::{Phase, RuleSet};
+use crate::trust_store::{self, TrustStore};
+use crate::{logs, metrics};
 
-/// A server certificate chain and its key.
+/// Whether a listener asks for client certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// No client certificate is requested.
+    Off,
+    /// A client may send no certificate; one that it sends must verify.
+    Optional,
+    /// A verified client certificate is required to complete the handshake.
+    Required,
+}
+
+/// A server certificate chain (leaf first) and its key.
 pub struct ServerCert {
-    chain: Vec<X509>,
+    pub chain: Vec<X509>,
     key: PKey<Private>,
+}
+
+impl ServerCert {
+    /// `chain` must not be empty, and `key` must be the leaf's.
+    pub fn new(chain: Vec<X509>, key: PKey<Private>) -> ServerCert {
+        ServerCert { chain, key }
+    }
 }
 
 /// The mTLS policy for one SNI name (or a listener's default).
@@ -40,18 +59,18 @@ pub struct TlsPolicy {
     /// First configured SNI name of this policy; `None` for the listener default.
     pub sni_name: Option<Arc<str>>,
     pub cert: Arc<ServerCert>,
-    pub mode: MtlsMode,
+    pub mode: Mode,
+    /// `Some` unless the mode is off.
     pub trust_store: Option<Arc<TrustStore>>,
 }
 
-/// Everything a listener's handshakes read; replaced whole on reload.
+/// A listener's policies: its default and one per SNI name.
 pub struct ListenerPolicy {
+    /// The listener's address, as configured.
+    pub name: Arc<str>,
     pub default: Arc<TlsPolicy>,
     /// Lowercased SNI name → policy.
     pub by_sni: HashMap<String, Arc<TlsPolicy>>,
-    pub headers: Arc<HeaderPlan>,
-    /// Connection-phase rules run in each handshake.
-    pub rules: Arc<RuleSet>,
 }
 
 impl ListenerPolicy {
@@ -60,70 +79,20 @@ impl ListenerPolicy {
     }
 }
 
-/// Reads a server certificate chain and key; errors name `key_prefix.server_cert|server_key`.
-pub fn load_server_cert(ctx: &mut Ctx, key_prefix: &str, cert: &str, key: &str) -> Option<Arc<ServerCert>> {
-    let ckey = format!("{key_prefix}.server_cert");
-    let kkey = format!("{key_prefix}.server_key");
-    let chain = ctx.load_chain(&ckey, cert)?;
-    let pkey = ctx.load_key(&kkey, key)?;
-    ctx.check_key_matches(&kkey, &chain[0], &pkey, cert)?;
-    Some(Arc::new(ServerCert { chain, key: pkey }))
+/// What one handshake reads from the state current when its ClientHello arrives.
+#[derive(Clone)]
+pub struct HandshakeState {
+    pub policy: Arc<TlsPolicy>,
+    pub rules: Arc<RuleSet>,
+    pub generation: u64,
 }
 
-/// Builds a listener's policy from its config. Errors name `listeners[i]...`.
-pub fn build_policy(
-    ctx: &mut Ctx,
-    index: usize,
-    l: &config::Listener,
-    stores: &std::collections::BTreeMap<String, Arc<TrustStore>>,
-    headers: Arc<HeaderPlan>,
-    rules: Arc<RuleSet>,
-) -> Option<ListenerPolicy> {
-    let key = format!("listeners[{index}]");
-    let default_cert = load_server_cert(ctx, &key, &l.server_cert, &l.server_key);
-    let store = |name: &Option<String>| name.as_ref().and_then(|n| stores.get(n).cloned());
-    let mut by_sni = HashMap::new();
-    let mut sni_ok = true;
-    for (j, s) in l.sni.iter().enumerate() {
-        let cert = match (&s.server_cert, &s.server_key) {
-            (Some(c), Some(k)) => load_server_cert(ctx, &format!("{key}.sni[{j}]"), c, k),
-            _ => default_cert.clone(),
-        };
-        let Some(cert) = cert else {
-            sni_ok = false;
-            continue;
-        };
-        let policy = Arc::new(TlsPolicy {
-            sni_name: s.names.first().map(|n| Arc::from(n.to_ascii_lowercase().as_str())),
-            cert,
-            mode: s.mtls.mode,
-            trust_store: store(&s.mtls.trust_store),
-        });
-        for n in &s.names {
-            by_sni.insert(n.to_ascii_lowercase(), policy.clone());
-        }
-    }
-    let default = Arc::new(TlsPolicy {
-        sni_name: None,
-        cert: default_cert?,
-        mode: l.mtls.mode,
-        trust_store: store(&l.mtls.trust_store),
-    });
-    sni_ok.then_some(ListenerPolicy {
-        default,
-        by_sni,
-        headers,
-        rules,
-    })
-}
+/// The current handshake state for a listener and SNI (the live state, in the edge).
+pub type Current = Arc<dyn Fn(&str, Option<&str>) -> Option<HandshakeState> + Send + Sync>;
 
-/// The TLS settings for a listener whose handshakes follow `policy`.
-pub fn tls_settings(
-    listener: Arc<str>,
-    policy: Arc<ArcSwap<ListenerPolicy>>,
-    http2: bool,
-) -> pingora::Result<TlsSettings> {
-    let mut settings = TlsSettings::with_callbacks(Box::new(ViewerTls { listener, policy }))?;
+/// The TLS settings for a listener whose handshakes follow `current`.
+pub fn tls_settings(listener: Arc<str>, current: Current, http2: bool) -> pingora::Result<TlsSettings> {
+    let mut settings = TlsSettings::with_callbacks(Box::new(ViewerTls { listener, current }))?;
     // Resumption would skip chain verification: see the module docs.
     settings.set_options(SslOptions::NO_TICKET);
     settings.set_session_cache_mode(SslSessionCacheMode::OFF);
@@ -136,9 +105,7 @@ pub fn tls_settings(
     settings.set_info_callback(|ssl, mode, value| {
         if let (SslInfoCallbackMode::WRITE_ALERT, SslInfoCallbackValue::Alert(alert)) = (mode, value) {
             if let Some(record) = record_index().and_then(|i| ssl.ex_data(i)) {
-                if let Ok(mut s) = record.state.lock() {
-                    s.alert.get_or_insert(alert.alert());
-                }
+                record.lock().alert.get_or_insert(alert.alert());
             }
         }
     });
@@ -149,19 +116,23 @@ pub fn tls_settings(
 /// is freed) can count handshakes that failed without reaching a verify callback.
 struct HandshakeRecord {
     listener: Arc<str>,
-    mode: MtlsMode,
+    mode: Mode,
     sni: Option<String>,
-    /// The rules current when the handshake began: its connection rules, and those after it.
-    rules: Arc<RuleSet>,
+    started: Instant,
+    /// The state the handshake runs under, taken when it completes: a connection does not keep
+    /// the state it was accepted under (a reload's old lists and stores are freed).
+    during: Mutex<Option<HandshakeState>>,
     state: Mutex<RecordState>,
 }
 
 #[derive(Default)]
 struct RecordState {
     verify_ran: bool,
-    refused: Option<(&'static str, String)>,
+    refused: Option<Refused>,
     /// A connection rule allowed the client in the handshake: the rules after it do not run.
     allowed: bool,
+    /// The client's certificate, when the refusal concerns a certificate that verified.
+    cert: Option<ViewerCert>,
     /// The fatal alert the edge sent, if any (from the info callback).
     alert: Option<SslAlert>,
     /// The handshake completed; its count waits for the connection rules after it.
@@ -171,63 +142,53 @@ struct RecordState {
 }
 
 impl HandshakeRecord {
-    fn refuse(&self, reason: &'static str, detail: String) {
-        if let Ok(mut s) = self.state.lock() {
-            if s.refused.is_none() {
-                s.refused = Some((reason, detail));
-            }
-        }
+    fn lock(&self) -> std::sync::MutexGuard<'_, RecordState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn allow(&self) {
-        if let Ok(mut s) = self.state.lock() {
-            s.allowed = true;
-        }
+    fn during(&self) -> Option<HandshakeState> {
+        self.during.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Whether a connection rule allowed the client in the handshake.
-    fn allowed(&self) -> bool {
-        self.state.lock().is_ok_and(|s| s.allowed)
+    fn refuse(&self, refused: Refused) {
+        self.lock().refused.get_or_insert(refused);
     }
 
-    /// The handshake completed; it is counted when the rules after it have run (or when the
-    /// connection closes before they could).
-    fn complete_later(&self) {
-        if let Ok(mut s) = self.state.lock() {
-            s.completed = true;
-        }
-    }
-}
-
-impl HandshakeRecord {
-    fn count_refusal(&self, reason: &str, detail: &str) {
+    fn count_refusal(&self, r: &Refused, cert: Option<&ViewerCert>, client_ip: Option<&str>) {
         metrics::HANDSHAKES
-            .with_label_values(&[&self.listener, "refused", reason])
+            .with_label_values(&[&self.listener, "refused", r.reason.as_str()])
             .inc();
-        info!(
-            "handshake refused listener={} sni={} reason={} detail=\"{}\"",
-            self.listener,
-            self.sni.as_deref().unwrap_or("-"),
-            reason,
-            detail
-        );
-    }
-
-    /// Counts the outcome of a completed handshake now, instead of when the SSL is freed.
-    fn count_completed(&self, refusal: Option<&(&'static str, String)>) {
-        if let Ok(mut s) = self.state.lock() {
-            s.counted = true;
-        }
-        match refusal {
-            Some((reason, detail)) => self.count_refusal(reason, detail),
-            None => self.count_accepted(),
-        }
+        metrics::HANDSHAKE_SECONDS
+            .with_label_values(&[&self.listener, "refused"])
+            .observe(self.started.elapsed().as_secs_f64());
+        logs::connection(&logs::ConnectionEvent {
+            event: "refused",
+            listener: &self.listener,
+            sni: self.sni.as_deref(),
+            client_ip,
+            reason: r.reason.as_str(),
+            detail: &r.detail,
+            cert,
+            tls_version: None,
+        });
     }
 
     fn count_accepted(&self) {
         metrics::HANDSHAKES
             .with_label_values(&[&self.listener, "accepted", "Ok"])
             .inc();
+        metrics::HANDSHAKE_SECONDS
+            .with_label_values(&[&self.listener, "accepted"])
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+
+    /// Counts the outcome of a completed handshake now, instead of when the SSL is freed.
+    fn count_completed(&self, refusal: Option<&Refused>, cert: Option<&ViewerCert>, client_ip: Option<&str>) {
+        self.lock().counted = true;
+        match refusal {
+            Some(r) => self.count_refusal(r, cert, client_ip),
+            None => self.count_accepted(),
+        }
     }
 }
 
@@ -243,57 +204,29 @@ impl Drop for HandshakeRecord {
             return;
         }
         // Refusals the verify callback did not see are told apart by the alert the edge sent.
-        let (reason, detail) = match (s.refused.take(), s.alert) {
+        let refused = match (s.refused.take(), s.alert) {
             (Some(r), _) => r,
-            (None, Some(SslAlert::CERTIFICATE_REQUIRED)) => ("ClientCertMissing", "no client certificate".into()),
-            // TLS 1.2 has no certificate_required alert: an empty Certificate gets handshake_failure.
-            (None, Some(SslAlert::HANDSHAKE_FAILURE)) if !s.verify_ran && self.mode == MtlsMode::Required => {
-                ("ClientCertMissing", "no client certificate".into())
+            (None, Some(SslAlert::CERTIFICATE_REQUIRED)) => {
+                Refused::new(Refusal::ClientCertMissing, "no client certificate")
             }
-            (None, Some(alert)) => ("HandshakeFailed", format!("alert {alert:?} sent")),
-            (None, None) => (
-                "HandshakeAborted",
-                "the client closed the connection during the handshake".into(),
+            // TLS 1.2 has no certificate_required alert: an empty Certificate gets handshake_failure.
+            (None, Some(SslAlert::HANDSHAKE_FAILURE)) if !s.verify_ran && self.mode == Mode::Required => {
+                Refused::new(Refusal::ClientCertMissing, "no client certificate")
+            }
+            (None, Some(alert)) => Refused::new(Refusal::HandshakeFailed, format!("alert {alert:?} sent")),
+            (None, None) => Refused::new(
+                Refusal::HandshakeAborted,
+                "the client closed the connection during the handshake",
             ),
         };
-        self.count_refusal(reason, &detail);
+        let cert = s.cert.take();
+        self.count_refusal(&refused, cert.as_ref(), None);
     }
 }
 
 fn record_index() -> Option<boring::ex_data::Index<Ssl, Arc<HandshakeRecord>>> {
     static INDEX: OnceLock<Option<boring::ex_data::Index<Ssl, Arc<HandshakeRecord>>>> = OnceLock::new();
     *INDEX.get_or_init(|| Ssl::new_ex_index().ok())
-}
-
-fn policy_index() -> Option<boring::ex_data::Index<Ssl, Arc<TlsPolicy>>> {
-    static INDEX: OnceLock<Option<boring::ex_data::Index<Ssl, Arc<TlsPolicy>>>> = OnceLock::new();
-    *INDEX.get_or_init(|| Ssl::new_ex_index().ok())
-}
-
-/// Maps a chain verification error to a refusal reason (CloudFront's names where they exist).
-pub fn refusal_reason(result: X509VerifyResult) -> &'static str {
-    use pingora::tls::ssl_sys as ffi;
-    let Err(err) = result else { return "Ok" };
-    match err.as_raw() {
-        ffi::X509_V_ERR_CERT_HAS_EXPIRED => "ClientCertExpired",
-        ffi::X509_V_ERR_CERT_NOT_YET_VALID => "ClientCertNotYetValid",
-        ffi::X509_V_ERR_CERT_REVOKED => "ClientCertRevoked",
-        ffi::X509_V_ERR_INVALID_PURPOSE => "ClientCertIntentInvalid",
-        ffi::X509_V_ERR_CERT_CHAIN_TOO_LONG => "ClientCertMaxChainDepthExceeded",
-        ffi::X509_V_ERR_PATH_LENGTH_EXCEEDED => "ClientCertPathLenExceeded",
-        ffi::X509_V_ERR_UNABLE_TO_GET_CRL
-        | ffi::X509_V_ERR_CRL_HAS_EXPIRED
-        | ffi::X509_V_ERR_CRL_NOT_YET_VALID
-        | ffi::X509_V_ERR_CRL_SIGNATURE_FAILURE
-        | ffi::X509_V_ERR_UNABLE_TO_GET_CRL_ISSUER => "ClientCertRevocationUnknown",
-        ffi::X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT
-        | ffi::X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY
-        | ffi::X509_V_ERR_UNABLE_TO_VERIFY_LEAF_SIGNATURE
-        | ffi::X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT
-        | ffi::X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN
-        | ffi::X509_V_ERR_CERT_SIGNATURE_FAILURE => "ClientCertUntrusted",
-        _ => "ClientCertInvalid",
-    }
 }
 
 fn connection_info(ssl: &SslRef, sni: Option<&str>) -> ConnectionInfo {
@@ -307,63 +240,16 @@ fn connection_info(ssl: &SslRef, sni: Option<&str>) -> ConnectionInfo {
     }
 }
 
-/// What connection rules decided.
-enum Verdict {
-    /// Refused: the reason and its detail (the rule).
-    Refused((&'static str, String)),
-    /// An `allow` ended the connection phase.
-    Allowed,
-    /// No `allow` or `deny` matched.
-    Open,
-}
-
-impl Verdict {
-    fn refusal(self) -> Option<(&'static str, String)> {
-        match self {
-            Verdict::Refused(r) => Some(r),
-            Verdict::Allowed | Verdict::Open => None,
-        }
-    }
-}
-
-/// Runs the connection rules of `phase` (`Connection` in the handshake, where the client's
-/// address is not known, or `AfterHandshake` with it).
-fn connection_rules(
-    rules: &RuleSet,
-    phase: Phase,
-    cert: Option<&ViewerCert>,
-    info: &ConnectionInfo,
-    client_ip: &str,
-) -> Verdict {
-    let facts = rules::Facts {
-        cert,
-        verified: true,
-        connection: info,
-        client_ip,
-        request: None,
-        lists: rules.lists(),
-        now: rules::facts::unix_now(),
-    };
-    match rules.evaluate(&[phase], &facts, None).decision() {
-        Decision::Deny { rule, .. } => Verdict::Refused(("ConnectionRuleDenied", format!("rule {rule}"))),
-        Decision::Error { rule, message } => {
-            Verdict::Refused(("ConnectionRuleError", format!("rule {rule}: {message}")))
-        }
-        Decision::Allow { .. } => Verdict::Allowed,
-        Decision::Continue => Verdict::Open,
-    }
-}
-
 struct ViewerTls {
     listener: Arc<str>,
-    policy: Arc<ArcSwap<ListenerPolicy>>,
+    current: Current,
 }
 
 impl ViewerTls {
     fn apply(&self, ssl: &mut SslRef) -> Result<(), String> {
-        let current = self.policy.load();
         let sni = ssl.servername(NameType::HOST_NAME).map(str::to_ascii_lowercase);
-        let policy = current.select(sni.as_deref()).clone();
+        let hs = (self.current)(&self.listener, sni.as_deref()).ok_or("no policy for this listener")?;
+        let policy = hs.policy.clone();
 
         ext::ssl_use_certificate(ssl, &policy.cert.chain[0]).map_err(|e| format!("server certificate: {e}"))?;
         ext::ssl_use_private_key(ssl, &policy.cert.key).map_err(|e| format!("server key: {e}"))?;
@@ -375,23 +261,22 @@ impl ViewerTls {
             listener: self.listener.clone(),
             mode: policy.mode,
             sni,
-            rules: current.rules.clone(),
-            state: Mutex::new(RecordState::default()),
+            started: Instant::now(),
+            during: Mutex::new(Some(hs)),
+            state: Mutex::default(),
         });
-        if let (Some(ri), Some(pi)) = (record_index(), policy_index()) {
-            ssl.set_ex_data(ri, record.clone());
-            ssl.set_ex_data(pi, policy.clone());
-        } else {
-            return Err("cannot allocate SSL ex_data indices".into());
-        }
+        ssl.set_ex_data(
+            record_index().ok_or("cannot allocate an SSL ex_data index")?,
+            record.clone(),
+        );
 
         let mode = match policy.mode {
-            MtlsMode::Off => {
+            Mode::Off => {
                 ssl.set_verify(SslVerifyMode::NONE);
                 return Ok(());
             }
-            MtlsMode::Optional => SslVerifyMode::PEER,
-            MtlsMode::Required => SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT,
+            Mode::Optional => SslVerifyMode::PEER,
+            Mode::Required => SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT,
         };
         let store = policy
             .trust_store
@@ -399,7 +284,7 @@ impl ViewerTls {
             .ok_or_else(|| "mTLS policy without a trust store".to_string())?;
         ext::ssl_set_verify_cert_store(ssl, store.store()).map_err(|e| format!("trust store: {e}"))?;
         // BoringSSL's depth counts intermediates and reports an overlong chain as an unknown
-        // issuer; bound chain building loosely here and check the exact limit below.
+        // issuer; bound chain building loosely here, `TrustStore::check` has the exact limit.
         ssl.set_verify_depth(store.max_chain_depth);
         if let Some(names) = &store.ca_names {
             let mut stack = Stack::new().map_err(|e| e.to_string())?;
@@ -410,77 +295,97 @@ impl ViewerTls {
             }
             ssl.set_client_ca_list(stack);
         }
-        let store = store.clone();
-        ssl.set_verify_callback(mode, move |ok, chain: &mut X509StoreContextRef| {
-            if let Ok(mut s) = record.state.lock() {
-                s.verify_ran = true;
-            }
-            // The last call is for the leaf: the whole chain is known and has verified.
-            if ok && chain.error_depth() == 0 {
-                let len = chain.chain().map_or(0, |c| c.len());
-                if len > store.max_chain_depth as usize {
-                    chain.set_error(Err(X509VerifyError::CERT_CHAIN_TOO_LONG));
-                    record.refuse(
-                        "ClientCertMaxChainDepthExceeded",
-                        format!(
-                            "{len} certificates in the chain, at most {} allowed",
-                            store.max_chain_depth
-                        ),
-                    );
-                    return false;
-                }
-                let path_len_ok = chain.chain().is_none_or(|c| store.path_len_ok(c.iter()));
-                if !path_len_ok {
-                    chain.set_error(Err(X509VerifyError::PATH_LENGTH_EXCEEDED));
-                    record.refuse(
-                        "ClientCertPathLenExceeded",
-                        "a trust-store intermediate's pathLenConstraint is exceeded".into(),
-                    );
-                    return false;
-                }
-                // The chain has verified: the connection-phase rules decide.
-                if record.rules.has_phase(Phase::Connection) {
-                    let Some(cert) = chain
-                        .current_cert()
-                        .and_then(|leaf| ViewerCert::from_x509(leaf, Vec::new()))
-                    else {
-                        // Rules must not see a verified client as one without a certificate.
-                        chain.set_error(Err(X509VerifyError::APPLICATION_VERIFICATION));
-                        record.refuse("ConnectionRuleError", "the certificate cannot be read for rules".into());
-                        return false;
-                    };
-                    let info = X509StoreContext::ssl_idx()
-                        .ok()
-                        .and_then(|i| chain.ex_data(i))
-                        .map(|ssl| connection_info(ssl, record.sni.as_deref()))
-                        .unwrap_or_default();
-                    match connection_rules(&record.rules, Phase::Connection, Some(&cert), &info, "") {
-                        Verdict::Refused((reason, detail)) => {
-                            chain.set_error(Err(X509VerifyError::APPLICATION_VERIFICATION));
-                            record.refuse(reason, detail);
-                            return false;
-                        }
-                        Verdict::Allowed => record.allow(),
-                        Verdict::Open => {}
-                    }
-                }
-            }
-            if !ok {
-                let subject = chain
-                    .current_cert()
-                    .and_then(|c| c.subject_name().print_ex(0))
-                    .unwrap_or_default();
-                let result = chain.verify_result();
-                let text = result.err().map_or("unknown error", |e| e.error_string());
-                record.refuse(
-                    refusal_reason(result),
-                    format!("{text} at depth {} ({subject})", chain.error_depth()),
-                );
-            }
-            ok
-        });
+        ssl.set_verify_callback(mode, move |ok, chain| verify(&record, ok, chain));
         Ok(())
     }
+}
+
+/// BoringSSL's verify callback: once per certificate of the chain, the leaf last.
+fn verify(record: &HandshakeRecord, ok: bool, chain: &mut X509StoreContextRef) -> bool {
+    record.lock().verify_ran = true;
+    if !ok {
+        let subject = chain
+            .current_cert()
+            .and_then(|c| c.subject_name().print_ex(0))
+            .unwrap_or_default();
+        let (reason, text) = match chain.verify_result() {
+            Err(e) => (trust_store::refusal_reason(e), e.error_string()),
+            Ok(()) => (Refusal::ClientCertInvalid, "unknown error"),
+        };
+        record.refuse(Refused::new(
+            reason,
+            format!("{text} at depth {} ({subject})", chain.error_depth()),
+        ));
+        return false;
+    }
+    if chain.error_depth() != 0 {
+        return true;
+    }
+    // The last call is for the leaf: the whole chain is known and has verified.
+    let Some(hs) = record.during() else { return false };
+    let Some(store) = &hs.policy.trust_store else {
+        return false;
+    };
+    let checked = match chain.chain() {
+        Some(c) => store.check(c, crate::rules::facts::unix_now()),
+        None => Err(Refused::new(Refusal::ClientCertInvalid, "no verified chain")),
+    };
+    let cert = chain
+        .current_cert()
+        .and_then(|leaf| ViewerCert::from_x509(leaf, Vec::new()));
+    if let Err(r) = checked {
+        chain.set_error(Err(trust_store::verify_error(r.reason)));
+        let mut s = record.lock();
+        s.cert = cert;
+        s.refused.get_or_insert(r);
+        return false;
+    }
+    // The chain has verified: the connection-phase rules decide.
+    if !hs.rules.has_phase(Phase::Connection) {
+        return true;
+    }
+    let Some(cert) = cert else {
+        // Rules must not see a verified client as one without a certificate.
+        chain.set_error(Err(X509VerifyError::APPLICATION_VERIFICATION));
+        record.refuse(Refused::new(
+            Refusal::ConnectionRuleError,
+            "the certificate cannot be read for rules",
+        ));
+        return false;
+    };
+    let info = X509StoreContext::ssl_idx()
+        .ok()
+        .and_then(|i| chain.ex_data(i))
+        .map(|ssl| connection_info(ssl, record.sni.as_deref()))
+        .unwrap_or_default();
+    match admission::connection_rules(&hs.rules, &[Phase::Connection], Some(&cert), &info, "") {
+        Verdict::Refused(r) => {
+            chain.set_error(Err(X509VerifyError::APPLICATION_VERIFICATION));
+            let mut s = record.lock();
+            s.cert = Some(cert);
+            s.refused.get_or_insert(r);
+            false
+        }
+        Verdict::Allowed => {
+            record.lock().allowed = true;
+            true
+        }
+        Verdict::Open => true,
+    }
+}
+
+/// The peer's chain as it sent it, leaf first (BoringSSL's server-side chain excludes the leaf).
+fn peer_chain(ssl: &SslRef) -> Vec<X509> {
+    let Some(leaf) = ssl.peer_certificate() else {
+        return Vec::new();
+    };
+    let leaf_der = leaf.to_der().ok();
+    let rest = ssl.peer_cert_chain().into_iter().flat_map(|c| c.iter());
+    let rest: Vec<X509> = rest
+        .filter(|c| c.to_der().ok() != leaf_der)
+        .map(|c| c.to_owned())
+        .collect();
+    std::iter::once(leaf).chain(rest).collect()
 }
 
 #[async_trait]
@@ -499,59 +404,54 @@ impl TlsAccept for ViewerTls {
     /// is counted as a refused handshake and the first request closes the connection. When
     /// connection rules read the client's address, those are left for the first request.
     async fn handshake_complete_callback(&self, ssl: &SslRef) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
-        let record = record_index().and_then(|i| ssl.ex_data(i))?;
-        let policy = policy_index().and_then(|i| ssl.ex_data(i))?;
-        let cert = match policy.mode {
-            MtlsMode::Optional | MtlsMode::Required => ViewerCert::from_ssl(ssl),
-            MtlsMode::Off => None,
+        let record = record_index().and_then(|i| ssl.ex_data(i))?.clone();
+        let hs = record.during.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+        let mode = hs.policy.mode;
+        let (cert, chain) = match mode {
+            Mode::Optional | Mode::Required => (ViewerCert::from_ssl(ssl), peer_chain(ssl)),
+            Mode::Off => (None, Vec::new()),
         };
-        let current = self.policy.load();
         let info = connection_info(ssl, record.sni.as_deref());
-        let rules = &record.rules;
+        let rules = &hs.rules;
         // A client without a certificate on an optional listener had no verify step: its
         // connection rules run now. Listeners without mTLS run no connection rules.
-        let verdict = match (&cert, policy.mode) {
-            (_, MtlsMode::Off) => Verdict::Allowed,
+        let verdict = match (&cert, mode) {
+            (_, Mode::Off) => Verdict::Allowed,
             (None, _) if rules.has_phase(Phase::Connection) => {
-                connection_rules(rules, Phase::Connection, None, &info, "")
+                admission::connection_rules(rules, &[Phase::Connection], None, &info, "")
             }
-            _ if record.allowed() => Verdict::Allowed,
+            _ if record.lock().allowed => Verdict::Allowed,
             _ => Verdict::Open,
+        };
+        let identity = ConnectionIdentity {
+            listener: self.listener.clone(),
+            sni: record.sni.clone(),
+            sni_policy: hs.policy.sni_name.clone(),
+            cert,
+            chain,
+            info,
+            client_ip: Default::default(),
         };
         // Connection rules that read the client's address run at the first request; the
         // handshake is counted then.
-        let after_handshake = (matches!(verdict, Verdict::Open) && rules.has_phase(Phase::AfterHandshake)).then(|| {
-            record.complete_later();
+        let after_handshake = matches!(verdict, Verdict::Open) && rules.has_phase(Phase::AfterHandshake);
+        let refused = match verdict {
+            Verdict::Refused(r) => Some(r),
+            Verdict::Allowed | Verdict::Open => None,
+        };
+        let count: Option<admission::CountHandshake> = if after_handshake {
+            record.lock().completed = true;
             let record = record.clone();
-            AfterHandshake::new(move |conn, client_ip| {
-                let refusal = connection_rules(
-                    &record.rules,
-                    Phase::AfterHandshake,
-                    conn.cert.as_ref(),
-                    &conn.info,
-                    client_ip,
-                )
-                .refusal()
-                .map(|(reason, detail)| (reason, format!("{detail}, after the handshake, from {client_ip}")));
-                record.count_completed(refusal.as_ref());
-                refusal.map(|(_, detail)| detail)
-            })
-        });
-        let denied = verdict.refusal();
-        if after_handshake.is_none() {
-            record.count_completed(denied.as_ref());
-        }
-        let headers = current.headers.render(cert.as_ref());
-        Some(Arc::new(Arc::new(ConnectionIdentity {
-            listener: self.listener.clone(),
-            sni: record.sni.clone(),
-            sni_policy: policy.sni_name.clone(),
-            cert,
-            headers,
-            rule_client_ip: Default::default(),
-            info,
-            denied: denied.map(|(_, detail)| detail),
-            after_handshake,
-        })))
+            let cert = identity.cert.clone();
+            Some(Box::new(move |refusal: Option<&Refused>, client_ip: &str| {
+                let refusal = refusal
+                    .map(|r| Refused::new(r.reason, format!("{}, after the handshake, from {client_ip}", r.detail)));
+                record.count_completed(refusal.as_ref(), cert.as_ref(), Some(client_ip));
+            }))
+        } else {
+            record.count_completed(refused.as_ref(), identity.cert.as_ref(), None);
+            None
+        };
+        Some(Arc::new(Connection::new(identity, hs.generation, refused, count)))
     }
 }

@@ -151,12 +151,8 @@ fn firmware_fleet_only_devices_from_the_fleet_ca_and_only_their_own_models_image
     assert!(e.client("sensor").get("/firmware/manifest.json").is_err());
     assert!(e.client("foreign").get("/firmware/manifest.json").is_err());
     assert_eq!(e.refused("ConnectionRuleDenied"), 2.0);
-    let log = e.edge.log_text();
-    assert!(
-        log.contains("reason=ConnectionRuleDenied detail=\"rule devices-only\""),
-        "{log}"
-    );
-    assert!(log.contains("detail=\"rule fleet-ca-only\""), "{log}");
+    e.edge.wait_connection_log("ConnectionRuleDenied", "rule devices-only");
+    e.edge.wait_connection_log("ConnectionRuleDenied", "rule fleet-ca-only");
 }
 
 #[test]
@@ -212,7 +208,8 @@ fn a_revocation_denylist_refuses_listed_serials_in_the_handshake() {
         );
     }
     assert_eq!(e.refused("ConnectionRuleDenied"), 2.0);
-    assert!(e.edge.log_text().contains("detail=\"rule revoked-serials\""));
+    e.edge
+        .wait_connection_log("ConnectionRuleDenied", "rule revoked-serials");
 }
 
 /// FNV-1a as the edge's `stableHash`: the test predicts each device's group independently.
@@ -302,12 +299,12 @@ fn connection_rules_that_read_the_client_ip_close_the_connection_before_its_firs
     // ...or refuses the handshake itself (curl's 56: the TLS alert arrives as it reads).
     assert!(matches!(code("banned", "127.0.0.1").0, Some(35 | 56)));
     assert_eq!(e.refused("ConnectionRuleDenied"), 3.0);
-    let log = e.edge.log_text();
-    assert!(
-        log.contains("detail=\"rule loopback-only, after the handshake, from 127.0.0.2\""),
-        "{log}"
+    let line = e.edge.wait_connection_log(
+        "ConnectionRuleDenied",
+        "rule loopback-only, after the handshake, from 127.0.0.2",
     );
-    assert!(log.contains("detail=\"rule banned\""), "{log}");
+    assert_eq!(line["client_ip"], "127.0.0.2", "{line}");
+    e.edge.wait_connection_log("ConnectionRuleDenied", "rule banned");
 
     // A connection that closes before its first request is counted as an accepted handshake.
     let accepted = || {
@@ -354,15 +351,8 @@ fn connection_rule_errors_refuse_in_the_handshake_and_after_it() {
         r.map(|r| r.status)
     );
     assert_eq!(e.refused("ConnectionRuleError"), 2.0);
-    let log = e.edge.log_text();
-    assert!(
-        log.contains("reason=ConnectionRuleError detail=\"rule bad-name:"),
-        "{log}"
-    );
-    assert!(
-        log.contains("reason=ConnectionRuleError detail=\"rule bad-address:"),
-        "{log}"
-    );
+    e.edge.wait_connection_log("ConnectionRuleError", "rule bad-name:");
+    e.edge.wait_connection_log("ConnectionRuleError", "rule bad-address:");
 }
 
 #[test]
@@ -391,10 +381,7 @@ fn shadow_rules_change_nothing_and_evaluation_errors_deny() {
     assert_eq!(m("would-block-all", "would_match"), 3.0);
     assert_eq!(m("bad-count", "matched"), 1.0);
     assert_eq!(m("bad-count", "error"), 1.0);
-    assert!(e
-        .edge
-        .log_text()
-        .contains("rule=bad-count phase=request evaluation error"));
+    e.edge.wait_event("rule=bad-count phase=request evaluation error");
 }
 
 #[test]

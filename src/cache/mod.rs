@@ -21,8 +21,21 @@ use pingora_cache::{
     CacheKey, CacheMeta, CacheMetaDefaults, CacheOptionOverrides, CachePhase, NoCacheReason, RespCacheable,
 };
 
-use crate::{config, metrics};
+use crate::metrics;
+use crate::reason::CacheResult;
 use storage::MemoryStorage;
+
+/// The cache's size and coalescing, fixed for the life of the process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// Everything the cache holds, stored objects and fills in progress, in bytes.
+    pub max_bytes: usize,
+    pub max_object_bytes: usize,
+    /// The part of `max_bytes` for fills in progress.
+    pub filling_bytes: usize,
+    /// How long coalesced requests wait for the first fill's headers.
+    pub lock_timeout: Duration,
+}
 
 /// Shards of the LRU eviction manager.
 const LRU_SHARDS: usize = 16;
@@ -38,10 +51,10 @@ pub struct SharedCache {
 
 impl SharedCache {
     /// Builds the cache once at start-up; it lives as long as the process.
-    pub fn new(cfg: &config::Cache) -> SharedCache {
-        let lock_timeout = Duration::from_secs(cfg.lock_timeout_secs);
+    pub fn new(cfg: &Settings) -> SharedCache {
+        let lock_timeout = cfg.lock_timeout;
         metrics::CACHE_BUDGET.set(i64::try_from(cfg.max_bytes).unwrap_or(i64::MAX));
-        let filling = cfg.filling_bytes();
+        let filling = cfg.filling_bytes;
         SharedCache {
             storage: Box::leak(Box::new(MemoryStorage::new(cfg.max_object_bytes, filling))),
             // Stored objects get what fills do not. The capacity hint is a guess at the object
@@ -69,21 +82,14 @@ impl SharedCache {
         removed.len()
     }
 
-    /// Records what the cache did for a finished request.
-    pub fn record(&self, session: &Session) {
-        let phase = session.cache.phase();
-        let result = match phase {
-            CachePhase::Hit => "hit",
-            CachePhase::Stale | CachePhase::StaleUpdating => "stale",
-            CachePhase::Revalidated | CachePhase::RevalidatedNoCache(_) => "revalidated",
-            CachePhase::Miss | CachePhase::Expired => "miss",
-            CachePhase::Disabled(_) => "uncacheable",
-            _ => "bypass",
-        };
+    /// Records what the cache did for a finished request, and returns it.
+    pub fn record(&self, session: &Session) -> CacheResult {
+        let result = result(session.cache.phase());
         metrics::count_cache_lookup(result);
         if session.cache.lock_duration().is_some() && !session.cache.is_cache_lock_writer() {
             metrics::CACHE_COALESCED.inc();
         }
+        result
     }
 
     /// Brings the memory gauges up to date (when metrics are scraped).
@@ -154,6 +160,18 @@ pub fn key(host: &str, path_and_query: &str, variants: &str) -> CacheKey {
 pub fn push_variant(variants: &mut String, kind: &str, name: &str, value: &str) {
     use std::fmt::Write;
     let _ = write!(variants, "\n{kind}{name}={}:{value}", value.len()); // a String cannot fail
+}
+
+/// What the cache did, from the phase a request ended in.
+pub fn result(phase: CachePhase) -> CacheResult {
+    match phase {
+        CachePhase::Hit => CacheResult::Hit,
+        CachePhase::Stale | CachePhase::StaleUpdating => CacheResult::Stale,
+        CachePhase::Revalidated | CachePhase::RevalidatedNoCache(_) => CacheResult::Revalidated,
+        CachePhase::Miss | CachePhase::Expired => CacheResult::Miss,
+        CachePhase::Disabled(_) => CacheResult::Uncacheable,
+        _ => CacheResult::Bypass,
+    }
 }
 
 /// Statuses cacheable by default when the origin gives no freshness (RFC 9110 §15.1).

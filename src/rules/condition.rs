@@ -83,28 +83,57 @@ fn interpret(p: &Program, env: &Arc<Env>, f: &Facts) -> R<Value> {
 pub enum Cond {
     Lit(bool),
     /// `client.cert.present` (`false`) or `client.cert.verified` (`true`).
-    Field { verified: bool },
+    Field {
+        verified: bool,
+    },
     Not(Box<Cond>),
     /// `&&`, flattened.
     All(Box<[Cond]>),
     /// `||`, flattened.
     Any(Box<[Cond]>),
     /// `a == b`, `a.startsWith(b)`, `a.endsWith(b)`, `a.contains(b)`.
-    Str { a: Str, how: How, b: Str },
+    Str {
+        a: Str,
+        how: How,
+        b: Str,
+    },
     /// `a in ["x", "y"]`.
-    StrIn { a: Str, set: Box<[Box<str>]> },
+    StrIn {
+        a: Str,
+        set: Box<[Box<str>]>,
+    },
     /// Two ints, or two timestamps, compared.
-    Cmp { a: Num, cmp: Cmp, b: Num },
+    Cmp {
+        a: Num,
+        cmp: Cmp,
+        b: Num,
+    },
     /// `a in [1, 2]`.
-    IntIn { a: Num, set: Box<[i64]> },
-    BoolEq { a: Box<Cond>, b: Box<Cond> },
+    IntIn {
+        a: Num,
+        set: Box<[i64]>,
+    },
+    BoolEq {
+        a: Box<Cond>,
+        b: Box<Cond>,
+    },
     /// `a in lists.NAME`, `lists.NAME.contains(a)`.
-    InList { a: Str, list: Arc<RuleList> },
+    InList {
+        a: Str,
+        list: Arc<RuleList>,
+    },
     /// `a in client.cert.san.dns`.
-    InSans { a: Str, sans: Sans },
+    InSans {
+        a: Str,
+        sans: Sans,
+    },
     /// `client.cert.san.dns.exists(d, ...)` (`all: false`) or `.all(d, ...)`; the body reads the
     /// element as [`Str::Item`].
-    Each { all: bool, sans: Sans, body: Box<Cond> },
+    Each {
+        all: bool,
+        sans: Sans,
+        body: Box<Cond>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -368,13 +397,22 @@ impl<'l> Compiler<'l> {
                 })
             }
             (op::IN, [a, b]) => Some(match self.list(b)? {
-                ListOf::Strs(set) => Cond::StrIn { a: self.string(a)?, set },
+                ListOf::Strs(set) => Cond::StrIn {
+                    a: self.string(a)?,
+                    set,
+                },
                 ListOf::Ints(set) => {
                     let (a, kind) = self.num(a)?;
                     (kind == Kind::Int).then_some(Cond::IntIn { a, set })?
                 }
-                ListOf::Named(list) => Cond::InList { a: self.string(a)?, list },
-                ListOf::Sans(sans) => Cond::InSans { a: self.string(a)?, sans },
+                ListOf::Named(list) => Cond::InList {
+                    a: self.string(a)?,
+                    list,
+                },
+                ListOf::Sans(sans) => Cond::InSans {
+                    a: self.string(a)?,
+                    sans,
+                },
             }),
             _ => None,
         }
@@ -456,7 +494,7 @@ impl<'l> Compiler<'l> {
                         _ => None,
                     },
                     _ => None,
-                }
+                };
             }
             _ => {}
         }

@@ -2,9 +2,9 @@
 //! rules and routes without a running edge, and says which rules matched and what the edge
 //! would do. Operators test a policy with it before they ship it.
 
-use std::fmt::Write as _;
 use boring::stack::Stack;
-use boring::x509::{X509StoreContext, X509};
+use boring::x509::X509;
+use std::fmt::Write as _;
 
 use super::facts::{self, ConnectionInfo, RequestInfo};
 use super::{Decision, Facts, Outcome, Phase, RuleSet, Step};
@@ -30,7 +30,8 @@ pub struct Routing {
     pub origin: Option<String>,
 }
 
-/// Verifies the chain against the trust store the SNI selects, as the handshake would.
+/// Verifies the chain against the trust store the SNI selects, as the handshake would (the
+/// dates, the chain, its depth and path length, revocation; not the EKU).
 fn verify(store: Option<&TrustStore>, chain: &[X509]) -> (bool, String) {
     let Some(store) = store else {
         return (false, "no trust store (mTLS off on this listener)".into());
@@ -38,27 +39,18 @@ fn verify(store: Option<&TrustStore>, chain: &[X509]) -> (bool, String) {
     let Some((leaf, rest)) = chain.split_first() else {
         return (false, "no certificate".into());
     };
-    let result = (|| {
-        let mut intermediates = Stack::new()?;
-        for c in rest {
-            intermediates.push(c.clone())?;
+    let mut intermediates = match Stack::new() {
+        Ok(s) => s,
+        Err(e) => return (false, format!("NOT verified: {e}")),
+    };
+    for c in rest {
+        if let Err(e) = intermediates.push(c.clone()) {
+            return (false, format!("NOT verified: {e}"));
         }
-        let mut ctx = X509StoreContext::new()?;
-        ctx.init(store.store(), leaf, &intermediates, |c| {
-            let ok = c.verify_cert()?;
-            Ok((ok, c.verify_result()))
-        })
-    })();
-    match result {
-        Ok((true, _)) => (true, "verified against the trust store".into()),
-        Ok((false, r)) => (
-            false,
-            format!(
-                "NOT verified: {}",
-                r.err().map_or("unknown error", |e| e.error_string())
-            ),
-        ),
-        Err(e) => (false, format!("NOT verified: {e}")),
+    }
+    match store.verify(leaf, &intermediates, facts::unix_now()) {
+        Ok(()) => (true, "verified against the trust store".into()),
+        Err(r) => (false, format!("NOT verified: {} ({})", r.detail, r.reason.as_str())),
     }
 }
 

@@ -15,6 +15,7 @@ use cel::ExecutionError;
 use chrono::{DateTime, FixedOffset};
 
 use super::lists::Lists;
+pub use crate::identity::ConnectionInfo;
 use crate::identity::{NameParts, ViewerCert};
 
 /// Every field path a condition may name. `*` stands for any name (a header, a list).
@@ -50,14 +51,6 @@ pub const SCHEMA: &[&str] = &[
     "lists.*",
     "now",
 ];
-
-/// What a connection knows besides the certificate.
-#[derive(Debug, Clone, Default)]
-pub struct ConnectionInfo {
-    pub sni: String,
-    pub tls_version: String,
-    pub alpn: String,
-}
 
 /// The parts of a request rules see.
 pub struct RequestInfo<'v> {
@@ -250,7 +243,7 @@ impl<'a> Facts<'a> {
     /// `client` or one of its objects (`client.cert`, `client.cert.subject`...) as a record of
     /// the leaves below it.
     fn client_record(&self, prefix: &str) -> Option<Box<dyn Val + 'a>> {
-        let below: Vec<(Vec<&'static str>, Box<dyn Val + 'a>)> = SCHEMA
+        let below: Vec<Field<'a>> = SCHEMA
             .iter()
             .filter_map(|leaf| {
                 let rest = leaf.strip_prefix(prefix)?.strip_prefix('.')?;
@@ -336,9 +329,12 @@ impl Indexer for Record<'_> {
     steal_via_get!();
 }
 
+/// A value and its path below the record being built.
+type Field<'v> = (Vec<&'static str>, Box<dyn Val + 'v>);
+
 /// Nests values by path (`["cert", "subject", "cn"]`) into records.
-fn nest<'v>(fields: Vec<(Vec<&'static str>, Box<dyn Val + 'v>)>) -> Box<dyn Val + 'v> {
-    let mut groups: Vec<(&'static str, Vec<(Vec<&'static str>, Box<dyn Val + 'v>)>)> = Vec::new();
+fn nest<'v>(fields: Vec<Field<'v>>) -> Box<dyn Val + 'v> {
+    let mut groups: Vec<(&'static str, Vec<Field<'v>>)> = Vec::new();
     for (mut path, value) in fields {
         if path.is_empty() {
             continue;
@@ -351,13 +347,15 @@ fn nest<'v>(fields: Vec<(Vec<&'static str>, Box<dyn Val + 'v>)>) -> Box<dyn Val 
     }
     let record = groups
         .into_iter()
-        .map(|(head, mut group)| match (group.len() == 1 && group[0].0.is_empty(), group.pop()) {
-            (true, Some((_, v))) => (head, v),
-            (_, last) => {
-                group.extend(last);
-                (head, nest(group))
-            }
-        })
+        .map(
+            |(head, mut group)| match (group.len() == 1 && group[0].0.is_empty(), group.pop()) {
+                (true, Some((_, v))) => (head, v),
+                (_, last) => {
+                    group.extend(last);
+                    (head, nest(group))
+                }
+            },
+        )
         .collect();
     Box::new(Record(record))
 }

@@ -4,18 +4,15 @@
 //! they are asked, so `0A:1B`, `0a1b` and `A1B` are the same serial.
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::Path;
 use std::sync::{Arc, LazyLock};
 
 use cel::common::traits::{Container, Indexer};
 use cel::common::types::{CelBool, CelString, Type};
 use cel::common::value::{CowVal, StaticVal, Val};
 use cel::ExecutionError;
-use serde::Deserialize;
 
 /// What a list holds, which decides how its entries are compared.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ListKind {
     /// Certificate serial numbers in hex, with or without colons, in either case.
     Serial,
@@ -124,43 +121,20 @@ impl RuleList {
     /// Parses a list file's text. Errors name the line.
     #[cfg(test)]
     pub fn parse(kind: ListKind, text: &str) -> Result<RuleList, String> {
-        let mut list = RuleList::with_capacity(kind, text.lines().count());
-        for (i, line) in text.lines().enumerate() {
-            list.add_line(i + 1, line)?;
-        }
-        Ok(list)
+        RuleList::from_lines(kind, text.lines().count(), text.lines().map(|l| Ok(l.to_string())))
     }
 
-    /// Loads a list file line by line (a million-line file is never held whole), into a set
-    /// sized once for every line, so that it never rehashes while it grows.
-    pub fn load(kind: ListKind, path: &Path) -> Result<RuleList, String> {
-        use std::io::BufRead;
-        let open = || {
-            std::fs::File::open(path)
-                .map(std::io::BufReader::new)
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))
-        };
-        let read_err = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
-        let mut lines = 0;
-        let mut reader = open()?;
-        loop {
-            let buf = reader.fill_buf().map_err(read_err)?;
-            if buf.is_empty() {
-                break;
-            }
-            lines += buf.iter().filter(|b| **b == b'\n').count();
-            let n = buf.len();
-            reader.consume(n);
-        }
-        let mut list = RuleList::with_capacity(kind, lines + 1);
-        let (mut reader, mut line, mut n) = (open()?, String::new(), 0);
-        while {
-            line.clear();
-            reader.read_line(&mut line).map_err(read_err)? > 0
-        } {
-            n += 1;
-            list.add_line(n, &line)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
+    /// A list from the lines of its file, into a set sized once for `lines` entries so that it
+    /// never rehashes while it grows. Errors name the line.
+    pub fn from_lines(
+        kind: ListKind,
+        lines: usize,
+        text: impl Iterator<Item = std::io::Result<String>>,
+    ) -> Result<RuleList, String> {
+        let mut list = RuleList::with_capacity(kind, lines);
+        for (i, line) in text.enumerate() {
+            let line = line.map_err(|e| format!("line {}: {e}", i + 1))?;
+            list.add_line(i + 1, &line)?;
         }
         Ok(list)
     }

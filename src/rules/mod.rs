@@ -1,5 +1,5 @@
 //! Lua-free rules: YAML files of rules whose conditions are CEL expressions, compiled and
-//! checked once at load ([`load`]), then evaluated per handshake (`connection` phase) or per
+//! checked once at load ([`Compiler`]), then evaluated per handshake (`connection` phase) or per
 //! request (`request` phase) in file and line order. The first `allow` or `deny` that matches
 //! ends a phase; the other actions accumulate. Errors at run time deny (fail closed).
 
@@ -38,11 +38,11 @@ macro_rules! steal_via_get {
     };
 }
 
+mod compile;
 mod condition;
 pub mod explain;
 pub mod facts;
 pub mod lists;
-mod load;
 
 use std::sync::Arc;
 
@@ -52,10 +52,10 @@ use http::{HeaderName, HeaderValue};
 use log::{info, warn};
 use pingora_prometheus::prometheus::IntCounter;
 
-use condition::{Condition, StrExpr};
+pub use compile::{Compiler, FRAMING};
+pub use condition::{Condition, StrExpr};
 pub use facts::{ConnectionInfo, Facts, RequestInfo};
 use lists::{contains as list_contains, ListVal, Lists};
-pub use load::RulesConfig;
 
 /// When a rule runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,7 +72,7 @@ pub enum Phase {
 }
 
 impl Phase {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Phase::Connection | Phase::AfterHandshake => "connection",
             Phase::Request => "request",
@@ -81,7 +81,7 @@ impl Phase {
 }
 
 /// What a rule does when its condition holds.
-enum Action {
+pub enum Action {
     Allow,
     Deny { status: u16, body: Arc<str> },
     SetHeaders(Vec<(HeaderName, StrExpr)>),
@@ -91,7 +91,7 @@ enum Action {
 }
 
 impl Action {
-    fn describe(&self) -> String {
+    pub fn describe(&self) -> String {
         match self {
             Action::Allow => "allow".into(),
             Action::Deny { status, .. } => format!("deny {status}"),

@@ -1,9 +1,8 @@
 //! Rule loading, checking and evaluation semantics (no sockets: the socket tests are in
 //! tests/rules.rs).
 
-use super::load::RuleFile;
 use super::*;
-use crate::config::Ctx;
+use crate::config::RuleFile;
 use crate::identity::{NameParts, ViewerCert};
 use cel::{Context, Value};
 
@@ -22,13 +21,11 @@ fn load(files: &[(&str, &str)]) -> Loaded {
         std::fs::write(rules.join(name), text).unwrap();
     }
     std::fs::write(dir.path().join("denied.txt"), "# revoked devices\n0A:1B\n").unwrap();
-    let cfg: RulesConfig =
-        serde_yaml::from_str("dir: rules\nlists: { denied: { file: denied.txt, kind: serial } }").unwrap();
-    let mut ctx = Ctx::new(&dir.path().join("edge.yaml"));
-    let set = RuleSet::load(&mut ctx, &cfg, &["main", "beta"], &|h| {
-        h.as_str().starts_with("cloudfront-viewer-cert")
-    });
-    let errors = ctx.errors.iter().map(ToString::to_string).collect();
+    let (set, errors) = crate::state::build::rules_for_test(
+        &dir.path().join("edge.yaml"),
+        "dir: rules\nlists: { denied: { file: denied.txt, kind: serial } }",
+        &["main", "beta"],
+    );
     Loaded { _dir: dir, set, errors }
 }
 
@@ -89,13 +86,7 @@ fn with_facts<T>(set: &RuleSet, cert: Option<&ViewerCert>, path: &str, now: i64,
 }
 
 /// Runs `phase` for a client (`None`: no certificate) asking for `path`.
-fn run(
-    set: &RuleSet,
-    phase: Phase,
-    cert: Option<&ViewerCert>,
-    path: &str,
-    trace: Option<&mut Vec<Step>>,
-) -> Outcome {
+fn run(set: &RuleSet, phase: Phase, cert: Option<&ViewerCert>, path: &str, trace: Option<&mut Vec<Step>>) -> Outcome {
     with_facts(set, cert, path, 0, |facts| set.evaluate(&[phase], facts, trace))
 }
 
@@ -418,7 +409,10 @@ fn each_request_counts_the_rules_that_matched() {
             .with_label_values(&["request", rule, outcome])
             .get()
     };
-    let (model, shadow) = (counter("counted-model", "matched"), counter("counted-shadow", "would_match"));
+    let (model, shadow) = (
+        counter("counted-model", "matched"),
+        counter("counted-shadow", "would_match"),
+    );
     let c = cert("device-1", "x1", "01:02");
     for path in ["/a", "/a", "/b"] {
         let out = run(&set, Phase::Request, Some(&c), path, None);

@@ -5,7 +5,7 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use boring::ssl::{SslConnector, SslFiletype, SslMethod, SslSession, SslVersion};
@@ -58,6 +58,45 @@ impl Proc {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// The JSON lines of the log (the edge writes JSON lines by default).
+    pub fn log_lines(&self) -> Vec<serde_json::Value> {
+        self.log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Waits (up to 10 s: the edge writes its log every 100 ms) for a log line that `want`
+    /// accepts, and returns it; panics with the whole log when none comes.
+    pub fn wait_log(&self, what: &str, want: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(line) = self.log_lines().into_iter().find(|l| want(l)) {
+                return line;
+            }
+            if Instant::now() > deadline {
+                panic!("no log line {what}; the log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for a `connection` line with `reason` whose detail contains `detail`.
+    pub fn wait_connection_log(&self, reason: &str, detail: &str) -> serde_json::Value {
+        self.wait_log(&format!("refusing {reason} ({detail})"), |l| {
+            l["log"] == "connection"
+                && l["reason"] == reason
+                && l["detail"].as_str().is_some_and(|d| d.contains(detail))
+        })
+    }
+
+    /// Waits for an `event` line whose message contains `text`.
+    pub fn wait_event(&self, text: &str) -> serde_json::Value {
+        self.wait_log(&format!("saying {text:?}"), |l| {
+            l["log"] == "event" && l["msg"].as_str().is_some_and(|m| m.contains(text))
+        })
+    }
 }
 
 impl Drop for Proc {
@@ -69,11 +108,13 @@ impl Drop for Proc {
 
 fn spawn(args: &[&str], port: u16, log: PathBuf) -> Proc {
     let file = std::fs::File::create(&log).expect("create log file");
+    // Logs go to stdout; stderr has what comes before the config is read (and panics).
+    let err = file.try_clone().expect("clone the log file");
     let mut child = Command::new(BIN)
         .args(args)
         .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(file)
+        .stdout(file)
+        .stderr(err)
         .spawn()
         .expect("spawn mtls-edge");
     wait_for_port(port, &mut child, &log);

@@ -1,0 +1,174 @@
+//! Why things happen, as types: why a connection was refused, why an origin request failed, what
+//! the cache did, why a request was answered by the edge itself. The same names are metric labels,
+//! log fields and the words of `rules explain`. A leaf: it depends on nothing in the crate.
+
+/// Why a viewer connection was refused: in its handshake, or at a request once its certificate
+/// or its connection rules no longer pass (after a reload). CloudFront's names where it has them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    ClientCertMissing,
+    ClientCertExpired,
+    ClientCertNotYetValid,
+    ClientCertUntrusted,
+    ClientCertIntentInvalid,
+    ClientCertRevoked,
+    ClientCertPathLenExceeded,
+    ClientCertMaxChainDepthExceeded,
+    ClientCertRevocationUnknown,
+    ClientCertInvalid,
+    ConnectionRuleDenied,
+    ConnectionRuleError,
+    /// BoringSSL refused before chain verification (a bad signature, no shared cipher...).
+    HandshakeFailed,
+    /// The client closed the connection during the handshake.
+    HandshakeAborted,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 14] = [
+        Refusal::ClientCertMissing,
+        Refusal::ClientCertExpired,
+        Refusal::ClientCertNotYetValid,
+        Refusal::ClientCertUntrusted,
+        Refusal::ClientCertIntentInvalid,
+        Refusal::ClientCertRevoked,
+        Refusal::ClientCertPathLenExceeded,
+        Refusal::ClientCertMaxChainDepthExceeded,
+        Refusal::ClientCertRevocationUnknown,
+        Refusal::ClientCertInvalid,
+        Refusal::ConnectionRuleDenied,
+        Refusal::ConnectionRuleError,
+        Refusal::HandshakeFailed,
+        Refusal::HandshakeAborted,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::ClientCertMissing => "ClientCertMissing",
+            Refusal::ClientCertExpired => "ClientCertExpired",
+            Refusal::ClientCertNotYetValid => "ClientCertNotYetValid",
+            Refusal::ClientCertUntrusted => "ClientCertUntrusted",
+            Refusal::ClientCertIntentInvalid => "ClientCertIntentInvalid",
+            Refusal::ClientCertRevoked => "ClientCertRevoked",
+            Refusal::ClientCertPathLenExceeded => "ClientCertPathLenExceeded",
+            Refusal::ClientCertMaxChainDepthExceeded => "ClientCertMaxChainDepthExceeded",
+            Refusal::ClientCertRevocationUnknown => "ClientCertRevocationUnknown",
+            Refusal::ClientCertInvalid => "ClientCertInvalid",
+            Refusal::ConnectionRuleDenied => "ConnectionRuleDenied",
+            Refusal::ConnectionRuleError => "ConnectionRuleError",
+            Refusal::HandshakeFailed => "HandshakeFailed",
+            Refusal::HandshakeAborted => "HandshakeAborted",
+        }
+    }
+}
+
+/// A refusal and what it was about (the certificate, the rule), for logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub reason: Refusal,
+    pub detail: String,
+}
+
+impl Refused {
+    pub fn new(reason: Refusal, detail: impl Into<String>) -> Refused {
+        Refused {
+            reason,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// Why a request to an origin failed.
+///
+/// pingora 0.9 reports a failed upstream certificate check as `InvalidCert` without BoringSSL's
+/// verify result, so an untrusted issuer, a wrong host name and an expired certificate share
+/// `OriginCertInvalid`; the log line names the SNI the certificate was checked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OriginFailure {
+    OriginCertInvalid,
+    OriginRefusedClientCert,
+    ConnectTimeout,
+    ConnectRefused,
+    OriginTlsHandshakeFailed,
+    OriginTimeout,
+    OriginConnectionError,
+}
+
+impl OriginFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OriginFailure::OriginCertInvalid => "OriginCertInvalid",
+            OriginFailure::OriginRefusedClientCert => "OriginRefusedClientCert",
+            OriginFailure::ConnectTimeout => "ConnectTimeout",
+            OriginFailure::ConnectRefused => "ConnectRefused",
+            OriginFailure::OriginTlsHandshakeFailed => "OriginTlsHandshakeFailed",
+            OriginFailure::OriginTimeout => "OriginTimeout",
+            OriginFailure::OriginConnectionError => "OriginConnectionError",
+        }
+    }
+}
+
+/// What the cache did for a request on a cached route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheResult {
+    Hit,
+    Stale,
+    Revalidated,
+    Miss,
+    Uncacheable,
+    Bypass,
+}
+
+impl CacheResult {
+    pub const ALL: [CacheResult; 6] = [
+        CacheResult::Hit,
+        CacheResult::Stale,
+        CacheResult::Revalidated,
+        CacheResult::Miss,
+        CacheResult::Uncacheable,
+        CacheResult::Bypass,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheResult::Hit => "hit",
+            CacheResult::Stale => "stale",
+            CacheResult::Revalidated => "revalidated",
+            CacheResult::Miss => "miss",
+            CacheResult::Uncacheable => "uncacheable",
+            CacheResult::Bypass => "bypass",
+        }
+    }
+}
+
+/// Why the edge answered a request itself instead of forwarding it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answered {
+    /// The connection was refused after its handshake: closed, unanswered.
+    ConnectionRefused,
+    /// The Host is not one the connection's SNI policy covers (421).
+    HostNotCoveredBySni,
+    /// The path has dot or empty segments or encoded separators (400).
+    PathNotNormal,
+    NoRoute,
+    CertificateRequiredForRoute,
+    RuleDenied,
+    RuleError,
+    /// No identity from the handshake (cannot happen on the edge's own listeners).
+    NoConnectionIdentity,
+}
+
+impl Answered {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Answered::ConnectionRefused => "ConnectionRefused",
+            Answered::HostNotCoveredBySni => "HostNotCoveredBySni",
+            Answered::PathNotNormal => "PathNotNormal",
+            Answered::NoRoute => "NoRoute",
+            Answered::CertificateRequiredForRoute => "CertificateRequiredForRoute",
+            Answered::RuleDenied => "RuleDenied",
+            Answered::RuleError => "RuleError",
+            Answered::NoConnectionIdentity => "NoConnectionIdentity",
+        }
+    }
+}

@@ -1,0 +1,517 @@
+//! Config file → [`State`]: the one place that reads the certificates, keys, CAs, CRLs, rule
+//! files and lists a config names. Start-up, `-t`, `rules explain` and every reload call
+//! [`build`], which reports every error it finds, each with its file, key path and reason, and
+//! builds nothing half: a state either is whole or is not.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use boring::pkey::{PKey, Private};
+use boring::x509::X509;
+use http::HeaderName;
+use log::warn;
+
+use super::{Fixed, LoadedCert, Server, Socket, State, Watch};
+use crate::cache;
+use crate::config::{self, ConfigErrors, Report};
+use crate::identity::{self, HeaderNames, HeaderPlan};
+use crate::logs;
+use crate::origin::{self, Origin};
+use crate::routes::{Access, Route, Routes};
+use crate::rules::RuleSet;
+use crate::trust_store::{self, Crl, CrlScope, ExpiredCrl, TrustStore};
+use crate::viewer_tls::{ListenerPolicy, Mode, ServerCert, TlsPolicy};
+
+mod rule_files;
+
+/// Reads the files a config names, relative to its directory; records each error with its key
+/// and each file it read.
+pub(super) struct Files {
+    base: PathBuf,
+    pub(super) report: Report,
+    read: Vec<PathBuf>,
+}
+
+impl Files {
+    fn new(config: &Path) -> Files {
+        let base = config
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Files {
+            base,
+            report: Report::new(config),
+            read: vec![config.to_path_buf()],
+        }
+    }
+
+    pub(super) fn error(&mut self, key: impl Into<String>, reason: impl Into<String>) {
+        self.report.error(key, reason);
+    }
+
+    /// A path from the config, relative to the config file's directory.
+    pub(super) fn path(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    /// Notes a file (or directory) the state depends on, for the reload watch.
+    pub(super) fn depends_on(&mut self, path: PathBuf) {
+        if !self.read.contains(&path) {
+            self.read.push(path);
+        }
+    }
+
+    /// Reads a file named by `key`; records an error and returns `None` when it cannot.
+    pub(super) fn read(&mut self, key: &str, p: &str) -> Option<Vec<u8>> {
+        let path = self.path(p);
+        self.depends_on(path.clone());
+        match std::fs::read(&path) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                self.error(key, format!("cannot read {}: {e}", path.display()));
+                None
+            }
+        }
+    }
+
+    /// A PEM chain (leaf first).
+    fn chain(&mut self, key: &str, file: &str) -> Option<Vec<X509>> {
+        let pem = self.read(key, file)?;
+        match X509::stack_from_pem(&pem) {
+            Ok(c) if !c.is_empty() => Some(c),
+            Ok(_) => {
+                self.error(key, format!("{file}: no PEM certificate in the file"));
+                None
+            }
+            Err(e) => {
+                self.error(key, format!("{file}: not a PEM certificate: {e}"));
+                None
+            }
+        }
+    }
+
+    /// A PEM private key. The key's bytes never reach a message.
+    fn private_key(&mut self, key: &str, file: &str) -> Option<PKey<Private>> {
+        let pem = self.read(key, file)?;
+        match PKey::private_key_from_pem(&pem) {
+            Ok(k) => Some(k),
+            Err(_) => {
+                self.error(key, format!("{file}: not a PEM private key"));
+                None
+            }
+        }
+    }
+
+    /// A certificate chain and the key that belongs to its leaf.
+    fn cert_and_key(
+        &mut self,
+        prefix: &str,
+        (ckey, cert): (&str, &str),
+        (kkey, key): (&str, &str),
+    ) -> Option<(Vec<X509>, PKey<Private>)> {
+        let chain = self.chain(&format!("{prefix}.{ckey}"), cert);
+        let pkey = self.private_key(&format!("{prefix}.{kkey}"), key);
+        let (chain, pkey) = (chain?, pkey?);
+        let matches = chain[0].public_key().map(|p| p.public_eq(&pkey)).unwrap_or(false);
+        if !matches {
+            self.error(
+                format!("{prefix}.{kkey}"),
+                format!("the private key does not match the certificate in {cert}"),
+            );
+            return None;
+        }
+        Some((chain, pkey))
+    }
+}
+
+/// The CN of a certificate's subject, for names in metrics.
+fn cn(cert: &X509) -> String {
+    cert.subject_name()
+        .entries_by_nid(boring::nid::Nid::COMMONNAME)
+        .next()
+        .and_then(|e| e.data().as_utf8().ok().map(|s| s.to_string()))
+        .unwrap_or_default()
+}
+
+fn loaded(kind: &'static str, name: String, cert: &X509) -> LoadedCert {
+    LoadedCert {
+        kind,
+        name,
+        not_after: identity::not_after(cert).unwrap_or_default(),
+    }
+}
+
+/// Loads and compiles a config file, reporting every error it finds.
+pub fn build(path: &Path) -> Result<State, ConfigErrors> {
+    build_watching(path).0
+}
+
+/// [`build`], and the files it read or tried to (what a reload watch should look at, even when
+/// the build failed).
+pub fn build_watching(path: &Path) -> (Result<State, ConfigErrors>, Vec<PathBuf>) {
+    let mut f = Files::new(path);
+    let state = match config::load(path) {
+        Ok(file) => assemble(&mut f, &file),
+        Err(e) => return (Err(e), f.read),
+    };
+    let files = f.read.clone();
+    let report = std::mem::replace(&mut f.report, Report::new(path));
+    (report.finish().map(|()| State { files: f.read, ..state }), files)
+}
+
+/// Every part of the state from `file`; errors go to `f`'s report.
+fn assemble(f: &mut Files, file: &config::File) -> State {
+    let mut certificates = Vec::new();
+    let trust_stores: BTreeMap<String, Arc<TrustStore>> = file
+        .trust_stores
+        .iter()
+        .filter_map(|(name, t)| {
+            let store = trust_store(f, name, t, &mut certificates)?;
+            Some((name.clone(), Arc::new(store)))
+        })
+        .collect();
+    let headers = HeaderPlan::new(header_names(&file.identity_headers));
+    let (rules, lists) = match &file.rules {
+        Some(r) => {
+            let origins: Vec<&str> = file.origins.keys().map(String::as_str).collect();
+            rule_files::load(f, r, &origins, &|h| headers.is_identity(h))
+        }
+        None => (RuleSet::empty(), Vec::new()),
+    };
+    let listeners = file
+        .listeners
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| listener(f, i, l, &trust_stores, &mut certificates))
+        .collect();
+    let origins: BTreeMap<String, Arc<Origin>> = file
+        .origins
+        .iter()
+        .filter_map(|(name, o)| Some((name.clone(), Arc::new(origin(f, name, o, &mut certificates)?))))
+        .collect();
+    let routes = file
+        .routes
+        .iter()
+        .filter_map(|r| {
+            let host = r.host.as_ref().map(|h| h.to_ascii_lowercase());
+            Some(Route {
+                label: Arc::from(format!("{}{}", host.as_deref().unwrap_or(""), r.path_prefix)),
+                host,
+                path_prefix: r.path_prefix.clone(),
+                origin: origins.get(&r.origin)?.clone(),
+                access: match r.access {
+                    config::Access::Authenticated => Access::Authenticated,
+                    config::Access::Any => Access::Any,
+                },
+                cache_ttl: r.cache.as_ref().map(|c| c.default_ttl_secs),
+            })
+        })
+        .collect();
+    State {
+        generation: 0,
+        built_at: crate::rules::facts::unix_now(),
+        listeners,
+        trust_stores,
+        routes: Routes::new(routes),
+        origins,
+        headers,
+        rules: Arc::new(rules),
+        fixed: fixed(f, file),
+        certificates,
+        lists,
+        files: Vec::new(),
+    }
+}
+
+fn fixed(f: &Files, file: &config::File) -> Fixed {
+    let s = &file.server;
+    let level = file.logging.level.parse().unwrap_or(log::LevelFilter::Info);
+    Fixed {
+        server: Server {
+            threads: s.threads,
+            grace_period_seconds: s.grace_period_seconds,
+            graceful_shutdown_timeout_seconds: s.graceful_shutdown_timeout_seconds,
+            pid_file: s.pid_file.clone(),
+            upgrade_sock: s.upgrade_sock.clone(),
+        },
+        listeners: file
+            .listeners
+            .iter()
+            .map(|l| Socket {
+                address: l.address.clone(),
+                http2: l.http2,
+            })
+            .collect(),
+        admin: file.admin.as_ref().map(|a| a.address.clone()),
+        cache: file.cache.as_ref().map(|c| cache::Settings {
+            max_bytes: c.max_bytes,
+            max_object_bytes: c.max_object_bytes,
+            filling_bytes: c.filling_bytes(),
+            lock_timeout: Duration::from_secs(c.lock_timeout_secs),
+        }),
+        logging: logs::Settings {
+            format: match file.logging.format {
+                config::LogFormat::Json => logs::Format::Json,
+                config::LogFormat::Text => logs::Format::Text,
+            },
+            output: match &file.logging.file {
+                Some(p) => logs::Output::File(f.path(p)),
+                None => logs::Output::Stdout,
+            },
+            level,
+            access: file.logging.access_log,
+        },
+        watch: Watch {
+            enabled: file.reload.watch,
+            interval: Duration::from_millis(file.reload.watch_interval_ms),
+        },
+    }
+}
+
+fn header_names(cfg: &config::IdentityHeaders) -> HeaderNames {
+    // `config::load` has checked that every name is valid.
+    let name = |n: &Option<String>| n.as_deref().and_then(|n| HeaderName::from_bytes(n.as_bytes()).ok());
+    HeaderNames {
+        present: name(&cfg.present),
+        subject: name(&cfg.subject),
+        issuer: name(&cfg.issuer),
+        serial: name(&cfg.serial_number),
+        sha256: name(&cfg.sha256),
+        validity: name(&cfg.validity),
+        pem: name(&cfg.pem),
+        san_uri: name(&cfg.san_uri),
+        san_dns: name(&cfg.san_dns),
+        rfc9440: cfg.rfc9440,
+    }
+}
+
+/// One trust store; errors name `trust_stores.NAME.KEY`.
+fn trust_store(f: &mut Files, name: &str, t: &config::TrustStore, certs: &mut Vec<LoadedCert>) -> Option<TrustStore> {
+    let key = format!("trust_stores.{name}");
+    let crl = (!t.crl_files.is_empty()).then_some((
+        match t.crl_check {
+            config::CrlCheck::Chain => CrlScope::Chain,
+            config::CrlCheck::Leaf => CrlScope::Leaf,
+        },
+        match t.expired_crl {
+            config::ExpiredCrl::Refuse => ExpiredCrl::Refuse,
+            config::ExpiredCrl::Enforce => ExpiredCrl::Enforce,
+        },
+    ));
+    let settings = trust_store::Settings {
+        name: Arc::from(name),
+        max_chain_depth: t.max_chain_depth,
+        advertise_ca_names: t.advertise_ca_names,
+        crl,
+    };
+    let mut builder = match trust_store::Builder::new(settings) {
+        Ok(b) => b,
+        Err(e) => {
+            f.error(&key, e);
+            return None;
+        }
+    };
+    let mut ok = true;
+    for (i, file) in t.ca_files.iter().enumerate() {
+        let fkey = format!("{key}.ca_files[{i}]");
+        let Some(chain) = f.chain(&fkey, file) else {
+            ok = false;
+            continue;
+        };
+        for c in &chain {
+            if let Err(e) = builder.add_ca(c) {
+                f.error(&fkey, format!("{file}: {e}"));
+                ok = false;
+            }
+            certs.push(loaded("trust_store_ca", format!("{name}: {}", cn(c)), c));
+        }
+    }
+    let now = crate::rules::facts::unix_now();
+    for (i, file) in t.crl_files.iter().enumerate() {
+        let fkey = format!("{key}.crl_files[{i}]");
+        let Some(pem) = f.read(&fkey, file) else {
+            ok = false;
+            continue;
+        };
+        let crls = match Crl::from_pem(&pem) {
+            Ok(c) => c,
+            Err(e) => {
+                f.error(&fkey, format!("{file}: {e}"));
+                ok = false;
+                continue;
+            }
+        };
+        for crl in crls {
+            if let Some(next) = crl.next_update.filter(|t| *t < now) {
+                let then = match t.expired_crl {
+                    config::ExpiredCrl::Refuse => "the handshakes it covers are refused",
+                    config::ExpiredCrl::Enforce => "its revocations are still enforced (expired_crl: enforce)",
+                };
+                warn!(
+                    "{fkey}: the CRL of {} expired at {}: {then}",
+                    crl.issuer,
+                    identity::iso8601(next)
+                );
+            }
+            if let Err(e) = builder.add_crl(crl) {
+                f.error(&fkey, format!("{file}: {e}"));
+                ok = false;
+            }
+        }
+    }
+    ok.then(|| builder.build())
+}
+
+/// A server certificate and its key; errors name `prefix.server_cert|server_key`.
+fn server_cert(f: &mut Files, prefix: &str, cert: &str, key: &str) -> Option<Arc<ServerCert>> {
+    let (chain, pkey) = f.cert_and_key(prefix, ("server_cert", cert), ("server_key", key))?;
+    Some(Arc::new(ServerCert::new(chain, pkey)))
+}
+
+fn mode(m: config::MtlsMode) -> Mode {
+    match m {
+        config::MtlsMode::Off => Mode::Off,
+        config::MtlsMode::Optional => Mode::Optional,
+        config::MtlsMode::Required => Mode::Required,
+    }
+}
+
+/// A listener's policies; errors name `listeners[i]...`.
+fn listener(
+    f: &mut Files,
+    index: usize,
+    l: &config::Listener,
+    stores: &BTreeMap<String, Arc<TrustStore>>,
+    certs: &mut Vec<LoadedCert>,
+) -> Option<Arc<ListenerPolicy>> {
+    let key = format!("listeners[{index}]");
+    let default_cert = server_cert(f, &key, &l.server_cert, &l.server_key);
+    if let Some(c) = &default_cert {
+        certs.push(loaded("server", l.address.clone(), &c.chain[0]));
+    }
+    let policy = |m: &config::Mtls, sni_name: Option<Arc<str>>, cert: Arc<ServerCert>| {
+        let mode = mode(m.mode);
+        Arc::new(TlsPolicy {
+            sni_name,
+            cert,
+            mode,
+            trust_store: m
+                .trust_store
+                .as_ref()
+                .filter(|_| mode != Mode::Off)
+                .and_then(|n| stores.get(n).cloned()),
+        })
+    };
+    let mut by_sni = std::collections::HashMap::new();
+    let mut sni_ok = true;
+    for (j, s) in l.sni.iter().enumerate() {
+        let cert = match (&s.server_cert, &s.server_key) {
+            (Some(c), Some(k)) => {
+                let cert = server_cert(f, &format!("{key}.sni[{j}]"), c, k);
+                if let Some(c) = &cert {
+                    let names = s.names.join(",");
+                    certs.push(loaded("server", format!("{} {names}", l.address), &c.chain[0]));
+                }
+                cert
+            }
+            _ => default_cert.clone(),
+        };
+        let Some(cert) = cert else {
+            sni_ok = false;
+            continue;
+        };
+        let sni_name = s.names.first().map(|n| Arc::from(n.to_ascii_lowercase().as_str()));
+        let p = policy(&s.mtls, sni_name, cert);
+        for n in &s.names {
+            by_sni.insert(n.to_ascii_lowercase(), p.clone());
+        }
+    }
+    let default = policy(&l.mtls, None, default_cert?);
+    sni_ok.then(|| {
+        Arc::new(ListenerPolicy {
+            name: Arc::from(l.address.as_str()),
+            default,
+            by_sni,
+        })
+    })
+}
+
+/// Whether a certificate may authenticate a TLS client: its EKU has clientAuth (or any).
+fn has_client_auth_eku(cert: &X509) -> Result<bool, String> {
+    let der = cert.to_der().map_err(|e| e.to_string())?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(&der).map_err(|e| e.to_string())?;
+    match parsed.extended_key_usage() {
+        Ok(Some(eku)) => Ok(eku.value.client_auth || eku.value.any),
+        Ok(None) => Ok(false),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// One origin; errors name `origins.NAME.KEY`.
+fn origin(f: &mut Files, name: &str, o: &config::Origin, certs: &mut Vec<LoadedCert>) -> Option<Origin> {
+    let key = format!("origins.{name}");
+    let ca = f.chain(&format!("{key}.ca_file"), &o.ca_file);
+    let client = f.cert_and_key(&key, ("client_cert", &o.client_cert), ("client_key", &o.client_key));
+    let (ca, (client_chain, client_key)) = (ca?, client?);
+    match has_client_auth_eku(&client_chain[0]) {
+        Ok(true) => {}
+        Ok(false) => {
+            f.error(
+                format!("{key}.client_cert"),
+                format!(
+                    "{}: the certificate has no clientAuth extended key usage, so origins will refuse it",
+                    o.client_cert
+                ),
+            );
+            return None;
+        }
+        Err(e) => {
+            f.error(
+                format!("{key}.client_cert"),
+                format!("{}: cannot read extensions: {e}", o.client_cert),
+            );
+            return None;
+        }
+    }
+    let address = match o.address.parse() {
+        Ok(a) => a,
+        Err(e) => {
+            f.error(format!("{key}.address"), format!("{e}"));
+            return None;
+        }
+    };
+    certs.push(loaded("origin_client", name.to_string(), &client_chain[0]));
+    for c in &ca {
+        certs.push(loaded("origin_ca", format!("{name}: {}", cn(c)), c));
+    }
+    Some(Origin::new(origin::Settings {
+        name: name.to_string(),
+        address,
+        sni: o.sni.clone(),
+        ca,
+        client_chain,
+        client_key,
+        connect_timeout: Duration::from_secs(o.connect_timeout_secs),
+        read_timeout: Duration::from_secs(o.read_timeout_secs),
+        idle_timeout: Duration::from_secs(o.idle_timeout_secs),
+    }))
+}
+
+/// The rules of a `rules:` section (YAML) in a config at `config`, and the errors, as strings:
+/// for the rules' own tests.
+#[cfg(test)]
+pub(crate) fn rules_for_test(config: &Path, yaml: &str, origins: &[&str]) -> (RuleSet, Vec<String>) {
+    let cfg: config::Rules = serde_yaml::from_str(yaml).expect("a rules section");
+    let mut f = Files::new(config);
+    let (set, _) = rule_files::load(&mut f, &cfg, origins, &|h| {
+        h.as_str().starts_with("cloudfront-viewer-cert")
+    });
+    (set, f.report.errors.iter().map(ToString::to_string).collect())
+}
