@@ -55,6 +55,10 @@ impl Proc {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -337,6 +341,52 @@ impl<'a> Client<'a> {
             .map_err(|e| format!("handshake: {e}"))
     }
 
+    /// An HTTP/1.1 connection kept open between requests.
+    pub fn keep_alive(&self) -> Result<KeepAlive, String> {
+        Ok(KeepAlive {
+            tls: self.connect()?,
+            host: self.host.clone(),
+        })
+    }
+
+    /// An HTTP/2 connection kept open between requests.
+    pub fn h2(&self) -> Result<H2, String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let mut b = SslConnector::builder(SslMethod::tls()).map_err(|e| e.to_string())?;
+        b.set_ca_file(self.dir.join("edge-ca.pem")).map_err(|e| e.to_string())?;
+        if let Some(stem) = &self.cert {
+            b.set_certificate_chain_file(self.dir.join(format!("{stem}.pem")))
+                .map_err(|e| e.to_string())?;
+            b.set_private_key_file(self.dir.join(format!("{stem}.key")), SslFiletype::PEM)
+                .map_err(|e| e.to_string())?;
+        }
+        b.set_alpn_protos(b"\x02h2").map_err(|e| e.to_string())?;
+        let mut cfg = b.build().configure().map_err(|e| e.to_string())?;
+        cfg.set_verify_hostname(false);
+        let port = self.port;
+        let send = rt.block_on(async move {
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .map_err(|e| e.to_string())?;
+            let tls = tokio_boring::connect(cfg, "localhost", tcp)
+                .await
+                .map_err(|e| format!("handshake: {e}"))?;
+            let (send, conn) = h2::client::handshake(tls).await.map_err(|e| e.to_string())?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            Ok::<_, String>(send)
+        })?;
+        Ok(H2 {
+            rt,
+            send,
+            host: self.host.clone(),
+        })
+    }
+
     /// Sends `GET path` and returns as soon as `min_body` body bytes have arrived, with the
     /// connection still open: what a device sees while a download is in flight.
     pub fn first_bytes(
@@ -401,6 +451,80 @@ impl<'a> Client<'a> {
             session,
             resumed,
         }
+    }
+}
+
+/// An HTTP/1.1 connection that stays open between requests.
+pub struct KeepAlive {
+    tls: boring::ssl::SslStream<TcpStream>,
+    host: String,
+}
+
+impl KeepAlive {
+    /// `GET path` on this connection; an error when the edge closed it without an answer.
+    pub fn get(&mut self, path: &str) -> Result<Response, String> {
+        write!(self.tls, "GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", self.host).map_err(|e| format!("write: {e}"))?;
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 16384];
+        loop {
+            if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+                let len = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok());
+                match len {
+                    Some(n) if raw.len() >= end + 4 + n => return parse_response(&raw[..end + 4 + n]),
+                    None if raw.ends_with(b"0\r\n\r\n") => return parse_response(&raw),
+                    _ => {}
+                }
+            }
+            let n = self.tls.read(&mut buf).map_err(|e| format!("read: {e}"))?;
+            if n == 0 {
+                return Err(format!("closed after {} bytes", raw.len()));
+            }
+            raw.extend_from_slice(&buf[..n]);
+        }
+    }
+}
+
+/// An HTTP/2 connection that stays open between requests.
+pub struct H2 {
+    rt: tokio::runtime::Runtime,
+    send: h2::client::SendRequest<bytes::Bytes>,
+    host: String,
+}
+
+impl H2 {
+    /// `GET path` as a new stream of this connection; an error when the stream is reset.
+    pub fn get(&mut self, path: &str) -> Result<Response, String> {
+        let req = http::Request::get(format!("https://{}{path}", self.host))
+            .body(())
+            .map_err(|e| e.to_string())?;
+        let send = self.send.clone();
+        self.rt.block_on(async move {
+            let mut send = send.ready().await.map_err(|e| e.to_string())?;
+            let (resp, _) = send.send_request(req, true).map_err(|e| e.to_string())?;
+            let resp = resp.await.map_err(|e| format!("stream: {e}"))?;
+            let status = resp.status().as_u16();
+            let headers = resp
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                .collect();
+            let mut body = resp.into_body();
+            let mut text = Vec::new();
+            while let Some(chunk) = body.data().await {
+                let chunk = chunk.map_err(|e| format!("body: {e}"))?;
+                let _ = body.flow_control().release_capacity(chunk.len());
+                text.extend_from_slice(&chunk);
+            }
+            Ok(Response {
+                status,
+                headers,
+                body: String::from_utf8_lossy(&text).into_owned(),
+            })
+        })
     }
 }
 
