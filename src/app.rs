@@ -4,10 +4,12 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server};
 use pingora::services::background::background_service;
+use pingora::services::listening::Service;
 use pingora::services::ServiceWithDependents;
 
 use crate::cache::SharedCache;
@@ -16,9 +18,13 @@ use crate::proxy::EdgeProxy;
 use crate::reload::{Reloader, Triggers};
 use crate::rules::explain;
 use crate::state::{self, Live};
-use crate::upgrade::Signals;
+use crate::upgrade::{Draining, Signals};
 use crate::viewer_tls::{self, HandshakeState};
 use crate::{admin, logs, metrics};
+
+/// How long a draining edge still reads a request on connections waiting for one: a device that
+/// has just connected, or an idle keep-alive connection, gets its next request answered.
+const DRAIN_LINGER: Duration = Duration::from_secs(2);
 
 /// A built edge, ready to run.
 pub struct Edge {
@@ -91,14 +97,16 @@ impl Edge {
         let mut server = Server::new_with_opt_and_conf(Some(opt), self.server_conf());
         server.bootstrap();
         let cache = fixed.cache.as_ref().map(|c| Arc::new(SharedCache::new(c)));
-        let mut proxy = pingora::proxy::http_proxy_service_with_name(
-            &server.configuration,
-            EdgeProxy {
-                live: self.live.clone(),
-                cache: cache.clone(),
-            },
-            "mtls-edge",
-        );
+        let edge = EdgeProxy {
+            live: self.live.clone(),
+            cache: cache.clone(),
+        };
+        let grace = Duration::from_secs(fixed.server.grace_period_seconds);
+        let draining = Draining {
+            inner: Arc::new(pingora::proxy::http_proxy(&server.configuration, edge)),
+            linger: DRAIN_LINGER.min(grace),
+        };
+        let mut proxy = Service::new("mtls-edge".to_string(), draining);
         let live = self.live.clone();
         let current: viewer_tls::Current = Arc::new(move |listener: &str, sni: Option<&str>| {
             let s = live.load();

@@ -4,13 +4,65 @@
 //! even when no process takes the sockets, which would leave no one listening: here SIGQUIT is
 //! obeyed only when a process is listening on the upgrade socket, and otherwise logged and
 //! ignored. SIGTERM drains for `server.grace_period_seconds`; SIGINT stops at once.
+//!
+//! When a draining process stops accepting, pingora also drops every connection that is waiting
+//! for a request at that moment, including one it has just accepted whose first request is
+//! still on its way: that device would get no answer. [`Draining`] lets such connections (and
+//! idle keep-alive ones) send one more request for a moment first; it is answered with
+//! `Connection: close`.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
-use log::error;
-use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
+use log::{error, info};
+use pingora::apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream};
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::Stream;
+use pingora::server::{ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::metrics;
+
+/// An HTTP app whose connections waiting for a request are dropped `linger` after the process
+/// starts to drain, rather than at once.
+pub struct Draining<A> {
+    pub inner: Arc<A>,
+    pub linger: Duration,
+}
+
+#[async_trait]
+impl<A: HttpServerApp + Send + Sync + 'static> HttpServerApp for Draining<A> {
+    async fn process_new_http(
+        self: &Arc<Self>,
+        session: ServerSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        self.inner.process_new_http(session, shutdown).await
+    }
+
+    fn h2_options(&self) -> Option<pingora::protocols::http::v2::server::H2Options> {
+        self.inner.h2_options()
+    }
+
+    fn server_options(&self) -> Option<&HttpServerOptions> {
+        self.inner.server_options()
+    }
+
+    /// Runs once the listeners have stopped: the inner app drops its waiting connections then.
+    async fn http_cleanup(&self) {
+        info!(
+            "draining: connections waiting for a request may send one in the next {} ms",
+            self.linger.as_millis()
+        );
+        tokio::time::sleep(self.linger).await;
+        self.inner.http_cleanup().await;
+    }
+
+    async fn process_custom_session(self: Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        self.inner.clone().process_custom_session(stream, shutdown).await
+    }
+}
 
 pub struct Signals {
     /// The upgrade socket's path, as configured (and as the new process binds it).
