@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
-# Installs what building mtls-edge needs on Debian/Ubuntu: BoringSSL's build (boring-sys) needs
-# cmake, clang and libclang-dev; the tests use curl. Does nothing when they are present.
+# Installs what building and testing mtls-edge needs on Debian/Ubuntu: BoringSSL's build
+# (boring-sys) needs cmake, clang and libclang-dev; the tests use curl, and promtool (Prometheus's
+# metrics linter), which is unpacked from Debian's prometheus package into target/tools so that
+# no Prometheus service is installed or started. Does nothing when all of it is present.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 missing=()
 command -v cmake >/dev/null 2>&1 || missing+=(cmake)
 command -v clang >/dev/null 2>&1 || missing+=(clang)
 ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || ls /usr/lib/*/libclang*.so* >/dev/null 2>&1 || missing+=(libclang-dev)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v g++ >/dev/null 2>&1 || missing+=(g++)
-if ((${#missing[@]} == 0)); then
+tools=target/tools/prometheus
+need_promtool=false
+[ -x "$tools/usr/bin/promtool" ] || command -v promtool >/dev/null 2>&1 || need_promtool=true
+if ((${#missing[@]} == 0)) && ! $need_promtool; then
   exit 0
 fi
-echo "setup: installing ${missing[*]}" >&2
 if ! command -v apt-get >/dev/null 2>&1; then
-  echo "setup: ${missing[*]} missing and apt-get is not available; install them with your package manager" >&2
+  echo "setup: missing ${missing[*]} $($need_promtool && echo promtool); apt-get is not available: install them with your package manager" >&2
   exit 1
 fi
 SUDO=""
@@ -23,7 +28,22 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
   fi
 fi
-if ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null; }; then
+echo "setup: installing ${missing[*]}$($need_promtool && echo " (and unpacking promtool)")" >&2
+if ! $SUDO apt-get update -qq; then
+  echo "setup: apt-get update failed" >&2
+  exit 1
+fi
+if ((${#missing[@]})) && ! DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null; then
   echo "setup: could not install ${missing[*]}; install them by hand: apt-get install ${missing[*]}" >&2
   exit 1
+fi
+if $need_promtool; then
+  tmp=$(mktemp -d)
+  mkdir -p "$tools"
+  if ! (cd "$tmp" && apt-get download -qq prometheus 2>/dev/null) || ! dpkg-deb -x "$tmp"/prometheus_*.deb "$tools"; then
+    rm -rf "$tmp"
+    echo "setup: could not unpack promtool from Debian's prometheus package" >&2
+    exit 1
+  fi
+  rm -rf "$tmp"
 fi

@@ -116,7 +116,8 @@ pub fn serial_hex(bytes: &[u8]) -> String {
     }
 }
 
-fn rfc2253(name: &X509NameRef) -> String {
+/// A distinguished name as RFC 2253 text (most specific first: `CN=...,O=...`).
+pub fn rfc2253(name: &X509NameRef) -> String {
     name.print_ex(XN_FLAG_RFC2253).unwrap_or_default()
 }
 

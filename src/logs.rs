@@ -345,7 +345,14 @@ impl log::Log for Logger {
         if !self.enabled(record.metadata()) {
             return;
         }
+        let msg = record.args().to_string();
+        // pingora logs every failed handshake as an error. For an mTLS edge a refused handshake
+        // is routine, and its `connection` line says why: pingora's is kept for the peer
+        // address it names, as info.
+        let routine =
+            record.target() == "pingora_core::services::listening" && msg.starts_with("Downstream handshake error");
         let level = match record.level() {
+            log::Level::Error if routine => "info",
             log::Level::Error => "error",
             log::Level::Warn => "warn",
             log::Level::Info => "info",

@@ -132,6 +132,10 @@ fn catch_hangup() {
 fn run_edge(conf: &std::path::Path, test_only: bool, upgrade: bool) -> Result<(), String> {
     if !test_only {
         catch_hangup();
+        // What the build logs goes where the config says logs go (its errors are printed below).
+        if let Ok(settings) = mtls_edge::state::build::logging(conf) {
+            logs::configure(&settings)?;
+        }
     }
     let edge = app::build(conf).map_err(|e| format!("configuration invalid:\n{e}"))?;
     if test_only {

@@ -212,12 +212,22 @@ impl Ca {
         })
     }
 
-    /// A CRL signed by this CA that revokes the given serials.
+    /// A CRL signed by this CA that revokes the given serials, valid for 30 days.
     pub fn crl(&self, revoked_serials: &[&[u8]]) -> PkiResult<String> {
+        self.crl_valid(revoked_serials, Duration::hours(-1), Duration::days(30))
+    }
+
+    /// A CRL whose thisUpdate and nextUpdate are these offsets from now (negative: past).
+    pub fn crl_valid(
+        &self,
+        revoked_serials: &[&[u8]],
+        this_update: Duration,
+        next_update: Duration,
+    ) -> PkiResult<String> {
         let now = OffsetDateTime::now_utc();
         let params = CertificateRevocationListParams {
-            this_update: now - Duration::hours(1),
-            next_update: now + Duration::days(30),
+            this_update: now + this_update,
+            next_update: now + next_update,
             crl_number: self.serial(),
             issuing_distribution_point: None,
             revoked_certs: revoked_serials

@@ -88,7 +88,9 @@ impl Crl {
     fn from_der(der: &[u8]) -> Result<Crl, String> {
         let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(der)
             .map_err(|e| format!("not a valid CRL: {e}"))?;
-        let issuer = crl.issuer().to_string();
+        let issuer = boring::x509::X509Name::from_der(crl.issuer().as_raw())
+            .map(|n| crate::identity::rfc2253(&n))
+            .unwrap_or_else(|_| crl.issuer().to_string());
         for ext in crl.extensions() {
             let oid = ext.oid.to_id_string();
             if oid == DELTA_CRL_INDICATOR {

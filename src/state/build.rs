@@ -230,9 +230,30 @@ fn assemble(f: &mut Files, file: &config::File) -> State {
     }
 }
 
+/// Where a config sends its logs, read before the rest is built (so that what the build logs
+/// goes there too).
+pub fn logging(path: &Path) -> Result<logs::Settings, ConfigErrors> {
+    let file = config::load(path)?;
+    Ok(logging_settings(&Files::new(path), &file))
+}
+
+fn logging_settings(f: &Files, file: &config::File) -> logs::Settings {
+    logs::Settings {
+        format: match file.logging.format {
+            config::LogFormat::Json => logs::Format::Json,
+            config::LogFormat::Text => logs::Format::Text,
+        },
+        output: match &file.logging.file {
+            Some(p) => logs::Output::File(f.path(p)),
+            None => logs::Output::Stdout,
+        },
+        level: file.logging.level.parse().unwrap_or(log::LevelFilter::Info),
+        access: file.logging.access_log,
+    }
+}
+
 fn fixed(f: &Files, file: &config::File) -> Fixed {
     let s = &file.server;
-    let level = file.logging.level.parse().unwrap_or(log::LevelFilter::Info);
     Fixed {
         server: Server {
             threads: s.threads,
@@ -256,18 +277,7 @@ fn fixed(f: &Files, file: &config::File) -> Fixed {
             filling_bytes: c.filling_bytes(),
             lock_timeout: Duration::from_secs(c.lock_timeout_secs),
         }),
-        logging: logs::Settings {
-            format: match file.logging.format {
-                config::LogFormat::Json => logs::Format::Json,
-                config::LogFormat::Text => logs::Format::Text,
-            },
-            output: match &file.logging.file {
-                Some(p) => logs::Output::File(f.path(p)),
-                None => logs::Output::Stdout,
-            },
-            level,
-            access: file.logging.access_log,
-        },
+        logging: logging_settings(f, file),
         watch: Watch {
             enabled: file.reload.watch,
             interval: Duration::from_millis(file.reload.watch_interval_ms),
