@@ -27,6 +27,8 @@ pub struct ViewerCert {
     pub serial: String,
     /// The same without colons or leading zeros (`"0"` for zero): the form rules see.
     pub serial_hex: String,
+    /// `serial_hex` as serial lists key it, made at its first lookup (once per connection).
+    pub serial_key: std::sync::OnceLock<Option<[u8; 21]>>,
     /// Lowercase hex SHA-256 of the DER.
     pub sha256: String,
     /// Unix seconds.
@@ -195,6 +197,7 @@ impl ViewerCert {
             issuer: rfc2253(leaf.issuer_name()),
             serial: hex(&serial, ":"),
             serial_hex: serial_hex(&serial),
+            serial_key: Default::default(),
             sha256: hex(&sha256, ""),
             not_before: unix_time(leaf.not_before())?,
             not_after: unix_time(leaf.not_after())?,

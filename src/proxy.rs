@@ -558,11 +558,14 @@ impl ProxyHttp for EdgeProxy {
                 .map(|o| &*o.name),
             origin_seconds: ctx.origin_seconds,
             seconds,
-            rules: ctx
-                .rules
-                .iter()
-                .flat_map(|o| o.matched.iter().map(|r| r.to_string()))
-                .collect(),
+            rules: match (&ctx.rules, &ctx.state) {
+                (Some(o), Some(state)) => o
+                    .matched
+                    .iter()
+                    .filter_map(|i| state.rules.name(*i).map(str::to_string))
+                    .collect(),
+                _ => Vec::new(),
+            },
             answered: ctx.answered.map(Answered::as_str),
         });
     }

@@ -16,6 +16,23 @@ use super::lists::{Lists, RuleList};
 
 type R<T> = Result<T, String>;
 
+/// Why an expression failed, boxed: a result then fits in two registers on the way back up.
+pub struct Fail(Box<str>);
+
+impl From<Fail> for String {
+    fn from(f: Fail) -> String {
+        f.0.into()
+    }
+}
+
+pub type Tree<T> = Result<T, Fail>;
+
+impl From<String> for Fail {
+    fn from(s: String) -> Fail {
+        Fail(s.into())
+    }
+}
+
 /// A compiled condition (`when`).
 pub enum Condition {
     Tree(Cond),
@@ -37,14 +54,19 @@ impl Condition {
         }
     }
 
-    pub fn eval(&self, env: &Arc<Env>, f: &Facts) -> R<bool> {
+    /// Whether the condition holds, or why it failed.
+    pub fn holds(&self, env: &Arc<Env>, f: &Facts) -> Tree<bool> {
         match self {
             Condition::Tree(c) => c.eval(f, None),
             Condition::Cel(p) => match interpret(p, env, f)? {
                 Value::Bool(b) => Ok(b),
-                other => Err(format!("condition gave {:?}, not a bool", other.type_of())),
+                other => Err(format!("condition gave {:?}, not a bool", other.type_of()).into()),
             },
         }
+    }
+
+    pub fn eval(&self, env: &Arc<Env>, f: &Facts) -> R<bool> {
+        self.holds(env, f).map_err(String::from)
     }
 
     /// Whether the condition runs in the interpreter.
@@ -97,6 +119,18 @@ pub enum Cond {
         how: How,
         b: Str,
     },
+    /// The same against a literal.
+    StrLit {
+        a: Str,
+        how: How,
+        lit: Box<str>,
+    },
+    /// A field against a literal, the commonest shape.
+    FieldLit {
+        field: StrField,
+        how: How,
+        lit: Box<str>,
+    },
     /// `a in ["x", "y"]`.
     StrIn {
         a: Str,
@@ -122,6 +156,8 @@ pub enum Cond {
         a: Str,
         list: Arc<RuleList>,
     },
+    /// The same for `client.cert.serial`, by the key the certificate keeps.
+    SerialInList(Arc<RuleList>),
     /// `a in client.cert.san.dns`.
     InSans {
         a: Str,
@@ -142,6 +178,19 @@ pub enum How {
     Prefix,
     Suffix,
     Contains,
+}
+
+impl How {
+    fn holds(self, a: &str, b: &str) -> bool {
+        match self {
+            How::Eq => a == b,
+            How::Prefix => a.starts_with(b),
+            How::Suffix => a.ends_with(b),
+            // Most fields are short: a plain scan beats setting up the general searcher.
+            How::Contains if a.len() < 64 => b.is_empty() || a.as_bytes().windows(b.len()).any(|w| w == b.as_bytes()),
+            How::Contains => a.contains(b),
+        }
+    }
 }
 
 /// A string expression. Reading one never fails.
@@ -193,7 +242,7 @@ impl Cmp {
 
 /// CEL's commutative `&&` (`decisive: false`) and `||` (`true`): an operand with the deciding
 /// value wins wherever it is, over errors in the others; otherwise the first error, if any.
-fn logic(decisive: bool, mut values: impl Iterator<Item = R<bool>>) -> R<bool> {
+fn logic(decisive: bool, mut values: impl Iterator<Item = Tree<bool>>) -> Tree<bool> {
     let mut error = None;
     for v in values.by_ref() {
         match v {
@@ -208,22 +257,16 @@ fn logic(decisive: bool, mut values: impl Iterator<Item = R<bool>>) -> R<bool> {
 }
 
 impl Cond {
-    pub fn eval(&self, f: &Facts, item: Option<&str>) -> R<bool> {
+    fn eval(&self, f: &Facts, item: Option<&str>) -> Tree<bool> {
         Ok(match self {
             Cond::Lit(b) => *b,
             Cond::Field { verified } => f.cert.is_some() && (!verified || f.verified),
             Cond::Not(c) => !c.eval(f, item)?,
             Cond::All(cs) => return logic(false, cs.iter().map(|c| c.eval(f, item))),
             Cond::Any(cs) => return logic(true, cs.iter().map(|c| c.eval(f, item))),
-            Cond::Str { a, how, b } => {
-                let (a, b) = (a.eval(f, item), b.eval(f, item));
-                match how {
-                    How::Eq => a == b,
-                    How::Prefix => a.starts_with(&*b),
-                    How::Suffix => a.ends_with(&*b),
-                    How::Contains => a.contains(&*b),
-                }
-            }
+            Cond::Str { a, how, b } => how.holds(&a.eval(f, item), &b.eval(f, item)),
+            Cond::StrLit { a, how, lit } => how.holds(&a.eval(f, item), lit),
+            Cond::FieldLit { field, how, lit } => how.holds(f.str_field(*field), lit),
             Cond::StrIn { a, set } => {
                 let a = a.eval(f, item);
                 set.iter().any(|s| **s == *a)
@@ -232,6 +275,7 @@ impl Cond {
             Cond::IntIn { a, set } => set.contains(&a.eval(f, item)?),
             Cond::BoolEq { a, b } => a.eval(f, item)? == b.eval(f, item)?,
             Cond::InList { a, list } => list.contains(&a.eval(f, item)),
+            Cond::SerialInList(list) => f.cert.is_some_and(|c| list.contains_serial(c)),
             Cond::InSans { a, sans } => {
                 let a = a.eval(f, item);
                 f.sans(*sans).iter().any(|s| *s == *a)
@@ -267,7 +311,7 @@ fn code_points(s: &str) -> i64 {
 }
 
 impl Num {
-    fn eval(&self, f: &Facts, item: Option<&str>) -> R<i64> {
+    fn eval(&self, f: &Facts, item: Option<&str>) -> Tree<i64> {
         Ok(match self {
             Num::Lit(i) => *i,
             Num::Now => f.now,
@@ -279,11 +323,11 @@ impl Num {
             Num::Add(a, b) => a
                 .eval(f, item)?
                 .checked_add(b.eval(f, item)?)
-                .ok_or_else(|| "integer overflow".to_string())?,
+                .ok_or_else(|| Fail::from("integer overflow".to_string()))?,
             Num::Mod(a, b) => {
                 let (x, y) = (a.eval(f, item)?, b.eval(f, item)?);
                 x.checked_rem(y)
-                    .ok_or_else(|| format!("modulus by zero or overflow: {x} % {y}"))?
+                    .ok_or_else(|| Fail::from(format!("modulus by zero or overflow: {x} % {y}")))?
             }
         })
     }
@@ -323,6 +367,23 @@ fn path(e: &Expr) -> Option<Vec<&str>> {
     }
 }
 
+/// `a HOW b`, with a literal `b` kept apart.
+fn str_test(a: Str, how: How, b: Str) -> Cond {
+    match (a, b) {
+        (Str::Field(field), Str::Lit(lit)) => Cond::FieldLit { field, how, lit },
+        (a, Str::Lit(lit)) => Cond::StrLit { a, how, lit },
+        (a, b) => Cond::Str { a, how, b },
+    }
+}
+
+/// `a` in a named list.
+fn in_list(a: Str, list: Arc<RuleList>) -> Cond {
+    match a {
+        Str::Field(StrField::Serial) => Cond::SerialInList(list),
+        a => Cond::InList { a, list },
+    }
+}
+
 fn header(name: &str) -> Option<Str> {
     HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
         .ok()
@@ -355,20 +416,13 @@ impl<'l> Compiler<'l> {
                 "endsWith" => How::Suffix,
                 "contains" => {
                     if let Some(list) = self.named_list(t) {
-                        return Some(Cond::InList {
-                            a: self.string(arg)?,
-                            list,
-                        });
+                        return Some(in_list(self.string(arg)?, list));
                     }
                     How::Contains
                 }
                 _ => return None,
             };
-            return Some(Cond::Str {
-                a: self.string(t)?,
-                how,
-                b: self.string(arg)?,
-            });
+            return Some(str_test(self.string(t)?, how, self.string(arg)?));
         }
         match (name, args) {
             (op::LOGICAL_NOT, [a]) => Some(Cond::Not(Box::new(self.cond(a)?))),
@@ -434,7 +488,11 @@ impl<'l> Compiler<'l> {
     /// `a == b` for strings, ints, timestamps or bools.
     fn equals(&mut self, a: &IdedExpr, b: &IdedExpr) -> Option<Cond> {
         if let (Some(a), Some(b)) = (self.string(a), self.string(b)) {
-            return Some(Cond::Str { a, how: How::Eq, b });
+            return Some(match a {
+                // `"x" == field` reads as `field == "x"`.
+                Str::Lit(lit) => str_test(b, How::Eq, Str::Lit(lit)),
+                a => str_test(a, How::Eq, b),
+            });
         }
         if let (Some((a, ka)), Some((b, kb))) = (self.num(a), self.num(b)) {
             return (ka == kb).then_some(Cond::Cmp {

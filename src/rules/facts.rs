@@ -65,8 +65,9 @@ impl<'v> RequestInfo<'v> {
     /// A request header as rules read it: `""` when absent, several values joined with `, `,
     /// bytes that are not UTF-8 replaced (so a condition on a header cannot be dodged by making
     /// its value unreadable).
-    pub fn header(&self, name: impl http::header::AsHeaderName) -> Cow<'v, str> {
-        let mut values = self.headers.get_all(name).iter();
+    pub fn header(&self, name: &http::HeaderName) -> Cow<'v, str> {
+        // A request has a few headers: comparing names beats hashing this one.
+        let mut values = self.headers.iter().filter(|(k, _)| *k == name).map(|(_, v)| v);
         match (values.next(), values.next()) {
             (None, _) => Cow::Borrowed(""),
             (Some(one), None) => text(one),
@@ -387,7 +388,9 @@ impl<'v> Indexer for Headers<'v> {
         Self: 'w,
     {
         let request: &'v RequestInfo<'v> = self.0;
-        let value: CelString<'w> = CelString::from(request.header(key_name(idx)?));
+        let name = http::HeaderName::from_bytes(key_name(idx)?.to_ascii_lowercase().as_bytes());
+        let value = name.map_or(Cow::Borrowed(""), |n| request.header(&n));
+        let value: CelString<'w> = CelString::from(value);
         Ok(CowVal::owned(value))
     }
 

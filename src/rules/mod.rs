@@ -172,8 +172,8 @@ pub struct Outcome {
     pub headers: Vec<HeaderOp>,
     pub cohort: Option<String>,
     pub origin: Option<String>,
-    /// The rules whose actions applied, in order (for the access log).
-    pub matched: Vec<Arc<str>>,
+    /// The rules whose actions applied, in order, by index (`RuleSet::name`), for the access log.
+    pub matched: Vec<u16>,
 }
 
 impl Outcome {
@@ -278,21 +278,33 @@ impl RuleSet {
         self.rules.iter().any(|r| r.phase == phase)
     }
 
+    /// The name of rule `index` (as `Outcome::matched` holds them).
+    pub fn name(&self, index: u16) -> Option<&str> {
+        self.rules.get(usize::from(index)).map(|r| &*r.name)
+    }
+
     /// Runs the rules of `phases` against `facts`, in order, as one phase. With `trace`, every
     /// rule evaluated is recorded.
     pub fn evaluate(&self, phases: &[Phase], facts: &Facts, mut trace: Option<&mut Vec<Step>>) -> Outcome {
         let mut out = Outcome::default();
-        for rule in self.rules.iter().filter(|r| phases.contains(&r.phase)) {
-            let result = rule.when.eval(&self.env, facts);
-            if let Some(t) = trace.as_deref_mut() {
-                t.push(Step {
-                    rule: rule.name.clone(),
-                    location: rule.location.to_string(),
-                    shadow: rule.shadow,
-                    action: rule.describe(),
-                    result: result.clone(),
-                });
-            }
+        for (index, rule) in self.rules.iter().enumerate().filter(|(_, r)| phases.contains(&r.phase)) {
+            let result = match (rule.when.holds(&self.env, facts), trace.as_deref_mut()) {
+                // Most rules do not match: that way is the short one.
+                (Ok(false), None) => continue,
+                (result, None) => result.map_err(String::from),
+                (result, Some(t)) => {
+                    let result = result.map_err(String::from);
+                    t.push(Step {
+                        rule: rule.name.clone(),
+                        location: rule.location.to_string(),
+                        shadow: rule.shadow,
+                        action: rule.describe(),
+                        result: result.clone(),
+                    });
+                    result
+                }
+            };
+            let index = u16::try_from(index).unwrap_or(u16::MAX);
             let applied = match (result, rule.shadow) {
                 (Ok(false), _) => continue,
                 (Ok(true), true) => {
@@ -310,7 +322,7 @@ impl RuleSet {
             match applied {
                 Ok(decision) => {
                     rule.counters[MATCHED].inc();
-                    out.matched.push(rule.name.clone());
+                    out.matched.push(index);
                     if let Some(d) = decision {
                         out.decision = d;
                         break;
@@ -318,7 +330,7 @@ impl RuleSet {
                 }
                 Err(message) => {
                     count_error(rule, &message);
-                    out.matched.push(rule.name.clone());
+                    out.matched.push(index);
                     out.decision = Decision::Error {
                         rule: rule.name.clone(),
                         message,
@@ -347,8 +359,8 @@ impl RuleSet {
             }
             Action::SetHeaders(headers) => {
                 for (name, value) in headers {
-                    let v = value.eval(&self.env, facts)?;
-                    let v = HeaderValue::from_str(&v)
+                    // From the String itself: no second copy.
+                    let v = HeaderValue::try_from(value.eval(&self.env, facts)?)
                         .map_err(|_| format!("header {name}: value is not valid in a header"))?;
                     out.headers.push(HeaderOp::Set(name.clone(), v));
                 }

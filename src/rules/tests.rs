@@ -416,7 +416,7 @@ fn each_request_counts_the_rules_that_matched() {
     let c = cert("device-1", "x1", "01:02");
     for path in ["/a", "/a", "/b"] {
         let out = run(&set, Phase::Request, Some(&c), path, None);
-        let matched: Vec<&str> = out.matched.iter().map(|r| &**r).collect();
+        let matched: Vec<&str> = out.matched.iter().filter_map(|i| set.name(*i)).collect();
         assert_eq!(matched, ["counted-model", "counted-allow"], "{path}");
     }
     assert_eq!(counter("counted-model", "matched") - model, 3);

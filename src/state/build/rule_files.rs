@@ -137,7 +137,7 @@ fn list(kind: config::ListKind, path: &Path) -> Result<RuleList, String> {
         config::ListKind::Sha256 => ListKind::Sha256,
         config::ListKind::Text => ListKind::Text,
     };
-    RuleList::from_lines(kind, lines + 1, open()?.lines()).map_err(|e| format!("{}: {e}", path.display()))
+    RuleList::from_reader(kind, lines + 1, open()?).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Where a rule is, to point errors at its fields.
