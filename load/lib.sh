@@ -22,7 +22,7 @@ cat "$D/device.pem" "$D/device.key" > "$D/ab-client.pem"
 
 start_origin() {
   "$BIN" origin --listen 127.0.0.1:9443 --cert "$D/origin-server.pem" --key "$D/origin-server.key" \
-    --client-ca "$D/edge-ca.pem" 2>"$D/origin.log" &
+    --client-ca "$D/edge-ca.pem" >"$D/origin.log" 2>&1 &
   ORIGIN=$!
   PIDS+=("$ORIGIN")
   wait_port 9443
@@ -48,7 +48,7 @@ cache: { max_bytes: $max, max_object_bytes: $obj, lock_timeout_secs: 60 }
 admin: { address: 127.0.0.1:$admin }
 ${EXTRA_YAML:-}
 YAML
-  RUST_LOG=${RUST_LOG:-warn} ${EDGE_CPU:+taskset -c $EDGE_CPU} "$BIN" -c "$D/edge-$port.yaml" 2>"$D/edge-$port.log" &
+  RUST_LOG=${RUST_LOG:-warn} ${EDGE_CPU:+taskset -c $EDGE_CPU} "$BIN" -c "$D/edge-$port.yaml" >"$D/edge-$port.log" 2>&1 &
   EDGE=$!
   PIDS+=("$EDGE")
   wait_port "$port"
