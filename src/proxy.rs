@@ -559,11 +559,7 @@ impl ProxyHttp for EdgeProxy {
             origin_seconds: ctx.origin_seconds,
             seconds,
             rules: match (&ctx.rules, &ctx.state) {
-                (Some(o), Some(state)) => o
-                    .matched
-                    .iter()
-                    .filter_map(|i| state.rules.name(*i).map(str::to_string))
-                    .collect(),
+                (Some(o), Some(state)) => o.matched.iter().filter_map(|i| state.rules.name(*i)).collect(),
                 _ => Vec::new(),
             },
             answered: ctx.answered.map(Answered::as_str),

@@ -16,51 +16,35 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use log::{error, info};
-use pingora::apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream};
-use pingora::protocols::http::ServerSession;
+use pingora::apps::ServerApp;
 use pingora::protocols::Stream;
 use pingora::server::{ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::metrics;
 
-/// An HTTP app whose connections waiting for a request are dropped `linger` after the process
-/// starts to drain, rather than at once.
+/// An app whose connections waiting for a request are dropped `linger` after the process
+/// starts to drain, rather than at once. It hands each connection to the inner app whole: a
+/// wrapper per request would move pingora's large request future once more for each request.
 pub struct Draining<A> {
     pub inner: Arc<A>,
     pub linger: Duration,
 }
 
 #[async_trait]
-impl<A: HttpServerApp + Send + Sync + 'static> HttpServerApp for Draining<A> {
-    async fn process_new_http(
-        self: &Arc<Self>,
-        session: ServerSession,
-        shutdown: &ShutdownWatch,
-    ) -> Option<ReusedHttpStream> {
-        self.inner.process_new_http(session, shutdown).await
-    }
-
-    fn h2_options(&self) -> Option<pingora::protocols::http::v2::server::H2Options> {
-        self.inner.h2_options()
-    }
-
-    fn server_options(&self) -> Option<&HttpServerOptions> {
-        self.inner.server_options()
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for Draining<A> {
+    async fn process_new(self: &Arc<Self>, session: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        self.inner.process_new(session, shutdown).await
     }
 
     /// Runs once the listeners have stopped: the inner app drops its waiting connections then.
-    async fn http_cleanup(&self) {
+    async fn cleanup(&self) {
         info!(
             "draining: connections waiting for a request may send one in the next {} ms",
             self.linger.as_millis()
         );
         tokio::time::sleep(self.linger).await;
-        self.inner.http_cleanup().await;
-    }
-
-    async fn process_custom_session(self: Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
-        self.inner.clone().process_custom_session(stream, shutdown).await
+        self.inner.cleanup().await;
     }
 }
 
