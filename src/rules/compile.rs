@@ -104,12 +104,7 @@ impl Compiler {
                 }
             }
         }
-        RuleSet {
-            rules,
-            env: self.env,
-            lists: self.lists,
-            uses_client_ip,
-        }
+        RuleSet::new(rules, self.env, self.lists, uses_client_ip)
     }
 
     /// Every variable and field an expression names must exist in its phase.

@@ -55,6 +55,7 @@ impl Condition {
     }
 
     /// Whether the condition holds, or why it failed.
+    #[inline]
     pub fn holds(&self, env: &Arc<Env>, f: &Facts) -> Tree<bool> {
         match self {
             Condition::Tree(c) => c.eval(f, None),

@@ -220,6 +220,26 @@ pub struct RuleSet {
     lists: Lists,
     /// Some rule reads `connection.client_ip` (else the proxy does not format it).
     uses_client_ip: bool,
+    /// The rules of each phase (`Phase as usize`), by index, in order.
+    by_phase: [Vec<u16>; 3],
+}
+
+impl RuleSet {
+    fn new(rules: Vec<Rule>, env: Arc<Env>, lists: Lists, uses_client_ip: bool) -> RuleSet {
+        let by_phase = [Phase::Connection, Phase::AfterHandshake, Phase::Request].map(|phase| {
+            (0..rules.len())
+                .filter(|&i| rules[i].phase == phase)
+                .filter_map(|i| u16::try_from(i).ok())
+                .collect()
+        });
+        RuleSet {
+            rules,
+            env,
+            lists,
+            uses_client_ip,
+            by_phase,
+        }
+    }
 }
 
 impl std::fmt::Debug for RuleSet {
@@ -258,12 +278,7 @@ const ERROR: usize = 2;
 
 impl RuleSet {
     pub fn empty() -> RuleSet {
-        RuleSet {
-            rules: Vec::new(),
-            env: Arc::new(environment()),
-            lists: Lists::default(),
-            uses_client_ip: false,
-        }
+        RuleSet::new(Vec::new(), Arc::new(environment()), Lists::default(), false)
     }
 
     pub fn lists(&self) -> &Lists {
@@ -275,7 +290,7 @@ impl RuleSet {
     }
 
     pub fn has_phase(&self, phase: Phase) -> bool {
-        self.rules.iter().any(|r| r.phase == phase)
+        !self.by_phase[phase as usize].is_empty()
     }
 
     /// The name of rule `index` (as `Outcome::matched` holds them).
@@ -287,7 +302,10 @@ impl RuleSet {
     /// rule evaluated is recorded.
     pub fn evaluate(&self, phases: &[Phase], facts: &Facts, mut trace: Option<&mut Vec<Step>>) -> Outcome {
         let mut out = Outcome::default();
-        for (index, rule) in self.rules.iter().enumerate().filter(|(_, r)| phases.contains(&r.phase)) {
+        // Connection rules come before those that wait for the handshake's end: phase by phase
+        // is file order.
+        let indices = phases.iter().flat_map(|p| &self.by_phase[*p as usize]);
+        for (index, rule) in indices.filter_map(|&i| Some((i, self.rules.get(usize::from(i))?))) {
             let result = match (rule.when.holds(&self.env, facts), trace.as_deref_mut()) {
                 // Most rules do not match: that way is the short one.
                 (Ok(false), None) => continue,
@@ -304,7 +322,6 @@ impl RuleSet {
                     result
                 }
             };
-            let index = u16::try_from(index).unwrap_or(u16::MAX);
             let applied = match (result, rule.shadow) {
                 (Ok(false), _) => continue,
                 (Ok(true), true) => {
