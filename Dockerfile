@@ -6,7 +6,11 @@ FROM rust:1-bookworm AS build
 RUN apt-get update && apt-get install -y --no-install-recommends cmake clang libclang-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
+# The git revision for mtls_edge_build_info (the build context has no .git):
+#   docker build --build-arg MTLS_EDGE_REVISION=$(git rev-parse --short=12 HEAD) -t mtls-edge .
+ARG MTLS_EDGE_REVISION=unknown
+ENV MTLS_EDGE_REVISION=$MTLS_EDGE_REVISION
+COPY Cargo.toml Cargo.lock build.rs ./
 COPY src ./src
 RUN cargo build --release --locked && strip target/release/mtls-edge
 
