@@ -500,3 +500,47 @@ fn a_rotated_origin_client_certificate_is_presented_to_the_origin_and_old_connec
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn identity_header_names_routes_and_origin_addresses_change_with_the_config() {
+    let f = fleet(true, "identity_headers: { subject: X-Before }\n");
+    let second = spawn_origin(f.dir.path(), "origin-server", "edge-ca.pem");
+    let mut h1 = f.client("alice").keep_alive().unwrap();
+    assert_eq!(h1.get("/other").unwrap().status, 200);
+    let r = h1.get("/echo").unwrap();
+    assert_eq!(r.echoed("x-before").as_deref(), Some("CN=alice"), "{}", r.body);
+    let first_port = r.header("x-origin-port").unwrap().to_string();
+    let conf = f.path(&format!("edge-{}.yaml", f.edge.port));
+    let text = std::fs::read_to_string(&conf).unwrap();
+    let changed = text
+        .replace("X-Before", "X-After")
+        .replace(
+            &format!("127.0.0.1:{first_port}"),
+            &format!("127.0.0.1:{}", second.port),
+        )
+        .replace(
+            "- { path_prefix: /, origin: main }",
+            "- { path_prefix: /echo, origin: main }",
+        );
+    assert_ne!(changed, text);
+    replace(&conf, &changed);
+    let started = Instant::now();
+    let r = loop {
+        let r = h1.get("/echo").unwrap();
+        if r.echoed("x-after").is_some() {
+            break r;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the new header name is not used: {}",
+            r.body
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // Same open connection, new state: the new name (the old one is gone), the new address.
+    assert_eq!(r.echoed("x-after").as_deref(), Some("CN=alice"));
+    assert!(r.echoed("x-before").is_none(), "{}", r.body);
+    assert_eq!(r.header("x-origin-port"), Some(second.port.to_string().as_str()));
+    // The routes changed: only /echo is routed now.
+    assert_eq!(h1.get("/other").unwrap().status, 404);
+}

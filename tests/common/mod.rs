@@ -311,9 +311,9 @@ impl<'a> Client<'a> {
         self
     }
 
-    /// Connects and completes the handshake, with the certificate, version, SNI and session
-    /// set on this client.
-    pub fn connect(&self) -> Result<boring::ssl::SslStream<TcpStream>, String> {
+    /// The TLS client configuration: the edge CA, this client's certificate and version, and
+    /// `alpn` when given.
+    fn configuration(&self, alpn: Option<&[u8]>) -> Result<boring::ssl::ConnectConfiguration, String> {
         let mut b = SslConnector::builder(SslMethod::tls()).map_err(|e| e.to_string())?;
         b.set_ca_file(self.dir.join("edge-ca.pem")).map_err(|e| e.to_string())?;
         if let Some(stem) = &self.cert {
@@ -326,8 +326,18 @@ impl<'a> Client<'a> {
             b.set_min_proto_version(Some(v)).map_err(|e| e.to_string())?;
             b.set_max_proto_version(Some(v)).map_err(|e| e.to_string())?;
         }
+        if let Some(protos) = alpn {
+            b.set_alpn_protos(protos).map_err(|e| e.to_string())?;
+        }
         let mut cfg = b.build().configure().map_err(|e| e.to_string())?;
         cfg.set_verify_hostname(false);
+        Ok(cfg)
+    }
+
+    /// Connects and completes the handshake, with the certificate, version, SNI and session
+    /// set on this client.
+    pub fn connect(&self) -> Result<boring::ssl::SslStream<TcpStream>, String> {
+        let mut cfg = self.configuration(None)?;
         if self.sni.is_none() {
             cfg.set_use_server_name_indication(false);
         }
@@ -355,17 +365,7 @@ impl<'a> Client<'a> {
             .enable_all()
             .build()
             .map_err(|e| e.to_string())?;
-        let mut b = SslConnector::builder(SslMethod::tls()).map_err(|e| e.to_string())?;
-        b.set_ca_file(self.dir.join("edge-ca.pem")).map_err(|e| e.to_string())?;
-        if let Some(stem) = &self.cert {
-            b.set_certificate_chain_file(self.dir.join(format!("{stem}.pem")))
-                .map_err(|e| e.to_string())?;
-            b.set_private_key_file(self.dir.join(format!("{stem}.key")), SslFiletype::PEM)
-                .map_err(|e| e.to_string())?;
-        }
-        b.set_alpn_protos(b"\x02h2").map_err(|e| e.to_string())?;
-        let mut cfg = b.build().configure().map_err(|e| e.to_string())?;
-        cfg.set_verify_hostname(false);
+        let cfg = self.configuration(Some(b"\x02h2"))?;
         let port = self.port;
         let send = rt.block_on(async move {
             let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
