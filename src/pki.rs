@@ -224,12 +224,37 @@ impl Ca {
         this_update: Duration,
         next_update: Duration,
     ) -> PkiResult<String> {
+        self.crl_with(revoked_serials, this_update, next_update, None)
+    }
+
+    /// A CRL that says it covers only CA certificates (`ca_only`) or only end entities.
+    pub fn crl_scoped(&self, ca_only: bool) -> PkiResult<String> {
+        let scope = if ca_only {
+            rcgen::CrlScope::CaCertsOnly
+        } else {
+            rcgen::CrlScope::UserCertsOnly
+        };
+        self.crl_with(&[], Duration::hours(-1), Duration::days(30), Some(scope))
+    }
+
+    fn crl_with(
+        &self,
+        revoked_serials: &[&[u8]],
+        this_update: Duration,
+        next_update: Duration,
+        scope: Option<rcgen::CrlScope>,
+    ) -> PkiResult<String> {
         let now = OffsetDateTime::now_utc();
         let params = CertificateRevocationListParams {
             this_update: now + this_update,
             next_update: now + next_update,
             crl_number: self.serial(),
-            issuing_distribution_point: None,
+            issuing_distribution_point: scope.map(|scope| rcgen::CrlIssuingDistributionPoint {
+                distribution_point: rcgen::CrlDistributionPoint {
+                    uris: vec!["http://crl.example/ca.crl".into()],
+                },
+                scope: Some(scope),
+            }),
             revoked_certs: revoked_serials
                 .iter()
                 .map(|s| RevokedCertParams {

@@ -469,3 +469,69 @@ fn intermediate_path_len(cert: &X509Ref) -> Option<usize> {
     let bc = parsed.basic_constraints().ok()??;
     bc.value.path_len_constraint.map(|p| p as usize)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{Ca, LeafSpec};
+
+    fn settings() -> Settings {
+        Settings {
+            name: Arc::from("t"),
+            max_chain_depth: 4,
+            advertise_ca_names: false,
+            crl: Some((CrlScope::Chain, ExpiredCrl::Refuse)),
+        }
+    }
+
+    fn x509(pem: &str) -> X509 {
+        X509::from_pem(pem.as_bytes()).unwrap()
+    }
+
+    fn crl(pem: &str) -> Crl {
+        Crl::from_pem(pem.as_bytes()).unwrap().remove(0)
+    }
+
+    #[test]
+    fn files_without_a_valid_crl_are_refused() {
+        let e = Crl::from_pem(b"").unwrap_err();
+        assert!(e.contains("no PEM CRL"), "{e}");
+        let e = Crl::from_pem(b"-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n").unwrap_err();
+        assert!(e.contains("not a valid CRL"), "{e}");
+    }
+
+    #[test]
+    fn a_crl_not_signed_by_the_ca_of_its_issuers_name_is_refused() {
+        // Two roots with the same name and different keys.
+        let (trusted, impostor) = (Ca::root("Device CA").unwrap(), Ca::root("Device CA").unwrap());
+        let mut b = Builder::new(settings()).unwrap();
+        b.add_ca(&x509(&trusted.cert_pem)).unwrap();
+        let e = b.add_crl(crl(&impostor.crl(&[]).unwrap())).unwrap_err();
+        assert!(e.contains("not signed by the key of any CA"), "{e}");
+        b.add_crl(crl(&trusted.crl(&[]).unwrap())).unwrap();
+    }
+
+    /// A chain root → issuing CA → device, with the root's CRL and `issuing_crl` loaded.
+    fn verify_with(issuing_crl: impl Fn(&Ca) -> String) -> Result<(), Refused> {
+        let root = Ca::root("Root").unwrap();
+        let issuing = root.intermediate("Issuing", None).unwrap();
+        let device = issuing.issue(&LeafSpec::client("device")).unwrap();
+        let mut b = Builder::new(settings()).unwrap();
+        b.add_ca(&x509(&root.cert_pem)).unwrap();
+        b.add_ca(&x509(&issuing.cert_pem)).unwrap();
+        b.add_crl(crl(&root.crl(&[]).unwrap())).unwrap();
+        b.add_crl(crl(&issuing_crl(&issuing))).unwrap();
+        let store = b.build();
+        let chain = boring::stack::Stack::new().unwrap();
+        store.verify(&x509(&device.cert_pem), &chain, crate::rules::facts::unix_now())
+    }
+
+    #[test]
+    fn a_crl_speaks_only_for_the_certificates_its_scope_names() {
+        assert_eq!(verify_with(|ca| ca.crl(&[]).unwrap()), Ok(()));
+        assert_eq!(verify_with(|ca| ca.crl_scoped(false).unwrap()), Ok(()));
+        // A CRL of CA certificates says nothing of the device: its revocation is unknown.
+        let r = verify_with(|ca| ca.crl_scoped(true).unwrap()).unwrap_err();
+        assert_eq!(r.reason, Refusal::ClientCertRevocationUnknown, "{}", r.detail);
+    }
+}
