@@ -251,9 +251,10 @@ impl ViewerTls {
         let hs = (self.current)(&self.listener, sni.as_deref()).ok_or("no policy for this listener")?;
         let policy = hs.policy.clone();
 
-        ext::ssl_use_certificate(ssl, &policy.cert.chain[0]).map_err(|e| format!("server certificate: {e}"))?;
+        let (leaf, rest) = policy.cert.chain.split_first().ok_or("no server certificate")?;
+        ext::ssl_use_certificate(ssl, leaf).map_err(|e| format!("server certificate: {e}"))?;
         ext::ssl_use_private_key(ssl, &policy.cert.key).map_err(|e| format!("server key: {e}"))?;
-        for c in &policy.cert.chain[1..] {
+        for c in rest {
             ext::ssl_add_chain_cert(ssl, c).map_err(|e| format!("server chain: {e}"))?;
         }
 
