@@ -28,7 +28,9 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
   fi
 fi
-echo "setup: installing ${missing[*]}$($need_promtool && echo " (and unpacking promtool)")" >&2
+what=("${missing[@]}")
+$need_promtool && what+=("promtool (unpacked into $tools)")
+echo "setup: installing ${what[*]}" >&2
 if ! $SUDO apt-get update -qq; then
   echo "setup: apt-get update failed" >&2
   exit 1
