@@ -16,12 +16,7 @@ start_edge 1
 mkdir -p "$D/nginx-cache"
 chmod 755 "$D" && chmod 777 "$D/nginx-cache" # nginx's workers run as www-data
 cat > "$D/nginx.conf" <<NGINX
-worker_processes 1;
-pid $D/nginx.pid;
-error_log $D/nginx-error.log warn;
-events { worker_connections 1024; }
-http {
-  access_log off;
+$(nginx_prelude)
   proxy_cache_path $D/nginx-cache keys_zone=fw:10m max_size=1g inactive=1h use_temp_path=off;
   upstream origin { server 127.0.0.1:9443; keepalive 32; }
   server {

@@ -19,12 +19,7 @@ command -v ab >/dev/null && command -v nginx >/dev/null && command -v k6 >/dev/n
 start_origin
 start_edge 1 # /firmware/manifest.json is not on a cached route: every request goes to the origin
 cat > "$D/nginx.conf" <<NGINX
-worker_processes 1;
-pid $D/nginx.pid;
-error_log $D/nginx-error.log warn;
-events { worker_connections 1024; }
-http {
-  access_log off;
+$(nginx_prelude)
   upstream origin { server 127.0.0.1:9443; keepalive 32; }
   server {
     listen 127.0.0.1:8444 ssl;

@@ -48,12 +48,7 @@ wait_port 8443
 
 chmod 755 "$D" && mkdir -p "$D/nginx-cache" && chmod 777 "$D/nginx-cache"
 cat > "$D/nginx.conf" <<NGINX
-worker_processes 1;
-pid $D/nginx.pid;
-error_log $D/nginx-error.log warn;
-events { worker_connections 1024; }
-http {
-  access_log off;
+$(nginx_prelude)
   proxy_cache_path $D/nginx-cache keys_zone=fw:10m max_size=1g inactive=1h use_temp_path=off;
   upstream origin { server 127.0.0.1:9443; keepalive 32; }
   server {
