@@ -331,11 +331,15 @@ fn verify(record: &HandshakeRecord, ok: bool, chain: &mut X509StoreContextRef) -
         Some(c) => store.check(c, crate::rules::facts::unix_now()),
         None => Err(Refused::new(Refusal::ClientCertInvalid, "no verified chain")),
     };
-    let cert = chain
-        .current_cert()
-        .and_then(|leaf| ViewerCert::from_x509(leaf, Vec::new()));
+    // Read only when a refusal names it or rules see it: most handshakes need neither.
+    let cert = |chain: &X509StoreContextRef| {
+        chain
+            .current_cert()
+            .and_then(|leaf| ViewerCert::from_x509(leaf, Vec::new()))
+    };
     if let Err(r) = checked {
         chain.set_error(Err(trust_store::verify_error(r.reason)));
+        let cert = cert(chain);
         let mut s = record.lock();
         s.cert = cert;
         s.refused.get_or_insert(r);
@@ -345,7 +349,7 @@ fn verify(record: &HandshakeRecord, ok: bool, chain: &mut X509StoreContextRef) -
     if !hs.rules.has_phase(Phase::Connection) {
         return true;
     }
-    let Some(cert) = cert else {
+    let Some(cert) = cert(chain) else {
         // Rules must not see a verified client as one without a certificate.
         chain.set_error(Err(X509VerifyError::APPLICATION_VERIFICATION));
         record.refuse(Refused::new(
