@@ -212,7 +212,7 @@ impl Connection {
             listener: &id.listener,
             sni: id.sni.as_deref(),
             client_ip: Some(client_ip),
-            reason: r.reason.as_str(),
+            reason: r.reason,
             detail: &format!("{}, at a request after a reload", r.detail),
             cert: id.cert.as_ref(),
             tls_version: Some(&id.info.tls_version),

@@ -12,6 +12,7 @@ use std::sync::{LazyLock, Mutex, RwLock};
 use std::time::Duration;
 
 use crate::identity::ViewerCert;
+use crate::reason::Refusal;
 
 /// How lines look.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -402,8 +403,8 @@ pub struct ConnectionEvent<'a> {
     pub sni: Option<&'a str>,
     /// Unknown in the handshake: pingora 0.9's TLS callbacks do not see the socket.
     pub client_ip: Option<&'a str>,
-    /// In the vocabulary of `mtls_edge_handshakes_total` (`reason::Refusal`).
-    pub reason: &'static str,
+    /// As `mtls_edge_handshakes_total` names it.
+    pub reason: Refusal,
     pub detail: &'a str,
     /// The client's certificate, when it verified.
     pub cert: Option<&'a ViewerCert>,
@@ -417,7 +418,7 @@ pub fn connection(e: &ConnectionEvent) {
             .str("listener", e.listener)
             .opt("sni", e.sni)
             .opt("client_ip", e.client_ip)
-            .str("reason", e.reason)
+            .str("reason", e.reason.as_str())
             .str("detail", e.detail)
             .opt("cert_serial", e.cert.map(|c| c.serial.as_str()))
             .opt("cert_subject", e.cert.map(|c| c.subject.as_str()))

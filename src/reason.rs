@@ -25,23 +25,6 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 14] = [
-        Refusal::ClientCertMissing,
-        Refusal::ClientCertExpired,
-        Refusal::ClientCertNotYetValid,
-        Refusal::ClientCertUntrusted,
-        Refusal::ClientCertIntentInvalid,
-        Refusal::ClientCertRevoked,
-        Refusal::ClientCertPathLenExceeded,
-        Refusal::ClientCertMaxChainDepthExceeded,
-        Refusal::ClientCertRevocationUnknown,
-        Refusal::ClientCertInvalid,
-        Refusal::ConnectionRuleDenied,
-        Refusal::ConnectionRuleError,
-        Refusal::HandshakeFailed,
-        Refusal::HandshakeAborted,
-    ];
-
     pub fn as_str(self) -> &'static str {
         match self {
             Refusal::ClientCertMissing => "ClientCertMissing",

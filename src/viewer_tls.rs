@@ -166,7 +166,7 @@ impl HandshakeRecord {
             listener: &self.listener,
             sni: self.sni.as_deref(),
             client_ip,
-            reason: r.reason.as_str(),
+            reason: r.reason,
             detail: &r.detail,
             cert,
             tls_version: None,
