@@ -87,6 +87,10 @@ pub struct File {
     pub routes: Vec<Route>,
     #[serde(default)]
     pub identity_headers: IdentityHeaders,
+    #[serde(default)]
+    pub viewer_headers: ViewerHeaders,
+    #[serde(default)]
+    pub headers_with_underscores: Underscores,
     pub admin: Option<Admin>,
     /// The shared cache; without this section nothing is cached.
     pub cache: Option<Cache>,
@@ -535,6 +539,70 @@ impl Default for IdentityHeaders {
     }
 }
 
+/// Names of the headers that tell the origin about the viewer's connection; `null` turns one off.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ViewerHeaders {
+    #[serde(default = "h_address")]
+    pub address: Option<String>,
+    #[serde(default = "h_tls")]
+    pub tls: Option<String>,
+    #[serde(default = "h_http_version")]
+    pub http_version: Option<String>,
+    #[serde(default = "h_forwarded_for")]
+    pub forwarded_for: Option<String>,
+    #[serde(default = "h_forwarded_proto")]
+    pub forwarded_proto: Option<String>,
+    #[serde(default = "h_via")]
+    pub via: Option<String>,
+}
+
+header_default!(h_address, "CloudFront-Viewer-Address");
+header_default!(h_tls, "CloudFront-Viewer-TLS");
+header_default!(h_http_version, "CloudFront-Viewer-Http-Version");
+header_default!(h_forwarded_for, "X-Forwarded-For");
+header_default!(h_forwarded_proto, "X-Forwarded-Proto");
+header_default!(h_via, "Via");
+
+impl Default for ViewerHeaders {
+    fn default() -> Self {
+        ViewerHeaders {
+            address: h_address(),
+            tls: h_tls(),
+            http_version: h_http_version(),
+            forwarded_for: h_forwarded_for(),
+            forwarded_proto: h_forwarded_proto(),
+            via: h_via(),
+        }
+    }
+}
+
+impl ViewerHeaders {
+    fn named(&self) -> Vec<(&'static str, &str)> {
+        [
+            ("address", &self.address),
+            ("tls", &self.tls),
+            ("http_version", &self.http_version),
+            ("forwarded_for", &self.forwarded_for),
+            ("forwarded_proto", &self.forwarded_proto),
+            ("via", &self.via),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.as_deref().map(|v| (k, v)))
+        .collect()
+    }
+}
+
+/// What becomes of a client request header whose name has an underscore.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Underscores {
+    #[default]
+    Drop,
+    Refuse,
+    Allow,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Admin {
@@ -664,7 +732,7 @@ impl File {
                 );
             }
         }
-        self.identity_headers.check(ctx);
+        self.identity_headers.check(&self.viewer_headers, ctx);
         if let Some(a) = &self.admin {
             check_addr(ctx, "admin.address", &a.address);
         }
@@ -735,20 +803,17 @@ impl IdentityHeaders {
         .collect()
     }
 
-    fn check(&self, ctx: &mut Report) {
+    /// Every name valid and used once, across the identity and viewer headers.
+    fn check(&self, viewer: &ViewerHeaders, ctx: &mut Report) {
         let mut seen = BTreeMap::new();
-        for (k, v) in self.named() {
+        let named = self.named().into_iter().map(|(k, v)| (format!("identity_headers.{k}"), v));
+        let viewer = viewer.named().into_iter().map(|(k, v)| (format!("viewer_headers.{k}"), v));
+        for (key, v) in named.chain(viewer) {
             if http::HeaderName::from_bytes(v.as_bytes()).is_err() {
-                ctx.error(
-                    format!("identity_headers.{k}"),
-                    format!("'{v}' is not a valid header name"),
-                );
+                ctx.error(&key, format!("'{v}' is not a valid header name"));
             }
-            if let Some(prev) = seen.insert(v.to_ascii_lowercase(), k) {
-                ctx.error(
-                    format!("identity_headers.{k}"),
-                    format!("'{v}' is also used by identity_headers.{prev}"),
-                );
+            if let Some(prev) = seen.insert(v.to_ascii_lowercase(), key.clone()) {
+                ctx.error(key, format!("'{v}' is also used by {prev}"));
             }
         }
     }

@@ -1,6 +1,7 @@
 //! The viewer's identity: what a verified client certificate says, extracted once per
-//! connection from the TLS session (never from a header), and the identity headers the origin
-//! receives. Client-sent copies of those headers are always stripped before anything reads them.
+//! connection from the TLS session (never from a header), and the headers the origin receives
+//! about the viewer (its certificate and its connection). The edge is the first hop: client-sent
+//! copies of those headers, in any spelling, are stripped before anything reads them.
 
 use std::sync::Arc;
 
@@ -96,6 +97,10 @@ pub struct ConnectionInfo {
     pub sni: String,
     pub tls_version: String,
     pub alpn: String,
+    /// The negotiated cipher suite (OpenSSL's names for TLS 1.2, the RFC's for TLS 1.3).
+    pub cipher: String,
+    /// The session was resumed rather than fully negotiated.
+    pub resumed: bool,
 }
 
 fn hex(bytes: &[u8], sep: &str) -> String {
@@ -228,20 +233,78 @@ pub struct HeaderNames {
     pub san_dns: Option<HeaderName>,
     /// Also send RFC 9440 `Client-Cert` and `Client-Cert-Chain`.
     pub rfc9440: bool,
+    /// What the origin learns of the viewer's connection.
+    pub address: Option<HeaderName>,
+    pub tls: Option<HeaderName>,
+    pub http_version: Option<HeaderName>,
+    pub forwarded_for: Option<HeaderName>,
+    pub forwarded_proto: Option<HeaderName>,
+    pub via: Option<HeaderName>,
+    /// What becomes of client headers whose names have an underscore.
+    pub underscores: Underscores,
 }
 
-/// The identity headers toward the origin, and the names always removed from client requests.
+/// What becomes of a client header whose name has an underscore. CGI, WSGI, Rack and PHP
+/// origins read `X_A` and `X-A` as one variable, so such a name can smuggle a header past a strip
+/// that matches dashes. Whatever the choice, a name that reads as an edge header once its
+/// underscores are dashes is removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Underscores {
+    /// Removed (nginx's default).
+    #[default]
+    Drop,
+    /// The request is answered 400.
+    Refuse,
+    /// Passed on.
+    Allow,
+}
+
+/// What the origin learns of the viewer's connection, for one request.
+pub struct Viewer<'a> {
+    pub addr: Option<std::net::SocketAddr>,
+    pub info: &'a ConnectionInfo,
+    pub version: http::Version,
+}
+
+/// What stripping found in a client request.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Stripped {
+    /// Edge headers the client sent (in any spelling), removed.
+    pub spoofed: usize,
+    /// Other headers with an underscore in their names, removed or (`Refuse`) to refuse.
+    pub underscored: usize,
+    /// The request must be answered 400 (`Underscores::Refuse`).
+    pub refuse: bool,
+}
+
+/// The headers toward the origin, and the names always removed from client requests.
 pub struct HeaderPlan {
     names: HeaderNames,
-    /// Every configured identity header name, `Client-Cert` and `Client-Cert-Chain`: always
-    /// removed from client requests, as is every `CloudFront-Viewer-Cert-*` header.
+    /// Every configured header name and [`ALWAYS_STRIPPED`], sorted: always removed from client
+    /// requests, as is every `CloudFront-Viewer-*` header.
     strip: Vec<HeaderName>,
 }
 
-/// Client-sent headers with this prefix are always removed, whatever the configured names.
-const CLOUDFRONT_PREFIX: &str = "cloudfront-viewer-cert-";
+/// Client-sent headers with this prefix are always removed, whatever the configured names:
+/// CloudFront sets every header of this family itself, and origins trust them.
+const CLOUDFRONT_PREFIX: &str = "cloudfront-viewer-";
 const CLIENT_CERT: &str = "client-cert";
 const CLIENT_CERT_CHAIN: &str = "client-cert-chain";
+/// Headers through which an origin learns of the viewer's connection from a proxy in front of
+/// it: a client's copies are removed even when the edge sets none of them, as it is the first hop.
+const ALWAYS_STRIPPED: &[&str] = &[
+    CLIENT_CERT,
+    CLIENT_CERT_CHAIN,
+    "forwarded",
+    "via",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-proto",
+    "x-real-ip",
+];
+/// The pseudonym in `Via`.
+const VIA_NAME: &str = "mtls-edge";
 
 /// Characters left as they are in the URL-encoded PEM: RFC 3986 unreserved.
 const PEM_ENCODE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
@@ -263,43 +326,95 @@ impl HeaderPlan {
             &n.pem,
             &n.san_uri,
             &n.san_dns,
+            &n.address,
+            &n.tls,
+            &n.http_version,
+            &n.forwarded_for,
+            &n.forwarded_proto,
+            &n.via,
         ]
         .into_iter()
         .flatten()
         .cloned()
-        .chain([
-            HeaderName::from_static(CLIENT_CERT),
-            HeaderName::from_static(CLIENT_CERT_CHAIN),
-        ])
+        .chain(ALWAYS_STRIPPED.iter().map(|n| HeaderName::from_static(n)))
         .collect();
         strip.sort_by(|a, b| a.as_str().cmp(b.as_str()));
         strip.dedup();
         HeaderPlan { names, strip }
     }
 
-    /// Removes every identity header the client sent. Returns how many were removed.
-    pub fn strip(&self, req: &mut RequestHeader) -> usize {
-        // One pass over the few headers a request has, rather than a hash lookup for each
-        // identity header the edge knows.
-        let doomed: Vec<HeaderName> = req.headers.keys().filter(|k| self.is_identity(k)).cloned().collect();
-        let mut removed = 0;
-        for n in doomed {
-            if req.remove_header(&n).is_some() {
-                removed += 1;
+    /// Removes every edge header the client sent, in any spelling, and applies the underscore
+    /// policy to the other headers.
+    pub fn strip(&self, req: &mut RequestHeader) -> Stripped {
+        let mut found = Stripped::default();
+        // One pass over the few headers a request has; most have no underscore and no edge name.
+        let mut doomed: Vec<HeaderName> = Vec::new();
+        for k in req.headers.keys() {
+            let name = k.as_str();
+            if self.is_edge(k) {
+                found.spoofed += 1;
+            } else if name.contains('_') {
+                let dashed = name.replace('_', "-");
+                if HeaderName::from_bytes(dashed.as_bytes()).is_ok_and(|d| self.is_edge(&d)) {
+                    found.spoofed += 1;
+                } else {
+                    found.underscored += 1;
+                    match self.names.underscores {
+                        Underscores::Drop => {}
+                        Underscores::Refuse => found.refuse = true,
+                        Underscores::Allow => continue,
+                    }
+                }
+            } else {
+                continue;
             }
+            doomed.push(k.clone());
         }
-        removed
+        for n in doomed {
+            req.remove_header(&n);
+        }
+        found
     }
 
-    /// Whether a header name belongs to the edge's identity headers (rules may not set it).
-    pub fn is_identity(&self, name: &HeaderName) -> bool {
-        name.as_str().starts_with(CLOUDFRONT_PREFIX) || self.strip.contains(name)
+    /// Whether a header name is one the edge sets toward the origin, or owns (rules may not set
+    /// it, and a client's copy is removed).
+    pub fn is_edge(&self, name: &HeaderName) -> bool {
+        name.as_str().starts_with(CLOUDFRONT_PREFIX) || self.strip.binary_search_by(|s| s.as_str().cmp(name.as_str())).is_ok()
+    }
+
+    /// What the origin learns of the viewer's connection: its address, TLS and HTTP version,
+    /// `X-Forwarded-For`, `X-Forwarded-Proto` and `Via`.
+    fn render_viewer(&self, v: &Viewer<'_>, out: &mut Vec<(HeaderName, HeaderValue)>) {
+        let n = &self.names;
+        let mut put = |name: &Option<HeaderName>, value: &str| {
+            if let (Some(n), Ok(v)) = (name, HeaderValue::from_str(value)) {
+                out.push((n.clone(), v));
+            }
+        };
+        if let Some(addr) = v.addr {
+            // `ip:port`, with IPv6 addresses in brackets.
+            put(&n.address, &addr.to_string());
+            put(&n.forwarded_for, &addr.ip().to_string());
+        }
+        let handshake = if v.info.resumed { "sessionResumed" } else { "fullHandshake" };
+        put(&n.tls, &format!("{}:{}:{handshake}", v.info.tls_version, v.info.cipher));
+        let version = match v.version {
+            http::Version::HTTP_09 => "0.9",
+            http::Version::HTTP_10 => "1.0",
+            http::Version::HTTP_2 => "2.0",
+            http::Version::HTTP_3 => "3.0",
+            _ => "1.1",
+        };
+        put(&n.http_version, version);
+        put(&n.forwarded_proto, "https");
+        put(&n.via, &format!("{version} {VIA_NAME}"));
     }
 
     /// The headers for a request, with or without a verified certificate.
-    pub fn render(&self, cert: Option<&ViewerCert>) -> Vec<(HeaderName, HeaderValue)> {
+    pub fn render(&self, cert: Option<&ViewerCert>, viewer: &Viewer<'_>) -> Vec<(HeaderName, HeaderValue)> {
         let n = &self.names;
         let mut out = Vec::new();
+        self.render_viewer(viewer, &mut out);
         let mut put = |name: &Option<HeaderName>, value: String| {
             if let (Some(n), Ok(v)) = (name, HeaderValue::from_str(&value)) {
                 out.push((n.clone(), v));
@@ -374,14 +489,46 @@ mod tests {
             "X-Device-Subject",
             "CloudFront-Viewer-Cert-Subject",
             "cloudfront-viewer-cert-anything",
+            "CloudFront-Viewer-Address",
             "Client-Cert",
             "Client-Cert-Chain",
+            "X-Forwarded-For",
+            "Forwarded",
+            "Via",
         ] {
             req.append_header(h, "spoofed").unwrap();
         }
         req.append_header("X-Other", "kept").unwrap();
-        assert_eq!(plan.strip(&mut req), 5);
+        let s = plan.strip(&mut req);
+        assert_eq!((s.spoofed, s.underscored, s.refuse), (9, 0, false));
         assert_eq!(req.headers.len(), 1);
         assert!(req.headers.contains_key("x-other"));
+    }
+
+    fn underscored(policy: Underscores) -> (Stripped, RequestHeader) {
+        let plan = HeaderPlan::new(HeaderNames {
+            subject: Some(HeaderName::from_static("x-device-subject")),
+            underscores: policy,
+            ..HeaderNames::default()
+        });
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        req.append_header("CloudFront_Viewer_Cert_Subject", "CN=admin").unwrap();
+        req.append_header("x_device_subject", "CN=admin").unwrap();
+        req.append_header("X_Forwarded_For", "10.0.0.1").unwrap();
+        req.append_header("X_Custom", "v").unwrap();
+        (plan.strip(&mut req), req)
+    }
+
+    #[test]
+    fn underscore_spellings_of_edge_headers_are_removed_whatever_the_policy() {
+        for policy in [Underscores::Drop, Underscores::Refuse, Underscores::Allow] {
+            let (s, req) = underscored(policy);
+            assert_eq!(s.spoofed, 3, "{policy:?}");
+            assert_eq!(s.underscored, 1, "{policy:?}");
+            assert_eq!(s.refuse, policy == Underscores::Refuse, "{policy:?}");
+            let kept: Vec<&str> = req.headers.keys().map(|k| k.as_str()).collect();
+            let expected: &[&str] = if policy == Underscores::Allow { &["x_custom"] } else { &[] };
+            assert_eq!(kept, expected, "{policy:?}");
+        }
     }
 }

@@ -52,6 +52,16 @@ pub static SPOOFED_HEADERS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registration happens once, with a static valid definition")
 });
 
+/// Other client headers with an underscore in their names, by what became of them.
+pub static UNDERSCORE_HEADERS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "mtls_edge_underscore_headers_total",
+        "Client request headers with an underscore in their names, dropped or refused",
+        &["listener", "action"]
+    )
+    .expect("metric registration happens once, with a static valid definition")
+});
+
 const REGISTERED: &str = "metric registration happens once, with a static valid definition";
 
 /// Cache lookups on cached routes by result: hit, miss, stale, revalidated, uncacheable.
@@ -415,6 +425,7 @@ pub fn init() {
     LazyLock::force(&REQUESTS);
     LazyLock::force(&ORIGIN_FAILURES);
     LazyLock::force(&SPOOFED_HEADERS);
+    LazyLock::force(&UNDERSCORE_HEADERS);
     LazyLock::force(&CACHE_LOOKUPS);
     LazyLock::force(&CACHE_COALESCED);
     LazyLock::force(&BODY_BYTES);

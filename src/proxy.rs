@@ -20,6 +20,7 @@ use pingora_cache::{CacheKey, CacheMeta, RespCacheable};
 
 use crate::admission::{self, Connection};
 use crate::cache::{self, SharedCache};
+use crate::identity::Viewer;
 use crate::origin::{self, Origin};
 use crate::reason::{Answered, CacheResult};
 use crate::routes::Access;
@@ -313,7 +314,7 @@ impl ProxyHttp for EdgeProxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let state = self.live.load_full();
         // Strip first, whatever happens next: nothing downstream may see a client-sent copy.
-        let removed = state.headers.strip(session.req_header_mut());
+        let stripped = state.headers.strip(session.req_header_mut());
         let Some(conn) = connection(session) else {
             // Every listener is TLS with our callbacks; no identity means something is wrong.
             return ctx.refuse(session, Answered::NoConnectionIdentity, 403).await;
@@ -323,14 +324,23 @@ impl ProxyHttp for EdgeProxy {
         if admit(session, ctx, &state, &conn).await? {
             return Ok(true);
         }
-        if removed > 0 {
+        if stripped.spoofed > 0 {
             metrics::SPOOFED_HEADERS
                 .with_label_values(&[&conn.identity.listener])
-                .inc();
+                .inc_by(stripped.spoofed as u64);
             debug!(
-                "removed {removed} client-sent identity headers listener={}",
-                conn.identity.listener
+                "removed {} client-sent edge headers listener={}",
+                stripped.spoofed, conn.identity.listener
             );
+        }
+        if stripped.underscored > 0 {
+            let action = if stripped.refuse { "refused" } else { "dropped" };
+            metrics::UNDERSCORE_HEADERS
+                .with_label_values(&[&conn.identity.listener, action])
+                .inc_by(stripped.underscored as u64);
+            if stripped.refuse {
+                return ctx.refuse(session, Answered::UnderscoreInHeaderName, 400).await;
+            }
         }
         if route(session, ctx, &state, &conn).await? {
             return Ok(true);
@@ -391,16 +401,21 @@ impl ProxyHttp for EdgeProxy {
         Ok(())
     }
 
-    /// Sets the identity headers from the connection's certificate, then applies the rules'.
+    /// Sets the identity and viewer headers from the connection, then applies the rules'.
     async fn upstream_request_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         ctx.origin_request = Some(Instant::now());
         if let (Some(state), Some(conn)) = (&ctx.state, &ctx.conn) {
-            for (name, value) in state.headers.render(conn.identity.cert.as_ref()) {
+            let viewer = Viewer {
+                addr: session.client_addr().and_then(|a| a.as_inet()).copied(),
+                info: &conn.identity.info,
+                version: session.req_header().version,
+            };
+            for (name, value) in state.headers.render(conn.identity.cert.as_ref(), &viewer) {
                 upstream.insert_header(name, value)?;
             }
         }

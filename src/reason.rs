@@ -133,6 +133,8 @@ pub enum Answered {
     HostNotCoveredBySni,
     /// The path has dot or empty segments or encoded separators (400).
     PathNotNormal,
+    /// A header name has an underscore and `headers_with_underscores` is `refuse` (400).
+    UnderscoreInHeaderName,
     NoRoute,
     CertificateRequiredForRoute,
     RuleDenied,
@@ -147,6 +149,7 @@ impl Answered {
             Answered::ConnectionRefused => "ConnectionRefused",
             Answered::HostNotCoveredBySni => "HostNotCoveredBySni",
             Answered::PathNotNormal => "PathNotNormal",
+            Answered::UnderscoreInHeaderName => "UnderscoreInHeaderName",
             Answered::NoRoute => "NoRoute",
             Answered::CertificateRequiredForRoute => "CertificateRequiredForRoute",
             Answered::RuleDenied => "RuleDenied",

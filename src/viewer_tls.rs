@@ -237,6 +237,8 @@ fn connection_info(ssl: &SslRef, sni: Option<&str>) -> ConnectionInfo {
             .selected_alpn_protocol()
             .map(|p| String::from_utf8_lossy(p).into_owned())
             .unwrap_or_default(),
+        cipher: ssl.current_cipher().map(|c| c.name().to_string()).unwrap_or_default(),
+        resumed: ssl.session_reused(),
     }
 }
 

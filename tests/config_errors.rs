@@ -153,6 +153,16 @@ fn each_kind_of_error_is_rejected_with_the_file_and_the_key() {
             vec!["identity_headers.subject", "not a valid header name"],
         ),
         (
+            "a viewer header named like an identity header",
+            format!("{GOOD}viewer_headers: {{ address: CloudFront-Viewer-Cert-Subject }}\n"),
+            vec!["viewer_headers.address", "also used by identity_headers.subject"],
+        ),
+        (
+            "an unknown underscore policy",
+            format!("{GOOD}headers_with_underscores: keep\n"),
+            vec!["headers_with_underscores", "unknown variant"],
+        ),
+        (
             "fill budget that leaves nothing for stored objects",
             format!("{GOOD}cache: {{ max_bytes: 1000, max_object_bytes: 500, max_filling_bytes: 1000 }}\n"),
             vec!["cache.max_filling_bytes", "leaves nothing"],

@@ -379,6 +379,123 @@ fn spoofed_identity_headers_are_removed_in_every_mode() {
     assert_eq!(r.echoed("client-cert"), None);
 }
 
+/// Every header the edge sets or owns toward the origin.
+const EDGE_HEADERS: &[&str] = &[
+    "CloudFront-Viewer-Cert-Present",
+    "CloudFront-Viewer-Cert-Subject",
+    "CloudFront-Viewer-Cert-Issuer",
+    "CloudFront-Viewer-Cert-Serial-Number",
+    "CloudFront-Viewer-Cert-Sha256",
+    "CloudFront-Viewer-Cert-Validity",
+    "CloudFront-Viewer-Cert-Pem",
+    "CloudFront-Viewer-Cert-San-Uri",
+    "CloudFront-Viewer-Cert-San-Dns",
+    "CloudFront-Viewer-Address",
+    "CloudFront-Viewer-TLS",
+    "CloudFront-Viewer-Http-Version",
+    "Client-Cert",
+    "Client-Cert-Chain",
+    "X-Forwarded-For",
+    "X-Forwarded-Proto",
+    "Forwarded",
+    "Via",
+];
+
+/// A request carrying every edge header twice, spelled with dashes and with underscores.
+fn spoof_all(mut c: Client<'_>) -> Client<'_> {
+    for h in EDGE_HEADERS {
+        c = c.header(h, "spoofed").header(&h.replace('-', "_"), "spoofed");
+    }
+    c
+}
+
+/// The same, and one unrelated header with an underscore.
+fn smuggle(c: Client<'_>) -> Client<'_> {
+    spoof_all(c).header("X_Custom", "spoofed")
+}
+
+#[test]
+fn underscore_spellings_never_reach_the_origin_and_the_viewer_headers_are_the_edges() {
+    let f = fleet();
+    let d = f.dir.path();
+    for client in [Client::new(d, f.edge.port).cert("good"), Client::new(d, f.optional_port)] {
+        let r = smuggle(client).get("/echo").unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert!(!r.body.contains("spoofed"), "a client's copy reached the origin:\n{}", r.body);
+        for h in ["cloudfront-viewer-address", "x-forwarded-for", "via", "cloudfront-viewer-tls"] {
+            assert_eq!(r.body.matches(&format!("{h}:")).count(), 1, "{h}:\n{}", r.body);
+        }
+        let addr = r.echoed("cloudfront-viewer-address").unwrap();
+        let (ip, port) = addr.rsplit_once(':').unwrap();
+        assert_eq!(ip, "127.0.0.1");
+        assert!(port.parse::<u16>().unwrap() > 0);
+        assert_eq!(r.echoed("x-forwarded-for").as_deref(), Some("127.0.0.1"));
+        assert_eq!(r.echoed("x-forwarded-proto").as_deref(), Some("https"));
+        assert_eq!(r.echoed("cloudfront-viewer-http-version").as_deref(), Some("1.1"));
+        assert_eq!(r.echoed("via").as_deref(), Some("1.1 mtls-edge"));
+        let tls = r.echoed("cloudfront-viewer-tls").unwrap();
+        assert!(tls.starts_with("TLSv1.3:TLS_") && tls.ends_with(":fullHandshake"), "{tls}");
+    }
+    // 18 edge names, 16 of them in two spellings (Via and Forwarded have no dash), per request
+    // on each listener; one other header each.
+    for port in [f.edge.port, f.optional_port] {
+        let listener = format!("listener=\"127.0.0.1:{port}\"");
+        let spoofed = format!("mtls_edge_spoofed_identity_headers_total{{{listener}}}");
+        assert_eq!(metric(f.admin_port, &spoofed), 34.0);
+        let dropped = format!("mtls_edge_underscore_headers_total{{action=\"dropped\",{listener}}}");
+        assert_eq!(metric(f.admin_port, &dropped), 1.0);
+    }
+    // TLS 1.2 names its cipher OpenSSL's way; HTTP/2 is 2.0.
+    let r = Client::new(d, f.edge.port)
+        .cert("good")
+        .version(SslVersion::TLS1_2)
+        .get("/echo")
+        .unwrap();
+    let tls = r.echoed("cloudfront-viewer-tls").unwrap();
+    assert!(tls.starts_with("TLSv1.2:ECDHE-"), "{tls}");
+    let r = Client::new(d, f.edge.port).cert("good").h2().unwrap().get("/echo").unwrap();
+    assert_eq!(r.echoed("cloudfront-viewer-http-version").as_deref(), Some("2.0"));
+    assert_eq!(r.echoed("via").as_deref(), Some("2.0 mtls-edge"));
+}
+
+#[test]
+fn headers_with_underscores_can_refuse_the_request_or_pass() {
+    let f = fleet_with("headers_with_underscores: refuse\n");
+    let d = f.dir.path();
+    let r = Client::new(d, f.edge.port).cert("good").header("X_Custom", "v").get("/echo").unwrap();
+    assert_eq!(r.status, 400);
+    let refused = format!(
+        "mtls_edge_underscore_headers_total{{action=\"refused\",listener=\"127.0.0.1:{}\"}}",
+        f.edge.port
+    );
+    assert_eq!(metric(f.admin_port, &refused), 1.0);
+    // An underscore spelling of an edge header is removed, not refused: it is never passed on.
+    let r = spoof_all(Client::new(d, f.edge.port).cert("good")).get("/echo").unwrap();
+    assert_eq!(r.status, 200);
+    assert!(!r.body.contains("spoofed"), "{}", r.body);
+
+    let f = fleet_with("headers_with_underscores: allow\n");
+    let d = f.dir.path();
+    let r = smuggle(Client::new(d, f.edge.port).cert("good")).get("/echo").unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.echoed("x_custom").as_deref(), Some("spoofed"));
+    assert_eq!(r.body.matches("spoofed").count(), 1, "{}", r.body);
+}
+
+#[test]
+fn viewer_headers_can_be_renamed_or_turned_off_and_are_still_stripped() {
+    let f = fleet_with("viewer_headers: { address: X-Device-Address, via: null }\n");
+    let d = f.dir.path();
+    let r = smuggle(Client::new(d, f.edge.port).cert("good"))
+        .header("X-Device-Address", "spoofed")
+        .get("/echo")
+        .unwrap();
+    assert!(!r.body.contains("spoofed"), "{}", r.body);
+    assert!(r.echoed("x-device-address").unwrap().starts_with("127.0.0.1:"));
+    assert_eq!(r.echoed("cloudfront-viewer-address"), None);
+    assert_eq!(r.echoed("via"), None);
+}
+
 #[test]
 fn a_fleet_cannot_reach_the_other_fleets_hosts() {
     let f = fleet();

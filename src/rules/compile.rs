@@ -157,6 +157,7 @@ impl Compiler {
             sni: "fleet.example".into(),
             tls_version: "TLSv1.3".into(),
             alpn: "h2".into(),
+            ..ConnectionInfo::default()
         };
         let mut headers = http::HeaderMap::new();
         headers.insert("user-agent", HeaderValue::from_static("sample"));

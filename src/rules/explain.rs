@@ -119,6 +119,7 @@ fn prepare(q: &Query) -> Result<Prepared, String> {
         sni: q.sni.clone().unwrap_or_default(),
         tls_version: "TLSv1.3".into(),
         alpn: "h2".into(),
+        ..ConnectionInfo::default()
     };
     Ok(Prepared {
         chain,

@@ -62,6 +62,7 @@ fn with_facts<T>(set: &RuleSet, cert: Option<&ViewerCert>, path: &str, now: i64,
         sni: "fleet.example".into(),
         tls_version: "TLSv1.3".into(),
         alpn: "h2".into(),
+        ..ConnectionInfo::default()
     };
     let mut headers = http::HeaderMap::new();
     headers.insert("x-count", HeaderValue::from_static("abc"));

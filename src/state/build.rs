@@ -16,7 +16,7 @@ use log::warn;
 use super::{Fixed, LoadedCert, Server, Socket, State, Watch};
 use crate::cache;
 use crate::config::{self, ConfigErrors, Report};
-use crate::identity::{self, HeaderNames, HeaderPlan};
+use crate::identity::{self, HeaderNames, HeaderPlan, Underscores};
 use crate::logs;
 use crate::origin::{self, Origin};
 use crate::routes::{Access, Route, Routes};
@@ -177,11 +177,11 @@ fn assemble(f: &mut Files, file: &config::File) -> State {
             Some((name.clone(), Arc::new(store)))
         })
         .collect();
-    let headers = HeaderPlan::new(header_names(&file.identity_headers));
+    let headers = HeaderPlan::new(header_names(file));
     let (rules, lists) = match &file.rules {
         Some(r) => {
             let origins: Vec<&str> = file.origins.keys().map(String::as_str).collect();
-            rule_files::load(f, r, &origins, &|h| headers.is_identity(h))
+            rule_files::load(f, r, &origins, &|h| headers.is_edge(h))
         }
         None => (RuleSet::empty(), Vec::new()),
     };
@@ -285,7 +285,8 @@ fn fixed(f: &Files, file: &config::File) -> Fixed {
     }
 }
 
-fn header_names(cfg: &config::IdentityHeaders) -> HeaderNames {
+fn header_names(file: &config::File) -> HeaderNames {
+    let (cfg, v) = (&file.identity_headers, &file.viewer_headers);
     // `config::load` has checked that every name is valid.
     let name = |n: &Option<String>| n.as_deref().and_then(|n| HeaderName::from_bytes(n.as_bytes()).ok());
     HeaderNames {
@@ -299,6 +300,17 @@ fn header_names(cfg: &config::IdentityHeaders) -> HeaderNames {
         san_uri: name(&cfg.san_uri),
         san_dns: name(&cfg.san_dns),
         rfc9440: cfg.rfc9440,
+        address: name(&v.address),
+        tls: name(&v.tls),
+        http_version: name(&v.http_version),
+        forwarded_for: name(&v.forwarded_for),
+        forwarded_proto: name(&v.forwarded_proto),
+        via: name(&v.via),
+        underscores: match file.headers_with_underscores {
+            config::Underscores::Drop => Underscores::Drop,
+            config::Underscores::Refuse => Underscores::Refuse,
+            config::Underscores::Allow => Underscores::Allow,
+        },
     }
 }
 
