@@ -6,7 +6,6 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use boring::stack::Stack;
 
 use crate::identity::{ConnectionIdentity, ConnectionInfo, ViewerCert};
 use crate::reason::{Refusal, Refused};
@@ -184,15 +183,8 @@ impl Connection {
     fn recheck(&self, current: &Current, client_ip: &str) -> Result<(), Refused> {
         let id = &self.identity;
         match (current.trust_store, id.chain.split_first()) {
-            (Some(store), Some((leaf, rest))) => {
-                let mut intermediates =
-                    Stack::new().map_err(|e| Refused::new(Refusal::ClientCertInvalid, e.to_string()))?;
-                for c in rest {
-                    intermediates
-                        .push(c.clone())
-                        .map_err(|e| Refused::new(Refusal::ClientCertInvalid, e.to_string()))?;
-                }
-                store.verify(leaf, &intermediates, rules::facts::unix_now())?;
+            (Some(store), Some(_)) => {
+                store.verify_chain(&id.chain, rules::facts::unix_now())?;
             }
             (Some(_), None) if current.cert_required => {
                 return Err(Refused::new(Refusal::ClientCertMissing, "no client certificate"));

@@ -687,11 +687,12 @@ impl File {
             if t.ca_files.is_empty() {
                 ctx.error(format!("{key}.ca_files"), "at least one CA file is required");
             }
-            if !(2..=16).contains(&t.max_chain_depth) {
+            // The verifier builds paths of at most 6 intermediates.
+            if !(2..=8).contains(&t.max_chain_depth) {
                 ctx.error(
                     format!("{key}.max_chain_depth"),
                     format!(
-                        "{} is out of range 2..=16 (certificates in the chain, leaf and root included)",
+                        "{} is out of range 2..=8 (certificates in the chain, leaf and root included)",
                         t.max_chain_depth
                     ),
                 );

@@ -14,6 +14,8 @@ pub enum Refusal {
     ClientCertRevoked,
     ClientCertPathLenExceeded,
     ClientCertMaxChainDepthExceeded,
+    /// A SAN (or the subject) falls outside a CA's nameConstraints.
+    ClientCertNameConstraintsViolated,
     ClientCertRevocationUnknown,
     ClientCertInvalid,
     ConnectionRuleDenied,
@@ -35,6 +37,7 @@ impl Refusal {
             Refusal::ClientCertRevoked => "ClientCertRevoked",
             Refusal::ClientCertPathLenExceeded => "ClientCertPathLenExceeded",
             Refusal::ClientCertMaxChainDepthExceeded => "ClientCertMaxChainDepthExceeded",
+            Refusal::ClientCertNameConstraintsViolated => "ClientCertNameConstraintsViolated",
             Refusal::ClientCertRevocationUnknown => "ClientCertRevocationUnknown",
             Refusal::ClientCertInvalid => "ClientCertInvalid",
             Refusal::ConnectionRuleDenied => "ConnectionRuleDenied",

@@ -14,10 +14,10 @@ use async_trait::async_trait;
 use boring::pkey::{PKey, Private};
 use boring::ssl::{
     NameType, Ssl, SslAlert, SslInfoCallbackMode, SslInfoCallbackValue, SslOptions, SslRef, SslSessionCacheMode,
-    SslVerifyMode, SslVersion,
+    SslVerifyError, SslVerifyMode, SslVersion,
 };
 use boring::stack::Stack;
-use boring::x509::{X509Name, X509StoreContext, X509StoreContextRef, X509VerifyError, X509};
+use boring::x509::{X509Name, X509};
 use log::warn;
 use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::TlsAccept;
@@ -283,12 +283,8 @@ impl ViewerTls {
         };
         let store = policy
             .trust_store
-            .as_ref()
+            .clone()
             .ok_or_else(|| "mTLS policy without a trust store".to_string())?;
-        ext::ssl_set_verify_cert_store(ssl, store.store()).map_err(|e| format!("trust store: {e}"))?;
-        // BoringSSL's depth counts intermediates and reports an overlong chain as an unknown
-        // issuer; bound chain building loosely here, `TrustStore::check` has the exact limit.
-        ssl.set_verify_depth(store.max_chain_depth);
         if let Some(names) = &store.ca_names {
             let mut stack = Stack::new().map_err(|e| e.to_string())?;
             for n in names {
@@ -298,86 +294,53 @@ impl ViewerTls {
             }
             ssl.set_client_ca_list(stack);
         }
-        ssl.set_verify_callback(mode, move |ok, chain| verify(&record, ok, chain));
+        // The chain is decided by the edge's verifier, not BoringSSL's: see `trust_store`.
+        ssl.set_custom_verify_callback(mode, move |ssl| {
+            verify(&record, &store, ssl).map_err(|r| {
+                let alert = trust_store::alert(r.reason);
+                record.refuse(r);
+                SslVerifyError::Invalid(alert)
+            })
+        });
         Ok(())
     }
 }
 
-/// BoringSSL's verify callback: once per certificate of the chain, the leaf last.
-fn verify(record: &HandshakeRecord, ok: bool, chain: &mut X509StoreContextRef) -> bool {
+/// Decides on the client's chain, then runs the connection-phase rules on it.
+fn verify(record: &HandshakeRecord, store: &TrustStore, ssl: &mut SslRef) -> Result<(), Refused> {
     record.lock().verify_ran = true;
-    if !ok {
-        let subject = chain
-            .current_cert()
-            .and_then(|c| c.subject_name().print_ex(0))
-            .unwrap_or_default();
-        let (reason, text) = match chain.verify_result() {
-            Err(e) => (trust_store::refusal_reason(e), e.error_string()),
-            Ok(()) => (Refusal::ClientCertInvalid, "unknown error"),
-        };
-        record.refuse(Refused::new(
-            reason,
-            format!("{text} at depth {} ({subject})", chain.error_depth()),
-        ));
-        return false;
-    }
-    if chain.error_depth() != 0 {
-        return true;
-    }
-    // The last call is for the leaf: the whole chain is known and has verified.
-    let Some(hs) = record.during() else { return false };
-    let Some(store) = &hs.policy.trust_store else {
-        return false;
-    };
-    let checked = match chain.chain() {
-        Some(c) => store.check(c, crate::rules::facts::unix_now()),
-        None => Err(Refused::new(Refusal::ClientCertInvalid, "no verified chain")),
-    };
+    let chain = peer_chain(ssl);
     // Read only when a refusal names it or rules see it: most handshakes need neither.
-    let cert = |chain: &X509StoreContextRef| {
-        chain
-            .current_cert()
-            .and_then(|leaf| ViewerCert::from_x509(leaf, Vec::new()))
-    };
-    if let Err(r) = checked {
-        chain.set_error(Err(trust_store::verify_error(r.reason)));
-        let cert = cert(chain);
-        let mut s = record.lock();
-        s.cert = cert;
-        s.refused.get_or_insert(r);
-        return false;
+    let cert = || chain.first().and_then(|leaf| ViewerCert::from_x509(leaf, Vec::new()));
+    if let Err(r) = store.verify_chain(&chain, crate::rules::facts::unix_now()) {
+        record.lock().cert = cert();
+        return Err(r);
     }
+    let Some(hs) = record.during() else {
+        return Err(Refused::new(Refusal::ClientCertInvalid, "the handshake has no state"));
+    };
     // The chain has verified: the connection-phase rules decide.
     if !hs.rules.has_phase(Phase::Connection) {
-        return true;
+        return Ok(());
     }
-    let Some(cert) = cert(chain) else {
+    let Some(cert) = cert() else {
         // Rules must not see a verified client as one without a certificate.
-        chain.set_error(Err(X509VerifyError::APPLICATION_VERIFICATION));
-        record.refuse(Refused::new(
+        return Err(Refused::new(
             Refusal::ConnectionRuleError,
             "the certificate cannot be read for rules",
         ));
-        return false;
     };
-    let info = X509StoreContext::ssl_idx()
-        .ok()
-        .and_then(|i| chain.ex_data(i))
-        .map(|ssl| connection_info(ssl, record.sni.as_deref()))
-        .unwrap_or_default();
+    let info = connection_info(ssl, record.sni.as_deref());
     match admission::connection_rules(&hs.rules, &[Phase::Connection], Some(&cert), &info, "") {
         Verdict::Refused(r) => {
-            chain.set_error(Err(X509VerifyError::APPLICATION_VERIFICATION));
-            let mut s = record.lock();
-            s.cert = Some(cert);
-            s.refused.get_or_insert(r);
-            false
+            record.lock().cert = Some(cert);
+            Err(r)
         }
         Verdict::Allowed => {
             record.lock().allowed = true;
-            true
+            Ok(())
         }
-        Verdict::Open => true,
+        Verdict::Open => Ok(()),
     }
 }
 

@@ -2,7 +2,6 @@
 //! rules and routes without a running edge, and says which rules matched and what the edge
 //! would do. Operators test a policy with it before they ship it.
 
-use boring::stack::Stack;
 use boring::x509::X509;
 use std::fmt::Write as _;
 
@@ -36,19 +35,10 @@ fn verify(store: Option<&TrustStore>, chain: &[X509]) -> (bool, String) {
     let Some(store) = store else {
         return (false, "no trust store (mTLS off on this listener)".into());
     };
-    let Some((leaf, rest)) = chain.split_first() else {
+    if chain.is_empty() {
         return (false, "no certificate".into());
-    };
-    let mut intermediates = match Stack::new() {
-        Ok(s) => s,
-        Err(e) => return (false, format!("NOT verified: {e}")),
-    };
-    for c in rest {
-        if let Err(e) = intermediates.push(c.clone()) {
-            return (false, format!("NOT verified: {e}"));
-        }
     }
-    match store.verify(leaf, &intermediates, facts::unix_now()) {
+    match store.verify_chain(chain, facts::unix_now()) {
         Ok(()) => (true, "verified against the trust store".into()),
         Err(r) => (false, format!("NOT verified: {} ({})", r.detail, r.reason.as_str())),
     }

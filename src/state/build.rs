@@ -333,13 +333,7 @@ fn trust_store(f: &mut Files, name: &str, t: &config::TrustStore, certs: &mut Ve
         advertise_ca_names: t.advertise_ca_names,
         crl,
     };
-    let mut builder = match trust_store::Builder::new(settings) {
-        Ok(b) => b,
-        Err(e) => {
-            f.error(&key, e);
-            return None;
-        }
-    };
+    let mut builder = trust_store::Builder::new(settings);
     let mut ok = true;
     for (i, file) in t.ca_files.iter().enumerate() {
         let fkey = format!("{key}.ca_files[{i}]");
@@ -348,9 +342,13 @@ fn trust_store(f: &mut Files, name: &str, t: &config::TrustStore, certs: &mut Ve
             continue;
         };
         for c in &chain {
-            if let Err(e) = builder.add_ca(c) {
-                f.error(&fkey, format!("{file}: {e}"));
-                ok = false;
+            match builder.add_ca(c) {
+                Ok(None) => {}
+                Ok(Some(warning)) => warn!("{fkey}: {file}: {warning}"),
+                Err(e) => {
+                    f.error(&fkey, format!("{file}: {e}"));
+                    ok = false;
+                }
             }
             certs.push(loaded("trust_store_ca", format!("{name}: {}", cn(c)), c));
         }
