@@ -1,6 +1,7 @@
 //! The admin listener: Prometheus text on `/metrics`, a liveness answer on `/healthz`, a reload
-//! (`POST /reload`) and cache purges (`POST /cache/purge?url=…` or `?prefix=…`). It is plain HTTP
-//! and belongs on a loopback or management address.
+//! (`POST /reload`) and cache purges (`POST /cache/purge?url=…` or `?prefix=…`). It binds to
+//! loopback unless it asks for operators' client certificates (TLS) or a bearer token, which
+//! every request but `GET /healthz` must then carry; refusals are counted.
 
 use async_trait::async_trait;
 use http::{Response, StatusCode};
@@ -11,12 +12,34 @@ use pingora::services::listening::Service;
 use std::sync::Arc;
 
 use crate::cache::SharedCache;
+use crate::reason::AdminRefusal;
 use crate::reload::{self, Reloader};
+use crate::state::Live;
 use crate::{logs, metrics};
 
 pub struct AdminApp {
     cache: Option<Arc<SharedCache>>,
     reloader: Arc<Reloader>,
+    live: Arc<Live>,
+}
+
+/// Equal strings, compared in time that depends only on their lengths.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Why a request lacks the bearer token `token`, if it does.
+fn unauthorized(req: &http::request::Parts, token: &str) -> Option<AdminRefusal> {
+    let given = req.headers.get(http::header::AUTHORIZATION).and_then(|v| {
+        let v = v.to_str().ok()?;
+        let (scheme, value) = v.split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| value.trim())
+    });
+    match given {
+        None => Some(AdminRefusal::TokenMissing),
+        Some(t) if !same(t.as_bytes(), token.as_bytes()) => Some(AdminRefusal::TokenInvalid),
+        Some(_) => None,
+    }
 }
 
 /// A purge target as the cache keys it: `host/path?query`, from that form or a full URL
@@ -128,6 +151,18 @@ fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let req = session.req_header();
+        let health = req.uri.path() == "/healthz" && req.method == http::Method::GET;
+        let token = self.live.load().admin.as_ref().and_then(|a| a.token.clone());
+        if let (Some(token), false) = (token, health) {
+            if let Some(why) = unauthorized(req, &token) {
+                metrics::ADMIN_REFUSED.with_label_values(&[why.as_str()]).inc();
+                log::warn!("admin request refused reason={} path={}", why.as_str(), req.uri.path());
+                let mut r = reply(StatusCode::UNAUTHORIZED, "text/plain", b"a bearer token is required\n".to_vec());
+                r.headers_mut()
+                    .insert(http::header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
+                return r;
+            }
+        }
         match req.uri.path() {
             "/cache/purge" => self.purge(&req.method, req.uri.query()),
             "/reload" => {
@@ -146,10 +181,19 @@ impl ServeHttp for AdminApp {
     }
 }
 
-/// The admin service listening on `address`.
-pub fn service(address: &str, cache: Option<Arc<SharedCache>>, reloader: Arc<Reloader>) -> Service<AdminApp> {
-    let mut svc = Service::new("admin".to_string(), AdminApp { cache, reloader });
-    svc.add_tcp(address);
+/// The admin service listening on `address`, over TLS with `tls`.
+pub fn service(
+    address: &str,
+    tls: Option<pingora::listeners::tls::TlsSettings>,
+    cache: Option<Arc<SharedCache>>,
+    reloader: Arc<Reloader>,
+    live: Arc<Live>,
+) -> Service<AdminApp> {
+    let mut svc = Service::new("admin".to_string(), AdminApp { cache, reloader, live });
+    match tls {
+        Some(settings) => svc.add_tls_with_settings(address, None, settings),
+        None => svc.add_tcp(address),
+    }
     svc
 }
 

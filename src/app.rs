@@ -16,7 +16,7 @@ use crate::cache::SharedCache;
 use crate::config::ConfigErrors;
 use crate::proxy::EdgeProxy;
 use crate::reload::{Reloader, Triggers};
-use crate::rules::explain;
+use crate::rules::{explain, RuleSet};
 use crate::state::{self, Live};
 use crate::upgrade::{Draining, Signals};
 use crate::viewer_tls::{self, HandshakeState};
@@ -124,8 +124,24 @@ impl Edge {
         }
         server.add_service(proxy);
         let reloader = Arc::new(Reloader::new(self.live.clone(), &self.config));
-        if let Some(address) = &fixed.admin {
-            server.add_service(admin::service(address, cache, reloader.clone()));
+        if let Some(socket) = &fixed.admin {
+            let tls = if socket.tls {
+                let live = self.live.clone();
+                // Operators' certificates, verified as viewers' are, against the live state.
+                let current: viewer_tls::Current = Arc::new(move |_: &str, _: Option<&str>| {
+                    let s = live.load();
+                    Some(HandshakeState {
+                        policy: s.admin.as_ref()?.tls.clone()?,
+                        rules: Arc::new(RuleSet::empty()),
+                        generation: s.generation,
+                    })
+                });
+                let name = Arc::from(format!("admin {}", socket.address));
+                Some(viewer_tls::tls_settings(name, current, false).map_err(|e| format!("admin listener: {e}"))?)
+            } else {
+                None
+            };
+            server.add_service(admin::service(&socket.address, tls, cache, reloader.clone(), self.live.clone()));
         }
         server.add_service(background_service("reload", Triggers { reloader }));
         for s in extra {

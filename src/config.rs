@@ -607,6 +607,19 @@ pub enum Underscores {
 #[serde(deny_unknown_fields)]
 pub struct Admin {
     pub address: String,
+    /// A file holding the bearer token every request but `GET /healthz` must carry.
+    pub token_file: Option<String>,
+    /// TLS with operators' client certificates.
+    pub mtls: Option<AdminMtls>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminMtls {
+    /// The trust store (under `trust_stores`) that operators' certificates must verify against.
+    pub trust_store: String,
+    pub server_cert: String,
+    pub server_key: String,
 }
 
 /// Reads and parses `path`, then runs the checks that need no file other than the config.
@@ -736,6 +749,24 @@ impl File {
         self.identity_headers.check(&self.viewer_headers, ctx);
         if let Some(a) = &self.admin {
             check_addr(ctx, "admin.address", &a.address);
+            let open = a.token_file.is_none() && a.mtls.is_none();
+            if open && a.address.parse::<SocketAddr>().is_ok_and(|s| !s.ip().is_loopback()) {
+                ctx.error(
+                    "admin.address",
+                    format!(
+                        "'{}' is not a loopback address: the admin listener reloads and purges, so set admin.mtls (operators' client certificates) or admin.token_file (a bearer token), or bind it to 127.0.0.1",
+                        a.address
+                    ),
+                );
+            }
+            if let Some(m) = &a.mtls {
+                if !self.trust_stores.contains_key(&m.trust_store) {
+                    ctx.error(
+                        "admin.mtls.trust_store",
+                        format!("unknown trust store '{}' (defined: {})", m.trust_store, names(&self.trust_stores)),
+                    );
+                }
+            }
         }
         if self.reload.watch_interval_ms < 10 {
             ctx.error("reload.watch_interval_ms", "must be at least 10");

@@ -52,6 +52,16 @@ pub static SPOOFED_HEADERS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registration happens once, with a static valid definition")
 });
 
+/// Admin requests refused for their bearer token.
+pub static ADMIN_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "mtls_edge_admin_refused_total",
+        "Admin listener requests refused (a missing or wrong bearer token)",
+        &["reason"]
+    )
+    .expect("metric registration happens once, with a static valid definition")
+});
+
 /// Other client headers with an underscore in their names, by what became of them.
 pub static UNDERSCORE_HEADERS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
@@ -426,6 +436,7 @@ pub fn init() {
     LazyLock::force(&ORIGIN_FAILURES);
     LazyLock::force(&SPOOFED_HEADERS);
     LazyLock::force(&UNDERSCORE_HEADERS);
+    LazyLock::force(&ADMIN_REFUSED);
     LazyLock::force(&CACHE_LOOKUPS);
     LazyLock::force(&CACHE_COALESCED);
     LazyLock::force(&BODY_BYTES);

@@ -64,6 +64,22 @@ impl Refused {
     }
 }
 
+/// Why the admin listener refused a request (refused handshakes are counted as handshakes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminRefusal {
+    TokenMissing,
+    TokenInvalid,
+}
+
+impl AdminRefusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminRefusal::TokenMissing => "TokenMissing",
+            AdminRefusal::TokenInvalid => "TokenInvalid",
+        }
+    }
+}
+
 /// Why a request to an origin failed.
 ///
 /// pingora 0.9 reports a failed upstream certificate check as `InvalidCert` without BoringSSL's

@@ -45,6 +45,7 @@ fn pki_dir() -> tempfile::TempDir {
         "server-only",
         &edge_ca.issue(&LeafSpec::server("edge", &["edge"])).unwrap(),
     );
+    std::fs::write(d.join("short.txt"), "abc\n").unwrap();
     std::fs::write(
         d.join("garbage.pem"),
         "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
@@ -156,6 +157,24 @@ fn each_kind_of_error_is_rejected_with_the_file_and_the_key() {
             "a viewer header named like an identity header",
             format!("{GOOD}viewer_headers: {{ address: CloudFront-Viewer-Cert-Subject }}\n"),
             vec!["viewer_headers.address", "also used by identity_headers.subject"],
+        ),
+        (
+            "an admin listener on a non-loopback address without mTLS or a token",
+            GOOD.replace("admin: { address: 127.0.0.1:19100 }", "admin: { address: 0.0.0.0:19100 }"),
+            vec!["admin.address", "not a loopback address"],
+        ),
+        (
+            "an admin token that is too short",
+            GOOD.replace("admin: { address: 127.0.0.1:19100 }", "admin: { address: 0.0.0.0:19100, token_file: short.txt }"),
+            vec!["admin.token_file", "at least 16"],
+        ),
+        (
+            "admin mTLS with an unknown trust store",
+            GOOD.replace(
+                "admin: { address: 127.0.0.1:19100 }",
+                "admin: { address: 0.0.0.0:19100, mtls: { trust_store: operators, server_cert: edge-server.pem, server_key: edge-server.key } }",
+            ),
+            vec!["admin.mtls.trust_store", "unknown trust store 'operators'"],
         ),
         (
             "an unknown underscore policy",

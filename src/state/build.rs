@@ -13,7 +13,7 @@ use boring::x509::X509;
 use http::HeaderName;
 use log::warn;
 
-use super::{Fixed, LoadedCert, Server, Socket, State, Watch};
+use super::{AdminAccess, AdminSocket, Fixed, LoadedCert, Server, Socket, State, Watch};
 use crate::cache;
 use crate::config::{self, ConfigErrors, Report};
 use crate::identity::{self, HeaderNames, HeaderPlan, Underscores};
@@ -214,6 +214,7 @@ fn assemble(f: &mut Files, file: &config::File) -> State {
             })
         })
         .collect();
+    let admin = file.admin.as_ref().map(|a| admin(f, a, &trust_stores, &mut certificates));
     State {
         generation: 0,
         built_at: crate::rules::facts::unix_now(),
@@ -223,6 +224,7 @@ fn assemble(f: &mut Files, file: &config::File) -> State {
         origins,
         headers,
         rules: Arc::new(rules),
+        admin,
         fixed: fixed(f, file),
         certificates,
         lists,
@@ -270,7 +272,10 @@ fn fixed(f: &Files, file: &config::File) -> Fixed {
                 http2: l.http2,
             })
             .collect(),
-        admin: file.admin.as_ref().map(|a| a.address.clone()),
+        admin: file.admin.as_ref().map(|a| AdminSocket {
+            address: a.address.clone(),
+            tls: a.mtls.is_some(),
+        }),
         cache: file.cache.as_ref().map(|c| cache::Settings {
             max_bytes: c.max_bytes,
             max_object_bytes: c.max_object_bytes,
@@ -387,6 +392,39 @@ fn trust_store(f: &mut Files, name: &str, t: &config::TrustStore, certs: &mut Ve
         }
     }
     ok.then(|| builder.build())
+}
+
+/// Who may use the admin listener: its token (read from `token_file`, trimmed) and its TLS policy.
+fn admin(
+    f: &mut Files,
+    a: &config::Admin,
+    stores: &BTreeMap<String, Arc<TrustStore>>,
+    certs: &mut Vec<LoadedCert>,
+) -> AdminAccess {
+    let token = a.token_file.as_ref().and_then(|file| {
+        let raw = f.read("admin.token_file", file)?;
+        match std::str::from_utf8(&raw).map(str::trim) {
+            Ok(t) if t.len() >= 16 && t.bytes().all(|b| b.is_ascii_graphic()) => Some(t.to_string()),
+            _ => {
+                f.error(
+                    "admin.token_file",
+                    format!("{file}: the token must be at least 16 printable ASCII characters (no spaces)"),
+                );
+                None
+            }
+        }
+    });
+    let tls = a.mtls.as_ref().and_then(|m| {
+        let cert = server_cert(f, "admin.mtls", &m.server_cert, &m.server_key)?;
+        certs.push(loaded("admin", a.address.clone(), &cert.chain[0]));
+        Some(Arc::new(TlsPolicy {
+            sni_name: None,
+            cert,
+            mode: Mode::Required,
+            trust_store: Some(stores.get(&m.trust_store)?.clone()),
+        }))
+    });
+    AdminAccess { token, tls }
 }
 
 /// A server certificate and its key; errors name `prefix.server_cert|server_key`.

@@ -19,7 +19,7 @@ use crate::origin::Origin;
 use crate::routes::Routes;
 use crate::rules::RuleSet;
 use crate::trust_store::TrustStore;
-use crate::viewer_tls::ListenerPolicy;
+use crate::viewer_tls::{ListenerPolicy, TlsPolicy};
 
 pub use build::build;
 
@@ -41,6 +41,22 @@ pub struct Socket {
     pub http2: bool,
 }
 
+/// The admin listener's socket: its address, and whether it speaks TLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminSocket {
+    pub address: String,
+    pub tls: bool,
+}
+
+/// Who may use the admin listener; a reload changes it (a token file rotation, a new operators'
+/// trust store).
+pub struct AdminAccess {
+    /// The bearer token every request but `GET /healthz` must carry. Never logged.
+    pub token: Option<String>,
+    /// The TLS policy of an admin listener with operators' client certificates.
+    pub tls: Option<Arc<TlsPolicy>>,
+}
+
 /// When the running edge reloads by itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Watch {
@@ -56,7 +72,7 @@ pub struct Watch {
 pub struct Fixed {
     pub server: Server,
     pub listeners: Vec<Socket>,
-    pub admin: Option<String>,
+    pub admin: Option<AdminSocket>,
     pub cache: Option<cache::Settings>,
     pub logging: logs::Settings,
     pub watch: Watch,
@@ -112,6 +128,7 @@ pub struct State {
     pub origins: BTreeMap<String, Arc<Origin>>,
     pub headers: HeaderPlan,
     pub rules: Arc<RuleSet>,
+    pub admin: Option<AdminAccess>,
     pub fixed: Fixed,
     pub certificates: Vec<LoadedCert>,
     pub lists: Vec<LoadedList>,
