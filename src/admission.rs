@@ -83,6 +83,8 @@ enum Status {
 /// A viewer connection as requests see it: who it is, and whether it may still be served.
 pub struct Connection {
     pub identity: ConnectionIdentity,
+    /// Its deadline (request header, keep-alive idle), which `limits` enforces.
+    pub clock: Arc<crate::limits::Clock>,
     /// The generation it was last admitted under (0: not yet); read without the lock.
     admitted: AtomicU64,
     status: Mutex<Status>,
@@ -114,6 +116,7 @@ impl Connection {
         };
         Arc::new(Connection {
             identity,
+            clock: Arc::default(),
             admitted: AtomicU64::new(0),
             status: Mutex::new(status),
         })

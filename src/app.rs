@@ -20,6 +20,7 @@ use crate::rules::{explain, RuleSet};
 use crate::state::{self, Live};
 use crate::upgrade::{Draining, Signals};
 use crate::viewer_tls::{self, HandshakeState};
+use crate::limits::{self, Guard};
 use crate::{admin, logs, metrics};
 
 /// How long a draining edge still reads a request on connections waiting for one: a device that
@@ -97,16 +98,26 @@ impl Edge {
         let mut server = Server::new_with_opt_and_conf(Some(opt), self.server_conf());
         server.bootstrap();
         let cache = fixed.cache.as_ref().map(|c| Arc::new(SharedCache::new(c)));
+        let guard = Guard::new(self.live.clone());
         let edge = EdgeProxy {
             live: self.live.clone(),
+            limits: guard.clone(),
             cache: cache.clone(),
         };
         let grace = Duration::from_secs(fixed.server.grace_period_seconds);
+        let mut http = pingora::proxy::http_proxy(&server.configuration, edge);
+        // pingora's defaults (a 64 KiB header list), with the configured stream limits.
+        let mut h2 = pingora::protocols::http::v2::server::default_h2_options();
+        h2.max_concurrent_streams(fixed.h2.max_concurrent_streams)
+            .max_pending_accept_reset_streams(fixed.h2.max_pending_reset_streams);
+        http.h2_options = Some(h2);
         let draining = Draining {
-            inner: Arc::new(pingora::proxy::http_proxy(&server.configuration, edge)),
+            inner: Arc::new(http),
             linger: DRAIN_LINGER.min(grace),
+            limits: guard.clone(),
         };
         let mut proxy = Service::new("mtls-edge".to_string(), draining);
+        proxy.endpoints().set_pre_tls_callback(Arc::new(limits::Admission(guard.clone())));
         let live = self.live.clone();
         let current: viewer_tls::Current = Arc::new(move |listener: &str, sni: Option<&str>| {
             let s = live.load();
@@ -144,6 +155,7 @@ impl Edge {
             server.add_service(admin::service(&socket.address, tls, cache, reloader.clone(), self.live.clone()));
         }
         server.add_service(background_service("reload", Triggers { reloader }));
+        server.add_service(background_service("limits", limits::Watchdog(guard)));
         for s in extra {
             server.add_boxed_service(s);
         }

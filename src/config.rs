@@ -91,6 +91,8 @@ pub struct File {
     pub viewer_headers: ViewerHeaders,
     #[serde(default)]
     pub headers_with_underscores: Underscores,
+    #[serde(default)]
+    pub limits: Limits,
     pub admin: Option<Admin>,
     /// The shared cache; without this section nothing is cached.
     pub cache: Option<Cache>,
@@ -593,6 +595,82 @@ impl ViewerHeaders {
     }
 }
 
+/// What a client may hold and how fast.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub handshake_timeout_ms: u64,
+    pub request_header_timeout_ms: u64,
+    pub keepalive_idle_timeout_ms: u64,
+    pub max_request_header_bytes: usize,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub rate_limit: Option<RateLimit>,
+    /// Streams one HTTP/2 connection may have open at once.
+    pub h2_max_concurrent_streams: u32,
+    /// Streams an HTTP/2 client may reset before the edge accepts them, before it is sent
+    /// GOAWAY (rapid reset, CVE-2023-44487).
+    pub h2_max_pending_reset_streams: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            handshake_timeout_ms: 10_000,
+            request_header_timeout_ms: 10_000,
+            keepalive_idle_timeout_ms: 60_000,
+            max_request_header_bytes: 32 * 1024,
+            max_connections: 0,
+            max_connections_per_ip: 0,
+            rate_limit: None,
+            h2_max_concurrent_streams: 100,
+            h2_max_pending_reset_streams: 20,
+        }
+    }
+}
+
+/// A token bucket per device (its certificate's serial; without one, its IP address).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub requests_per_second: f64,
+    pub burst: u32,
+}
+
+impl Limits {
+    fn check(&self, ctx: &mut Report) {
+        for (k, v) in [
+            ("handshake_timeout_ms", self.handshake_timeout_ms),
+            ("request_header_timeout_ms", self.request_header_timeout_ms),
+            ("keepalive_idle_timeout_ms", self.keepalive_idle_timeout_ms),
+        ] {
+            if !(100..=3_600_000).contains(&v) {
+                ctx.error(format!("limits.{k}"), format!("{v} is out of range 100..=3600000 ms"));
+            }
+        }
+        if !(1024..=1_048_575).contains(&self.max_request_header_bytes) {
+            ctx.error(
+                "limits.max_request_header_bytes",
+                format!("{} is out of range 1024..=1048575", self.max_request_header_bytes),
+            );
+        }
+        if !(1..=1000).contains(&self.h2_max_concurrent_streams) {
+            ctx.error(
+                "limits.h2_max_concurrent_streams",
+                format!("{} is out of range 1..=1000", self.h2_max_concurrent_streams),
+            );
+        }
+        if let Some(r) = &self.rate_limit {
+            if !(r.requests_per_second > 0.0 && r.requests_per_second.is_finite()) || r.burst == 0 {
+                ctx.error(
+                    "limits.rate_limit",
+                    "requests_per_second must be above 0 and burst at least 1",
+                );
+            }
+        }
+    }
+}
+
 /// What becomes of a client request header whose name has an underscore.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -747,6 +825,7 @@ impl File {
             }
         }
         self.identity_headers.check(&self.viewer_headers, ctx);
+        self.limits.check(ctx);
         if let Some(a) = &self.admin {
             check_addr(ctx, "admin.address", &a.address);
             let open = a.token_file.is_none() && a.mtls.is_none();

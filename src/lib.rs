@@ -4,8 +4,9 @@
 //! A request flows one way through the modules:
 //!
 //! ```text
-//! viewer_tls (handshake, trust_store) → identity (cert → headers) → admission (connection
-//!   rules, re-checked after a reload) → routes → rules (request phase) → cache → origin (mTLS)
+//! limits (accept: connection slots, deadlines) → viewer_tls (handshake, trust_store) →
+//!   identity (cert → headers) → admission (connection rules, re-checked after a reload) →
+//!   routes → rules (request phase) → cache → origin (mTLS)
 //! ```
 //!
 //! `config` is the YAML file and nothing else; `state` builds everything the stages run on from
@@ -23,6 +24,7 @@ pub mod cache;
 pub mod config;
 pub mod demo;
 pub mod identity;
+pub mod limits;
 pub mod logs;
 pub mod metrics;
 pub mod origin;

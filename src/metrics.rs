@@ -52,6 +52,25 @@ pub static SPOOFED_HEADERS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registration happens once, with a static valid definition")
 });
 
+/// Limits clients ran into, by kind.
+pub static LIMITS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "mtls_edge_limits_total",
+        "Connections closed or refused and requests answered 431 or 429 for a limit",
+        &["limit"]
+    )
+    .expect("metric registration happens once, with a static valid definition")
+});
+
+/// Viewer sockets open, from accept (before TLS) to close.
+pub static OPEN_SOCKETS: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "mtls_edge_open_sockets",
+        "Viewer TCP connections open, their TLS handshakes included"
+    )
+    .expect("metric registration happens once, with a static valid definition")
+});
+
 /// Admin requests refused for their bearer token.
 pub static ADMIN_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
@@ -437,6 +456,10 @@ pub fn init() {
     LazyLock::force(&SPOOFED_HEADERS);
     LazyLock::force(&UNDERSCORE_HEADERS);
     LazyLock::force(&ADMIN_REFUSED);
+    LazyLock::force(&OPEN_SOCKETS);
+    for l in crate::reason::Limit::ALL {
+        LIMITS.with_label_values(&[l.as_str()]);
+    }
     LazyLock::force(&CACHE_LOOKUPS);
     LazyLock::force(&CACHE_COALESCED);
     LazyLock::force(&BODY_BYTES);

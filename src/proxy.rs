@@ -21,8 +21,9 @@ use pingora_cache::{CacheKey, CacheMeta, RespCacheable};
 use crate::admission::{self, Connection};
 use crate::cache::{self, SharedCache};
 use crate::identity::Viewer;
+use crate::limits::{self, Guard};
 use crate::origin::{self, Origin};
-use crate::reason::{Answered, CacheResult};
+use crate::reason::{Answered, CacheResult, Limit};
 use crate::routes::Access;
 use crate::rules::{self, Decision, HeaderOp, Outcome, Phase};
 use crate::state::{Live, State};
@@ -30,6 +31,8 @@ use crate::{logs, metrics};
 
 pub struct EdgeProxy {
     pub live: Arc<Live>,
+    /// The devices' request buckets (and the connection deadlines).
+    pub limits: Arc<Guard>,
     /// The cache outlives reloads: its memory is fixed for the process.
     pub cache: Option<Arc<SharedCache>>,
 }
@@ -123,6 +126,14 @@ fn path_is_normal(path: &str) -> bool {
     !encoded && !path.contains('\\')
 }
 
+/// The request line and headers, in bytes as sent (near enough: `: ` and CRLF included).
+fn header_bytes(req: &RequestHeader) -> usize {
+    let target = req.uri.path_and_query().map_or(1, |p| p.as_str().len());
+    let authority = req.uri.authority().map_or(0, |a| a.as_str().len());
+    let line = req.method.as_str().len() + target + authority + 12;
+    req.headers.iter().fold(line, |n, (k, v)| n + k.as_str().len() + v.len() + 4)
+}
+
 /// The client's IP address as rules and logs read it (`""` when the socket has none).
 fn client_ip<'c>(session: &Session, conn: &'c Connection) -> &'c str {
     conn.identity.client_ip.get_or_init(|| {
@@ -148,6 +159,16 @@ impl RequestCtx {
                 .write_response_body(Some(bytes::Bytes::copy_from_slice(body.as_bytes())), true)
                 .await?;
         }
+        Ok(true)
+    }
+
+    /// Answers 429 with the seconds until the device may ask again.
+    async fn rate_limited(&mut self, session: &mut Session, retry_after: u64) -> Result<bool> {
+        self.answered = Some(Answered::RateLimited);
+        let mut resp = ResponseHeader::build(429, Some(2))?;
+        resp.insert_header(http::header::RETRY_AFTER, retry_after)?;
+        resp.insert_header(http::header::CONTENT_LENGTH, 0)?;
+        session.write_response_header(Box::new(resp), true).await?;
         Ok(true)
     }
 
@@ -309,20 +330,42 @@ impl ProxyHttp for EdgeProxy {
         }
     }
 
-    /// Admission, header stripping, fleet separation, routing and request rules, before
+    /// The request's header has arrived: the connection's deadline waits until it is served.
+    async fn early_request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+        ctx.conn = connection(session);
+        if let Some(c) = &ctx.conn {
+            c.clock.request_started();
+        }
+        Ok(())
+    }
+
+    /// Admission, header stripping, limits, fleet separation, routing and request rules, before
     /// anything else runs.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let state = self.live.load_full();
         // Strip first, whatever happens next: nothing downstream may see a client-sent copy.
         let stripped = state.headers.strip(session.req_header_mut());
-        let Some(conn) = connection(session) else {
+        let Some(conn) = ctx.conn.clone() else {
             // Every listener is TLS with our callbacks; no identity means something is wrong.
             return ctx.refuse(session, Answered::NoConnectionIdentity, 403).await;
         };
-        ctx.conn = Some(conn.clone());
         ctx.state = Some(state.clone());
         if admit(session, ctx, &state, &conn).await? {
             return Ok(true);
+        }
+        if header_bytes(session.req_header()) > state.limits.max_header_bytes {
+            limits::count(Limit::HeaderTooLarge);
+            session.set_keepalive(None);
+            return ctx.refuse(session, Answered::HeaderTooLarge, 431).await;
+        }
+        if let Some(rate) = state.limits.rate {
+            let key = match &conn.identity.cert {
+                Some(c) => c.serial_hex.as_bytes(),
+                None => client_ip(session, &conn).as_bytes(),
+            };
+            if let Err(retry_after) = self.limits.take(key, rate) {
+                return ctx.rate_limited(session, retry_after).await;
+            }
         }
         if stripped.spoofed > 0 {
             metrics::SPOOFED_HEADERS
@@ -525,6 +568,9 @@ impl ProxyHttp for EdgeProxy {
 
     /// Metrics and the access log line.
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        if let Some(c) = &ctx.conn {
+            c.clock.request_finished(self.live.load().limits.idle_timeout);
+        }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         metrics::count_request(status);
         let sent = u64::try_from(session.body_bytes_sent()).unwrap_or(u64::MAX);

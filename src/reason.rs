@@ -64,6 +64,47 @@ impl Refused {
     }
 }
 
+/// A limit a client ran into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Limit {
+    HandshakeTimeout,
+    HeaderTimeout,
+    IdleTimeout,
+    HeaderTooLarge,
+    ConnectionsTotal,
+    ConnectionsPerIp,
+    RateLimited,
+}
+
+impl Limit {
+    pub const ALL: [Limit; 7] = [
+        Limit::HandshakeTimeout,
+        Limit::HeaderTimeout,
+        Limit::IdleTimeout,
+        Limit::HeaderTooLarge,
+        Limit::ConnectionsTotal,
+        Limit::ConnectionsPerIp,
+        Limit::RateLimited,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Limit::HandshakeTimeout => "HandshakeTimeout",
+            Limit::HeaderTimeout => "HeaderTimeout",
+            Limit::IdleTimeout => "IdleTimeout",
+            Limit::HeaderTooLarge => "HeaderTooLarge",
+            Limit::ConnectionsTotal => "ConnectionsTotal",
+            Limit::ConnectionsPerIp => "ConnectionsPerIp",
+            Limit::RateLimited => "RateLimited",
+        }
+    }
+
+    pub fn from_u8(v: u8) -> Limit {
+        Limit::ALL.get(v as usize).copied().unwrap_or(Limit::HeaderTimeout)
+    }
+}
+
 /// Why the admin listener refused a request (refused handshakes are counted as handshakes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AdminRefusal {
@@ -154,6 +195,10 @@ pub enum Answered {
     PathNotNormal,
     /// A header name has an underscore and `headers_with_underscores` is `refuse` (400).
     UnderscoreInHeaderName,
+    /// The request line and headers exceed `limits.max_request_header_bytes` (431).
+    HeaderTooLarge,
+    /// The device's request bucket is empty (429 with Retry-After).
+    RateLimited,
     NoRoute,
     CertificateRequiredForRoute,
     RuleDenied,
@@ -169,6 +214,8 @@ impl Answered {
             Answered::HostNotCoveredBySni => "HostNotCoveredBySni",
             Answered::PathNotNormal => "PathNotNormal",
             Answered::UnderscoreInHeaderName => "UnderscoreInHeaderName",
+            Answered::HeaderTooLarge => "HeaderTooLarge",
+            Answered::RateLimited => "RateLimited",
             Answered::NoRoute => "NoRoute",
             Answered::CertificateRequiredForRoute => "CertificateRequiredForRoute",
             Answered::RuleDenied => "RuleDenied",

@@ -21,6 +21,8 @@ use pingora::protocols::Stream;
 use pingora::server::{ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::admission::Connection;
+use crate::limits::Guard;
 use crate::metrics;
 
 /// An app whose connections waiting for a request are dropped `linger` after the process
@@ -29,11 +31,19 @@ use crate::metrics;
 pub struct Draining<A> {
     pub inner: Arc<A>,
     pub linger: Duration,
+    /// Where a connection's deadline is handed over once its handshake is done.
+    pub limits: Arc<Guard>,
 }
 
 #[async_trait]
 impl<A: ServerApp + Send + Sync + 'static> ServerApp for Draining<A> {
     async fn process_new(self: &Arc<Self>, session: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        let conn = session
+            .get_ssl_digest()
+            .and_then(|d| d.extension.get::<Arc<Connection>>().cloned());
+        if let Some(c) = conn {
+            self.limits.attach(session.id(), &c.clock);
+        }
         self.inner.process_new(session, shutdown).await
     }
 

@@ -73,7 +73,7 @@ fn a_token_guards_every_admin_request_but_the_health_check() {
     for (method, path) in [("GET", "/metrics"), ("POST", "/reload"), ("POST", "/cache/purge?prefix=/")] {
         assert_eq!(call(port, method, path, None).0, 401, "{method} {path} without a token");
         assert_eq!(call(port, method, path, Some("Bearer wrong-token-0123456789")).0, 401);
-        assert_eq!(call(port, method, path, Some(&token.to_string())).0, 401, "no scheme");
+        assert_eq!(call(port, method, path, Some(token)).0, 401, "no scheme");
     }
     assert_eq!(call(port, "POST", "/reload", Some(&bearer)).0, 200);
     let (status, metrics) = call(port, "GET", "/metrics", Some(&bearer));

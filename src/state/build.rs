@@ -13,10 +13,11 @@ use boring::x509::X509;
 use http::HeaderName;
 use log::warn;
 
-use super::{AdminAccess, AdminSocket, Fixed, LoadedCert, Server, Socket, State, Watch};
+use super::{AdminAccess, AdminSocket, Fixed, H2Limits, LoadedCert, Server, Socket, State, Watch};
 use crate::cache;
 use crate::config::{self, ConfigErrors, Report};
 use crate::identity::{self, HeaderNames, HeaderPlan, Underscores};
+use crate::limits;
 use crate::logs;
 use crate::origin::{self, Origin};
 use crate::routes::{Access, Route, Routes};
@@ -225,6 +226,7 @@ fn assemble(f: &mut Files, file: &config::File) -> State {
         headers,
         rules: Arc::new(rules),
         admin,
+        limits: limits(&file.limits),
         fixed: fixed(f, file),
         certificates,
         lists,
@@ -272,6 +274,10 @@ fn fixed(f: &Files, file: &config::File) -> Fixed {
                 http2: l.http2,
             })
             .collect(),
+        h2: H2Limits {
+            max_concurrent_streams: file.limits.h2_max_concurrent_streams,
+            max_pending_reset_streams: file.limits.h2_max_pending_reset_streams,
+        },
         admin: file.admin.as_ref().map(|a| AdminSocket {
             address: a.address.clone(),
             tls: a.mtls.is_some(),
@@ -392,6 +398,21 @@ fn trust_store(f: &mut Files, name: &str, t: &config::TrustStore, certs: &mut Ve
         }
     }
     ok.then(|| builder.build())
+}
+
+fn limits(l: &config::Limits) -> limits::Settings {
+    limits::Settings {
+        handshake_timeout: Duration::from_millis(l.handshake_timeout_ms),
+        header_timeout: Duration::from_millis(l.request_header_timeout_ms),
+        idle_timeout: Duration::from_millis(l.keepalive_idle_timeout_ms),
+        max_header_bytes: l.max_request_header_bytes,
+        max_connections: l.max_connections,
+        max_connections_per_ip: l.max_connections_per_ip,
+        rate: l.rate_limit.as_ref().map(|r| limits::Rate {
+            per_second: r.requests_per_second,
+            burst: f64::from(r.burst),
+        }),
+    }
 }
 
 /// Who may use the admin listener: its token (read from `token_file`, trimmed) and its TLS policy.

@@ -41,6 +41,13 @@ pub struct Socket {
     pub http2: bool,
 }
 
+/// What each HTTP/2 connection is told at its start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct H2Limits {
+    pub max_concurrent_streams: u32,
+    pub max_pending_reset_streams: usize,
+}
+
 /// The admin listener's socket: its address, and whether it speaks TLS.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdminSocket {
@@ -73,6 +80,7 @@ pub struct Fixed {
     pub server: Server,
     pub listeners: Vec<Socket>,
     pub admin: Option<AdminSocket>,
+    pub h2: H2Limits,
     pub cache: Option<cache::Settings>,
     pub logging: logs::Settings,
     pub watch: Watch,
@@ -90,6 +98,7 @@ impl Fixed {
         differ("server", self.server != other.server);
         differ("listeners[].address and http2", self.listeners != other.listeners);
         differ("admin", self.admin != other.admin);
+        differ("limits.h2_*", self.h2 != other.h2);
         differ("cache", self.cache != other.cache);
         differ("logging", self.logging != other.logging);
         differ("reload", self.watch != other.watch);
@@ -129,6 +138,7 @@ pub struct State {
     pub headers: HeaderPlan,
     pub rules: Arc<RuleSet>,
     pub admin: Option<AdminAccess>,
+    pub limits: crate::limits::Settings,
     pub fixed: Fixed,
     pub certificates: Vec<LoadedCert>,
     pub lists: Vec<LoadedList>,

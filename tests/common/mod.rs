@@ -360,6 +360,18 @@ impl<'a> Client<'a> {
     }
 
     /// An HTTP/2 connection kept open between requests.
+    /// A TLS connection that negotiated `h2` by ALPN, for writing HTTP/2 frames by hand.
+    pub fn connect_h2_raw(&self) -> Result<boring::ssl::SslStream<TcpStream>, String> {
+        let cfg = self.configuration(Some(b"\x02h2"))?;
+        let tcp = TcpStream::connect(("127.0.0.1", self.port)).map_err(|e| e.to_string())?;
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).ok();
+        let tls = cfg.connect("localhost", tcp).map_err(|e| format!("handshake: {e}"))?;
+        match tls.ssl().selected_alpn_protocol() {
+            Some(b"h2") => Ok(tls),
+            other => Err(format!("ALPN chose {other:?}")),
+        }
+    }
+
     pub fn h2(&self) -> Result<H2, String> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

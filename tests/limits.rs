@@ -1,0 +1,158 @@
+//! Hostile clients over real sockets: connections that never finish their handshake or their
+//! request header, idle keep-alive connections, oversized headers, too many connections in total
+//! and per IP, and a device that asks too fast. Each is closed or answered within its limit and
+//! counted, and a valid device is served throughout.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+use mtls_edge::pki::{Ca, LeafSpec};
+
+struct Edge {
+    dir: tempfile::TempDir,
+    _origin: Proc,
+    edge: Proc,
+    admin_port: u16,
+}
+
+fn edge(limits: &str) -> Edge {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ServerPki::write(d);
+    let devices = Ca::root("Device CA").unwrap();
+    save(d, "alice", &devices.issue(&LeafSpec::client("alice")).unwrap());
+    save(d, "bob", &devices.issue(&LeafSpec::client("bob")).unwrap());
+    std::fs::write(d.join("device-ca.pem"), &devices.cert_pem).unwrap();
+    let origin = spawn_origin(d, "origin-server", "edge-ca.pem");
+    let (port, admin_port) = (free_port(), free_port());
+    let yaml = format!(
+        "{server}listeners:\n{listener}trust_stores:\n  devices: {{ ca_files: [device-ca.pem] }}\norigins:\n{origin}routes:\n  - {{ path_prefix: /, origin: firmware }}\nadmin: {{ address: 127.0.0.1:{admin_port} }}\nlimits: {{ {limits} }}\n",
+        server = server_yaml(d, 2),
+        listener = listener_yaml(port, "required", "devices"),
+        origin = origin_yaml("firmware", origin.port),
+    );
+    let edge = spawn_edge(d, &yaml, port);
+    Edge {
+        dir,
+        _origin: origin,
+        edge,
+        admin_port,
+    }
+}
+
+impl Edge {
+    fn client(&self, stem: &str) -> Client<'_> {
+        Client::new(self.dir.path(), self.edge.port).cert(stem)
+    }
+
+    fn hits(&self, limit: &str) -> f64 {
+        metric(self.admin_port, &format!("mtls_edge_limits_total{{limit=\"{limit}\"}}"))
+    }
+}
+
+/// How long until the peer closes `s` (reads until EOF or a reset), `None` past `max` (the
+/// socket's read timeout, 10 s, also ends the wait).
+fn closed_within(s: &mut impl Read, max: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => return None,
+            Ok(0) | Err(_) => return Some(started.elapsed()).filter(|t| *t <= max),
+            Ok(_) if started.elapsed() > max => return None,
+            Ok(_) => {}
+        }
+    }
+}
+
+fn tcp(port: u16) -> TcpStream {
+    let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+#[test]
+fn slow_handshakes_headers_and_idle_connections_are_closed_at_their_deadlines() {
+    let e = edge("handshake_timeout_ms: 500, request_header_timeout_ms: 500, keepalive_idle_timeout_ms: 700");
+    let max = Duration::from_secs(5);
+
+    // A client that connects and says nothing.
+    let mut silent = tcp(e.edge.port);
+    let t = closed_within(&mut silent, max).expect("a silent connection stays open");
+    assert!(t >= Duration::from_millis(400), "closed too early: {t:?}");
+
+    // A verified device whose request header never ends.
+    let mut tls = e.client("alice").connect().unwrap();
+    tls.write_all(b"GET /echo HTTP/1.1\r\nHost: localhost\r\nX-Slow: ").unwrap();
+    let t = closed_within(&mut tls, max).expect("a half-sent header stays open");
+    assert!(t >= Duration::from_millis(300), "closed too early: {t:?}");
+
+    // A keep-alive connection after its request, then idle.
+    let mut ka = e.client("alice").keep_alive().unwrap();
+    assert_eq!(ka.get("/echo").unwrap().status, 200);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(ka.get("/echo").is_err(), "an idle connection outlived keepalive_idle_timeout_ms");
+
+    // A device that keeps asking is never cut between requests that come in time.
+    let mut busy = e.client("bob").keep_alive().unwrap();
+    for _ in 0..5 {
+        assert_eq!(busy.get("/echo").unwrap().status, 200);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(e.hits("HandshakeTimeout") >= 1.0);
+    assert!(e.hits("HeaderTimeout") >= 1.0);
+    assert!(e.hits("IdleTimeout") >= 1.0);
+}
+
+#[test]
+fn oversized_headers_are_answered_431() {
+    let e = edge("max_request_header_bytes: 2048");
+    let big = "x".repeat(4096);
+    let r = e.client("alice").header("X-Big", &big).get("/echo").unwrap();
+    assert_eq!(r.status, 431);
+    assert_eq!(e.hits("HeaderTooLarge"), 1.0);
+    let r = e.client("alice").header("X-Small", "y").get("/echo").unwrap();
+    assert_eq!(r.status, 200);
+}
+
+#[test]
+fn connections_are_limited_per_ip_and_in_total() {
+    let e = edge("max_connections_per_ip: 3, handshake_timeout_ms: 60000");
+    let parked: Vec<TcpStream> = (0..3).map(|_| tcp(e.edge.port)).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut fourth = tcp(e.edge.port);
+    assert!(closed_within(&mut fourth, Duration::from_secs(5)).is_some(), "a fourth connection from one IP was kept");
+    assert!(e.client("alice").get("/echo").is_err(), "over the per-IP limit, even a device waits");
+    assert!(e.hits("ConnectionsPerIp") >= 2.0);
+    drop(parked);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(e.client("alice").get("/echo").unwrap().status, 200, "slots are released on close");
+
+    let e = edge("max_connections: 2, handshake_timeout_ms: 60000");
+    let parked: Vec<TcpStream> = (0..2).map(|_| tcp(e.edge.port)).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(e.client("alice").get("/echo").is_err());
+    assert!(e.hits("ConnectionsTotal") >= 1.0);
+    drop(parked);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(e.client("alice").get("/echo").unwrap().status, 200);
+}
+
+#[test]
+fn a_device_that_asks_too_fast_gets_429_with_retry_after_and_others_do_not() {
+    let e = edge("rate_limit: { requests_per_second: 0.5, burst: 2 }");
+    let mut alice = e.client("alice").keep_alive().unwrap();
+    assert_eq!(alice.get("/echo").unwrap().status, 200);
+    assert_eq!(alice.get("/echo").unwrap().status, 200);
+    let r = alice.get("/echo").unwrap();
+    assert_eq!(r.status, 429);
+    let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=2).contains(&retry), "Retry-After {retry}");
+    // Another device has its own bucket.
+    assert_eq!(e.client("bob").get("/echo").unwrap().status, 200);
+    assert_eq!(e.hits("RateLimited"), 1.0);
+}
