@@ -29,6 +29,8 @@ pub mod logs;
 pub mod metrics;
 pub mod origin;
 pub mod pki;
+#[cfg(test)]
+mod properties;
 pub mod proxy;
 pub mod reason;
 pub mod reload;

@@ -34,6 +34,47 @@ pub const FRAMING: &[&str] = &[
     "upgrade",
 ];
 
+/// The longest expression, and the deepest nesting, the compiler takes: CEL's parser and the
+/// condition tree recurse, and a rule file must not be able to overflow the stack of a running
+/// edge at a reload.
+pub(crate) const MAX_EXPRESSION_BYTES: usize = 4096;
+const MAX_NESTING: usize = 32;
+
+/// Whether `src` is short and shallow enough to parse (brackets and unary operators nest;
+/// string literals are skipped).
+fn within_limits(src: &str) -> Result<(), String> {
+    if src.len() > MAX_EXPRESSION_BYTES {
+        return Err(format!("the expression is {} bytes long, more than {MAX_EXPRESSION_BYTES}", src.len()));
+    }
+    let (mut depth, mut deepest, mut unary, mut quote) = (0usize, 0usize, 0usize, None);
+    let mut chars = src.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (quote, c) {
+            (Some(_), '\\') => {
+                chars.next();
+            }
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, '"' | '\'') => quote = Some(c),
+            (None, '(' | '[' | '{') => {
+                depth += 1;
+                deepest = deepest.max(depth + unary);
+            }
+            (None, ')' | ']' | '}') => depth = depth.saturating_sub(1),
+            (None, '!' | '-') if chars.peek() != Some(&'=') => {
+                unary += 1;
+                deepest = deepest.max(depth + unary);
+            }
+            (None, c) if !c.is_whitespace() => unary = 0,
+            _ => {}
+        }
+    }
+    if deepest > MAX_NESTING {
+        return Err(format!("the expression nests {deepest} deep, more than {MAX_NESTING}"));
+    }
+    Ok(())
+}
+
 /// Compiles the expressions and rules of one rule set, against its lists.
 pub struct Compiler {
     env: Arc<Env>,
@@ -61,6 +102,7 @@ impl Compiler {
     }
 
     fn checked(&self, src: &str, phase: Phase, want: Want) -> Result<Program, String> {
+        within_limits(src)?;
         let program = self.env.compile(src).map_err(|e| e.to_string())?;
         self.check_names(&program, src, phase)?;
         self.check_types(&program, phase, want)?;

@@ -38,7 +38,7 @@ macro_rules! steal_via_get {
     };
 }
 
-mod compile;
+pub(crate) mod compile;
 mod condition;
 pub mod explain;
 pub mod facts;
