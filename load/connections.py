@@ -4,11 +4,14 @@ send a whole request, read the answer and stay idle on keep-alive; the other hal
 request header and stop. Prints READY when all are open, then every second how many are still
 open, until stdin closes.  connections.py PORT N DIR"""
 import asyncio
+import os
 import resource
 import ssl
 import sys
 
 port, n, d = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+# MODE: mixed (half and half), idle (all after a request) or half (all with half a header).
+mode = os.environ.get("MODE", "mixed")
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 ctx = ssl.create_default_context(cafile=f"{d}/edge-ca.pem")
@@ -23,7 +26,7 @@ async def one(i, gate):
     async with gate:
         try:
             r, w = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="localhost")
-            if i % 2 == 0:
+            if mode == "idle" or (mode == "mixed" and i % 2 == 0):
                 w.write(b"GET /files/manifest.json?size=512 HTTP/1.1\r\nHost: localhost\r\n\r\n")
                 await w.drain()
                 head = await r.readuntil(b"\r\n\r\n")

@@ -35,10 +35,9 @@ pub struct ViewerCert {
     /// Unix seconds.
     pub not_before: i64,
     pub not_after: i64,
-    pub pem: String,
+    /// The DER (the PEM header and RFC 9440's `Client-Cert` are made from it per request: an
+    /// idle connection holds it once).
     pub der: Vec<u8>,
-    /// DER of the intermediates the client sent, nearest first (the leaf excluded).
-    pub chain_der: Vec<Vec<u8>>,
     pub san_dns: Vec<String>,
     pub san_uri: Vec<String>,
     pub san_email: Vec<String>,
@@ -139,6 +138,19 @@ fn unix_time(t: &Asn1TimeRef) -> Option<i64> {
     Some(i64::from(d.days) * 86_400 + i64::from(d.secs))
 }
 
+/// A certificate's PEM, as BoringSSL writes it (64 base64 characters a line).
+fn pem(der: &[u8]) -> String {
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = String::with_capacity(b64.len() + b64.len() / 64 + 60);
+    out.push_str("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    out
+}
+
 /// ISO 8601 / RFC 3339 UTC time for unix seconds.
 pub fn iso8601(secs: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(secs)
@@ -154,24 +166,11 @@ impl ViewerCert {
         if ssl.verify_result().is_err() {
             return None;
         }
-        // On the server side BoringSSL's chain excludes the leaf; filter it anyway, defensively.
-        let leaf_der = leaf.to_der().ok()?;
-        let chain_der = ssl
-            .peer_cert_chain()
-            .map(|chain| {
-                chain
-                    .iter()
-                    .filter_map(|c| c.to_der().ok())
-                    .filter(|d| *d != leaf_der)
-                    .collect()
-            })
-            .unwrap_or_default();
-        ViewerCert::from_x509(&leaf, chain_der)
+        ViewerCert::from_x509(&leaf)
     }
 
-    pub fn from_x509(leaf: &X509Ref, chain_der: Vec<Vec<u8>>) -> Option<ViewerCert> {
+    pub fn from_x509(leaf: &X509Ref) -> Option<ViewerCert> {
         let der = leaf.to_der().ok()?;
-        let pem = String::from_utf8(leaf.to_pem().ok()?).ok()?;
         let serial = leaf.serial_number().to_bn().ok()?.to_vec();
         let sha256 = leaf.digest(MessageDigest::sha256()).ok()?;
         let (mut san_dns, mut san_uri, mut san_email, mut san_ip) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -206,9 +205,7 @@ impl ViewerCert {
             sha256: hex(&sha256, ""),
             not_before: unix_time(leaf.not_before())?,
             not_after: unix_time(leaf.not_after())?,
-            pem,
             der,
-            chain_der,
             san_dns,
             san_uri,
             san_email,
@@ -410,8 +407,9 @@ impl HeaderPlan {
         put(&n.via, &format!("{version} {VIA_NAME}"));
     }
 
-    /// The headers for a request, with or without a verified certificate.
-    pub fn render(&self, cert: Option<&ViewerCert>, viewer: &Viewer<'_>) -> Vec<(HeaderName, HeaderValue)> {
+    /// The headers for a request, with or without a verified certificate; `chain` is what the
+    /// client sent (leaf first), for `Client-Cert-Chain`.
+    pub fn render(&self, cert: Option<&ViewerCert>, chain: &[X509], viewer: &Viewer<'_>) -> Vec<(HeaderName, HeaderValue)> {
         let n = &self.names;
         let mut out = Vec::new();
         self.render_viewer(viewer, &mut out);
@@ -432,10 +430,9 @@ impl HeaderPlan {
             &n.validity,
             format!("NotBefore={};NotAfter={}", iso8601(c.not_before), iso8601(c.not_after)),
         );
-        put(
-            &n.pem,
-            percent_encoding::utf8_percent_encode(&c.pem, PEM_ENCODE).to_string(),
-        );
+        if n.pem.is_some() {
+            put(&n.pem, percent_encoding::utf8_percent_encode(&pem(&c.der), PEM_ENCODE).to_string());
+        }
         if !c.san_uri.is_empty() {
             put(&n.san_uri, c.san_uri.join(","));
         }
@@ -445,9 +442,9 @@ impl HeaderPlan {
         if n.rfc9440 {
             let b64 = |d: &[u8]| format!(":{}:", base64::engine::general_purpose::STANDARD.encode(d));
             put(&Some(HeaderName::from_static(CLIENT_CERT)), b64(&c.der));
-            if !c.chain_der.is_empty() {
-                let chain: Vec<String> = c.chain_der.iter().map(|d| b64(d)).collect();
-                put(&Some(HeaderName::from_static(CLIENT_CERT_CHAIN)), chain.join(", "));
+            let rest: Vec<String> = chain.iter().skip(1).filter_map(|c| c.to_der().ok()).map(|d| b64(&d)).collect();
+            if !rest.is_empty() {
+                put(&Some(HeaderName::from_static(CLIENT_CERT_CHAIN)), rest.join(", "));
             }
         }
         out
@@ -470,6 +467,13 @@ mod tests {
         assert_eq!(serial_hex(&[0x00]), "0");
         assert_eq!(serial_hex(&[]), "0");
         assert_eq!(serial_hex(&[0x4d, 0x00]), "4d00");
+    }
+
+    #[test]
+    fn the_pem_is_boringssls() {
+        let ca = crate::pki::Ca::root("PEM CA").unwrap();
+        let x = X509::from_pem(ca.cert_pem.as_bytes()).unwrap();
+        assert_eq!(pem(&x.to_der().unwrap()).as_bytes(), x.to_pem().unwrap().as_slice());
     }
 
     #[test]

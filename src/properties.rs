@@ -153,7 +153,7 @@ proptest! {
         // rcgen refuses some names; what it issues must read back safely.
         let Ok(issued) = ca.issue(&spec) else { return Ok(()) };
         let x509 = boring::x509::X509::from_pem(issued.cert_pem.as_bytes()).map_err(|e| TestCaseError::fail(e.to_string()))?;
-        let cert = ViewerCert::from_x509(&x509, Vec::new()).ok_or_else(|| TestCaseError::fail("unreadable"))?;
+        let cert = ViewerCert::from_x509(&x509).ok_or_else(|| TestCaseError::fail("unreadable"))?;
         let name = |n: &'static str| Some(http::HeaderName::from_static(n));
         let plan = HeaderPlan::new(HeaderNames {
             subject: name("cloudfront-viewer-cert-subject"),
@@ -165,7 +165,7 @@ proptest! {
         });
         let info = crate::identity::ConnectionInfo::default();
         let viewer = crate::identity::Viewer { addr: None, info: &info, version: http::Version::HTTP_11 };
-        let headers = plan.render(Some(&cert), &viewer);
+        let headers = plan.render(Some(&cert), &[], &viewer);
         // The subject is never dropped, and no value can end a header line.
         prop_assert!(headers.iter().any(|(n, _)| n == "cloudfront-viewer-cert-subject"), "{:?}", cert.subject);
         for (n, v) in &headers {

@@ -458,7 +458,7 @@ impl ProxyHttp for EdgeProxy {
                 info: &conn.identity.info,
                 version: session.req_header().version,
             };
-            for (name, value) in state.headers.render(conn.identity.cert.as_ref(), &viewer) {
+            for (name, value) in state.headers.render(conn.identity.cert.as_ref(), &conn.identity.chain, &viewer) {
                 upstream.insert_header(name, value)?;
             }
         }

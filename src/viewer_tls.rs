@@ -311,7 +311,7 @@ fn verify(record: &HandshakeRecord, store: &TrustStore, ssl: &mut SslRef) -> Res
     record.lock().verify_ran = true;
     let chain = peer_chain(ssl);
     // Read only when a refusal names it or rules see it: most handshakes need neither.
-    let cert = || chain.first().and_then(|leaf| ViewerCert::from_x509(leaf, Vec::new()));
+    let cert = || chain.first().and_then(|leaf| ViewerCert::from_x509(leaf));
     if let Err(r) = store.verify_chain(&chain, crate::rules::facts::unix_now()) {
         record.lock().cert = cert();
         return Err(r);

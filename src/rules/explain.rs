@@ -98,7 +98,7 @@ struct Prepared {
 fn prepare(q: &Query) -> Result<Prepared, String> {
     let chain = X509::stack_from_pem(&q.cert_pem).map_err(|e| format!("--cert: not a PEM certificate: {e}"))?;
     let leaf = chain.first().ok_or("--cert: no certificate in the file")?;
-    let cert = ViewerCert::from_x509(leaf, Vec::new()).ok_or("--cert: the certificate cannot be read")?;
+    let cert = ViewerCert::from_x509(leaf).ok_or("--cert: the certificate cannot be read")?;
     let mut headers = http::HeaderMap::new();
     for (k, v) in &q.headers {
         let name = http::HeaderName::from_bytes(k.as_bytes()).map_err(|_| format!("--header: bad name '{k}'"))?;
