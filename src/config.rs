@@ -606,6 +606,8 @@ pub struct Limits {
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
     pub rate_limit: Option<RateLimit>,
+    /// Refuse an IP at accept after this many failed handshakes within the window.
+    pub failed_handshakes_per_ip: Option<FailedHandshakes>,
     /// Streams one HTTP/2 connection may have open at once.
     pub h2_max_concurrent_streams: u32,
     /// Streams an HTTP/2 client may reset before the edge accepts them, before it is sent
@@ -623,10 +625,18 @@ impl Default for Limits {
             max_connections: 0,
             max_connections_per_ip: 0,
             rate_limit: None,
+            failed_handshakes_per_ip: None,
             h2_max_concurrent_streams: 100,
             h2_max_pending_reset_streams: 20,
         }
     }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailedHandshakes {
+    pub max: u32,
+    pub window_secs: u64,
 }
 
 /// A token bucket per device (its certificate's serial; without one, its IP address).
@@ -659,6 +669,14 @@ impl Limits {
                 "limits.h2_max_concurrent_streams",
                 format!("{} is out of range 1..=1000", self.h2_max_concurrent_streams),
             );
+        }
+        if let Some(f) = &self.failed_handshakes_per_ip {
+            if f.max == 0 || !(1..=86_400).contains(&f.window_secs) {
+                ctx.error(
+                    "limits.failed_handshakes_per_ip",
+                    "max must be at least 1 and window_secs in 1..=86400",
+                );
+            }
         }
         if let Some(r) = &self.rate_limit {
             if !(r.requests_per_second > 0.0 && r.requests_per_second.is_finite()) || r.burst == 0 {

@@ -35,6 +35,16 @@ pub struct Settings {
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
     pub rate: Option<Rate>,
+    /// An IP whose handshakes failed this many times within `window` is refused at accept
+    /// until the window passes.
+    pub failed_handshakes: Option<FailedHandshakes>,
+}
+
+/// How many failed handshakes an IP may have in a window.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FailedHandshakes {
+    pub max: u32,
+    pub window: Duration,
 }
 
 /// A token bucket per device: `per_second` requests on average, bursts of `burst`.
@@ -107,6 +117,8 @@ struct Entry {
 struct Table {
     by_fd: HashMap<RawFd, Entry>,
     per_ip: HashMap<IpAddr, usize>,
+    /// Failed handshakes per IP in the current window: (window start, count).
+    failures: HashMap<IpAddr, (u64, u32)>,
 }
 
 /// Admits and watches connections, and holds the devices' request buckets.
@@ -142,6 +154,16 @@ impl Guard {
         if l.max_connections > 0 && t.by_fd.len() >= l.max_connections {
             return Err(Limit::ConnectionsTotal);
         }
+        if let (Some(f), Some(ip)) = (l.failed_handshakes, ip) {
+            let now = now_ms();
+            if let Some((start, n)) = t.failures.get(&ip).copied() {
+                if now.saturating_sub(start) >= f.window.as_millis() as u64 {
+                    t.failures.remove(&ip);
+                } else if n >= f.max {
+                    return Err(Limit::FailedHandshakesPerIp);
+                }
+            }
+        }
         if let Some(ip) = ip {
             let n = t.per_ip.entry(ip).or_default();
             if l.max_connections_per_ip > 0 && *n >= l.max_connections_per_ip {
@@ -162,10 +184,20 @@ impl Guard {
         Ok(())
     }
 
-    /// The connection on `fd` is gone (called before its fd is closed).
+    /// The connection on `fd` is gone (called before its fd is closed). One whose handshake
+    /// never completed counts against its IP.
     fn release(&self, fd: RawFd) {
+        let limit = self.live.load().limits.failed_handshakes;
         let mut t = self.table();
         let Some(e) = t.by_fd.remove(&fd) else { return };
+        if let (Some(f), Some(ip), None) = (limit, e.ip, &e.clock) {
+            let now = now_ms();
+            let (start, n) = t.failures.entry(ip).or_insert((now, 0));
+            if now.saturating_sub(*start) >= f.window.as_millis() as u64 {
+                (*start, *n) = (now, 0);
+            }
+            *n += 1;
+        }
         if let Some(ip) = e.ip {
             if let Some(n) = t.per_ip.get_mut(&ip) {
                 *n -= 1;
@@ -232,6 +264,17 @@ impl Guard {
         }
         count(Limit::RateLimited);
         Err(((1.0 - bucket.tokens) / rate.per_second).ceil().max(1.0) as u64)
+    }
+
+    /// Forgets failure windows that have passed.
+    fn forget_old_failures(&self) {
+        let Some(f) = self.live.load().limits.failed_handshakes else {
+            self.table().failures.clear();
+            return;
+        };
+        let now = now_ms();
+        let window = f.window.as_millis() as u64;
+        self.table().failures.retain(|_, (start, _)| now.saturating_sub(*start) < window);
     }
 
     /// Forgets the buckets that have refilled: a device that pauses costs nothing.
@@ -319,6 +362,7 @@ impl BackgroundService for Watchdog {
             n = n.wrapping_add(1);
             if n % 600 == 0 {
                 self.0.forget_full_buckets();
+                self.0.forget_old_failures();
             }
         }
     }

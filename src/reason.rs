@@ -75,10 +75,11 @@ pub enum Limit {
     ConnectionsTotal,
     ConnectionsPerIp,
     RateLimited,
+    FailedHandshakesPerIp,
 }
 
 impl Limit {
-    pub const ALL: [Limit; 7] = [
+    pub const ALL: [Limit; 8] = [
         Limit::HandshakeTimeout,
         Limit::HeaderTimeout,
         Limit::IdleTimeout,
@@ -86,6 +87,7 @@ impl Limit {
         Limit::ConnectionsTotal,
         Limit::ConnectionsPerIp,
         Limit::RateLimited,
+        Limit::FailedHandshakesPerIp,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -97,6 +99,7 @@ impl Limit {
             Limit::ConnectionsTotal => "ConnectionsTotal",
             Limit::ConnectionsPerIp => "ConnectionsPerIp",
             Limit::RateLimited => "RateLimited",
+            Limit::FailedHandshakesPerIp => "FailedHandshakesPerIp",
         }
     }
 

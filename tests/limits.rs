@@ -26,6 +26,8 @@ fn edge(limits: &str) -> Edge {
     let devices = Ca::root("Device CA").unwrap();
     save(d, "alice", &devices.issue(&LeafSpec::client("alice")).unwrap());
     save(d, "bob", &devices.issue(&LeafSpec::client("bob")).unwrap());
+    let strangers = Ca::root("Stranger CA").unwrap();
+    save(d, "mallory", &strangers.issue(&LeafSpec::client("mallory")).unwrap());
     std::fs::write(d.join("device-ca.pem"), &devices.cert_pem).unwrap();
     let origin = spawn_origin(d, "origin-server", "edge-ca.pem");
     let (port, admin_port) = (free_port(), free_port());
@@ -155,4 +157,19 @@ fn a_device_that_asks_too_fast_gets_429_with_retry_after_and_others_do_not() {
     // Another device has its own bucket.
     assert_eq!(e.client("bob").get("/echo").unwrap().status, 200);
     assert_eq!(e.hits("RateLimited"), 1.0);
+}
+
+#[test]
+fn an_ip_whose_handshakes_keep_failing_is_refused_at_accept_for_a_while() {
+    // The start-up probe's connection (no TLS) counts as one failure.
+    let e = edge("failed_handshakes_per_ip: { max: 4, window_secs: 2 }");
+    for _ in 0..3 {
+        assert!(e.client("mallory").get("/echo").is_err());
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    // Even a valid device from that IP waits for the window to pass.
+    assert!(e.client("alice").get("/echo").is_err());
+    assert!(e.hits("FailedHandshakesPerIp") >= 1.0);
+    std::thread::sleep(Duration::from_millis(2200));
+    assert_eq!(e.client("alice").get("/echo").unwrap().status, 200);
 }

@@ -408,6 +408,10 @@ fn limits(l: &config::Limits) -> limits::Settings {
         max_header_bytes: l.max_request_header_bytes,
         max_connections: l.max_connections,
         max_connections_per_ip: l.max_connections_per_ip,
+        failed_handshakes: l.failed_handshakes_per_ip.as_ref().map(|f| limits::FailedHandshakes {
+            max: f.max,
+            window: Duration::from_secs(f.window_secs),
+        }),
         rate: l.rate_limit.as_ref().map(|r| limits::Rate {
             per_second: r.requests_per_second,
             burst: f64::from(r.burst),

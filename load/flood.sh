@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Floods do not starve valid devices: 8 clients make TLS handshakes with an untrusted
+# certificate as fast as they can, while a valid device makes requests on new connections; its
+# p50/p95 latency with the flood against without it, for the edge (without and with
+# limits.failed_handshakes_per_ip) and for nginx doing the same job (two workers each, mTLS
+# required), side by side. The flood comes from 127.0.0.2, the device from 127.0.0.1.
+#   load/flood.sh [SECONDS=20] [PROBES=200]
+source "$(dirname "$0")/lib.sh"
+SECONDS_=${1:-20}
+PROBES=${2:-200}
+start_origin
+start_edge 2
+EDGE_PORT=8445 ADMIN_PORT=9101 EXTRA_YAML="limits: { failed_handshakes_per_ip: { max: 20, window_secs: 10 } }" start_edge 2
+cat > "$D/nginx.conf" <<NGINX
+worker_processes 2;
+pid $D/nginx.pid;
+error_log $D/nginx-error.log crit;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  upstream origin { server 127.0.0.1:9443; keepalive 32; }
+  server {
+    listen 127.0.0.1:8444 ssl;
+$(nginx_viewer_tls)
+    location / {
+$(nginx_origin_tls)
+    }
+  }
+}
+NGINX
+nginx -c "$D/nginx.conf"
+wait_port 8444
+
+# run TAG NAME PORT: the probe alone, then under the flood.
+run() {
+  local tag=$1 name=$2 port=$3
+  local base; base=$(python3 load/flood.py probe "$port" "$D" "$PROBES")
+  local flooders=()
+  for i in $(seq 8); do python3 load/flood.py flood "$port" "$D" "$SECONDS_" > "$D/flood-$tag-$i" & flooders+=($!); done
+  sleep 1
+  local under; under=$(python3 load/flood.py probe "$port" "$D" "$PROBES")
+  local made=0
+  for p in "${flooders[@]}"; do wait "$p"; done
+  for f in "$D"/flood-"$tag"-*; do made=$((made + $(cat "$f"))); done
+  read -r b50 b95 <<<"$base"; read -r u50 u95 <<<"$under"
+  printf '| %s | %s | %s | %s | %s | %.2fx | %d (%.0f/s) |\n' "$name" "$b50" "$b95" "$u50" "$u95" \
+    "$(echo "$u95 / $b95" | bc -l)" "$made" "$(echo "$made / $SECONDS_" | bc -l)"
+}
+echo "| server | p50 ms alone | p95 ms alone | p50 ms flooded | p95 ms flooded | p95 ratio | untrusted attempts |"
+echo "|---|---|---|---|---|---|---|"
+run edge mtls-edge 8443
+run limited "mtls-edge, failed_handshakes_per_ip 20/10 s" 8445
+run nginx nginx 8444
