@@ -12,28 +12,8 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 start_origin
 EXTRA_YAML="limits: { handshake_timeout_ms: 600000, request_header_timeout_ms: 600000, keepalive_idle_timeout_ms: 600000 }" \
   start_edge 2
-cat > "$D/nginx.conf" <<NGINX
-worker_processes 2;
-worker_rlimit_nofile 65536;
-pid $D/nginx.pid;
-error_log $D/nginx-error.log warn;
-events { worker_connections 20000; }
-http {
-  access_log off;
-  upstream origin { server 127.0.0.1:9443; keepalive 32; }
-  server {
-    listen 127.0.0.1:8444 ssl;
-$(nginx_viewer_tls)
-    keepalive_timeout 600s;
-    client_header_timeout 600s;
-    location / {
-$(nginx_origin_tls)
-    }
-  }
-}
-NGINX
-nginx -c "$D/nginx.conf"
-wait_port 8444
+start_nginx_proxy 2 20000 "    keepalive_timeout 600s;
+    client_header_timeout 600s;"
 
 rss_kib() { local t=0; for p in "$@"; do t=$((t + $(awk '/^VmRSS/ {print $2}' "/proc/$p/status"))); done; echo $t; }
 

@@ -11,25 +11,7 @@ PROBES=${2:-200}
 start_origin
 start_edge 2
 EDGE_PORT=8445 ADMIN_PORT=9101 EXTRA_YAML="limits: { failed_handshakes_per_ip: { max: 20, window_secs: 10 } }" start_edge 2
-cat > "$D/nginx.conf" <<NGINX
-worker_processes 2;
-pid $D/nginx.pid;
-error_log $D/nginx-error.log crit;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  upstream origin { server 127.0.0.1:9443; keepalive 32; }
-  server {
-    listen 127.0.0.1:8444 ssl;
-$(nginx_viewer_tls)
-    location / {
-$(nginx_origin_tls)
-    }
-  }
-}
-NGINX
-nginx -c "$D/nginx.conf"
-wait_port 8444
+start_nginx_proxy 2 4096
 
 # run TAG NAME PORT: the probe alone, then under the flood.
 run() {

@@ -98,6 +98,32 @@ nginx_origin_tls() {
 NGINX
 }
 
+# start_nginx_proxy WORKERS CONNECTIONS [SERVER_LINES]: nginx on 8444 doing the edge's job (viewer
+# mTLS, every path proxied to the origin over origin mTLS), SERVER_LINES in its server block.
+start_nginx_proxy() {
+  cat > "$D/nginx.conf" <<NGINX
+worker_processes $1;
+worker_rlimit_nofile 65536;
+pid $D/nginx.pid;
+error_log $D/nginx-error.log crit;
+events { worker_connections $2; }
+http {
+  access_log off;
+  upstream origin { server 127.0.0.1:9443; keepalive 32; }
+  server {
+    listen 127.0.0.1:8444 ssl;
+$(nginx_viewer_tls)
+${3:-}
+    location / {
+$(nginx_origin_tls)
+    }
+  }
+}
+NGINX
+  nginx -c "$D/nginx.conf"
+  wait_port 8444
+}
+
 # origin_count PATH: how many requests for PATH reached the origin.
 origin_count() {
   curl -sS --cacert "$D/origin-ca.pem" --cert "$D/edge-client.pem" --key "$D/edge-client.key" \

@@ -294,9 +294,16 @@ impl ViewerTls {
             }
             ssl.set_client_ca_list(stack);
         }
-        // The chain is decided by the edge's verifier, not BoringSSL's: see `trust_store`.
+        // The chain is decided by the edge's verifier, not BoringSSL's: see `trust_store`. The
+        // callback lives as long as the connection, so it holds the store weakly: the handshake's
+        // state holds it until the handshake ends, and a reload's old CRLs are then freed.
+        let store = Arc::downgrade(&store);
         ssl.set_custom_verify_callback(mode, move |ssl| {
-            verify(&record, &store, ssl).map_err(|r| {
+            let verified = match store.upgrade() {
+                Some(store) => verify(&record, &store, ssl),
+                None => Err(Refused::new(Refusal::ClientCertInvalid, "the trust store is gone")),
+            };
+            verified.map_err(|r| {
                 let alert = trust_store::alert(r.reason);
                 record.refuse(r);
                 SslVerifyError::Invalid(alert)

@@ -36,15 +36,13 @@ fn edge(d: &std::path::Path, admin: &str) -> (Proc, Proc, u16) {
     let operators = Ca::root("Operators CA").unwrap();
     save(d, "operator", &operators.issue(&LeafSpec::client("alice")).unwrap());
     std::fs::write(d.join("operators-ca.pem"), &operators.cert_pem).unwrap();
-    let origin = spawn_origin(d, "origin-server", "edge-ca.pem");
-    let (port, admin_port) = (free_port(), free_port());
-    let yaml = format!(
-        "{server}listeners:\n{listener}trust_stores:\n  devices: {{ ca_files: [device-ca.pem] }}\n  operators: {{ ca_files: [operators-ca.pem] }}\norigins:\n{origin}routes:\n  - {{ path_prefix: /, origin: firmware }}\nadmin: {{ address: 0.0.0.0:{admin_port}, {admin} }}\n",
-        server = server_yaml(d, 1),
-        listener = listener_yaml(port, "required", "devices"),
-        origin = origin_yaml("firmware", origin.port),
+    let admin_port = free_port();
+    let (origin, edge) = device_edge(
+        d,
+        1,
+        "  operators: { ca_files: [operators-ca.pem] }\n",
+        &format!("admin: {{ address: 0.0.0.0:{admin_port}, {admin} }}"),
     );
-    let edge = spawn_edge(d, &yaml, port);
     wait_for(admin_port);
     (edge, origin, admin_port)
 }

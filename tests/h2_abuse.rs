@@ -82,15 +82,8 @@ impl Edge {
         let devices = Ca::root("Device CA").unwrap();
         save(d, "alice", &devices.issue(&LeafSpec::client("alice")).unwrap());
         std::fs::write(d.join("device-ca.pem"), &devices.cert_pem).unwrap();
-        let origin = spawn_origin(d, "origin-server", "edge-ca.pem");
-        let port = free_port();
-        let yaml = format!(
-            "{server}listeners:\n{listener}trust_stores:\n  devices: {{ ca_files: [device-ca.pem] }}\norigins:\n{origin}routes:\n  - {{ path_prefix: /, origin: firmware }}\nlimits: {{ h2_max_concurrent_streams: 10, keepalive_idle_timeout_ms: 2000 }}\n",
-            server = server_yaml(d, 2),
-            listener = listener_yaml(port, "required", "devices"),
-            origin = origin_yaml("firmware", origin.port),
-        );
-        let edge = spawn_edge(d, &yaml, port);
+        let limits = "limits: { h2_max_concurrent_streams: 10, keepalive_idle_timeout_ms: 2000 }";
+        let (origin, edge) = device_edge(d, 2, "", limits);
         Edge { dir, _origin: origin, edge }
     }
 

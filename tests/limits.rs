@@ -29,15 +29,9 @@ fn edge(limits: &str) -> Edge {
     let strangers = Ca::root("Stranger CA").unwrap();
     save(d, "mallory", &strangers.issue(&LeafSpec::client("mallory")).unwrap());
     std::fs::write(d.join("device-ca.pem"), &devices.cert_pem).unwrap();
-    let origin = spawn_origin(d, "origin-server", "edge-ca.pem");
-    let (port, admin_port) = (free_port(), free_port());
-    let yaml = format!(
-        "{server}listeners:\n{listener}trust_stores:\n  devices: {{ ca_files: [device-ca.pem] }}\norigins:\n{origin}routes:\n  - {{ path_prefix: /, origin: firmware }}\nadmin: {{ address: 127.0.0.1:{admin_port} }}\nlimits: {{ {limits} }}\n",
-        server = server_yaml(d, 2),
-        listener = listener_yaml(port, "required", "devices"),
-        origin = origin_yaml("firmware", origin.port),
-    );
-    let edge = spawn_edge(d, &yaml, port);
+    let admin_port = free_port();
+    let extra = format!("admin: {{ address: 127.0.0.1:{admin_port} }}\nlimits: {{ {limits} }}");
+    let (origin, edge) = device_edge(d, 2, "", &extra);
     Edge {
         dir,
         _origin: origin,

@@ -160,6 +160,22 @@ pub fn spawn_edge(dir: &Path, yaml: &str, wait_port: u16) -> Proc {
     )
 }
 
+/// The origin and an edge with one listener requiring certificates of `device-ca.pem` (trust
+/// store `devices`, and `stores` YAML lines for others), every path routed to that origin, and
+/// `extra` YAML after it. `threads` workers.
+pub fn device_edge(dir: &Path, threads: usize, stores: &str, extra: &str) -> (Proc, Proc) {
+    let origin = spawn_origin(dir, "origin-server", "edge-ca.pem");
+    let port = free_port();
+    let yaml = format!(
+        "{server}listeners:\n{listener}trust_stores:\n  devices: {{ ca_files: [device-ca.pem] }}\n{stores}origins:\n{origin}routes:\n  - {{ path_prefix: /, origin: firmware }}\n{extra}\n",
+        server = server_yaml(dir, threads),
+        listener = listener_yaml(port, "required", "devices"),
+        origin = origin_yaml("firmware", origin.port),
+    );
+    let edge = spawn_edge(dir, &yaml, port);
+    (origin, edge)
+}
+
 /// The `server:` line of every test edge: fast shutdown, pid file and socket in `dir`.
 pub fn server_yaml(dir: &Path, threads: usize) -> String {
     let d = dir.display();
