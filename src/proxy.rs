@@ -569,7 +569,12 @@ impl ProxyHttp for EdgeProxy {
     /// Metrics and the access log line.
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         if let Some(c) = &ctx.conn {
-            c.clock.request_finished(self.live.load().limits.idle_timeout);
+            // The state the request ran under; a request refused before it was read, the live one.
+            let idle = match &ctx.state {
+                Some(s) => s.limits.idle_timeout,
+                None => self.live.load().limits.idle_timeout,
+            };
+            c.clock.request_finished(idle);
         }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         metrics::count_request(status);

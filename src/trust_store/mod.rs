@@ -126,18 +126,12 @@ pub struct Settings {
     pub crl: Option<(CrlScope, ExpiredCrl)>,
 }
 
-/// A trust anchor, with what the edge checks of it on each path (webpki reduces an anchor to
-/// its name, key and name constraints): its dates and its pathLenConstraint.
-struct Anchor {
-    anchor: TrustAnchor<'static>,
-    checked: profile::Checked,
-}
-
 /// Builds a [`TrustStore`].
 pub struct Builder {
     settings: Settings,
     cas: Vec<X509>,
-    anchors: Vec<Anchor>,
+    anchors: Vec<TrustAnchor<'static>>,
+    anchor_checks: Vec<profile::Checked>,
     intermediates: Vec<CertificateDer<'static>>,
     crls: Vec<Arc<Crl>>,
 }
@@ -148,6 +142,7 @@ impl Builder {
             settings,
             cas: Vec::new(),
             anchors: Vec::new(),
+            anchor_checks: Vec::new(),
             intermediates: Vec::new(),
             crls: Vec::new(),
         }
@@ -172,7 +167,8 @@ impl Builder {
             let anchor = webpki::anchor_from_trusted_cert(&der)
                 .map_err(|e| format!("{subject} cannot be a trust anchor: {e}"))?
                 .to_owned();
-            self.anchors.push(Anchor { anchor, checked });
+            self.anchors.push(anchor);
+            self.anchor_checks.push(checked);
         } else {
             self.intermediates.push(der);
         }
@@ -211,6 +207,7 @@ impl Builder {
             cas: self.cas,
             crls: self.crls,
             anchors: self.anchors,
+            anchor_checks: self.anchor_checks,
             intermediates: self.intermediates,
             revocation: self.settings.crl,
         }
@@ -228,7 +225,10 @@ pub struct TrustStore {
     /// The CAs and CRLs loaded, for the lifecycle metrics.
     pub cas: Vec<X509>,
     pub crls: Vec<Arc<Crl>>,
-    anchors: Vec<Anchor>,
+    anchors: Vec<TrustAnchor<'static>>,
+    /// What the edge checks of each anchor on each path (webpki reduces an anchor to its name,
+    /// key and name constraints): its dates and its pathLenConstraint, index for index.
+    anchor_checks: Vec<profile::Checked>,
     /// Store CAs that are not self-issued: issuers a path may go through.
     intermediates: Vec<CertificateDer<'static>>,
     revocation: Option<(CrlScope, ExpiredCrl)>,
@@ -293,7 +293,6 @@ impl TrustStore {
             .map(|c| CertificateDer::from(*c))
             .chain(self.intermediates.iter().map(|c| CertificateDer::from(c.as_ref())))
             .collect();
-        let anchors: Vec<TrustAnchor<'_>> = self.anchors.iter().map(|a| a.anchor.clone()).collect();
         let crls: Vec<&CertRevocationList<'_>> = self
             .crls
             .iter()
@@ -323,7 +322,7 @@ impl TrustStore {
         let path_ok = |path: &VerifiedPath<'_>| self.path_ok(path, now);
         ee.verify_for_usage(
             webpki::ALL_VERIFICATION_ALGS,
-            &anchors,
+            &self.anchors,
             &candidates,
             unix(now),
             KeyUsage::client_auth(),
@@ -389,10 +388,12 @@ impl TrustStore {
         // renewal), the path may use any one whose dates and pathLenConstraint allow it.
         let anchor = path.anchor();
         let mut refusal = webpki::Error::UnknownIssuer;
-        for a in self.anchors.iter().filter(|a| {
-            a.anchor.subject == anchor.subject && a.anchor.subject_public_key_info == anchor.subject_public_key_info
-        }) {
-            let c = a.checked;
+        let same = self
+            .anchors
+            .iter()
+            .zip(&self.anchor_checks)
+            .filter(|(a, _)| a.subject == anchor.subject && a.subject_public_key_info == anchor.subject_public_key_info);
+        for (_, c) in same {
             refusal = if now > c.not_after {
                 webpki::Error::CertExpired {
                     time: unix(now),
