@@ -19,7 +19,8 @@ use crate::proxy::EdgeProxy;
 use crate::reload::{Reloader, Triggers};
 use crate::rules::{explain, RuleSet};
 use crate::state::{self, Live};
-use crate::upgrade::{Draining, Signals};
+use crate::serve::ViewerApp;
+use crate::upgrade::Signals;
 use crate::viewer_tls::{self, HandshakeState};
 use crate::limits::{self, Guard};
 use crate::{admin, logs, metrics};
@@ -118,12 +119,8 @@ impl Edge {
         h2.max_concurrent_streams(fixed.h2.max_concurrent_streams)
             .max_pending_accept_reset_streams(fixed.h2.max_pending_reset_streams);
         http.h2_options = Some(h2);
-        let draining = Draining {
-            inner: Arc::new(http),
-            linger: DRAIN_LINGER.min(grace),
-            limits: guard.clone(),
-        };
-        let mut proxy = Service::new("mtls-edge".to_string(), draining);
+        let viewers = ViewerApp::new(Arc::new(http), DRAIN_LINGER.min(grace), guard.clone());
+        let mut proxy = Service::new("mtls-edge".to_string(), viewers);
         proxy.endpoints().set_pre_tls_callback(Arc::new(limits::Admission(guard.clone())));
         let live = self.live.clone();
         let current: viewer_tls::Current = Arc::new(move |listener: &str, sni: Option<&str>| {

@@ -36,6 +36,7 @@ pub mod reason;
 pub mod reload;
 pub mod routes;
 pub mod rules;
+pub mod serve;
 pub mod state;
 pub mod trust_store;
 pub mod upgrade;

@@ -209,6 +209,11 @@ impl Guard {
         metrics::OPEN_SOCKETS.set(t.by_fd.len() as i64);
     }
 
+    /// The limit on a request's line and headers, from the live state.
+    pub fn max_header_bytes(&self) -> usize {
+        self.live.load().limits.max_header_bytes
+    }
+
     /// The handshake on `fd` completed: from now on `clock` decides, starting with the request
     /// header timeout. Later calls for the same connection change nothing.
     pub fn attach(&self, fd: RawFd, clock: &Arc<Clock>) {

@@ -3,60 +3,15 @@
 //! flow), after which the old process drains. pingora 0.9 shuts the old process down on SIGQUIT
 //! even when no process takes the sockets, which would leave no one listening: here SIGQUIT is
 //! obeyed only when a process is listening on the upgrade socket, and otherwise logged and
-//! ignored. SIGTERM drains for `server.grace_period_seconds`; SIGINT stops at once.
-//!
-//! When a draining process stops accepting, pingora also drops every connection that is waiting
-//! for a request at that moment, including one it has just accepted whose first request is
-//! still on its way: that device would get no answer. [`Draining`] lets such connections (and
-//! idle keep-alive ones) send one more request for a moment first; it is answered with
-//! `Connection: close`.
-
-use std::sync::Arc;
-use std::time::Duration;
+//! ignored. SIGTERM drains for `server.grace_period_seconds`; SIGINT stops at once. How the
+//! connections waiting for a request drain is [`crate::serve`]'s.
 
 use async_trait::async_trait;
-use log::{error, info};
-use pingora::apps::ServerApp;
-use pingora::protocols::Stream;
-use pingora::server::{ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
+use log::error;
+use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::admission::Connection;
-use crate::limits::Guard;
 use crate::metrics;
-
-/// An app whose connections waiting for a request are dropped `linger` after the process
-/// starts to drain, rather than at once. It hands each connection to the inner app whole: a
-/// wrapper per request would move pingora's large request future once more for each request.
-pub struct Draining<A> {
-    pub inner: Arc<A>,
-    pub linger: Duration,
-    /// Where a connection's deadline is handed over once its handshake is done.
-    pub limits: Arc<Guard>,
-}
-
-#[async_trait]
-impl<A: ServerApp + Send + Sync + 'static> ServerApp for Draining<A> {
-    async fn process_new(self: &Arc<Self>, session: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
-        let conn = session
-            .get_ssl_digest()
-            .and_then(|d| d.extension.get::<Arc<Connection>>().cloned());
-        if let Some(c) = conn {
-            self.limits.attach(session.id(), &c.clock);
-        }
-        self.inner.process_new(session, shutdown).await
-    }
-
-    /// Runs once the listeners have stopped: the inner app drops its waiting connections then.
-    async fn cleanup(&self) {
-        info!(
-            "draining: connections waiting for a request may send one in the next {} ms",
-            self.linger.as_millis()
-        );
-        tokio::time::sleep(self.linger).await;
-        self.inner.cleanup().await;
-    }
-}
 
 pub struct Signals {
     /// The upgrade socket's path, as configured (and as the new process binds it).

@@ -131,6 +131,42 @@ fn oversized_headers_are_answered_431() {
     assert_eq!(r.status, 200);
 }
 
+/// The edge waits for a whole request header before it hands the connection to pingora: a
+/// header in pieces, one with bare LF line endings and one with a body behind it are each
+/// answered, one after another on one connection.
+#[test]
+fn request_headers_in_pieces_and_with_bare_lf_are_served() {
+    let e = edge("");
+    let mut tls = e.client("alice").connect().unwrap();
+    for piece in ["GET /echo HTTP/1.1\r\nHo", "st: localhost\r\nX-A: ", "b\r", "\n", "\r", "\n"] {
+        tls.write_all(piece.as_bytes()).unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    assert_eq!(status_of_next(&mut tls), 200);
+    tls.write_all(b"GET /echo HTTP/1.1\nHost: localhost\n\n").unwrap();
+    assert_eq!(status_of_next(&mut tls), 200);
+    tls.write_all(b"POST /echo HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n\r\nhello").unwrap();
+    assert_eq!(status_of_next(&mut tls), 200);
+}
+
+/// Reads one response with a Content-Length from `s`; its status.
+fn status_of_next(s: &mut impl Read) -> u16 {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).unwrap(), 1, "closed after {:?}", String::from_utf8_lossy(&head));
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    let mut body = vec![0u8; length];
+    s.read_exact(&mut body).unwrap();
+    head[9..12].parse().unwrap()
+}
+
 #[test]
 fn connections_are_limited_per_ip_and_in_total() {
     let e = edge("max_connections_per_ip: 3, handshake_timeout_ms: 60000");

@@ -1,0 +1,159 @@
+//! One viewer connection from its handshake to its close. HTTP/1 requests are taken one after
+//! another, and each is handed to pingora only once its header has arrived: a connection that
+//! waits for a request (idle, or sending it slowly) holds its socket and the bytes so far, not
+//! pingora's request state. HTTP/2 goes to pingora whole. At shutdown, connections waiting for
+//! a request get a moment's grace before they are dropped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::BytesMut;
+use log::info;
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::{Stream, ALPN};
+use pingora::server::ShutdownWatch;
+use tokio::io::AsyncReadExt;
+use tokio::sync::watch;
+
+use crate::admission::Connection;
+use crate::limits::Guard;
+
+/// pingora's keep-alive timeout, announced in its responses (the limits watchdog enforces the
+/// configured one).
+const KEEPALIVE_SECS: u64 = 60;
+
+/// The app behind the viewer listeners, around pingora's HTTP app `inner`.
+pub struct ViewerApp<A> {
+    pub inner: Arc<A>,
+    /// How long connections waiting for a request may still send one once the process drains.
+    pub linger: Duration,
+    /// Where a connection's deadline is handed over once its handshake is done, and the limit
+    /// on a request header.
+    pub limits: Arc<Guard>,
+    /// Set once the linger is over: connections waiting for a request stop waiting.
+    closing: watch::Sender<bool>,
+}
+
+impl<A> ViewerApp<A> {
+    pub fn new(inner: Arc<A>, linger: Duration, limits: Arc<Guard>) -> ViewerApp<A> {
+        ViewerApp {
+            inner,
+            linger,
+            limits,
+            closing: watch::Sender::new(false),
+        }
+    }
+}
+
+/// What waiting for the next request ended with.
+enum Next {
+    /// The header (or as much of it as the limit allows, for pingora to refuse) with whatever
+    /// followed it.
+    Request(BytesMut),
+    /// The client closed, the read failed, or the process is closing.
+    Gone,
+}
+
+/// Whether `buf` holds a header's end: an empty line, with or without its CR (pingora's parser
+/// takes both). A false hit only hands the header over early.
+fn header_end(buf: &[u8]) -> bool {
+    buf.windows(2).any(|w| w == b"\n\n") || buf.windows(3).any(|w| w == b"\n\r\n")
+}
+
+impl<A> ViewerApp<A> {
+    /// Waits for the next request on `stream` with nothing allocated, then reads until its
+    /// header is complete or `max` bytes are in.
+    async fn next_request(&self, stream: &mut Stream, max: usize) -> Next {
+        let mut closing = self.closing.subscribe();
+        let mut first = [0u8; 1];
+        let read = tokio::select! {
+            biased;
+            r = stream.read(&mut first) => r,
+            _ = closing.wait_for(|c| *c) => return Next::Gone,
+        };
+        if !matches!(read, Ok(1)) {
+            return Next::Gone;
+        }
+        let mut buf = BytesMut::with_capacity(1024);
+        buf.extend_from_slice(&first);
+        let mut scanned = 0;
+        loop {
+            if header_end(&buf[scanned..]) || buf.len() >= max {
+                return Next::Request(buf);
+            }
+            // An end may straddle two reads.
+            scanned = buf.len().saturating_sub(2);
+            if buf.len() == buf.capacity() {
+                buf.reserve(buf.len());
+            }
+            match stream.read_buf(&mut buf).await {
+                Ok(n) if n > 0 => {}
+                _ => return Next::Gone,
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ViewerApp<A> {
+    async fn process_new(self: &Arc<Self>, mut stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        let conn = stream
+            .get_ssl_digest()
+            .and_then(|d| d.extension.get::<Arc<Connection>>().cloned());
+        if let Some(c) = conn {
+            self.limits.attach(stream.id(), &c.clock);
+        }
+        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            return ServerApp::process_new(&self.inner, stream, shutdown).await;
+        }
+        // pingora's own HTTP/1 loop, with the wait for each request taken out of it.
+        let mut first = true;
+        let mut settings = None;
+        loop {
+            let max = self.limits.max_header_bytes();
+            let Next::Request(header) = self.next_request(&mut stream, max).await else {
+                return None;
+            };
+            let mut session = ServerSession::new_http1(stream);
+            if first {
+                first = false;
+                session.set_keepalive((!*shutdown.borrow()).then_some(KEEPALIVE_SECS));
+                session.set_keepalive_reuses_remaining(
+                    self.inner.server_options().and_then(|o| o.keepalive_request_limit),
+                );
+            } else if let Some(s) = settings.take() {
+                HttpPersistentSettings::apply_to_session(s, &mut session);
+            }
+            session.set_pipelined_prefix(header);
+            let reused = self.inner.process_new_http(session, shutdown).await?;
+            (stream, settings) = reused.consume();
+        }
+    }
+
+    /// Runs once the listeners have stopped: the inner app drops its waiting connections then.
+    async fn cleanup(&self) {
+        info!(
+            "draining: connections waiting for a request may send one in the next {} ms",
+            self.linger.as_millis()
+        );
+        tokio::time::sleep(self.linger).await;
+        self.closing.send_replace(true);
+        self.inner.http_cleanup().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::header_end;
+
+    #[test]
+    fn header_ends_with_or_without_cr() {
+        assert!(header_end(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"));
+        assert!(header_end(b"GET / HTTP/1.1\nHost: a\n\n"));
+        assert!(header_end(b"GET / HTTP/1.1\r\n\r\nbody"));
+        assert!(!header_end(b"GET / HTTP/1.1\r\nHost: a\r\n"));
+        assert!(!header_end(b"GET / HTTP/1.1\r\nHost: a\r\n\r"));
+    }
+}
