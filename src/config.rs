@@ -606,7 +606,7 @@ pub struct Limits {
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
     pub rate_limit: Option<RateLimit>,
-    /// Refuse an IP at accept after this many failed handshakes within the window.
+    /// Refuse (or delay) an IP at accept after this many failed handshakes within the window.
     pub failed_handshakes_per_ip: Option<FailedHandshakes>,
     /// Streams one HTTP/2 connection may have open at once.
     pub h2_max_concurrent_streams: u32,
@@ -637,6 +637,10 @@ impl Default for Limits {
 pub struct FailedHandshakes {
     pub max: u32,
     pub window_secs: u64,
+    /// Set: such an IP's connections wait this long before their handshake, instead of being
+    /// refused.
+    #[serde(default)]
+    pub delay_ms: Option<u64>,
 }
 
 /// A token bucket per device (its certificate's serial; without one, its IP address).
@@ -675,6 +679,12 @@ impl Limits {
                 ctx.error(
                     "limits.failed_handshakes_per_ip",
                     "max must be at least 1 and window_secs in 1..=86400",
+                );
+            }
+            if let Some(d) = f.delay_ms.filter(|d| !(1..=30_000).contains(d)) {
+                ctx.error(
+                    "limits.failed_handshakes_per_ip.delay_ms",
+                    format!("{d} is out of range 1..=30000 ms"),
                 );
             }
         }

@@ -35,16 +35,20 @@ pub struct Settings {
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
     pub rate: Option<Rate>,
-    /// An IP whose handshakes failed this many times within `window` is refused at accept
-    /// until the window passes.
+    /// An IP whose handshakes failed this many times within `window` is refused (or delayed)
+    /// at accept until the window passes.
     pub failed_handshakes: Option<FailedHandshakes>,
 }
 
-/// How many failed handshakes an IP may have in a window.
+/// How many failed handshakes an IP may have in a window, and what happens to it beyond.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FailedHandshakes {
     pub max: u32,
     pub window: Duration,
+    /// Set: its connections wait this long before their handshake (a valid device behind the
+    /// same NAT is still served, and a flooder that waits for its answer is slowed to a few
+    /// attempts a second). Unset: they are refused.
+    pub delay: Option<Duration>,
 }
 
 /// A token bucket per device: `per_second` requests on average, bursts of `burst`.
@@ -146,21 +150,23 @@ impl Guard {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Admits a new connection from `ip`, or says which limit refuses it.
-    fn admit(&self, fd: RawFd, ip: Option<IpAddr>) -> Result<(), Limit> {
+    /// Admits a new connection from `ip` with how long it must wait before its handshake, or
+    /// says which limit refuses it.
+    fn admit(&self, fd: RawFd, ip: Option<IpAddr>) -> Result<Duration, Limit> {
         let s = self.live.load();
         let l = &s.limits;
         let mut t = self.table();
         if l.max_connections > 0 && t.by_fd.len() >= l.max_connections {
             return Err(Limit::ConnectionsTotal);
         }
+        let mut wait = Duration::ZERO;
         if let (Some(f), Some(ip)) = (l.failed_handshakes, ip) {
             let now = now_ms();
             if let Some((start, n)) = t.failures.get(&ip).copied() {
                 if now.saturating_sub(start) >= f.window.as_millis() as u64 {
                     t.failures.remove(&ip);
                 } else if n >= f.max {
-                    return Err(Limit::FailedHandshakesPerIp);
+                    wait = f.delay.ok_or(Limit::FailedHandshakesPerIp)?;
                 }
             }
         }
@@ -171,7 +177,7 @@ impl Guard {
             }
             *n += 1;
         }
-        let handshake_deadline = now_ms().saturating_add(l.handshake_timeout.as_millis() as u64);
+        let handshake_deadline = now_ms().saturating_add((wait + l.handshake_timeout).as_millis() as u64);
         t.by_fd.insert(
             fd,
             Entry {
@@ -181,7 +187,7 @@ impl Guard {
             },
         );
         metrics::OPEN_SOCKETS.set(t.by_fd.len() as i64);
-        Ok(())
+        Ok(wait)
     }
 
     /// The connection on `fd` is gone (called before its fd is closed). One whose handshake
@@ -311,14 +317,18 @@ impl PreTlsProcess for Admission {
         let ip = stream
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
-        if let Err(limit) = self.0.admit(fd, ip) {
+        let wait = self.0.admit(fd, ip).map_err(|limit| {
             count(limit);
-            return pingora::Error::e_explain(pingora::ErrorType::ConnectionClosed, limit.as_str());
-        }
+            pingora::Error::explain(pingora::ErrorType::ConnectionClosed, limit.as_str())
+        })?;
         stream.tracer = Some(Tracer(Box::new(Release {
             fd,
             guard: Some(self.0.clone()),
         })));
+        if !wait.is_zero() {
+            count(Limit::FailedHandshakesPerIp);
+            tokio::time::sleep(wait).await;
+        }
         Ok(())
     }
 }

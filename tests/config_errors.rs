@@ -191,6 +191,16 @@ fn each_kind_of_error_is_rejected_with_the_file_and_the_key() {
             format!("{GOOD}cache: {{ max_bytes: 1000, max_object_bytes: 500, max_filling_bytes: 400 }}\n"),
             vec!["cache.max_object_bytes", "at most cache.max_filling_bytes"],
         ),
+        (
+            "a failed-handshake delay out of range",
+            format!("{GOOD}limits: {{ failed_handshakes_per_ip: {{ max: 5, window_secs: 10, delay_ms: 0 }} }}\n"),
+            vec!["limits.failed_handshakes_per_ip.delay_ms", "out of range"],
+        ),
+        (
+            "a header timeout out of range",
+            format!("{GOOD}limits: {{ request_header_timeout_ms: 5 }}\n"),
+            vec!["limits.request_header_timeout_ms", "out of range"],
+        ),
         ("not YAML", "listeners: [".to_string(), vec!["edge.yaml"]),
     ];
     for (what, yaml, needles) in cases {

@@ -227,3 +227,22 @@ fn an_ip_whose_handshakes_keep_failing_is_refused_at_accept_for_a_while() {
     std::thread::sleep(Duration::from_millis(2200));
     assert_eq!(e.client("alice").get("/echo").unwrap().status, 200);
 }
+
+#[test]
+fn with_a_delay_an_ip_whose_handshakes_keep_failing_waits_but_a_valid_device_is_served() {
+    let e = edge("failed_handshakes_per_ip: { max: 4, window_secs: 30, delay_ms: 800 }");
+    e.wait_sockets(0);
+    for _ in 0..3 {
+        assert!(e.client("mallory").get("/echo").is_err());
+    }
+    e.wait_sockets(0);
+    let started = Instant::now();
+    assert!(e.client("mallory").get("/echo").is_err());
+    let refused = started.elapsed();
+    assert!(refused >= Duration::from_millis(700), "the failing client was answered in {refused:?}");
+    let started = Instant::now();
+    assert_eq!(e.client("alice").get("/echo").unwrap().status, 200);
+    let served = started.elapsed();
+    assert!(served >= Duration::from_millis(700), "the delayed IP was served in {served:?}");
+    assert!(e.hits("FailedHandshakesPerIp") >= 2.0);
+}

@@ -411,6 +411,7 @@ fn limits(l: &config::Limits) -> limits::Settings {
         failed_handshakes: l.failed_handshakes_per_ip.as_ref().map(|f| limits::FailedHandshakes {
             max: f.max,
             window: Duration::from_secs(f.window_secs),
+            delay: f.delay_ms.map(Duration::from_millis),
         }),
         rate: l.rate_limit.as_ref().map(|r| limits::Rate {
             per_second: r.requests_per_second,
