@@ -557,6 +557,8 @@ pub struct ViewerHeaders {
     pub forwarded_proto: Option<String>,
     #[serde(default = "h_via")]
     pub via: Option<String>,
+    #[serde(default = "h_ja4")]
+    pub ja4: Option<String>,
 }
 
 header_default!(h_address, "CloudFront-Viewer-Address");
@@ -565,6 +567,7 @@ header_default!(h_http_version, "CloudFront-Viewer-Http-Version");
 header_default!(h_forwarded_for, "X-Forwarded-For");
 header_default!(h_forwarded_proto, "X-Forwarded-Proto");
 header_default!(h_via, "Via");
+header_default!(h_ja4, "CloudFront-Viewer-JA4-Fingerprint");
 
 impl Default for ViewerHeaders {
     fn default() -> Self {
@@ -575,6 +578,7 @@ impl Default for ViewerHeaders {
             forwarded_for: h_forwarded_for(),
             forwarded_proto: h_forwarded_proto(),
             via: h_via(),
+            ja4: h_ja4(),
         }
     }
 }
@@ -588,6 +592,7 @@ impl ViewerHeaders {
             ("forwarded_for", &self.forwarded_for),
             ("forwarded_proto", &self.forwarded_proto),
             ("via", &self.via),
+            ("ja4", &self.ja4),
         ]
         .into_iter()
         .filter_map(|(k, v)| v.as_deref().map(|v| (k, v)))

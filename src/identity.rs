@@ -100,6 +100,8 @@ pub struct ConnectionInfo {
     pub cipher: String,
     /// The session was resumed rather than fully negotiated.
     pub resumed: bool,
+    /// The client's JA4 fingerprint (empty if its ClientHello could not be read).
+    pub ja4: String,
 }
 
 fn hex(bytes: &[u8], sep: &str) -> String {
@@ -237,6 +239,7 @@ pub struct HeaderNames {
     pub forwarded_for: Option<HeaderName>,
     pub forwarded_proto: Option<HeaderName>,
     pub via: Option<HeaderName>,
+    pub ja4: Option<HeaderName>,
     /// What becomes of client headers whose names have an underscore.
     pub underscores: Underscores,
 }
@@ -329,6 +332,7 @@ impl HeaderPlan {
             &n.forwarded_for,
             &n.forwarded_proto,
             &n.via,
+            &n.ja4,
         ]
         .into_iter()
         .flatten()
@@ -380,7 +384,7 @@ impl HeaderPlan {
     }
 
     /// What the origin learns of the viewer's connection: its address, TLS and HTTP version,
-    /// `X-Forwarded-For`, `X-Forwarded-Proto` and `Via`.
+    /// `X-Forwarded-For`, `X-Forwarded-Proto`, `Via` and the client's JA4 fingerprint.
     fn render_viewer(&self, v: &Viewer<'_>, out: &mut Vec<(HeaderName, HeaderValue)>) {
         let n = &self.names;
         let mut put = |name: &Option<HeaderName>, value: &str| {
@@ -405,6 +409,9 @@ impl HeaderPlan {
         put(&n.http_version, version);
         put(&n.forwarded_proto, "https");
         put(&n.via, &format!("{version} {VIA_NAME}"));
+        if !v.info.ja4.is_empty() {
+            put(&n.ja4, &v.info.ja4);
+        }
     }
 
     /// The headers for a request, with or without a verified certificate; `chain` is what the

@@ -23,6 +23,7 @@ pub mod app;
 pub mod cache;
 pub mod config;
 pub mod demo;
+pub mod fingerprint;
 pub mod identity;
 pub mod limits;
 pub mod logs;

@@ -28,7 +28,7 @@ use crate::identity::{ConnectionIdentity, ConnectionInfo, ViewerCert};
 use crate::reason::{Refusal, Refused};
 use crate::rules::{Phase, RuleSet};
 use crate::trust_store::{self, TrustStore};
-use crate::{logs, metrics};
+use crate::{fingerprint, logs, metrics};
 
 /// Whether a listener asks for client certificates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +102,12 @@ pub fn tls_settings(listener: Arc<str>, current: Current, http2: bool) -> pingor
     if http2 {
         settings.enable_h2();
     }
+    settings.set_select_certificate_callback(|mut hello| {
+        if let (Some(i), Some(f)) = (ja4_index(), fingerprint::ja4(hello.as_bytes())) {
+            hello.ssl_mut().set_ex_data(i, f);
+        }
+        Ok(())
+    });
     settings.set_info_callback(|ssl, mode, value| {
         if let (SslInfoCallbackMode::WRITE_ALERT, SslInfoCallbackValue::Alert(alert)) = (mode, value) {
             if let Some(record) = record_index().and_then(|i| ssl.ex_data(i)) {
@@ -224,6 +230,12 @@ impl Drop for HandshakeRecord {
     }
 }
 
+/// The client's JA4 fingerprint, from its ClientHello.
+fn ja4_index() -> Option<boring::ex_data::Index<Ssl, String>> {
+    static INDEX: OnceLock<Option<boring::ex_data::Index<Ssl, String>>> = OnceLock::new();
+    *INDEX.get_or_init(|| Ssl::new_ex_index().ok())
+}
+
 fn record_index() -> Option<boring::ex_data::Index<Ssl, Arc<HandshakeRecord>>> {
     static INDEX: OnceLock<Option<boring::ex_data::Index<Ssl, Arc<HandshakeRecord>>>> = OnceLock::new();
     *INDEX.get_or_init(|| Ssl::new_ex_index().ok())
@@ -239,6 +251,7 @@ fn connection_info(ssl: &SslRef, sni: Option<&str>) -> ConnectionInfo {
             .unwrap_or_default(),
         cipher: ssl.current_cipher().map(|c| c.name().to_string()).unwrap_or_default(),
         resumed: ssl.session_reused(),
+        ja4: ja4_index().and_then(|i| ssl.ex_data(i)).cloned().unwrap_or_default(),
     }
 }
 

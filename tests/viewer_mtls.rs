@@ -393,6 +393,7 @@ const EDGE_HEADERS: &[&str] = &[
     "CloudFront-Viewer-Address",
     "CloudFront-Viewer-TLS",
     "CloudFront-Viewer-Http-Version",
+    "CloudFront-Viewer-JA4-Fingerprint",
     "Client-Cert",
     "Client-Cert-Chain",
     "X-Forwarded-For",
@@ -422,7 +423,13 @@ fn underscore_spellings_never_reach_the_origin_and_the_viewer_headers_are_the_ed
         let r = smuggle(client).get("/echo").unwrap();
         assert_eq!(r.status, 200, "{}", r.body);
         assert!(!r.body.contains("spoofed"), "a client's copy reached the origin:\n{}", r.body);
-        for h in ["cloudfront-viewer-address", "x-forwarded-for", "via", "cloudfront-viewer-tls"] {
+        for h in [
+            "cloudfront-viewer-address",
+            "x-forwarded-for",
+            "via",
+            "cloudfront-viewer-tls",
+            "cloudfront-viewer-ja4-fingerprint",
+        ] {
             assert_eq!(r.body.matches(&format!("{h}:")).count(), 1, "{h}:\n{}", r.body);
         }
         let addr = r.echoed("cloudfront-viewer-address").unwrap();
@@ -436,12 +443,12 @@ fn underscore_spellings_never_reach_the_origin_and_the_viewer_headers_are_the_ed
         let tls = r.echoed("cloudfront-viewer-tls").unwrap();
         assert!(tls.starts_with("TLSv1.3:TLS_") && tls.ends_with(":fullHandshake"), "{tls}");
     }
-    // 18 edge names, 16 of them in two spellings (Via and Forwarded have no dash), per request
+    // 19 edge names, 17 of them in two spellings (Via and Forwarded have no dash), per request
     // on each listener; one other header each.
     for port in [f.edge.port, f.optional_port] {
         let listener = format!("listener=\"127.0.0.1:{port}\"");
         let spoofed = format!("mtls_edge_spoofed_identity_headers_total{{{listener}}}");
-        assert_eq!(metric(f.admin_port, &spoofed), 34.0);
+        assert_eq!(metric(f.admin_port, &spoofed), 36.0);
         let dropped = format!("mtls_edge_underscore_headers_total{{action=\"dropped\",{listener}}}");
         assert_eq!(metric(f.admin_port, &dropped), 1.0);
     }
@@ -678,4 +685,43 @@ fn crl_check_leaf_needs_only_the_issuers_crl_and_still_refuses_a_revoked_leaf() 
         ),
     );
     assert_eq!(n, 2.0, "{}", f.edge.log_text());
+}
+
+/// Relays one connection from a free port to `to`, and hands back the first TLS record the
+/// client sent (its ClientHello) once it has passed.
+fn relay_capturing_hello(to: u16) -> (u16, std::sync::mpsc::Receiver<Vec<u8>>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let (mut client, _) = listener.accept().unwrap();
+        let mut server = std::net::TcpStream::connect(("127.0.0.1", to)).unwrap();
+        let mut record = vec![0u8; 5];
+        client.read_exact(&mut record).unwrap();
+        let len = usize::from(u16::from_be_bytes([record[3], record[4]]));
+        record.resize(5 + len, 0);
+        client.read_exact(&mut record[5..]).unwrap();
+        server.write_all(&record).unwrap();
+        tx.send(record).unwrap();
+        let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+        std::thread::spawn(move || std::io::copy(&mut s2, &mut c2));
+        let _ = std::io::copy(&mut client, &mut server);
+    });
+    (port, rx)
+}
+
+#[test]
+fn the_origin_gets_the_clients_ja4_fingerprint() {
+    let f = fleet();
+    let d = f.dir.path();
+    let (port, hello) = relay_capturing_hello(f.edge.port);
+    let r = Client::new(d, port).cert("good").get("/echo").unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let record = hello.recv().unwrap();
+    // A record header (5 bytes), then the ClientHello's handshake header (4).
+    assert_eq!((record[0], record[5]), (22, 1), "not a ClientHello");
+    let want = mtls_edge::fingerprint::ja4(&record[9..]).unwrap();
+    assert_eq!(r.echoed("cloudfront-viewer-ja4-fingerprint").as_deref(), Some(want.as_str()));
+    assert!(want.starts_with("t13d"), "{want}");
 }

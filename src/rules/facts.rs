@@ -43,6 +43,7 @@ pub const SCHEMA: &[&str] = &[
     "connection.sni",
     "connection.tls_version",
     "connection.alpn",
+    "connection.ja4",
     "request.method",
     "request.host",
     "request.path",
@@ -122,6 +123,7 @@ pub enum StrField {
     Sni,
     TlsVersion,
     Alpn,
+    Ja4,
     Method,
     Host,
     Path,
@@ -147,6 +149,7 @@ impl StrField {
             ["connection", "sni"] => Sni,
             ["connection", "tls_version"] => TlsVersion,
             ["connection", "alpn"] => Alpn,
+            ["connection", "ja4"] => Ja4,
             ["request", "method"] => Method,
             ["request", "host"] => Host,
             ["request", "path"] => Path,
@@ -199,6 +202,7 @@ impl<'a> Facts<'a> {
             Sni => &self.connection.sni,
             TlsVersion => &self.connection.tls_version,
             Alpn => &self.connection.alpn,
+            Ja4 => &self.connection.ja4,
             Method => request(|r| r.method),
             Host => request(|r| r.host),
             Path => request(|r| r.path),
@@ -260,6 +264,7 @@ impl<'a> Facts<'a> {
             ("sni", string(self.connection.sni.as_str())),
             ("tls_version", string(self.connection.tls_version.as_str())),
             ("alpn", string(self.connection.alpn.as_str())),
+            ("ja4", string(self.connection.ja4.as_str())),
         ]))
     }
 }

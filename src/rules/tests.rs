@@ -62,6 +62,7 @@ fn with_facts<T>(set: &RuleSet, cert: Option<&ViewerCert>, path: &str, now: i64,
         sni: "fleet.example".into(),
         tls_version: "TLSv1.3".into(),
         alpn: "h2".into(),
+        ja4: "t13d1516h2_8daaf6152771_d8a2da3f94cd".into(),
         ..ConnectionInfo::default()
     };
     let mut headers = http::HeaderMap::new();
@@ -440,6 +441,7 @@ fn compiled_conditions_agree_with_the_cel_interpreter() {
         r#"!client.cert.present || client.cert.verified"#.into(),
         r#"client.cert.serial in lists.denied"#.into(),
         r#"connection.sni.endsWith(".example") && connection.client_ip.startsWith("192.")"#.into(),
+        r#"connection.ja4.startsWith("t13d") && connection.ja4 != "t12i0100_x""#.into(),
         r#"request.method in ["GET", "HEAD"] && request.query == "" && request.host.contains("fleet")"#.into(),
         r#"size("héllo") == 5 && "a" == "a" && "fleet.example".startsWith(request.host)"#.into(),
         r#"stableHash("x") > 0 && "/" + "firmware" + "/images/x1/a.bin" == request.path"#.into(),

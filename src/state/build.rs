@@ -317,6 +317,7 @@ fn header_names(file: &config::File) -> HeaderNames {
         forwarded_for: name(&v.forwarded_for),
         forwarded_proto: name(&v.forwarded_proto),
         via: name(&v.via),
+        ja4: name(&v.ja4),
         underscores: match file.headers_with_underscores {
             config::Underscores::Drop => Underscores::Drop,
             config::Underscores::Refuse => Underscores::Refuse,
