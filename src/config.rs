@@ -654,6 +654,10 @@ pub struct FailedHandshakes {
 pub struct RateLimit {
     pub requests_per_second: f64,
     pub burst: u32,
+    /// A CEL string expression (request phase) naming the bucket, instead of the certificate's
+    /// serial.
+    #[serde(default)]
+    pub key: Option<String>,
 }
 
 impl Limits {

@@ -21,6 +21,7 @@ use std::os::fd::AsRawFd;
 
 use crate::metrics;
 use crate::reason::Limit;
+use crate::rules::Expression;
 use crate::state::Live;
 
 /// The limits in force (part of the live state: a reload changes them for what comes next).
@@ -35,6 +36,8 @@ pub struct Settings {
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
     pub rate: Option<Rate>,
+    /// Names a request's bucket, instead of its certificate's serial (or, without one, its IP).
+    pub rate_key: Option<Arc<Expression>>,
     /// An IP whose handshakes failed this many times within `window` is refused (or delayed)
     /// at accept until the window passes.
     pub failed_handshakes: Option<FailedHandshakes>,

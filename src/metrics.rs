@@ -100,6 +100,14 @@ pub static CACHE_LOOKUPS: LazyLock<IntCounterVec> = LazyLock::new(|| {
 });
 
 /// Requests that waited on another request's fill instead of going to the origin.
+pub static RATE_KEY_ERRORS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "mtls_edge_rate_key_errors_total",
+        "Requests whose limits.rate_limit.key failed to evaluate (their device's own bucket was used)"
+    )
+    .expect(REGISTERED)
+});
+
 pub static CACHE_COALESCED: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!(
         "mtls_edge_cache_coalesced_waiters_total",

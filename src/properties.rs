@@ -1,6 +1,7 @@
 //! Bad input, generated: the config loader and the state build, the rule compiler, the list
-//! loader, identity-header stripping and certificate field extraction get arbitrary and
-//! mutated input. The expectation everywhere: no panic, a clear error, and nothing let in.
+//! loader, identity-header stripping, certificate field extraction and the JA4 ClientHello
+//! parser get arbitrary and mutated input. The expectation everywhere: no panic, a clear error,
+//! and nothing let in.
 
 use proptest::prelude::*;
 
@@ -99,6 +100,14 @@ proptest! {
         let c = Compiler::new(Lists::default());
         let src = words.join(" ");
         if let Err(e) = c.condition(&src, Phase::Request) { prop_assert!(!e.is_empty()); }
+    }
+
+    /// Any bytes as a ClientHello: no panic, and a fingerprint that is a header-safe value.
+    #[test]
+    fn the_ja4_parser_takes_any_client_hello(bytes in prop::collection::vec(any::<u8>(), 0..400)) {
+        if let Some(f) = crate::fingerprint::ja4(&bytes) {
+            prop_assert!(f.is_ascii() && http::HeaderValue::from_str(&f).is_ok(), "{f}");
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! failure accounting → metrics and the access log. A request reads the state in force once, at
 //! its header, and finishes under it.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -243,6 +244,55 @@ async fn route(session: &mut Session, ctx: &mut RequestCtx, state: &State, conn:
     Ok(false)
 }
 
+/// Calls `f` with what the request phase's expressions read of this request.
+fn with_request_facts<T>(
+    session: &Session,
+    host: &str,
+    client_ip: &str,
+    state: &State,
+    conn: &Connection,
+    f: impl FnOnce(&rules::Facts) -> T,
+) -> T {
+    let req = session.req_header();
+    let info = rules::RequestInfo {
+        method: req.method.as_str(),
+        host,
+        path: req.uri.path(),
+        query: req.uri.query().unwrap_or(""),
+        headers: &req.headers,
+    };
+    f(&rules::Facts {
+        cert: conn.identity.cert.as_ref(),
+        verified: true,
+        connection: &conn.identity.info,
+        client_ip,
+        request: Some(&info),
+        lists: state.rules.lists(),
+        now: rules::facts::unix_now(),
+    })
+}
+
+/// The bucket a request takes its token from: the configured key expression's value, else its
+/// certificate's serial, else its IP. A key that fails to evaluate falls back to the latter,
+/// so that no request escapes the limit.
+fn rate_key<'c>(session: &Session, state: &State, conn: &'c Connection) -> Cow<'c, [u8]> {
+    if let Some(key) = &state.limits.rate_key {
+        let host = request_host(session.req_header()).unwrap_or_default();
+        let ip = client_ip(session, conn);
+        match with_request_facts(session, &host, ip, state, conn, |facts| key.eval(facts)) {
+            Ok(k) => return Cow::Owned(k.into_bytes()),
+            Err(e) => {
+                metrics::RATE_KEY_ERRORS.inc();
+                debug!("limits.rate_limit.key failed ({e}); the device's own bucket is used");
+            }
+        }
+    }
+    Cow::Borrowed(match &conn.identity.cert {
+        Some(c) => c.serial_hex.as_bytes(),
+        None => client_ip(session, conn).as_bytes(),
+    })
+}
+
 /// Stage: the request-phase rules, still before any cache lookup.
 async fn request_rules(session: &mut Session, ctx: &mut RequestCtx, state: &State, conn: &Connection) -> Result<bool> {
     if !state.rules.has_phase(Phase::Request) {
@@ -252,24 +302,9 @@ async fn request_rules(session: &mut Session, ctx: &mut RequestCtx, state: &Stat
         true => client_ip(session, conn),
         false => "",
     };
-    let req = session.req_header();
-    let info = rules::RequestInfo {
-        method: req.method.as_str(),
-        host: &ctx.host,
-        path: req.uri.path(),
-        query: req.uri.query().unwrap_or(""),
-        headers: &req.headers,
-    };
-    let facts = rules::Facts {
-        cert: conn.identity.cert.as_ref(),
-        verified: true,
-        connection: &conn.identity.info,
-        client_ip: ip,
-        request: Some(&info),
-        lists: state.rules.lists(),
-        now: rules::facts::unix_now(),
-    };
-    let outcome = state.rules.evaluate(&[Phase::Request], &facts, None);
+    let outcome = with_request_facts(session, &ctx.host, ip, state, conn, |facts| {
+        state.rules.evaluate(&[Phase::Request], facts, None)
+    });
     let denied = match &outcome.decision {
         Decision::Deny { status, body, .. } => Some((Answered::RuleDenied, *status, body.to_string())),
         Decision::Error { .. } => Some((Answered::RuleError, 500, "rule evaluation error\n".to_string())),
@@ -359,11 +394,7 @@ impl ProxyHttp for EdgeProxy {
             return ctx.refuse(session, Answered::HeaderTooLarge, 431).await;
         }
         if let Some(rate) = state.limits.rate {
-            let key = match &conn.identity.cert {
-                Some(c) => c.serial_hex.as_bytes(),
-                None => client_ip(session, &conn).as_bytes(),
-            };
-            if let Err(retry_after) = self.limits.take(key, rate) {
+            if let Err(retry_after) = self.limits.take(&rate_key(session, &state, &conn), rate) {
                 return ctx.rate_limited(session, retry_after).await;
             }
         }

@@ -197,6 +197,16 @@ fn each_kind_of_error_is_rejected_with_the_file_and_the_key() {
             vec!["limits.failed_handshakes_per_ip.delay_ms", "out of range"],
         ),
         (
+            "a rate key that is not a string",
+            format!("{GOOD}limits: {{ rate_limit: {{ requests_per_second: 1, burst: 1, key: 'size(request.path)' }} }}\n"),
+            vec!["limits.rate_limit.key"],
+        ),
+        (
+            "a rate key naming an unknown field",
+            format!("{GOOD}limits: {{ rate_limit: {{ requests_per_second: 1, burst: 1, key: 'client.cert.colour' }} }}\n"),
+            vec!["limits.rate_limit.key", "colour"],
+        ),
+        (
             "a header timeout out of range",
             format!("{GOOD}limits: {{ request_header_timeout_ms: 5 }}\n"),
             vec!["limits.request_header_timeout_ms", "out of range"],

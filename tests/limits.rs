@@ -213,6 +213,27 @@ fn a_device_that_asks_too_fast_gets_429_with_retry_after_and_others_do_not() {
 }
 
 #[test]
+fn a_cel_key_puts_requests_in_the_bucket_it_names() {
+    let key = r#"'tenant:' + request.headers["x-tenant"] + string(10 / int(request.headers["x-d"]))"#;
+    let e = edge(&format!("rate_limit: {{ requests_per_second: 0.1, burst: 2, key: '{}' }}", key.replace('\'', "''")));
+    let get = |who: &str, tenant: &str, d: &str| {
+        let r = e.client(who).header("X-Tenant", tenant).header("X-D", d).get("/echo").unwrap();
+        r.status
+    };
+    // Two devices of one tenant share its bucket; another tenant has its own.
+    assert_eq!(get("alice", "a", "1"), 200);
+    assert_eq!(get("bob", "a", "1"), 200);
+    assert_eq!(get("bob", "a", "1"), 429);
+    assert_eq!(get("alice", "b", "1"), 200);
+    // A key that fails (a division by zero) falls back to the device's own bucket: alice's.
+    assert_eq!(get("alice", "a", "0"), 200);
+    assert_eq!(get("alice", "a", "0"), 200);
+    assert_eq!(get("alice", "a", "0"), 429);
+    assert_eq!(metric(e.admin_port, "mtls_edge_rate_key_errors_total"), 3.0);
+    assert_eq!(e.hits("RateLimited"), 2.0);
+}
+
+#[test]
 fn an_ip_whose_handshakes_keep_failing_is_refused_at_accept_for_a_while() {
     // The start-up probe's connection (no TLS) counts as one failure.
     let e = edge("failed_handshakes_per_ip: { max: 4, window_secs: 2 }");

@@ -101,6 +101,15 @@ impl Compiler {
         Ok(StrExpr::compile(self.checked(src, phase, Want::String)?, &self.lists))
     }
 
+    /// A string expression of `phase` outside any rule.
+    pub fn expression(&self, src: &str, phase: Phase) -> Result<super::Expression, String> {
+        Ok(super::Expression {
+            source: src.to_string(),
+            expr: self.string(src, phase)?,
+            env: self.env.clone(),
+        })
+    }
+
     fn checked(&self, src: &str, phase: Phase, want: Want) -> Result<Program, String> {
         within_limits(src)?;
         let program = self.env.compile(src).map_err(|e| e.to_string())?;

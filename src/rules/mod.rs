@@ -276,6 +276,32 @@ const MATCHED: usize = 0;
 const WOULD_MATCH: usize = 1;
 const ERROR: usize = 2;
 
+/// A string expression outside the rules (the rate limit's key), with the environment and lists
+/// it runs with.
+pub struct Expression {
+    source: String,
+    expr: StrExpr,
+    env: Arc<Env>,
+}
+
+impl Expression {
+    pub fn eval(&self, facts: &Facts) -> Result<String, String> {
+        self.expr.eval(&self.env, facts)
+    }
+}
+
+impl std::fmt::Debug for Expression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Expression({:?})", self.source)
+    }
+}
+
+impl PartialEq for Expression {
+    fn eq(&self, other: &Self) -> bool {
+        self.source == other.source
+    }
+}
+
 impl RuleSet {
     pub fn empty() -> RuleSet {
         RuleSet::new(Vec::new(), Arc::new(environment()), Lists::default(), false)

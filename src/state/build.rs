@@ -21,7 +21,7 @@ use crate::limits;
 use crate::logs;
 use crate::origin::{self, Origin};
 use crate::routes::{Access, Route, Routes};
-use crate::rules::RuleSet;
+use crate::rules::{Compiler, Phase, RuleSet};
 use crate::trust_store::{self, Crl, CrlScope, ExpiredCrl, TrustStore};
 use crate::viewer_tls::{ListenerPolicy, Mode, ServerCert, TlsPolicy};
 
@@ -216,6 +216,7 @@ fn assemble(f: &mut Files, file: &config::File) -> State {
         })
         .collect();
     let admin = file.admin.as_ref().map(|a| admin(f, a, &trust_stores, &mut certificates));
+    let limits = limits(f, &file.limits, &rules);
     State {
         generation: 0,
         built_at: crate::rules::facts::unix_now(),
@@ -226,7 +227,7 @@ fn assemble(f: &mut Files, file: &config::File) -> State {
         headers,
         rules: Arc::new(rules),
         admin,
-        limits: limits(&file.limits),
+        limits,
         fixed: fixed(f, file),
         certificates,
         lists,
@@ -401,8 +402,16 @@ fn trust_store(f: &mut Files, name: &str, t: &config::TrustStore, certs: &mut Ve
     ok.then(|| builder.build())
 }
 
-fn limits(l: &config::Limits) -> limits::Settings {
+fn limits(f: &mut Files, l: &config::Limits, rules: &RuleSet) -> limits::Settings {
+    let rate_key = l.rate_limit.as_ref().and_then(|r| r.key.as_deref()).and_then(|src| {
+        Compiler::new(rules.lists().clone())
+            .expression(src, Phase::Request)
+            .map_err(|e| f.error("limits.rate_limit.key", e))
+            .ok()
+            .map(Arc::new)
+    });
     limits::Settings {
+        rate_key,
         handshake_timeout: Duration::from_millis(l.handshake_timeout_ms),
         header_timeout: Duration::from_millis(l.request_header_timeout_ms),
         idle_timeout: Duration::from_millis(l.keepalive_idle_timeout_ms),
