@@ -630,7 +630,13 @@ impl Default for Limits {
             max_connections: 0,
             max_connections_per_ip: 0,
             rate_limit: None,
-            failed_handshakes_per_ip: None,
+            // A flood trips it at once; devices behind one NAT seldom fail 10 handshakes a
+            // second, and if they do the others are served a second late, not refused.
+            failed_handshakes_per_ip: Some(FailedHandshakes {
+                max: 100,
+                window_secs: 10,
+                delay_ms: Some(1000),
+            }),
             h2_max_concurrent_streams: 100,
             h2_max_pending_reset_streams: 20,
         }
