@@ -109,15 +109,16 @@ fn critical_unknown() -> CustomExtension {
     e
 }
 
-/// nameConstraints with a permitted URI subtree (rcgen has no URI subtree of its own).
-fn permitted_uri(host: &str) -> CustomExtension {
-    let mut uri = vec![0x86, host.len() as u8];
-    uri.extend_from_slice(host.as_bytes());
-    let subtree = [vec![0x30, uri.len() as u8], uri].concat();
+/// nameConstraints with one permitted subtree of GeneralName `tag` (6: URI, which rcgen has no
+/// subtree of; 2: DNS), critical or not (rcgen always marks its own critical).
+fn permitted(tag: u8, host: &str, critical: bool) -> CustomExtension {
+    let mut name = vec![0x80 | tag, host.len() as u8];
+    name.extend_from_slice(host.as_bytes());
+    let subtree = [vec![0x30, name.len() as u8], name].concat();
     let permitted = [vec![0xa0, subtree.len() as u8], subtree].concat();
     let nc = [vec![0x30, permitted.len() as u8], permitted].concat();
     let mut e = CustomExtension::from_oid_content(&[2, 5, 29, 30], nc);
-    e.set_criticality(true);
+    e.set_criticality(critical);
     e
 }
 
@@ -238,6 +239,10 @@ fn cases() -> Vec<Case> {
     out.push(case("root-pathlen-exceeded", &[&r0], leaf(&r0i2, |_| {}), &[&r0i, &r0i2], Some("ClientCertPathLenExceeded")));
     let i3 = ca("Issuing 3", &i2, |_| {});
     out.push(case("deeper-than-max-chain-depth", &[&r], leaf(&i3, |_| {}), &[&i, &i2, &i3], Some("ClientCertMaxChainDepthExceeded")));
+    // The same depth through a self-issued intermediate (a key rollover of Issuing 2), which
+    // does not count toward the depth (RFC 5280 6.1.4).
+    let i2_rolled = ca("Issuing 2", &i2, |_| {});
+    out.push(case("self-issued-intermediate-not-counted-in-depth", &[&r], leaf(&i2_rolled, |_| {}), &[&i, &i2, &i2_rolled], None));
     {
         // Two CAs signed by each other and no way to a root: building must end, refused.
         let a = root("Loop A", |_| {});
@@ -267,6 +272,8 @@ fn cases() -> Vec<Case> {
     out.push(case("intermediate-without-basic-constraints", &[&r], leaf(&inobc, |_| {}), &[&inobc], UNTRUSTED));
     let ikcs = ca("No KeyCertSign Issuing", &r, |p| p.key_usages = vec![KeyUsagePurpose::DigitalSignature]);
     out.push(case("intermediate-ku-without-keycertsign", &[&r], leaf(&ikcs, |_| {}), &[&ikcs], UNTRUSTED));
+    let inc = ca("Non-critical NC Issuing", &r, |p| p.custom_extensions.push(permitted(2, "fleet.test", false)));
+    out.push(case("intermediate-nc-not-critical", &[&r], leaf(&inc, san(vec![dns("d1.fleet.test")])), &[&inc], UNTRUSTED));
 
     // Refused: the client's certificate.
     out.push(case("leaf-unknown-critical-extension", &[&r], leaf(&i, |p| p.custom_extensions.push(critical_unknown())), &[&i], INVALID));
@@ -285,7 +292,7 @@ fn cases() -> Vec<Case> {
     out.push(case("nc-dns-excluded", &[&ncr], leaf(&nci, san(vec![dns("x.bad.fleet.test")])), &[&nci], violated));
     out.push(case("nc-ip-outside-permitted", &[&ncr], leaf(&nci, san(vec![dns("d1.fleet.test"), ip("192.168.1.1")])), &[&nci], violated));
     out.push(case("nc-email-outside-permitted", &[&ncr], leaf(&nci, san(vec![email("dev@other.test")])), &[&nci], violated));
-    let ncu = root("NC URI Root", |p| p.custom_extensions.push(permitted_uri("fleet.test")));
+    let ncu = root("NC URI Root", |p| p.custom_extensions.push(permitted(6, "fleet.test", true)));
     let ncui = ca("NC URI Issuing", &ncu, |_| {});
     let uri = |u: &str| SanType::URI(u.try_into().unwrap());
     out.push(case("nc-uri-outside-permitted", &[&ncu], leaf(&ncui, san(vec![uri("urn:device:other.test")])), &[&ncui], violated));

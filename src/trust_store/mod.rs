@@ -64,6 +64,7 @@ impl std::fmt::Debug for Crl {
 }
 
 const DELTA_CRL_INDICATOR: &str = "2.5.29.27";
+const CRL_NUMBER: &str = "2.5.29.20";
 
 impl Crl {
     /// Every CRL in a PEM file.
@@ -91,6 +92,13 @@ impl Crl {
         if crl.extensions().iter().any(|e| e.oid.to_id_string() == DELTA_CRL_INDICATOR) {
             return Err(format!("the CRL of {issuer} is a delta CRL, which the edge does not support"));
         }
+        match crl.extensions().iter().find(|e| e.oid.to_id_string() == CRL_NUMBER) {
+            None => return Err(format!("the CRL of {issuer} has no cRLNumber (RFC 5280 5.2.3)")),
+            Some(e) if e.critical => {
+                return Err(format!("the CRL of {issuer} has a critical cRLNumber (RFC 5280 5.2.3)"))
+            }
+            Some(_) => {}
+        }
         let parsed = OwnedCertRevocationList::from_der(der).map_err(|e| {
             format!("the CRL of {issuer} cannot be used: {e:?} (indirect CRLs, CRLs for some reasons only and unknown critical extensions are not supported)")
         })?;
@@ -104,12 +112,15 @@ impl Crl {
         })
     }
 
-    /// Whether `issuer`'s key signed this CRL.
+    /// Whether `issuer`'s key signed this CRL, and its keyUsage (if it has one) allows that.
     fn signed_by(&self, issuer: &X509) -> bool {
         let Ok(issuer_der) = issuer.to_der() else { return false };
         let Ok((_, cert)) = x509_parser::parse_x509_certificate(&issuer_der) else {
             return false;
         };
+        if cert.key_usage().ok().flatten().is_some_and(|ku| !ku.value.crl_sign()) {
+            return false;
+        }
         let Ok((_, crl)) = x509_parser::revocation_list::CertificateRevocationList::from_der(&self.der) else {
             return false;
         };
@@ -185,7 +196,7 @@ impl Builder {
             .collect();
         if !same_name.is_empty() && !same_name.iter().any(|ca| crl.signed_by(ca)) {
             return Err(format!(
-                "the CRL of {} is not signed by the key of any CA of that name in ca_files",
+                "the CRL of {} is not signed by the key of any CA of that name in ca_files whose keyUsage allows cRLSign",
                 crl.issuer
             ));
         }
@@ -380,7 +391,8 @@ impl TrustStore {
     /// What the edge requires of a candidate path beyond webpki: the chain depth, and the
     /// trust anchor's dates and pathLenConstraint. A path that fails is backtracked.
     fn path_ok(&self, path: &VerifiedPath<'_>, now: i64) -> Result<(), webpki::Error> {
-        let intermediates = path.intermediate_certificates().count();
+        // Self-issued intermediates (a CA's key rollover) do not count, as in RFC 5280 6.1.4.
+        let intermediates = path.intermediate_certificates().filter(|c| c.subject() != c.issuer()).count();
         if intermediates + 2 > self.max_chain_depth as usize {
             return Err(webpki::Error::MaximumPathDepthExceeded);
         }
@@ -454,6 +466,79 @@ mod tests {
         let e = b.add_crl(crl(&impostor.crl(&[]).unwrap())).unwrap_err();
         assert!(e.contains("not signed by the key of any CA"), "{e}");
         b.add_crl(crl(&trusted.crl(&[]).unwrap())).unwrap();
+    }
+
+    fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+        let n = content.len();
+        let mut out = vec![tag];
+        match n {
+            0..=127 => out.push(n as u8),
+            128..=255 => out.extend_from_slice(&[0x81, n as u8]),
+            _ => out.extend_from_slice(&[0x82, (n >> 8) as u8, n as u8]),
+        }
+        out.extend_from_slice(content);
+        out
+    }
+
+    /// A CA whose keyUsage is `usages`, and a CRL of it built by hand (rcgen always writes a
+    /// cRLNumber and will not sign without cRLSign): `crl_number` is `None` or whether the
+    /// extension is critical.
+    fn hand_made_crl(usages: Vec<rcgen::KeyUsagePurpose>, crl_number: Option<bool>) -> (X509, Vec<u8>) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::new()).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, "Hand CA");
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.key_usages = usages;
+        let ca = x509(&p.self_signed(&key).unwrap().pem());
+        let ecdsa_sha256 = tlv(0x30, &tlv(0x06, &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02]));
+        let time = |t: time::OffsetDateTime| {
+            let f = time::macros::format_description!("[year repr:last_two][month][day][hour][minute][second]Z");
+            tlv(0x17, t.format(&f).unwrap().as_bytes())
+        };
+        let now = time::OffsetDateTime::now_utc();
+        let mut tbs = [
+            tlv(0x02, &[1]),
+            ecdsa_sha256.clone(),
+            ca.subject_name().to_der().unwrap(),
+            time(now - time::Duration::hours(1)),
+            time(now + time::Duration::days(1)),
+        ]
+        .concat();
+        if let Some(critical) = crl_number {
+            let mut ext = tlv(0x06, &[0x55, 0x1d, 0x14]);
+            if critical {
+                ext.extend(tlv(0x01, &[0xff]));
+            }
+            ext.extend(tlv(0x04, &tlv(0x02, &[1])));
+            tbs.extend(tlv(0xa0, &tlv(0x30, &tlv(0x30, &ext))));
+        }
+        let tbs = tlv(0x30, &tbs);
+        let pkey = boring::pkey::PKey::private_key_from_der(&key.serialize_der()).unwrap();
+        let mut signer = boring::sign::Signer::new(boring::hash::MessageDigest::sha256(), &pkey).unwrap();
+        let sig = signer.sign_oneshot_to_vec(&tbs).unwrap();
+        let bits = [vec![0], sig].concat();
+        (ca, tlv(0x30, &[tbs, ecdsa_sha256, tlv(0x03, &bits)].concat()))
+    }
+
+    #[test]
+    fn a_crl_needs_a_non_critical_crl_number_and_an_issuer_that_may_sign_crls() {
+        use rcgen::KeyUsagePurpose::{CrlSign, KeyCertSign};
+        // The control: a well-formed hand-made CRL is taken.
+        let (ca, der) = hand_made_crl(vec![KeyCertSign, CrlSign], Some(false));
+        let mut b = Builder::new(settings());
+        b.add_ca(&ca).unwrap();
+        b.add_crl(Crl::from_der(&der).unwrap()).unwrap();
+        let (_, der) = hand_made_crl(vec![KeyCertSign, CrlSign], None);
+        let e = Crl::from_der(&der).unwrap_err();
+        assert!(e.contains("no cRLNumber"), "{e}");
+        let (_, der) = hand_made_crl(vec![KeyCertSign, CrlSign], Some(true));
+        let e = Crl::from_der(&der).unwrap_err();
+        assert!(e.contains("critical cRLNumber"), "{e}");
+        let (ca, der) = hand_made_crl(vec![KeyCertSign], Some(false));
+        let mut b = Builder::new(settings());
+        b.add_ca(&ca).unwrap();
+        let e = b.add_crl(Crl::from_der(&der).unwrap()).unwrap_err();
+        assert!(e.contains("cRLSign"), "{e}");
     }
 
     /// A chain root → issuing CA → device, with the root's CRL and `issuing_crl` loaded.

@@ -121,6 +121,9 @@ fn extensions(cert: &X509Certificate<'_>, role: Role) -> Result<(), String> {
                 if role == Role::Client {
                     return Err("nameConstraints on a certificate that is not a CA (RFC 5280 4.2.1.10)".into());
                 }
+                if !ext.critical {
+                    return Err("a nameConstraints that is not critical (RFC 5280 4.2.1.10)".into());
+                }
                 let empty = |t: &Option<Vec<GeneralSubtree<'_>>>| t.as_ref().is_none_or(|t| t.is_empty());
                 if empty(&nc.permitted_subtrees) && empty(&nc.excluded_subtrees) {
                     return Err("nameConstraints with no subtrees (RFC 5280 4.2.1.10)".into());
