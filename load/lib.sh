@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 cargo build --release --locked -q
-BIN=$PWD/target/release/mtls-edge
+BIN=${BIN:-$PWD/target/release/mtls-edge}
 D=$(mktemp -d)
 PIDS=()
 cleanup() {
