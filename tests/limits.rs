@@ -256,9 +256,10 @@ fn by_default_an_ip_whose_handshakes_keep_failing_waits_but_a_valid_device_is_se
     e.wait_sockets(0);
     // The start-up probe's connection counts as one failure; four at a time, so that the 99
     // others fit in the window on a slow machine.
+    let edge = &e;
     std::thread::scope(|s| {
         for n in [25, 25, 25, 24] {
-            s.spawn(move || (0..n).for_each(|_| assert!(e.client("mallory").get("/echo").is_err())));
+            s.spawn(move || (0..n).for_each(|_| assert!(edge.client("mallory").get("/echo").is_err())));
         }
     });
     e.wait_sockets(0);
