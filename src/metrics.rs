@@ -465,6 +465,7 @@ pub fn init() {
     LazyLock::force(&UNDERSCORE_HEADERS);
     LazyLock::force(&ADMIN_REFUSED);
     LazyLock::force(&OPEN_SOCKETS);
+    LazyLock::force(&RATE_KEY_ERRORS);
     for l in crate::reason::Limit::ALL {
         LIMITS.with_label_values(&[l.as_str()]);
     }
