@@ -13,11 +13,21 @@ use mtls_edge::pki::{self, Ca, Issued, LeafSpec};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_mtls-edge");
 
+/// A port nothing listens on, never the same twice in one test binary: the kernel may hand
+/// a just-released ephemeral port out again, and two listeners of one config must differ.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("bind an ephemeral port");
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 fn wait_for_port(port: u16, child: &mut Child, log: &Path) {
