@@ -30,9 +30,8 @@ fn value(metrics: &str, name_and_labels: &str) -> f64 {
 
 /// An edge whose admin listener binds every address, with `admin` as the rest of its entry.
 fn edge(d: &std::path::Path, admin: &str) -> (Proc, Proc, u16) {
-    let devices = Ca::root("Device CA").unwrap();
+    let devices = device_ca(d);
     save(d, "device", &devices.issue(&LeafSpec::client("device")).unwrap());
-    std::fs::write(d.join("device-ca.pem"), &devices.cert_pem).unwrap();
     let operators = Ca::root("Operators CA").unwrap();
     save(d, "operator", &operators.issue(&LeafSpec::client("alice")).unwrap());
     std::fs::write(d.join("operators-ca.pem"), &operators.cert_pem).unwrap();

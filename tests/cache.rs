@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use mtls_edge::pki::{self, Ca, LeafSpec};
+use mtls_edge::pki::LeafSpec;
 use std::time::{Duration, Instant};
 
 struct Setup {
@@ -19,9 +19,8 @@ fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     ServerPki::write(d);
-    let ca = Ca::root("Device CA").unwrap();
+    let ca = device_ca(d);
     save(d, "device", &ca.issue(&LeafSpec::client("device-1")).unwrap());
-    pki::write_file(&d.join("device-ca.pem"), &ca.cert_pem, false).unwrap();
     let origin = spawn_origin(d, "origin-server", "edge-ca.pem");
     let (port, optional_port, admin_port) = (free_port(), free_port(), free_port());
     let yaml = format!(

@@ -72,6 +72,10 @@ fn a_good_config_passes_the_check() {
     let (ok, text) = check(dir.path(), GOOD);
     assert!(ok, "{text}");
     assert!(text.contains("configuration OK"), "{text}");
+    // conf/edge.yaml's commented rate key, as printed there.
+    let keyed = format!("{GOOD}limits: {{ rate_limit: {{ requests_per_second: 10, burst: 50, key: client.cert.subject.ou }} }}\n");
+    let (ok, text) = check(dir.path(), &keyed);
+    assert!(ok, "{text}");
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 use common::*;
-use mtls_edge::pki::{Ca, LeafSpec};
+use mtls_edge::pki::LeafSpec;
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const HEADERS: u8 = 1;
@@ -79,10 +79,9 @@ impl Edge {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         ServerPki::write(d);
-        let devices = Ca::root("Device CA").unwrap();
+        let devices = device_ca(d);
         save(d, "alice", &devices.issue(&LeafSpec::client("alice")).unwrap());
-        std::fs::write(d.join("device-ca.pem"), &devices.cert_pem).unwrap();
-        let limits = "limits: { h2_max_concurrent_streams: 10, keepalive_idle_timeout_ms: 2000 }";
+            let limits = "limits: { h2_max_concurrent_streams: 10, keepalive_idle_timeout_ms: 2000 }";
         let (origin, edge) = device_edge(d, 2, "", limits);
         Edge { dir, _origin: origin, edge }
     }

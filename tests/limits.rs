@@ -23,12 +23,11 @@ fn edge(limits: &str) -> Edge {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     ServerPki::write(d);
-    let devices = Ca::root("Device CA").unwrap();
+    let devices = device_ca(d);
     save(d, "alice", &devices.issue(&LeafSpec::client("alice")).unwrap());
     save(d, "bob", &devices.issue(&LeafSpec::client("bob")).unwrap());
     let strangers = Ca::root("Stranger CA").unwrap();
     save(d, "mallory", &strangers.issue(&LeafSpec::client("mallory")).unwrap());
-    std::fs::write(d.join("device-ca.pem"), &devices.cert_pem).unwrap();
     let admin_port = free_port();
     let extra = format!("admin: {{ address: 127.0.0.1:{admin_port} }}\nlimits: {{ {limits} }}");
     let (origin, edge) = device_edge(d, 2, "", &extra);

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
-use mtls_edge::pki::{self, Ca, Issued, LeafSpec};
+use mtls_edge::pki::{self, Issued, LeafSpec};
 use time::Duration;
 
 struct Edge {
@@ -28,11 +28,10 @@ fn edge(logging: &str) -> Edge {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     ServerPki::write(d);
-    let ca = Ca::root("Device CA").unwrap();
+    let ca = device_ca(d);
     save(d, "device", &ca.issue(&LeafSpec::client("device-0001")).unwrap());
     let revoked = ca.issue(&LeafSpec::client("device-0002")).unwrap();
     save(d, "revoked", &revoked);
-    pki::write_file(&d.join("device-ca.pem"), &ca.cert_pem, false).unwrap();
     pki::write_file(&d.join("device-crl.pem"), &ca.crl(&[&revoked.serial]).unwrap(), false).unwrap();
     let expired = ca
         .crl_valid(&[&revoked.serial], Duration::days(-10), Duration::days(-1))

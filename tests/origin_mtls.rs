@@ -21,9 +21,8 @@ fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let server = ServerPki::write(d);
-    let device_ca = Ca::root("Device CA").unwrap();
+    let device_ca = device_ca(d);
     save(d, "device", &device_ca.issue(&LeafSpec::client("device-1")).unwrap());
-    pki::write_file(&d.join("device-ca.pem"), &device_ca.cert_pem, false).unwrap();
 
     let rogue = Ca::root("Test Origin CA").unwrap(); // same name as the trusted origin CA
     save(

@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use mtls_edge::pki::{self, Ca, LeafSpec};
+use mtls_edge::pki::LeafSpec;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
@@ -30,9 +30,8 @@ fn any_range_or_condition_gets_a_well_formed_answer() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     ServerPki::write(d);
-    let ca = Ca::root("Device CA").unwrap();
+    let ca = device_ca(d);
     save(d, "device", &ca.issue(&LeafSpec::client("device-1")).unwrap());
-    pki::write_file(&d.join("device-ca.pem"), &ca.cert_pem, false).unwrap();
     let origin = spawn_origin(d, "origin-server", "edge-ca.pem");
     let port = free_port();
     let yaml = format!(

@@ -35,11 +35,10 @@ fn fleet(watch: bool, extra: &str) -> Fleet {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let pki = ServerPki::write(d);
-    let device_ca = Ca::root("Device CA").unwrap();
+    let device_ca = device_ca(d);
     let alice = device_ca.issue(&LeafSpec::client("alice")).unwrap();
     save(d, "alice", &alice);
     save(d, "bob", &device_ca.issue(&LeafSpec::client("bob")).unwrap());
-    pki::write_file(&d.join("device-ca.pem"), &device_ca.cert_pem, false).unwrap();
     pki::write_file(&d.join("device-crl.pem"), &device_ca.crl(&[]).unwrap(), false).unwrap();
     let origin = spawn_origin(d, "origin-server", "edge-ca.pem");
     let (port, admin_port) = (free_port(), free_port());
@@ -391,9 +390,8 @@ fn a_rotated_server_certificate_is_presented_to_new_connections() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let pki = ServerPki::write(d);
-    let device_ca = Ca::root("Device CA").unwrap();
+    let device_ca = device_ca(d);
     save(d, "alice", &device_ca.issue(&LeafSpec::client("alice")).unwrap());
-    pki::write_file(&d.join("device-ca.pem"), &device_ca.cert_pem, false).unwrap();
     let certs = d.join("certs");
     let first = pki.edge_ca.issue(&LeafSpec::server("edge", &["localhost"])).unwrap();
     kubernetes_update(&certs, 1, "server", &first);

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use mtls_edge::pki::{self, Ca, LeafSpec};
+use mtls_edge::pki::LeafSpec;
 
 struct Setup {
     dir: tempfile::TempDir,
@@ -26,9 +26,8 @@ fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     ServerPki::write(d);
-    let device_ca = Ca::root("Device CA").unwrap();
+    let device_ca = device_ca(d);
     save(d, "device", &device_ca.issue(&LeafSpec::client("device")).unwrap());
-    pki::write_file(&d.join("device-ca.pem"), &device_ca.cert_pem, false).unwrap();
     let origin = spawn_origin(d, "origin-server", "edge-ca.pem");
     let (port, admin_port) = (free_port(), free_port());
     let dd = d.display();

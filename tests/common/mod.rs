@@ -170,6 +170,14 @@ pub fn spawn_edge(dir: &Path, yaml: &str, wait_port: u16) -> Proc {
     )
 }
 
+/// The test fleet's CA, written to `device-ca.pem` in `dir` (the name `device_edge` and most
+/// test configs trust).
+pub fn device_ca(dir: &Path) -> Ca {
+    let ca = Ca::root("Device CA").expect("a device CA");
+    pki::write_file(&dir.join("device-ca.pem"), &ca.cert_pem, false).expect("device-ca.pem written");
+    ca
+}
+
 /// The origin and an edge with one listener requiring certificates of `device-ca.pem` (trust
 /// store `devices`, and `stores` YAML lines for others), every path routed to that origin, and
 /// `extra` YAML after it. `threads` workers.
