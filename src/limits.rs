@@ -25,7 +25,7 @@ use crate::rules::Expression;
 use crate::state::Live;
 
 /// The limits in force (part of the live state: a reload changes them for what comes next).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Settings {
     pub handshake_timeout: Duration,
     pub header_timeout: Duration,
@@ -265,10 +265,17 @@ impl Guard {
     pub fn take(&self, key: &[u8], rate: Rate) -> Result<(), u64> {
         let mut b = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
-        let bucket = b.entry(key.to_vec()).or_insert(Bucket {
-            tokens: rate.burst,
-            at: now,
-        });
+        // A device's key is copied once, into its new bucket; later requests only look it up.
+        if !b.contains_key(key) {
+            b.insert(
+                key.to_vec(),
+                Bucket {
+                    tokens: rate.burst,
+                    at: now,
+                },
+            );
+        }
+        let Some(bucket) = b.get_mut(key) else { return Ok(()) };
         let refill = now.duration_since(bucket.at).as_secs_f64() * rate.per_second;
         bucket.tokens = (bucket.tokens + refill).min(rate.burst);
         bucket.at = now;

@@ -296,12 +296,6 @@ impl std::fmt::Debug for Expression {
     }
 }
 
-impl PartialEq for Expression {
-    fn eq(&self, other: &Self) -> bool {
-        self.source == other.source
-    }
-}
-
 impl RuleSet {
     pub fn empty() -> RuleSet {
         RuleSet::new(Vec::new(), Arc::new(environment()), Lists::default(), false)
