@@ -18,5 +18,5 @@ for pass in 1 2 3; do
     CURLS+=($!)
     if (( i % 4 == 0 )); then wait "${CURLS[@]}"; CURLS=(); fi
   done
-  echo "pass $pass: rss $(( $(rss) / 1024 )) MiB, peak $(( $(hwm) / 1024 )) MiB, cache holds $(( $(metric mtls_edge_cache_bytes) / 1048576 )) MiB of $(( $(metric mtls_edge_cache_budget_bytes) / 1048576 )) MiB, evictions $(metric mtls_edge_cache_evictions_total), fills deferred $(metric mtls_edge_cache_fills_deferred_total)"
+  echo "pass $pass: rss $(( $(rss) / 1024 )) MiB, peak $(( $(hwm) / 1024 )) MiB, cache holds $(( $(metric 'mtls_edge_cache_bytes{tier="memory"}') / 1048576 )) MiB of $(( $(metric mtls_edge_cache_budget_bytes) / 1048576 )) MiB, evictions $(metric 'mtls_edge_cache_evictions_total{tier="memory"}'), fills deferred $(metric mtls_edge_cache_fills_deferred_total)"
 done

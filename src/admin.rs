@@ -68,7 +68,7 @@ fn query_value(query: Option<&str>, name: &str) -> Option<String> {
 }
 
 impl AdminApp {
-    fn purge(&self, method: &http::Method, query: Option<&str>) -> Response<Vec<u8>> {
+    async fn purge(&self, method: &http::Method, query: Option<&str>) -> Response<Vec<u8>> {
         if method != http::Method::POST {
             return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", b"use POST\n".to_vec());
         }
@@ -87,7 +87,7 @@ impl AdminApp {
             }
         };
         let target = cache_url(&target);
-        let n = cache.purge(&target, prefix);
+        let n = cache.purge(&target, prefix).await;
         log::info!(
             "cache purge {}={target} removed={n}",
             if prefix { "prefix" } else { "url" }
@@ -164,7 +164,7 @@ impl ServeHttp for AdminApp {
             }
         }
         match req.uri.path() {
-            "/cache/purge" => self.purge(&req.method, req.uri.query()),
+            "/cache/purge" => self.purge(&req.method, req.uri.query()).await,
             "/reload" => {
                 let method = req.method.clone();
                 self.reload(&method).await

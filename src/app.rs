@@ -105,7 +105,7 @@ impl Edge {
         };
         let mut server = Server::new_with_opt_and_conf(Some(opt), self.server_conf());
         server.bootstrap();
-        let cache = fixed.cache.as_ref().map(|c| Arc::new(SharedCache::new(c)));
+        let cache = fixed.cache.as_ref().map(SharedCache::new).transpose()?.map(Arc::new);
         let guard = Guard::new(self.live.clone());
         let edge = EdgeProxy {
             live: self.live.clone(),

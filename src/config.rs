@@ -267,6 +267,39 @@ pub struct Cache {
     /// themselves.
     #[serde(default = "default_lock_timeout")]
     pub lock_timeout_secs: u64,
+    /// A disk tier behind the memory tier: objects larger than memory, kept across restarts.
+    pub disk: Option<DiskCache>,
+}
+
+/// `cache.disk`: the directory (created if missing) and its bounds.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskCache {
+    pub path: String,
+    /// Body and meta bytes of every object on disk.
+    pub max_bytes: u64,
+    /// Larger objects are streamed through and not cached. Default: a quarter of `max_bytes`.
+    pub max_object_bytes: Option<u64>,
+    /// Fills evict older objects (or are not written) to leave this much free on the
+    /// filesystem.
+    #[serde(default = "default_min_free")]
+    pub min_free_bytes: u64,
+    /// Threads doing the disk's I/O: how many reads and writes run at once.
+    #[serde(default = "default_io_threads")]
+    pub io_threads: usize,
+}
+
+impl DiskCache {
+    pub fn object_limit(&self) -> u64 {
+        self.max_object_bytes.unwrap_or(self.max_bytes / 4)
+    }
+}
+
+fn default_min_free() -> u64 {
+    1 << 30
+}
+fn default_io_threads() -> usize {
+    16
 }
 
 impl Cache {
@@ -918,6 +951,23 @@ impl File {
                         c.max_bytes
                     ),
                 );
+            }
+            if let Some(d) = &c.disk {
+                if d.path.is_empty() {
+                    ctx.error("cache.disk.path", "must name a directory");
+                }
+                if d.max_bytes == 0 {
+                    ctx.error("cache.disk.max_bytes", "must be more than 0");
+                }
+                if d.object_limit() == 0 || d.object_limit() > d.max_bytes {
+                    ctx.error(
+                        "cache.disk.max_object_bytes",
+                        "must be more than 0 and at most cache.disk.max_bytes",
+                    );
+                }
+                if !(1..=1024).contains(&d.io_threads) {
+                    ctx.error("cache.disk.io_threads", "must be between 1 and 1024");
+                }
             }
         }
     }

@@ -126,18 +126,80 @@ pub static BODY_BYTES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect(REGISTERED)
 });
 
-/// Objects evicted to stay within the budget.
-pub static CACHE_EVICTIONS: LazyLock<IntCounter> = LazyLock::new(|| {
-    register_int_counter!(
+/// Objects evicted to stay within a tier's budget (for the disk tier, also its free space).
+pub static CACHE_EVICTIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
         "mtls_edge_cache_evictions_total",
-        "Cache objects evicted for the byte budget"
+        "Cache objects evicted for a tier's byte budget",
+        &["tier"]
     )
     .expect(REGISTERED)
 });
 
-/// Bytes held by complete cached objects.
-pub static CACHE_BYTES: LazyLock<IntGauge> =
-    LazyLock::new(|| register_int_gauge!("mtls_edge_cache_bytes", "Bytes held by cached objects").expect(REGISTERED));
+/// Bytes held by complete cached objects, per tier.
+pub static CACHE_BYTES: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!("mtls_edge_cache_bytes", "Bytes held by cached objects per tier", &["tier"]).expect(REGISTERED)
+});
+
+/// Complete cached objects, per tier.
+pub static CACHE_OBJECTS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!("mtls_edge_cache_objects", "Cached objects per tier", &["tier"]).expect(REGISTERED)
+});
+
+/// Lookups each tier answered (`hit`) or passed on (`miss`). The disk tier is asked only on a
+/// memory miss.
+pub static CACHE_TIER_LOOKUPS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "mtls_edge_cache_tier_lookups_total",
+        "Cache lookups per tier by result (hit or miss)",
+        &["tier", "result"]
+    )
+    .expect(REGISTERED)
+});
+
+/// Filesystem failures of the disk tier, by what it was doing.
+pub static CACHE_DISK_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "mtls_edge_cache_disk_errors_total",
+        "Disk tier I/O errors by operation",
+        &["op"]
+    )
+    .expect(REGISTERED)
+});
+
+/// Object files found torn or corrupt, by reason; each was removed and counted as a miss.
+pub static CACHE_DISK_CORRUPT: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "mtls_edge_cache_disk_corrupt_total",
+        "Disk tier objects not served because they were torn or corrupt, by reason",
+        &["reason"]
+    )
+    .expect(REGISTERED)
+});
+
+/// Cacheable responses not written to disk, by reason.
+pub static CACHE_DISK_SKIPPED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "mtls_edge_cache_disk_skipped_total",
+        "Cacheable responses not written to the disk tier, by reason",
+        &["reason"]
+    )
+    .expect(REGISTERED)
+});
+
+/// 1 while the disk tier's index is being rebuilt from the directory at start.
+pub static CACHE_DISK_LOADING: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "mtls_edge_cache_disk_loading",
+        "1 while the disk tier's index is rebuilt at start (objects are served meanwhile)"
+    )
+    .expect(REGISTERED)
+});
+
+/// The disk tier's configured budget.
+pub static CACHE_DISK_BUDGET: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!("mtls_edge_cache_disk_budget_bytes", "Configured disk tier budget").expect(REGISTERED)
+});
 
 /// Bytes reserved by fills in progress.
 pub static CACHE_FILLING_BYTES: LazyLock<IntGauge> = LazyLock::new(|| {
@@ -426,6 +488,19 @@ pub fn count_body_bytes(source: &'static str, n: u64) {
     SOURCES.add(&BODY_BYTES, source, n);
 }
 
+/// Counts one tier's answer to a lookup.
+pub fn count_tier_lookup(tier: crate::reason::Tier, hit: bool) {
+    static COUNTERS: LazyLock<[[IntCounter; 2]; 2]> = LazyLock::new(|| {
+        crate::reason::Tier::ALL.map(|t| ["miss", "hit"].map(|r| CACHE_TIER_LOOKUPS.with_label_values(&[t.as_str(), r])))
+    });
+    COUNTERS[tier as usize][usize::from(hit)].inc();
+}
+
+/// Counts an object evicted from a tier.
+pub fn count_eviction(tier: crate::reason::Tier) {
+    CACHE_EVICTIONS.with_label_values(&[tier.as_str()]).inc();
+}
+
 /// Counts a cache lookup by its result.
 pub fn count_cache_lookup(result: CacheResult) {
     static RESULTS: LazyLock<Resolved<&'static str>> =
@@ -472,8 +547,25 @@ pub fn init() {
     LazyLock::force(&CACHE_LOOKUPS);
     LazyLock::force(&CACHE_COALESCED);
     LazyLock::force(&BODY_BYTES);
-    LazyLock::force(&CACHE_EVICTIONS);
-    LazyLock::force(&CACHE_BYTES);
+    for t in crate::reason::Tier::ALL {
+        CACHE_EVICTIONS.with_label_values(&[t.as_str()]);
+        CACHE_BYTES.with_label_values(&[t.as_str()]);
+        CACHE_OBJECTS.with_label_values(&[t.as_str()]);
+        for r in ["hit", "miss"] {
+            CACHE_TIER_LOOKUPS.with_label_values(&[t.as_str(), r]);
+        }
+    }
+    for op in crate::reason::DiskOp::ALL {
+        CACHE_DISK_ERRORS.with_label_values(&[op.as_str()]);
+    }
+    for c in crate::reason::Corrupt::ALL {
+        CACHE_DISK_CORRUPT.with_label_values(&[c.as_str()]);
+    }
+    for r in crate::reason::DiskSkip::ALL {
+        CACHE_DISK_SKIPPED.with_label_values(&[r.as_str()]);
+    }
+    LazyLock::force(&CACHE_DISK_LOADING);
+    LazyLock::force(&CACHE_DISK_BUDGET);
     LazyLock::force(&CACHE_FILLING_BYTES);
     LazyLock::force(&CACHE_FILLS_DEFERRED);
     LazyLock::force(&CACHE_BUDGET);

@@ -227,3 +227,112 @@ impl Answered {
         }
     }
 }
+
+/// A cache tier, as a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    Memory,
+    Disk,
+}
+
+impl Tier {
+    pub const ALL: [Tier; 2] = [Tier::Memory, Tier::Disk];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Memory => "memory",
+            Tier::Disk => "disk",
+        }
+    }
+}
+
+/// What the disk tier was doing when the filesystem failed it. A failure never fails the request:
+/// the response is served from the origin (or the memory tier) and the disk is left alone for a
+/// while.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskOp {
+    /// Creating a fill's temporary file.
+    Create,
+    /// Writing a fill's body.
+    Write,
+    /// Renaming a finished fill (or a revalidated meta) into place.
+    Commit,
+    /// Reading an object.
+    Read,
+    /// Removing an evicted, purged or corrupt object.
+    Remove,
+    /// Scanning the directory at start.
+    Load,
+}
+
+impl DiskOp {
+    pub const ALL: [DiskOp; 6] = [
+        DiskOp::Create,
+        DiskOp::Write,
+        DiskOp::Commit,
+        DiskOp::Read,
+        DiskOp::Remove,
+        DiskOp::Load,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskOp::Create => "create",
+            DiskOp::Write => "write",
+            DiskOp::Commit => "commit",
+            DiskOp::Read => "read",
+            DiskOp::Remove => "remove",
+            DiskOp::Load => "load",
+        }
+    }
+}
+
+/// Why an object file on disk was not served. It is removed, and the request is a miss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Corrupt {
+    /// Not a file this edge wrote.
+    Magic,
+    /// Shorter than its own lengths say: a torn write.
+    Truncated,
+    /// A checksum does not match: flipped bits.
+    Checksum,
+    /// Lengths or fields that contradict each other.
+    Fields,
+}
+
+impl Corrupt {
+    pub const ALL: [Corrupt; 4] = [Corrupt::Magic, Corrupt::Truncated, Corrupt::Checksum, Corrupt::Fields];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Corrupt::Magic => "magic",
+            Corrupt::Truncated => "truncated",
+            Corrupt::Checksum => "checksum",
+            Corrupt::Fields => "fields",
+        }
+    }
+}
+
+/// Why a cacheable response was not written to disk (it is still served, and may still be kept
+/// in memory).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskSkip {
+    /// A recent I/O error: the disk is left alone for a while.
+    Degraded,
+    /// The budget or the filesystem's minimum free space left no room, even after eviction.
+    NoSpace,
+    /// Larger than `cache.disk.max_object_bytes`.
+    TooLarge,
+}
+
+impl DiskSkip {
+    pub const ALL: [DiskSkip; 3] = [DiskSkip::Degraded, DiskSkip::NoSpace, DiskSkip::TooLarge];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskSkip::Degraded => "degraded",
+            DiskSkip::NoSpace => "no_space",
+            DiskSkip::TooLarge => "too_large",
+        }
+    }
+}

@@ -114,7 +114,7 @@ fn concurrent_requests_for_a_cold_object_cause_one_origin_fetch() {
     assert_eq!(s.origin_count("/files/storm.bin"), 1, "the storm was not coalesced");
     let m = |name: &str| metric(s.admin_port, name);
     assert!(m("mtls_edge_cache_coalesced_waiters_total") >= 1.0);
-    assert!(m("mtls_edge_cache_bytes") >= size as f64);
+    assert!(m("mtls_edge_cache_bytes{tier=\"memory\"}") >= size as f64);
     assert_eq!(m("mtls_edge_cache_budget_bytes"), 67108864.0);
     assert!(m("mtls_edge_response_body_bytes_total{source=\"origin\"}") >= size as f64);
     assert_eq!(m("mtls_edge_cache_lookups_total{result=\"miss\"}"), 1.0);
@@ -436,7 +436,7 @@ fn a_client_that_stops_reading_does_not_hold_up_the_fill() {
         .first_bytes(&path, 1)
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while metric(s.admin_port, "mtls_edge_cache_bytes") < size as f64 {
+    while metric(s.admin_port, "mtls_edge_cache_bytes{tier=\"memory\"}") < size as f64 {
         assert!(Instant::now() < deadline, "the fill stalled with its first client");
         std::thread::sleep(Duration::from_millis(50));
     }

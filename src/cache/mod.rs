@@ -3,7 +3,9 @@
 //! TTL), and the storage, eviction and request coalescing behind it. Authorization has always
 //! run before any of this: the proxy enables the cache only after the request is allowed.
 
-pub mod storage;
+pub mod disk;
+mod memory;
+mod tiered;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
@@ -22,64 +24,94 @@ use pingora_cache::{
 };
 
 use crate::metrics;
-use crate::reason::CacheResult;
-use storage::MemoryStorage;
+use crate::reason::{CacheResult, Tier};
+use disk::DiskStorage;
+use memory::MemoryStorage;
+use tiered::{DiskPlan, Tiered};
 
 /// The cache's size and coalescing, fixed for the life of the process.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
-    /// Everything the cache holds, stored objects and fills in progress, in bytes.
+    /// Everything the memory tier holds, stored objects and fills in progress, in bytes.
     pub max_bytes: usize,
+    /// Larger objects are not kept in memory (only on disk, if there is a disk tier).
     pub max_object_bytes: usize,
     /// The part of `max_bytes` for fills in progress.
     pub filling_bytes: usize,
     /// How long coalesced requests wait for the first fill's headers.
     pub lock_timeout: Duration,
+    pub disk: Option<disk::Settings>,
 }
 
 /// Shards of the LRU eviction manager.
-const LRU_SHARDS: usize = 16;
+pub(crate) const LRU_SHARDS: usize = 16;
 
 /// The process-wide cache: pingora keeps `'static` references to all of it.
 pub struct SharedCache {
-    pub storage: &'static MemoryStorage,
+    storage: &'static Tiered,
     eviction: &'static lru::Manager<LRU_SHARDS>,
     lock: &'static CacheKeyLockImpl,
-    max_object_bytes: usize,
+    /// The largest object either tier takes.
+    max_file_bytes: usize,
     lock_timeout: Duration,
 }
 
 impl SharedCache {
-    /// Builds the cache once at start-up; it lives as long as the process.
-    pub fn new(cfg: &Settings) -> SharedCache {
+    /// Builds the cache once at start-up; it lives as long as the process. The disk tier's
+    /// directory is loaded in the background.
+    pub fn new(cfg: &Settings) -> Result<SharedCache, String> {
         let lock_timeout = cfg.lock_timeout;
         metrics::CACHE_BUDGET.set(i64::try_from(cfg.max_bytes).unwrap_or(i64::MAX));
         let filling = cfg.filling_bytes;
-        SharedCache {
-            storage: Box::leak(Box::new(MemoryStorage::new(cfg.max_object_bytes, filling))),
-            // Stored objects get what fills do not. The capacity hint is a guess at the object
-            // count; the byte limit is what binds.
-            eviction: Box::leak(Box::new(lru::Manager::with_capacity(cfg.max_bytes - filling, 8192))),
+        // Stored objects get what fills do not. The capacity hint is a guess at the object
+        // count; the byte limit is what binds.
+        let eviction: &'static lru::Manager<LRU_SHARDS> =
+            Box::leak(Box::new(lru::Manager::with_capacity(cfg.max_bytes - filling, 8192)));
+        let disk = match &cfg.disk {
+            Some(d) => Some(
+                DiskStorage::open(d.clone())
+                    .map_err(|e| format!("cache.disk: starting its I/O pool: {e}"))?,
+            ),
+            None => None,
+        };
+        let max_file_bytes = disk.map_or(cfg.max_object_bytes, |d| {
+            cfg.max_object_bytes
+                .max(usize::try_from(d.max_object_bytes()).unwrap_or(usize::MAX))
+        });
+        Ok(SharedCache {
+            storage: Box::leak(Box::new(Tiered {
+                memory: Box::leak(Box::new(MemoryStorage::new(cfg.max_object_bytes, filling))),
+                disk,
+                memory_eviction: eviction,
+                memory_max_object: cfg.max_object_bytes,
+            })),
+            eviction,
             lock: Box::leak(CacheLock::new_boxed(lock_timeout)),
-            max_object_bytes: cfg.max_object_bytes,
+            max_file_bytes,
             lock_timeout,
-        }
+        })
     }
 
     /// Removes the objects for one URL (`host/path?query`, every variant and cohort of it) or,
-    /// with `prefix`, every object whose URL starts with it. Returns how many were removed.
-    pub fn purge(&self, url: &str, prefix: bool) -> usize {
-        let removed = self.storage.purge_where(|primary| {
+    /// with `prefix`, every object whose URL starts with it, from both tiers. Returns how many
+    /// were removed (an object in both tiers counts once per tier).
+    pub async fn purge(&self, url: &str, prefix: bool) -> usize {
+        let matches = |primary: &str| {
             if prefix {
                 primary.starts_with(url)
             } else {
                 primary == url || primary.strip_prefix(url).is_some_and(|rest| rest.starts_with('\n'))
             }
-        });
+        };
+        let removed = self.storage.memory.purge_where(matches);
         for key in &removed {
             self.eviction.remove(CacheEntryKeyRef::KeyOnly(key));
         }
-        removed.len()
+        let on_disk = match self.storage.disk {
+            Some(d) => d.purge_where(matches).await,
+            None => 0,
+        };
+        removed.len() + on_disk
     }
 
     /// Records what the cache did for a finished request, and returns it.
@@ -92,16 +124,26 @@ impl SharedCache {
         result
     }
 
-    /// Brings the memory gauges up to date (when metrics are scraped).
+    /// Brings the tiers' gauges up to date (when metrics are scraped).
     pub fn update_gauges(&self) {
-        let usage = &self.storage.usage;
-        let gauge = |n: &AtomicUsize| i64::try_from(n.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
-        metrics::CACHE_BYTES.set(gauge(&usage.bytes));
-        metrics::CACHE_FILLING_BYTES.set(gauge(&usage.reserved_bytes));
+        let usage = &self.storage.memory.usage;
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        let load = |n: &AtomicUsize| gauge(n.load(Ordering::Relaxed));
+        let tier = |t: Tier, bytes: i64, objects: i64| {
+            metrics::CACHE_BYTES.with_label_values(&[t.as_str()]).set(bytes);
+            metrics::CACHE_OBJECTS.with_label_values(&[t.as_str()]).set(objects);
+        };
+        tier(Tier::Memory, load(&usage.bytes), load(&usage.objects));
+        metrics::CACHE_FILLING_BYTES.set(load(&usage.reserved_bytes));
+        if let Some(d) = self.storage.disk {
+            let (bytes, objects) = d.usage();
+            tier(Tier::Disk, i64::try_from(bytes).unwrap_or(i64::MAX), gauge(objects));
+        }
     }
 
-    /// Reserves fill memory for a response about to be stored. Without room (too many large
-    /// fills at once) it is streamed through uncached, so memory stays within the budget.
+    /// Decides where a response about to be stored goes: memory (reserving fill memory) when
+    /// it fits, disk when there is one and it has room. When neither takes it (too many large
+    /// fills at once, a full or failing disk), it is streamed through uncached.
     pub fn reserve_fill(&self, decision: RespCacheable, resp: &ResponseHeader) -> RespCacheable {
         let RespCacheable::Cacheable(mut meta) = decision else {
             return decision;
@@ -109,18 +151,26 @@ impl SharedCache {
         let length = resp
             .headers
             .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
-            .unwrap_or(self.max_object_bytes);
-        match self.storage.reserve_fill(length) {
-            Some(ticket) => {
-                meta.extensions_mut().insert(ticket);
-                RespCacheable::Cacheable(meta)
-            }
-            None => {
-                metrics::CACHE_FILLS_DEFERRED.inc();
-                RespCacheable::Uncacheable(NoCacheReason::Custom("fill budget in use"))
-            }
+            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+        let memory = &self.storage.memory;
+        let ticket = match length {
+            Some(n) if n > memory.max_object_bytes() => None,
+            n => memory.reserve_fill(n.unwrap_or(memory.max_object_bytes())),
+        };
+        let disk = self.storage.disk.and_then(|d| d.accepts(length.map(|n| n as u64)).ok());
+        if ticket.is_none() && disk.is_none() {
+            metrics::CACHE_FILLS_DEFERRED.inc();
+            return RespCacheable::Uncacheable(NoCacheReason::Custom("no tier has room for this fill"));
         }
+        if let Some(t) = ticket {
+            meta.extensions_mut().insert(t);
+        }
+        if disk.is_some() {
+            meta.extensions_mut().insert(DiskPlan {
+                length: length.map(|n| n as u64),
+            });
+        }
+        RespCacheable::Cacheable(meta)
     }
 
     /// Turns the cache on for this request.
@@ -136,7 +186,14 @@ impl SharedCache {
                 o
             }),
         );
-        session.cache.set_max_file_size_bytes(self.max_object_bytes);
+        session.cache.set_max_file_size_bytes(self.max_file_bytes);
+    }
+
+    /// Waits until the disk tier's index is rebuilt (at once without a disk tier).
+    pub async fn loaded(&self) {
+        if let Some(d) = self.storage.disk {
+            d.loaded().await;
+        }
     }
 }
 

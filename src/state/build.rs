@@ -288,6 +288,13 @@ fn fixed(f: &Files, file: &config::File) -> Fixed {
             max_object_bytes: c.max_object_bytes,
             filling_bytes: c.filling_bytes(),
             lock_timeout: Duration::from_secs(c.lock_timeout_secs),
+            disk: c.disk.as_ref().map(|d| cache::disk::Settings {
+                path: f.path(&d.path),
+                max_bytes: d.max_bytes,
+                max_object_bytes: d.object_limit(),
+                min_free_bytes: d.min_free_bytes,
+                io_threads: d.io_threads,
+            }),
         }),
         logging: logging_settings(f, file),
         watch: Watch {

@@ -1,6 +1,6 @@
-//! The in-memory cache storage: complete objects kept as their received chunks (never copied
-//! into one buffer), fills in progress readable while they are written, and an exact count of
-//! the bytes held. The byte budget itself is enforced by pingora's eviction manager, which
+//! The memory tier: complete objects kept as their received chunks (never copied into one
+//! buffer), fills in progress readable while they are written, and an exact count of the bytes
+//! held. The byte budget itself is enforced by pingora's eviction manager, which
 //! purges through this storage; an evicted object's memory is freed when its last reader ends.
 //!
 //! Memory: fills in progress draw on a reservation (`reserve_fill`) taken before the fill
@@ -12,7 +12,7 @@
 
 use std::any::Any;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::SystemTime;
 
@@ -22,8 +22,8 @@ use pingora::http::ResponseHeader;
 use pingora::{Error, ErrorType, Result};
 use pingora_cache::key::{CacheHashKey, CompactCacheKey, HashBinary};
 use pingora_cache::storage::{
-    streaming_write::U64WriteId, HandleHit, HandleMiss, HitHandler, MissFinishType, MissHandler, PurgeOutcome,
-    PurgeTarget, PurgeType, Storage,
+    streaming_write::U64WriteId, HandleHit, HandleMiss, HitHandler, MissFinishType, MissHandler,
+    Storage,
 };
 use pingora_cache::trace::SpanHandle;
 use pingora_cache::{CacheKey, CacheMeta};
@@ -106,14 +106,14 @@ fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
 
 /// A body as the chunks it arrived in, with the offset at which each starts.
 #[derive(Default, Clone)]
-struct Chunks {
+pub(super) struct Chunks {
     chunks: Vec<Bytes>,
     starts: Vec<usize>,
-    len: usize,
+    pub(super) len: usize,
 }
 
 impl Chunks {
-    fn push(&mut self, b: Bytes) {
+    pub(super) fn push(&mut self, b: Bytes) {
         if b.is_empty() {
             return;
         }
@@ -122,8 +122,12 @@ impl Chunks {
         self.chunks.push(b);
     }
 
+    pub(super) fn pieces(&self) -> &[Bytes] {
+        &self.chunks
+    }
+
     /// The bytes from `pos` to the end of the chunk that holds `pos`, capped at `end`.
-    fn slice_from(&self, pos: usize, end: usize) -> Option<Bytes> {
+    pub(super) fn slice_from(&self, pos: usize, end: usize) -> Option<Bytes> {
         if pos >= end.min(self.len) {
             return None;
         }
@@ -182,7 +186,6 @@ pub struct Usage {
 pub struct MemoryStorage {
     objects: RwLock<HashMap<HashBinary, Arc<Object>>>,
     fills: RwLock<HashMap<HashBinary, HashMap<u64, Arc<Fill>>>>,
-    next_fill: AtomicU64,
     /// Objects larger than this are refused by the miss handler (pingora also checks it first).
     max_object_bytes: usize,
     /// What all fills in progress may reserve together.
@@ -195,11 +198,14 @@ impl MemoryStorage {
         MemoryStorage {
             objects: RwLock::new(HashMap::new()),
             fills: RwLock::new(HashMap::new()),
-            next_fill: AtomicU64::new(1),
             max_object_bytes,
             max_filling_bytes,
             usage: Arc::new(Usage::default()),
         }
+    }
+
+    pub fn max_object_bytes(&self) -> usize {
+        self.max_object_bytes
     }
 
     /// Reserves memory for a fill of up to `bytes`; `None` when the fills in progress already
@@ -445,61 +451,41 @@ impl Drop for Miss {
     }
 }
 
-fn partial(fill: &Arc<Fill>) -> Result<Option<(CacheMeta, HitHandler)>> {
+fn partial(fill: &Arc<Fill>) -> (CacheMeta, HitHandler) {
     let meta = fill.meta.to_meta();
     let hit = Hit::Partial(PartialHit {
         fill: fill.clone(),
         state: fill.state.subscribe(),
         pos: 0,
     });
-    Ok(Some((meta, Box::new(hit))))
+    (meta, Box::new(hit))
 }
 
-#[async_trait]
-impl Storage for MemoryStorage {
-    async fn lookup(&'static self, key: &CacheKey, _trace: &SpanHandle) -> Result<Option<(CacheMeta, HitHandler)>> {
-        let k = key.combined_bin();
-        // A fill in progress wins over a stored (possibly stale) object, so that a refresh is
-        // visible as soon as it starts.
-        let fill = read(&self.fills).get(&k).and_then(|m| m.values().next().cloned());
-        if let Some(fill) = fill {
-            return partial(&fill);
-        }
-        let Some(object) = read(&self.objects).get(&k).cloned() else {
-            return Ok(None);
-        };
+/// What the tiered storage asks of the memory tier. Nothing here blocks or does I/O.
+impl MemoryStorage {
+    /// A fill in progress for this key (any of them, if the lock let several start).
+    pub(super) fn lookup_fill(&self, k: &HashBinary) -> Option<(CacheMeta, HitHandler)> {
+        let fill = read(&self.fills).get(k).and_then(|m| m.values().next().cloned())?;
+        Some(partial(&fill))
+    }
+
+    /// The fill this request itself is writing.
+    pub(super) fn lookup_fill_by_id(&self, k: &HashBinary, id: u64) -> Option<(CacheMeta, HitHandler)> {
+        let fill = read(&self.fills).get(k).and_then(|m| m.get(&id).cloned())?;
+        Some(partial(&fill))
+    }
+
+    /// A complete object.
+    pub(super) fn lookup_object(&self, k: &HashBinary) -> Option<(CacheMeta, HitHandler)> {
+        let object = read(&self.objects).get(k).cloned()?;
         let meta = object.meta.to_meta();
         let end = object.body.len;
-        Ok(Some((
-            meta,
-            Box::new(Hit::Complete(CompleteHit { object, pos: 0, end })),
-        )))
+        Some((meta, Box::new(Hit::Complete(CompleteHit { object, pos: 0, end }))))
     }
 
-    async fn lookup_streaming_write(
-        &'static self,
-        key: &CacheKey,
-        tag: Option<&[u8]>,
-        trace: &SpanHandle,
-    ) -> Result<Option<(CacheMeta, HitHandler)>> {
-        let Some(id) = tag.and_then(|t| U64WriteId::try_from(t).ok()) else {
-            return self.lookup(key, trace).await;
-        };
-        let fill = read(&self.fills)
-            .get(&key.combined_bin())
-            .and_then(|m| m.get(&u64::from(id)).cloned());
-        match fill {
-            Some(f) => partial(&f),
-            None => Ok(None),
-        }
-    }
-
-    async fn get_miss_handler(
-        &'static self,
-        key: &CacheKey,
-        meta: &CacheMeta,
-        _trace: &SpanHandle,
-    ) -> Result<MissHandler> {
+    /// Starts a fill under `id` (unique across tiers); it draws on the `FillTicket` in the meta's
+    /// extensions.
+    pub(super) fn start_fill(&'static self, key: &CacheKey, meta: &CacheMeta, id: u64) -> Result<MissHandler> {
         let k = key.combined_bin();
         let (state, _) = watch::channel(FillState::Writing(0));
         let fill = Arc::new(Fill {
@@ -509,7 +495,6 @@ impl Storage for MemoryStorage {
             body: RwLock::new(Chunks::default()),
             state,
         });
-        let id = self.next_fill.fetch_add(1, Ordering::Relaxed);
         write(&self.fills).entry(k).or_default().insert(id, fill.clone());
         Ok(Box::new(Miss {
             storage: self,
@@ -522,28 +507,35 @@ impl Storage for MemoryStorage {
         }))
     }
 
-    async fn purge(
-        &'static self,
-        target: PurgeTarget<'_>,
-        kind: PurgeType,
-        _trace: &SpanHandle,
-    ) -> Result<PurgeOutcome> {
-        let k = target.key().combined_bin();
-        if self.remove_object(&k) {
-            if matches!(kind, PurgeType::Eviction) {
-                crate::metrics::CACHE_EVICTIONS.inc();
-            }
-            Ok(PurgeOutcome::Purged(None))
-        } else {
-            Ok(PurgeOutcome::NotFound)
-        }
+    /// Stores a complete object read from another tier (a promotion). Returns its weight.
+    pub(super) fn insert(&self, key: &CacheKey, meta: &CacheMeta, body: Chunks) -> Result<usize> {
+        let meta = Arc::new(StoredMeta::new(meta)?);
+        let weight = body.len + meta.bytes;
+        let object = Arc::new(Object {
+            primary: key.primary_key_str().unwrap_or_default().to_string(),
+            compact: key.to_compact(),
+            meta,
+            body,
+            weight,
+        });
+        let k = key.combined_bin();
+        self.remove_object(&k);
+        write(&self.objects).insert(k, object);
+        self.usage.bytes.fetch_add(weight, Ordering::Relaxed);
+        self.usage.objects.fetch_add(1, Ordering::Relaxed);
+        Ok(weight)
     }
 
-    async fn update_meta(&'static self, key: &CacheKey, meta: &CacheMeta, _trace: &SpanHandle) -> Result<bool> {
-        let k = key.combined_bin();
+    /// Removes a complete object; false when there was none.
+    pub(super) fn remove(&self, k: &HashBinary) -> bool {
+        self.remove_object(k)
+    }
+
+    /// Replaces a stored object's meta (after a revalidation); false when there is no object.
+    pub(super) fn update_meta(&self, k: &HashBinary, meta: &CacheMeta) -> Result<bool> {
         let meta = Arc::new(StoredMeta::new(meta)?);
         let mut objects = write(&self.objects);
-        let Some(old) = objects.get(&k) else {
+        let Some(old) = objects.get(k) else {
             return Ok(false);
         };
         let weight = old.body.len + meta.bytes;
@@ -555,26 +547,26 @@ impl Storage for MemoryStorage {
             weight,
         };
         let old_weight = old.weight;
-        objects.insert(k, Arc::new(replacement));
+        objects.insert(*k, Arc::new(replacement));
         self.usage.bytes.fetch_add(weight, Ordering::Relaxed);
         self.usage.bytes.fetch_sub(old_weight, Ordering::Relaxed);
         Ok(true)
-    }
-
-    fn support_streaming_partial_write(&self) -> bool {
-        true
-    }
-
-    fn as_any(&self) -> &(dyn Any + Send + Sync + 'static) {
-        self
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pingora_cache::trace::Span;
     use std::time::Duration;
+
+    fn lookup(s: &MemoryStorage, key: &CacheKey) -> Option<(CacheMeta, HitHandler)> {
+        let k = key.combined_bin();
+        s.lookup_fill(&k).or_else(|| s.lookup_object(&k))
+    }
+
+    fn fill(s: &'static MemoryStorage, key: &CacheKey, meta: &CacheMeta) -> MissHandler {
+        s.start_fill(key, meta, super::super::tiered::next_fill_id()).unwrap()
+    }
 
     fn storage() -> &'static MemoryStorage {
         Box::leak(Box::new(MemoryStorage::new(1 << 20, 1 << 20)))
@@ -597,10 +589,9 @@ mod tests {
     #[tokio::test]
     async fn a_finished_fill_becomes_an_object_and_is_counted() {
         let s = storage();
-        let span = &Span::inactive().handle();
         let key = CacheKey::new("host/a", "");
-        assert!(s.lookup(&key, span).await.unwrap().is_none());
-        let mut miss = s.get_miss_handler(&key, &meta(), span).await.unwrap();
+        assert!(lookup(s, &key).is_none());
+        let mut miss = fill(s, &key, &meta());
         miss.write_body(Bytes::from_static(b"hello "), false).await.unwrap();
         miss.write_body(Bytes::from_static(b"world"), true).await.unwrap();
         let MissFinishType::Created(weight) = miss.finish().await.unwrap() else {
@@ -609,7 +600,7 @@ mod tests {
         assert!(weight > 11);
         assert_eq!(s.usage.bytes.load(Ordering::Relaxed), weight);
         assert_eq!(s.usage.filling_bytes.load(Ordering::Relaxed), 0);
-        let (_, mut hit) = s.lookup(&key, span).await.unwrap().unwrap();
+        let (_, mut hit) = lookup(s, &key).unwrap();
         assert!(hit.can_seek());
         assert_eq!(read_all(&mut hit).await.unwrap(), b"hello world");
     }
@@ -617,9 +608,8 @@ mod tests {
     #[tokio::test]
     async fn seek_serves_any_range_across_chunks() {
         let s = storage();
-        let span = &Span::inactive().handle();
         let key = CacheKey::new("host/r", "");
-        let mut miss = s.get_miss_handler(&key, &meta(), span).await.unwrap();
+        let mut miss = fill(s, &key, &meta());
         for part in ["0123", "4567", "89"] {
             miss.write_body(Bytes::from(part), false).await.unwrap();
         }
@@ -630,22 +620,21 @@ mod tests {
             (7, None, "789"),
             (9, Some(99), "9"),
         ] {
-            let (_, mut hit) = s.lookup(&key, span).await.unwrap().unwrap();
+            let (_, mut hit) = lookup(s, &key).unwrap();
             hit.seek(start, end).unwrap();
             assert_eq!(read_all(&mut hit).await.unwrap(), want.as_bytes(), "{start}..{end:?}");
         }
-        let (_, mut hit) = s.lookup(&key, span).await.unwrap().unwrap();
+        let (_, mut hit) = lookup(s, &key).unwrap();
         assert!(hit.seek(10, None).is_err());
     }
 
     #[tokio::test]
     async fn readers_stream_a_fill_while_it_is_written() {
         let s = storage();
-        let span = &Span::inactive().handle();
         let key = CacheKey::new("host/big", "");
-        let mut miss = s.get_miss_handler(&key, &meta(), span).await.unwrap();
+        let mut miss = fill(s, &key, &meta());
         miss.write_body(Bytes::from_static(b"first"), false).await.unwrap();
-        let (_, mut hit) = s.lookup(&key, span).await.unwrap().unwrap();
+        let (_, mut hit) = lookup(s, &key).unwrap();
         assert!(!hit.can_seek());
         // The first bytes arrive before the fill ends.
         assert_eq!(hit.read_body().await.unwrap().unwrap(), Bytes::from_static(b"first"));
@@ -658,17 +647,16 @@ mod tests {
     #[tokio::test]
     async fn an_abandoned_fill_fails_its_readers_and_stores_nothing() {
         let s = storage();
-        let span = &Span::inactive().handle();
         let key = CacheKey::new("host/aborted", "");
-        let mut miss = s.get_miss_handler(&key, &meta(), span).await.unwrap();
+        let mut miss = fill(s, &key, &meta());
         miss.write_body(Bytes::from_static(b"partial"), false).await.unwrap();
-        let (_, mut hit) = s.lookup(&key, span).await.unwrap().unwrap();
+        let (_, mut hit) = lookup(s, &key).unwrap();
         drop(miss); // the origin went away mid-body
         assert!(
             read_all(&mut hit).await.is_err(),
             "a failed fill must not read as a clean end"
         );
-        assert!(s.lookup(&key, span).await.unwrap().is_none());
+        assert!(lookup(s, &key).is_none());
         assert_eq!(s.usage.bytes.load(Ordering::Relaxed), 0);
         assert_eq!(s.usage.filling_bytes.load(Ordering::Relaxed), 0);
     }
@@ -676,71 +664,55 @@ mod tests {
     #[tokio::test]
     async fn objects_over_the_max_size_are_refused() {
         let s: &'static MemoryStorage = Box::leak(Box::new(MemoryStorage::new(8, 8)));
-        let span = &Span::inactive().handle();
         let key = CacheKey::new("host/huge", "");
-        let mut miss = s.get_miss_handler(&key, &meta(), span).await.unwrap();
+        let mut miss = fill(s, &key, &meta());
         miss.write_body(Bytes::from_static(b"12345678"), false).await.unwrap();
         assert!(miss.write_body(Bytes::from_static(b"9"), true).await.is_err());
         drop(miss);
-        assert!(s.lookup(&key, span).await.unwrap().is_none());
+        assert!(lookup(s, &key).is_none());
     }
 
     #[tokio::test]
     async fn purge_where_matches_primary_keys() {
         let s = storage();
-        let span = &Span::inactive().handle();
         for k in ["h/fw/a.bin", "h/fw/b.bin", "h/other"] {
-            let mut miss = s.get_miss_handler(&CacheKey::new(k, ""), &meta(), span).await.unwrap();
+            let mut miss = fill(s, &CacheKey::new(k, ""), &meta());
             miss.write_body(Bytes::from_static(b"x"), true).await.unwrap();
             miss.finish().await.unwrap();
         }
         assert_eq!(s.purge_where(|p| p.starts_with("h/fw/")).len(), 2);
-        assert!(s
-            .lookup(&CacheKey::new("h/fw/a.bin", ""), span)
-            .await
-            .unwrap()
+        assert!(lookup(s, &CacheKey::new("h/fw/a.bin", ""))
             .is_none());
-        assert!(s.lookup(&CacheKey::new("h/other", ""), span).await.unwrap().is_some());
+        assert!(lookup(s, &CacheKey::new("h/other", "")).is_some());
         assert_eq!(s.usage.objects.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test]
     async fn purge_removes_the_object_and_its_bytes() {
         let s = storage();
-        let span = &Span::inactive().handle();
         let key = CacheKey::new("host/p", "");
-        let mut miss = s.get_miss_handler(&key, &meta(), span).await.unwrap();
+        let mut miss = fill(s, &key, &meta());
         miss.write_body(Bytes::from_static(b"x"), true).await.unwrap();
         miss.finish().await.unwrap();
         // A reader that started before the purge keeps its copy alive and complete.
-        let (_, mut hit) = s.lookup(&key, span).await.unwrap().unwrap();
-        let compact = key.to_compact();
-        let out = s
-            .purge(PurgeTarget::Active(&compact), PurgeType::Eviction, span)
-            .await
-            .unwrap();
-        assert!(matches!(out, PurgeOutcome::Purged(None)));
+        let (_, mut hit) = lookup(s, &key).unwrap();
+        assert!(s.remove(&key.combined_bin()));
         assert_eq!(s.usage.bytes.load(Ordering::Relaxed), 0);
-        assert!(s.lookup(&key, span).await.unwrap().is_none());
+        assert!(lookup(s, &key).is_none());
         assert_eq!(read_all(&mut hit).await.unwrap(), b"x");
-        let out = s
-            .purge(PurgeTarget::Active(&compact), PurgeType::Invalidation, span)
-            .await
-            .unwrap();
-        assert!(matches!(out, PurgeOutcome::NotFound));
+        assert!(!s.remove(&key.combined_bin()));
     }
 
     #[tokio::test]
     async fn fills_draw_on_a_bounded_reservation_given_back_when_they_end() {
         let s: &'static MemoryStorage = Box::leak(Box::new(MemoryStorage::new(100, 150)));
-        let span = &Span::inactive().handle();
         let a = s.reserve_fill(100).unwrap();
         assert!(s.reserve_fill(60).is_none(), "100 + 60 is over the fill budget of 150");
         let b = s.reserve_fill(1000).map(|_| ()); // capped at the max object size: 100 + 100 > 150
         assert!(b.is_none());
         let mut m = meta();
         m.extensions_mut().insert(a);
-        let mut miss = s.get_miss_handler(&CacheKey::new("h/r", ""), &m, span).await.unwrap();
+        let mut miss = fill(s, &CacheKey::new("h/r", ""), &m);
         drop(m); // the response is done; the fill still holds the reservation
         assert!(s.reserve_fill(60).is_none());
         miss.write_body(Bytes::from_static(b"x"), true).await.unwrap();
@@ -752,7 +724,6 @@ mod tests {
     #[tokio::test]
     async fn hits_rebuild_the_stored_meta_exactly() {
         let s = storage();
-        let span = &Span::inactive().handle();
         let key = CacheKey::new("h/meta", "");
         let now = SystemTime::now();
         let mut header = ResponseHeader::build(200, None).unwrap();
@@ -766,10 +737,10 @@ mod tests {
         );
         m.set_variance_key(*b"0123456789abcdef");
         m.update_freshness(now + Duration::from_secs(90), 7, 9); // a revalidation: the epoch moves
-        let mut miss = s.get_miss_handler(&key, &m, span).await.unwrap();
+        let mut miss = fill(s, &key, &m);
         miss.write_body(Bytes::from_static(b"x"), true).await.unwrap();
         miss.finish().await.unwrap();
-        let (hit, _) = s.lookup(&key, span).await.unwrap().unwrap();
+        let (hit, _) = lookup(s, &key).unwrap();
         assert_eq!(hit.fresh_until(), m.fresh_until());
         assert_eq!(hit.created(), m.created());
         assert_eq!(hit.epoch(), m.epoch());
