@@ -196,6 +196,26 @@ fn each_kind_of_error_is_rejected_with_the_file_and_the_key() {
             vec!["cache.max_object_bytes", "at most cache.max_filling_bytes"],
         ),
         (
+            "a disk tier without a budget",
+            format!("{GOOD}cache: {{ max_bytes: 1000, disk: {{ path: d, max_bytes: 0 }} }}\n"),
+            vec!["cache.disk.max_bytes", "more than 0"],
+        ),
+        (
+            "a disk object limit above the disk budget",
+            format!("{GOOD}cache: {{ max_bytes: 1000, disk: {{ path: d, max_bytes: 10, max_object_bytes: 11 }} }}\n"),
+            vec!["cache.disk.max_object_bytes", "at most cache.disk.max_bytes"],
+        ),
+        (
+            "no I/O threads for the disk",
+            format!("{GOOD}cache: {{ max_bytes: 1000, disk: {{ path: d, max_bytes: 10, io_threads: 0 }} }}\n"),
+            vec!["cache.disk.io_threads", "between 1 and 1024"],
+        ),
+        (
+            "an unknown disk key",
+            format!("{GOOD}cache: {{ max_bytes: 1000, disk: {{ path: d, max_bytes: 10, sync: true }} }}\n"),
+            vec!["cache", "unknown field `sync`"],
+        ),
+        (
             "a failed-handshake delay out of range",
             format!("{GOOD}limits: {{ failed_handshakes_per_ip: {{ max: 5, window_secs: 10, delay_ms: 0 }} }}\n"),
             vec!["limits.failed_handshakes_per_ip.delay_ms", "out of range"],
