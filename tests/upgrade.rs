@@ -23,6 +23,11 @@ struct Setup {
 }
 
 fn setup() -> Setup {
+    setup_with("  - { path_prefix: /, origin: main }\n")
+}
+
+/// The edge with `routes` (YAML list items) and whatever follows them.
+fn setup_with(routes: &str) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     ServerPki::write(d);
@@ -32,7 +37,7 @@ fn setup() -> Setup {
     let (port, admin_port) = (free_port(), free_port());
     let dd = d.display();
     let yaml = format!(
-        "server: {{ threads: 2, grace_period_seconds: 5, graceful_shutdown_timeout_seconds: 1, pid_file: {dd}/edge.pid, upgrade_sock: {dd}/upgrade.sock }}\nlisteners:\n{listener}trust_stores:\n  devices: {{ ca_files: [device-ca.pem] }}\norigins:\n{origin}routes:\n  - {{ path_prefix: /, origin: main }}\nadmin: {{ address: 127.0.0.1:{admin_port} }}\n",
+        "server: {{ threads: 2, grace_period_seconds: 5, graceful_shutdown_timeout_seconds: 1, pid_file: {dd}/edge.pid, upgrade_sock: {dd}/upgrade.sock }}\nlisteners:\n{listener}trust_stores:\n  devices: {{ ca_files: [device-ca.pem] }}\norigins:\n{origin}routes:\n{routes}admin: {{ address: 127.0.0.1:{admin_port} }}\n",
         listener = listener_yaml(port, "required", "devices"),
         origin = origin_yaml("main", origin.port),
     );
@@ -263,4 +268,71 @@ fn sigquit_without_a_process_to_take_the_sockets_is_ignored() {
         ),
         2.0
     );
+}
+
+/// The files on disk whose names end in `ext`.
+fn files_with(dir: &Path, ext: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == ext) {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn both_processes_of_an_upgrade_share_the_disk_cache() {
+    let s = setup_with(
+        "  - { path_prefix: /__origin/, origin: main }\n  - { path_prefix: /, origin: main, cache: { default_ttl_secs: 300 } }\ncache: { max_bytes: 4194304, max_object_bytes: 1048576, disk: { path: disk, max_bytes: 67108864, min_free_bytes: 0 } }\n",
+    );
+    let d = s.dir.path();
+    let port = s.edge.port;
+    let c = || Client::new(d, port).cert("device");
+    let count = |path: &str| -> u64 { c().get(&format!("/__origin/count?path={path}")).unwrap().body.trim().parse().unwrap() };
+    assert_eq!(c().get("/files/a.bin?size=2000000").unwrap().body.len(), 2_000_000);
+    // A fill in progress on the old process when the new one starts and loads the directory.
+    let size = 3_000_000;
+    let (mut download, mut got) = c().first_bytes(&format!("/gated/g.bin?size={size}"), 1).unwrap();
+    let tmp = d.join("disk/tmp");
+    wait_until("the fill writes its file", Duration::from_secs(10), || !files_with(&tmp, "body").is_empty());
+
+    let new_log = d.join("new.log");
+    let mut new = upgrade(&s.conf, &new_log);
+    let sock = d.join("upgrade.sock");
+    wait_until("the new process waits on the upgrade socket", Duration::from_secs(10), || {
+        mtls_edge::upgrade::listening(sock.to_str().unwrap())
+    });
+    kill(s.edge.pid(), "QUIT");
+    wait_until("the new process has loaded the cache", Duration::from_secs(10), || {
+        let log = std::fs::read_to_string(&new_log).unwrap_or_default();
+        log.contains("Bootstrap done") && log.contains("cache disk:")
+    });
+    assert_eq!(files_with(&tmp, "body").len(), 1, "the new process removed the old one's fill in progress");
+
+    // The old process finishes its fill and commits it; the new one serves it from disk.
+    assert_eq!(c().get("/__origin/release?name=g.bin").unwrap().status, 200);
+    let mut buf = [0u8; 65536];
+    while got < size {
+        let n = download.read(&mut buf).unwrap();
+        assert!(n > 0, "the download on the old process was cut at {got} of {size}");
+        got += n;
+    }
+    wait_until("the old process commits its fill", Duration::from_secs(10), || {
+        files_with(&d.join("disk/objects"), "meta").len() == 2
+    });
+    for path in ["/files/a.bin?size=2000000", "/gated/g.bin?size=3000000"] {
+        let r = c().get(path).unwrap();
+        assert_eq!(r.header("cache-status"), Some("mtls-edge; hit"), "{path}");
+    }
+    assert_eq!(count("/files/a.bin"), 1);
+    assert_eq!(count("/gated/g.bin"), 1);
+    let _ = new.kill();
+    let _ = new.wait();
 }
