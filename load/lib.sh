@@ -29,10 +29,12 @@ start_origin() {
 }
 
 # start_edge THREADS [CACHE_MAX_BYTES [MAX_OBJECT_BYTES]]: the edge on 8443 with /files/ cached.
-# EDGE_PORT, ADMIN_PORT and EXTRA_YAML (appended to the config) start a second, different edge.
+# EDGE_PORT, ADMIN_PORT and EXTRA_YAML (appended to the config) start a second, different edge;
+# CACHE_YAML replaces the cache section's value.
 start_edge() {
   local threads=$1 max=${2:-1073741824} obj=${3:-134217728}
   local port=${EDGE_PORT:-8443} admin=${ADMIN_PORT:-9100}
+  local cache=${CACHE_YAML:-"{ max_bytes: $max, max_object_bytes: $obj, lock_timeout_secs: 60 }"}
   cat > "$D/edge-$port.yaml" <<YAML
 server: { threads: $threads, grace_period_seconds: 0, graceful_shutdown_timeout_seconds: 0, pid_file: $D/edge-$port.pid, upgrade_sock: $D/edge-$port.sock }
 listeners:
@@ -44,7 +46,7 @@ origins:
 routes:
   - { path_prefix: /files/, origin: files, cache: { default_ttl_secs: 3600 } }
   - { path_prefix: /, origin: files }
-cache: { max_bytes: $max, max_object_bytes: $obj, lock_timeout_secs: 60 }
+cache: $cache
 admin: { address: 127.0.0.1:$admin }
 ${EXTRA_YAML:-}
 YAML

@@ -136,8 +136,14 @@ fn a_restart_with_a_warm_disk_does_not_go_back_to_the_origin() {
     assert_eq!(e.origin_count("/files/image.bin"), 1);
     assert_eq!(e.origin_count("/files/manifest.json"), 1);
     // The small object came from disk once, then from memory (it was promoted).
-    assert_eq!(e.metric("mtls_edge_cache_tier_lookups_total{result=\"hit\",tier=\"memory\"}"), 1.0);
-    assert_eq!(e.metric("mtls_edge_cache_tier_lookups_total{result=\"hit\",tier=\"disk\"}"), 3.0);
+    assert_eq!(
+        e.metric("mtls_edge_cache_tier_lookups_total{result=\"hit\",tier=\"memory\"}"),
+        1.0
+    );
+    assert_eq!(
+        e.metric("mtls_edge_cache_tier_lookups_total{result=\"hit\",tier=\"disk\"}"),
+        3.0
+    );
     e.wait_loaded();
     assert_eq!(e.metric("mtls_edge_cache_objects{tier=\"disk\"}"), 2.0);
     assert!(e.metric("mtls_edge_cache_bytes{tier=\"disk\"}") > 3_000_900.0);
@@ -178,14 +184,19 @@ fn a_crash_in_the_middle_of_a_fill_leaves_nothing_servable() {
     let stuck = std::thread::spawn(move || Client::new(&d, port).cert("device").get(path));
     let tmp = e.disk().join("tmp");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while files_with(&tmp, "body").is_empty() || std::fs::metadata(&files_with(&tmp, "body")[0]).unwrap().len() < 1_000_000 {
+    while files_with(&tmp, "body").is_empty()
+        || std::fs::metadata(&files_with(&tmp, "body")[0]).unwrap().len() < 1_000_000
+    {
         assert!(Instant::now() < deadline, "no fill in progress in {}", tmp.display());
         std::thread::sleep(Duration::from_millis(20));
     }
     e.crash_and_restart();
     let _ = stuck.join();
     e.wait_loaded();
-    assert!(files_with(&tmp, "body").is_empty(), "the dead fill's file was not removed");
+    assert!(
+        files_with(&tmp, "body").is_empty(),
+        "the dead fill's file was not removed"
+    );
     assert!(files_with(&e.disk().join("objects"), "meta").is_empty());
     // Nothing was served from the dead fill: the next request goes to the origin.
     let r = std::thread::scope(|s| {
@@ -209,12 +220,15 @@ fn an_object_larger_than_the_memory_tier_is_served_with_ranges() {
     for (range, start, end) in [
         ("bytes=1000000-1999999", 1_000_000, 2_000_000),
         ("bytes=-100", size - 100, size),
-        ("bytes=5000000-", 5_000_000, size), // a resumed download
+        ("bytes=5000000-", 5_000_000, size),       // a resumed download
         ("bytes=131070-131075", 131_070, 131_076), // across a block boundary
     ] {
         let r = e.client().header("Range", range).get(&path).unwrap();
         assert_eq!(r.status, 206, "{range}");
-        assert_eq!(r.header("content-range"), Some(format!("bytes {start}-{}/{size}", end - 1).as_str()));
+        assert_eq!(
+            r.header("content-range"),
+            Some(format!("bytes {start}-{}/{size}", end - 1).as_str())
+        );
         assert!(r.body.as_bytes() == &want[start..end], "{range}: wrong bytes");
         assert_eq!(r.header("cache-status"), Some("mtls-edge; hit"));
     }
@@ -251,7 +265,10 @@ fn the_disk_budget_is_kept_by_evicting_the_least_recently_used() {
     assert_eq!(e.metric("mtls_edge_cache_evictions_total{tier=\"disk\"}"), 2.0);
     assert_eq!(files_with(&e.disk().join("objects"), "body").len(), 2);
     // The oldest went; the newest is a hit.
-    assert_eq!(e.get(&format!("/files/d.bin?size={size}")).header("cache-status"), Some("mtls-edge; hit"));
+    assert_eq!(
+        e.get(&format!("/files/d.bin?size={size}")).header("cache-status"),
+        Some("mtls-edge; hit")
+    );
     e.get(&format!("/files/a.bin?size={size}"));
     assert_eq!(e.origin_count("/files/a.bin"), 2);
 }
@@ -274,7 +291,10 @@ fn a_disk_that_cannot_be_written_degrades_to_the_origin() {
     assert_eq!(e.metric("mtls_edge_cache_disk_skipped_total{reason=\"degraded\"}"), 2.0);
     // A small object still goes to memory.
     e.get("/files/small.txt?size=100");
-    assert_eq!(e.get("/files/small.txt?size=100").header("cache-status"), Some("mtls-edge; hit"));
+    assert_eq!(
+        e.get("/files/small.txt?size=100").header("cache-status"),
+        Some("mtls-edge; hit")
+    );
 }
 
 #[test]

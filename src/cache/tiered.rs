@@ -49,7 +49,9 @@ pub fn next_fill_id() -> u64 {
 impl Tiered {
     /// Puts an object read whole from disk into memory, within the memory tier's LRU.
     fn promote(&'static self, key: &CacheKey, meta: &CacheMeta, body: super::memory::Chunks) {
-        let Ok(weight) = self.memory.insert(key, meta, body) else { return };
+        let Ok(weight) = self.memory.insert(key, meta, body) else {
+            return;
+        };
         let entry = CacheEntryKey::key_only(key.to_compact());
         for evicted in self.memory_eviction.admit(entry, weight, meta.fresh_until()) {
             if self.memory.remove(&evicted.into_key().combined_bin()) {
@@ -110,7 +112,12 @@ impl Storage for Tiered {
         Ok(fill)
     }
 
-    async fn get_miss_handler(&'static self, key: &CacheKey, meta: &CacheMeta, _trace: &SpanHandle) -> Result<MissHandler> {
+    async fn get_miss_handler(
+        &'static self,
+        key: &CacheKey,
+        meta: &CacheMeta,
+        _trace: &SpanHandle,
+    ) -> Result<MissHandler> {
         let id = next_fill_id();
         let plan = meta.extensions().get::<DiskPlan>().copied();
         let disk = match (self.disk, plan) {
@@ -133,7 +140,12 @@ impl Storage for Tiered {
         }))
     }
 
-    async fn purge(&'static self, target: PurgeTarget<'_>, kind: PurgeType, _trace: &SpanHandle) -> Result<PurgeOutcome> {
+    async fn purge(
+        &'static self,
+        target: PurgeTarget<'_>,
+        kind: PurgeType,
+        _trace: &SpanHandle,
+    ) -> Result<PurgeOutcome> {
         let compact = target.key();
         let k = compact.combined_bin();
         let mut found = self.memory.remove(&k);

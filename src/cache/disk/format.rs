@@ -62,7 +62,8 @@ pub fn blocks(len: u64) -> usize {
 
 impl Meta {
     pub fn encode(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(64 + self.primary.len() + self.internal.len() + self.header.len() + 4 * self.crcs.len());
+        let mut b =
+            Vec::with_capacity(64 + self.primary.len() + self.internal.len() + self.header.len() + 4 * self.crcs.len());
         b.extend_from_slice(META_MAGIC);
         b.extend_from_slice(&[0; 4]); // the checksum, filled in below
         b.extend_from_slice(&self.id);
@@ -128,7 +129,9 @@ impl<'a> Reader<'a> {
     }
 
     fn u32(&mut self) -> Result<u32, Corrupt> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().map_err(|_| Corrupt::Truncated)?))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().map_err(|_| Corrupt::Truncated)?,
+        ))
     }
 
     fn part(&mut self) -> Result<&'a [u8], Corrupt> {

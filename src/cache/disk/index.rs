@@ -165,7 +165,11 @@ mod tests {
         i.insert(k(9), "h/new".into(), 10, 1_000);
         assert!(!i.insert_loaded(k(9), "h/old".into(), 99, 5));
         assert!(i.insert_loaded(k(1), "h/old".into(), 10, 5));
-        assert_eq!(i.evict(10, 0), vec![k(1)], "the loaded object was used before the new fill");
+        assert_eq!(
+            i.evict(10, 0),
+            vec![k(1)],
+            "the loaded object was used before the new fill"
+        );
     }
 
     #[test]

@@ -17,12 +17,12 @@ use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use pingora::{Error, ErrorType, Result};
 use pingora_cache::key::{str2hex, CacheHashKey, HashBinary};
 use pingora_cache::storage::{HandleHit, HitHandler, Storage};
@@ -70,6 +70,8 @@ pub struct DiskStorage {
     /// Until when (ns since the epoch) new fills skip the disk after an error.
     degraded_until: AtomicU64,
     fill_counter: AtomicU64,
+    /// Whether `RWF_NOWAIT` reads work on this filesystem.
+    nowait: AtomicBool,
 }
 
 fn hex(k: &HashBinary) -> String {
@@ -114,6 +116,7 @@ impl DiskStorage {
             loaded,
             degraded_until: AtomicU64::new(0),
             fill_counter: AtomicU64::new(0),
+            nowait: AtomicBool::new(true),
         }));
         metrics::CACHE_DISK_BUDGET.set(i64::try_from(disk.settings.max_bytes).unwrap_or(i64::MAX));
         for dir in [&disk.objects, &disk.tmp] {
@@ -132,7 +135,10 @@ impl DiskStorage {
 
     /// Runs blocking filesystem work on the I/O pool.
     async fn blocking<T: Send + 'static>(&self, f: impl FnOnce() -> io::Result<T> + Send + 'static) -> io::Result<T> {
-        self.pool.spawn_blocking(f).await.unwrap_or_else(|e| Err(io::Error::other(e)))
+        self.pool
+            .spawn_blocking(f)
+            .await
+            .unwrap_or_else(|e| Err(io::Error::other(e)))
     }
 
     fn paths(&self, k: &HashBinary) -> (PathBuf, PathBuf) {
@@ -159,7 +165,11 @@ impl DiskStorage {
     /// Removes a corrupt object, and counts it.
     fn corrupt(&'static self, k: HashBinary, why: Corrupt) {
         let (meta, _) = self.paths(&k);
-        log::warn!("cache disk: {} is corrupt ({}); removed, served as a miss", meta.display(), why.as_str());
+        log::warn!(
+            "cache disk: {} is corrupt ({}); removed, served as a miss",
+            meta.display(),
+            why.as_str()
+        );
         metrics::CACHE_DISK_CORRUPT.with_label_values(&[why.as_str()]).inc();
         self.index.remove(&k);
         self.pool.spawn_blocking(move || self.remove_files(&[k]));
@@ -263,6 +273,8 @@ impl DiskStorage {
             pos: 0,
             end: len,
             ahead: first.map(|b| (0, Ahead::Ready(b))),
+            spare: None,
+            cold: false,
             promote,
         };
         Some((meta, Box::new(hit)))
@@ -318,7 +330,13 @@ impl DiskStorage {
     /// Starts a fill under `id`; its readers read it here. The body goes to a temporary file
     /// when the disk has room; otherwise, or when the disk fails later, it is only relayed to
     /// the readers from memory.
-    pub async fn start_fill(&'static self, key: &CacheKey, meta: &CacheMeta, length: Option<u64>, id: u64) -> Result<DiskFill> {
+    pub async fn start_fill(
+        &'static self,
+        key: &CacheKey,
+        meta: &CacheMeta,
+        length: Option<u64>,
+        id: u64,
+    ) -> Result<DiskFill> {
         let serialized = meta.serialize()?;
         let k = key.combined_bin();
         let fill_id = self.new_fill_id();
@@ -490,7 +508,9 @@ impl DiskStorage {
 
     fn load_file(&'static self, path: &Path, found: &mut Vec<(HashBinary, Box<str>, u64, u64)>) {
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        let Some((stem, ext)) = name.split_once('.') else { return };
+        let Some((stem, ext)) = name.split_once('.') else {
+            return;
+        };
         let Some(k) = str2hex(stem) else { return };
         let meta_path = path.with_extension("meta");
         let body_path = path.with_extension("body");
@@ -499,14 +519,16 @@ impl DiskStorage {
                 Ok(Opened::Found(rec, body, _)) => {
                     let meta_len = fs::metadata(&meta_path).map_or(0, |m| m.len());
                     let body_len = body.metadata().map_or(0, |m| m.len());
-                    let access = fs::metadata(&meta_path)
-                        .and_then(|m| m.modified())
-                        .map_or(0, nanos);
+                    let access = fs::metadata(&meta_path).and_then(|m| m.modified()).map_or(0, nanos);
                     found.push((k, rec.primary.into(), meta_len + body_len, access));
                 }
                 Ok(Opened::Corrupt(why)) => {
                     metrics::CACHE_DISK_CORRUPT.with_label_values(&[why.as_str()]).inc();
-                    log::warn!("cache disk: {} is corrupt ({}); removed", meta_path.display(), why.as_str());
+                    log::warn!(
+                        "cache disk: {} is corrupt ({}); removed",
+                        meta_path.display(),
+                        why.as_str()
+                    );
                     self.remove_files(&[k]);
                 }
                 Ok(Opened::Missing | Opened::Mismatched) if age(&meta_path) > ORPHAN_AGE => self.remove_files(&[k]),
@@ -569,7 +591,13 @@ enum Opened {
 /// `first_block`, also reads and checks the body's first block, so that a corrupt small object
 /// is a miss before anything is sent (and a hit's first read costs no second trip to the pool).
 fn open_object(meta_path: &Path, body_path: &Path, touch: bool, first_block: bool) -> io::Result<Opened> {
-    let not_found = |e: io::Error| if e.kind() == io::ErrorKind::NotFound { Ok(Opened::Missing) } else { Err(e) };
+    let not_found = |e: io::Error| {
+        if e.kind() == io::ErrorKind::NotFound {
+            Ok(Opened::Missing)
+        } else {
+            Err(e)
+        }
+    };
     let meta_file = match File::open(meta_path) {
         Ok(f) => f,
         Err(e) => return not_found(e),
@@ -602,7 +630,7 @@ fn open_object(meta_path: &Path, body_path: &Path, touch: bool, first_block: boo
         return Ok(Opened::Corrupt(Corrupt::Truncated));
     }
     let first = if first_block && rec.body_len > 0 {
-        match read_block(&body, &rec.crcs, rec.body_len as usize, 0) {
+        match read_block(&body, &rec.crcs, rec.body_len as usize, 0, None) {
             Ok(b) => Some(b),
             Err(e) if e.kind() == io::ErrorKind::InvalidData => return Ok(Opened::Corrupt(Corrupt::Checksum)),
             Err(e) => return Err(e),
@@ -613,15 +641,81 @@ fn open_object(meta_path: &Path, body_path: &Path, touch: bool, first_block: boo
     Ok(Opened::Found(rec, body, first))
 }
 
+/// A buffer for one block: `spare` (a block buffer nothing else holds any more) when there is
+/// one, so that a download reuses one allocation and never zeroes it again.
+fn block_buffer(len: usize, block: usize, spare: Option<Bytes>) -> BytesMut {
+    let n = BLOCK.min(len - block * BLOCK);
+    match spare.map(Bytes::try_into_mut) {
+        Some(Ok(mut b)) if b.len() >= n => {
+            b.truncate(n);
+            b
+        }
+        _ => BytesMut::zeroed(n),
+    }
+}
+
 /// Reads one body block and checks it against its CRC.
-fn read_block(body: &File, crcs: &[u32], len: usize, block: usize) -> io::Result<Bytes> {
-    let start = block * BLOCK;
-    let mut buf = vec![0u8; BLOCK.min(len - start)];
-    body.read_exact_at(&mut buf, (BODY_HEADER + start) as u64)?;
+fn read_block(body: &File, crcs: &[u32], len: usize, block: usize, spare: Option<Bytes>) -> io::Result<Bytes> {
+    let mut buf = block_buffer(len, block, spare);
+    body.read_exact_at(&mut buf, (BODY_HEADER + block * BLOCK) as u64)?;
+    checked(buf, crcs, block)
+}
+
+fn checked(buf: BytesMut, crcs: &[u32], block: usize) -> io::Result<Bytes> {
     if crcs.get(block) != Some(&crc32fast::hash(&buf)) {
         return Err(io::Error::new(io::ErrorKind::InvalidData, "block checksum mismatch"));
     }
-    Ok(Bytes::from(buf))
+    Ok(buf.freeze())
+}
+
+/// Reads one block only if all of it is in the page cache (`RWF_NOWAIT`: the read neither waits
+/// for the disk nor starts readahead), so that it can run on the proxy's own thread: a hot
+/// object is served with no trip to the I/O pool. `None` when it would block, or when the
+/// filesystem cannot say (then `nowait` is turned off for good).
+#[cfg(target_os = "linux")]
+fn read_cached(
+    body: &File,
+    crcs: &[u32],
+    len: usize,
+    block: usize,
+    nowait: &AtomicBool,
+    spare: &mut Option<Bytes>,
+) -> Option<io::Result<Bytes>> {
+    use rustix::io::{preadv2, Errno, ReadWriteFlags};
+    if !nowait.load(Ordering::Relaxed) {
+        return None;
+    }
+    let mut buf = block_buffer(len, block, spare.take());
+    let offset = (BODY_HEADER + block * BLOCK) as u64;
+    match preadv2(
+        body,
+        &mut [io::IoSliceMut::new(&mut buf)],
+        offset,
+        ReadWriteFlags::NOWAIT,
+    ) {
+        Ok(n) if n == buf.len() => Some(checked(buf, crcs, block)),
+        Ok(_) | Err(Errno::AGAIN) => {
+            *spare = Some(buf.freeze()); // for the read on the pool
+            None
+        }
+        Err(Errno::OPNOTSUPP | Errno::NOSYS | Errno::INVAL) => {
+            nowait.store(false, Ordering::Relaxed);
+            None
+        }
+        Err(e) => Some(Err(e.into())),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn read_cached(
+    _: &File,
+    _: &[u32],
+    _: usize,
+    _: usize,
+    _: &AtomicBool,
+    _: &mut Option<Bytes>,
+) -> Option<io::Result<Bytes>> {
+    None
 }
 
 /// Reads a complete object in checksummed blocks, one block ahead of what it returns. A block
@@ -635,8 +729,12 @@ struct DiskHit {
     len: usize,
     pos: usize,
     end: usize,
+    /// The last block returned, whose buffer the next read takes once the client has it.
+    spare: Option<Bytes>,
     /// The next block, read ahead of what was returned.
     ahead: Option<(usize, Ahead)>,
+    /// The last block was not in the page cache: read the next one ahead, on the pool.
+    cold: bool,
     /// The body so far, for a promotion into memory once it is read whole.
     promote: Option<(Chunks, Promote)>,
 }
@@ -646,16 +744,17 @@ pub(in crate::cache) type Promote = Box<dyn FnOnce(Chunks) + Send + Sync>;
 
 enum Ahead {
     Ready(Bytes),
+    Cached(io::Result<Bytes>),
     Reading(tokio::task::JoinHandle<io::Result<Bytes>>),
 }
 
 impl DiskHit {
-    fn spawn_read(&self, block: usize) -> Ahead {
-        let (body, crcs, len) = (self.body.clone(), self.crcs.clone(), self.len);
+    fn spawn_read(&mut self, block: usize) -> Ahead {
+        let (body, crcs, len, spare) = (self.body.clone(), self.crcs.clone(), self.len, self.spare.take());
         Ahead::Reading(
             self.storage
                 .pool
-                .spawn_blocking(move || read_block(&body, &crcs, len, block)),
+                .spawn_blocking(move || read_block(&body, &crcs, len, block, spare)),
         )
     }
 }
@@ -669,10 +768,20 @@ impl HandleHit for DiskHit {
         let block = self.pos / BLOCK;
         let pending = match self.ahead.take() {
             Some((b, h)) if b == block => h,
-            _ => self.spawn_read(block),
+            _ => match read_cached(&self.body, &self.crcs, self.len, block, &self.storage.nowait, &mut self.spare) {
+                Some(r) => {
+                    self.cold = false;
+                    Ahead::Cached(r)
+                }
+                None => {
+                    self.cold = true;
+                    self.spawn_read(block)
+                }
+            },
         };
         let read = match pending {
             Ahead::Ready(b) => Ok(b),
+            Ahead::Cached(r) => r,
             Ahead::Reading(h) => h.await.unwrap_or_else(|e| Err(io::Error::other(e))),
         };
         let data = match read {
@@ -689,13 +798,14 @@ impl HandleHit for DiskHit {
         let from = self.pos - block * BLOCK;
         let to = (self.end - block * BLOCK).min(data.len());
         self.pos += to - from;
-        if self.pos < self.end {
+        if self.cold && self.pos < self.end {
             self.ahead = Some((block + 1, self.spawn_read(block + 1)));
         }
         let out = data.slice(from..to);
         if let Some((body, _)) = &mut self.promote {
             body.push(out.clone());
         }
+        self.spare = Some(data);
         Ok(Some(out))
     }
 
@@ -719,7 +829,10 @@ impl HandleHit for DiskHit {
 
     fn seek(&mut self, start: usize, end: Option<usize>) -> Result<()> {
         if start >= self.len {
-            return Error::e_explain(ErrorType::InternalError, format!("seek start {start} >= length {}", self.len));
+            return Error::e_explain(
+                ErrorType::InternalError,
+                format!("seek start {start} >= length {}", self.len),
+            );
         }
         self.pos = start;
         self.end = end.map_or(self.len, |e| e.min(self.len));
@@ -847,7 +960,10 @@ impl DiskFill {
             }
             Err(e) => {
                 // The tail stays: readers go on from memory.
-                let temp = self.storage.tmp.join(format!("{}.{}.body", hex(&self.key), hex(&self.fill_id)));
+                let temp = self
+                    .storage
+                    .tmp
+                    .join(format!("{}.{}.body", hex(&self.key), hex(&self.fill_id)));
                 self.storage.fault(DiskOp::Write, &temp, &e);
                 self.storage.pool.spawn_blocking(move || fs::remove_file(&temp));
             }
@@ -1063,7 +1179,10 @@ mod tests {
     }
 
     async fn store(d: &'static DiskStorage, key: &CacheKey, data: &[u8], piece: usize) -> u64 {
-        let mut f = d.start_fill(key, &meta(), Some(data.len() as u64), next_fill_id()).await.unwrap();
+        let mut f = d
+            .start_fill(key, &meta(), Some(data.len() as u64), next_fill_id())
+            .await
+            .unwrap();
         for chunk in data.chunks(piece) {
             f.write_body(Bytes::copy_from_slice(chunk), false).await;
         }
@@ -1107,14 +1226,22 @@ mod tests {
         assert!(store(d, &key, &data, 1000).await > data.len() as u64);
         let mut hit = lookup(d, &key).await.unwrap();
         assert_eq!(read_all(&mut hit).await.unwrap(), data);
-        for (start, end) in [(0, 10), (BLOCK - 3, BLOCK + 3), (2 * BLOCK, 3 * BLOCK + 5), (3 * BLOCK + 4, 3 * BLOCK + 5)] {
+        for (start, end) in [
+            (0, 10),
+            (BLOCK - 3, BLOCK + 3),
+            (2 * BLOCK, 3 * BLOCK + 5),
+            (3 * BLOCK + 4, 3 * BLOCK + 5),
+        ] {
             let mut hit = lookup(d, &key).await.unwrap();
             hit.seek(start, Some(end)).unwrap();
             assert_eq!(read_all(&mut hit).await.unwrap(), &data[start..end], "{start}..{end}");
         }
         let mut hit = lookup(d, &key).await.unwrap();
         assert!(hit.seek(data.len(), None).is_err());
-        assert!(files(&dir.path().join("tmp")).is_empty(), "the temporary file was renamed");
+        assert!(
+            files(&dir.path().join("tmp")).is_empty(),
+            "the temporary file was renamed"
+        );
     }
 
     #[tokio::test]
@@ -1180,7 +1307,12 @@ mod tests {
         let key = CacheKey::new("h/torn", "");
         store(d, &key, &body(5000), 1000).await;
         let (_, body_path) = d.paths(&key.combined_bin());
-        File::options().write(true).open(&body_path).unwrap().set_len(3000).unwrap();
+        File::options()
+            .write(true)
+            .open(&body_path)
+            .unwrap()
+            .set_len(3000)
+            .unwrap();
         assert!(lookup(d, &key).await.is_none());
     }
 
@@ -1193,15 +1325,21 @@ mod tests {
         let mut fill = d.start_fill(&key, &meta(), None, next_fill_id()).await.unwrap();
         fill.write_body(Bytes::copy_from_slice(&data[..100]), false).await;
         let (_, mut early) = d.lookup_fill(&key, None).unwrap();
-        assert_eq!(&early.read_body().await.unwrap().unwrap()[..], &data[..100], "before any flush");
-        fill.write_body(Bytes::copy_from_slice(&data[100..BLOCK + 5]), false).await; // flushed
+        assert_eq!(
+            &early.read_body().await.unwrap().unwrap()[..],
+            &data[..100],
+            "before any flush"
+        );
+        fill.write_body(Bytes::copy_from_slice(&data[100..BLOCK + 5]), false)
+            .await; // flushed
         let (_, mut late) = d.lookup_fill(&key, None).unwrap();
         let reader = tokio::spawn(async move {
             let mut out = data[..100].to_vec();
             out.extend(read_all(&mut early).await.unwrap());
             (out, read_all(&mut late).await.unwrap())
         });
-        fill.write_body(Bytes::copy_from_slice(&body(2 * BLOCK + 10)[BLOCK + 5..]), true).await;
+        fill.write_body(Bytes::copy_from_slice(&body(2 * BLOCK + 10)[BLOCK + 5..]), true)
+            .await;
         fill.finish().await;
         let (early, late) = reader.await.unwrap();
         assert_eq!(early, body(2 * BLOCK + 10));
@@ -1218,7 +1356,10 @@ mod tests {
         let (_, mut hit) = d.lookup_fill(&key, None).unwrap();
         assert_eq!(files(&dir.path().join("tmp")).len(), 1);
         drop(fill); // the origin went away mid-body
-        assert!(read_all(&mut hit).await.is_err(), "a failed fill must not read as a clean end");
+        assert!(
+            read_all(&mut hit).await.is_err(),
+            "a failed fill must not read as a clean end"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(files(dir.path()).is_empty(), "{:?}", files(dir.path()));
         assert!(lookup(d, &key).await.is_none());
@@ -1265,14 +1406,25 @@ mod tests {
         let d = DiskStorage::open(settings(dir.path())).unwrap();
         let key = CacheKey::new("h/ro", "");
         let data = body(BLOCK * 2);
-        let mut fill = d.start_fill(&key, &meta(), Some(data.len() as u64), next_fill_id()).await.unwrap();
+        let mut fill = d
+            .start_fill(&key, &meta(), Some(data.len() as u64), next_fill_id())
+            .await
+            .unwrap();
         let (_, mut hit) = d.lookup_fill(&key, None).unwrap();
         let reader = tokio::spawn(async move { read_all(&mut hit).await.unwrap() });
         fill.write_body(Bytes::from(data.clone()), true).await;
         assert_eq!(fill.finish().await, 0);
-        assert_eq!(reader.await.unwrap(), data, "the readers got the whole body from memory");
+        assert_eq!(
+            reader.await.unwrap(),
+            data,
+            "the readers got the whole body from memory"
+        );
         assert!(lookup(d, &key).await.is_none());
-        assert_eq!(d.accepts(Some(10)), Err(DiskSkip::Degraded), "the disk is left alone for a while");
+        assert_eq!(
+            d.accepts(Some(10)),
+            Err(DiskSkip::Degraded),
+            "the disk is left alone for a while"
+        );
     }
 
     #[tokio::test]
