@@ -270,22 +270,6 @@ fn sigquit_without_a_process_to_take_the_sockets_is_ignored() {
     );
 }
 
-/// The files on disk whose names end in `ext`.
-fn files_with(dir: &Path, ext: &str) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.extension().is_some_and(|x| x == ext) {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
 
 #[test]
 fn both_processes_of_an_upgrade_share_the_disk_cache() {

@@ -154,8 +154,9 @@ struct Object {
     weight: usize,
 }
 
+/// How far a fill has come: what its readers wait on (both tiers).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum FillState {
+pub(super) enum FillState {
     Writing(usize),
     Complete(usize),
     Failed,

@@ -649,3 +649,20 @@ pub fn metric(admin_port: u16, name_and_labels: &str) -> f64 {
         .find_map(|l| l.strip_prefix(name_and_labels).and_then(|v| v.trim().parse().ok()))
         .unwrap_or(0.0)
 }
+
+/// The files under `dir` whose names end in `.ext`.
+pub fn files_with(dir: &Path, ext: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == ext) {
+                out.push(p);
+            }
+        }
+    }
+    out
+}

@@ -31,7 +31,7 @@ use pingora_cache::{CacheKey, CacheMeta};
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 
-use super::memory::Chunks;
+use super::memory::{Chunks, FillState};
 use crate::metrics;
 use crate::reason::{Corrupt, DiskOp, DiskSkip, Tier};
 use format::{FillId, BLOCK, BODY_HEADER};
@@ -855,13 +855,6 @@ impl HandleHit for DiskHit {
     fn as_any_mut(&mut self) -> &mut (dyn std::any::Any + Send + Sync) {
         self
     }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum FillState {
-    Writing(usize),
-    Complete(usize),
-    Failed,
 }
 
 /// What a fill's readers read that is not in the file: the bytes since the last flush, or,
