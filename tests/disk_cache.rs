@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use mtls_edge::demo::file_body;
 use mtls_edge::pki::LeafSpec;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 const MIB: usize = 1 << 20;
@@ -311,4 +311,23 @@ fn a_purge_removes_an_object_from_both_tiers() {
     e.get(large);
     assert_eq!(e.origin_count("/files/p/small.json"), 2);
     assert_eq!(e.origin_count("/files/p/large.bin"), 2);
+}
+
+#[test]
+fn a_304_refreshes_an_object_on_disk_and_the_refresh_survives_a_restart() {
+    let mut e = edge("max_bytes: 67108864, min_free_bytes: 0");
+    let size = 2 * MIB; // disk only
+    let path = format!("/files/reval.bin?size={size}&max_age=4");
+    assert_body(&e.get(&path), size);
+    std::thread::sleep(Duration::from_millis(4500));
+    let r = e.get(&path);
+    assert_body(&r, size);
+    assert_eq!(r.header("cache-status"), Some("mtls-edge; fwd=stale; fwd-status=304"));
+    assert_eq!(e.origin_count("/files/reval.bin"), 2, "the revalidation went to the origin");
+    // The new freshness is in the meta on disk: after a restart, a plain hit.
+    e.crash_and_restart();
+    let r = e.get(&path);
+    assert_body(&r, size);
+    assert_eq!(r.header("cache-status"), Some("mtls-edge; hit"));
+    assert_eq!(e.origin_count("/files/reval.bin"), 2);
 }
