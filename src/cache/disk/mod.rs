@@ -211,7 +211,12 @@ impl DiskStorage {
         };
         if !evicted.is_empty() {
             // Wait for the files to go, so that the space is free before the fill writes.
-            let _ = self.blocking(move || Ok(self.remove_files(&evicted))).await;
+            let _ = self
+                .blocking(move || {
+                    self.remove_files(&evicted);
+                    Ok(())
+                })
+                .await;
         }
         if short > 0 && free_bytes(&self.tmp).unwrap_or(u64::MAX) < need {
             return Err(DiskSkip::NoSpace);
@@ -441,7 +446,12 @@ impl DiskStorage {
         let _ = loaded.wait_for(|done| *done).await;
         let doomed = self.index.remove_where(matches);
         let n = doomed.len();
-        let _ = self.blocking(move || Ok(self.remove_files(&doomed))).await;
+        let _ = self
+            .blocking(move || {
+                self.remove_files(&doomed);
+                Ok(())
+            })
+            .await;
         n
     }
 
