@@ -14,7 +14,7 @@ cleanup() {
 trap cleanup EXIT
 
 
-wait_port() { for _ in $(seq 100); do (echo > "/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 not up" >&2; exit 1; }
+wait_port() { for _ in $(seq 1000); do (echo > "/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.01; done; echo "port $1 not up" >&2; exit 1; }
 
 # The demo writes the PKI (device, edge server/client, origin server, CAs, CRLs).
 timeout 5 "$BIN" demo --dir "$D" >/dev/null 2>&1 || true
