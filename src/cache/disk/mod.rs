@@ -1239,6 +1239,13 @@ mod tests {
             hit.seek(start, Some(end)).unwrap();
             assert_eq!(read_all(&mut hit).await.unwrap(), &data[start..end], "{start}..{end}");
         }
+        // Blocks not in the page cache are read on the pool, one ahead (as on a cold disk).
+        d.nowait.store(false, Ordering::Relaxed);
+        let mut hit = lookup(d, &key).await.unwrap();
+        assert_eq!(read_all(&mut hit).await.unwrap(), data);
+        let mut hit = lookup(d, &key).await.unwrap();
+        hit.seek(BLOCK + 1, Some(3 * BLOCK)).unwrap();
+        assert_eq!(read_all(&mut hit).await.unwrap(), &data[BLOCK + 1..3 * BLOCK]);
         let mut hit = lookup(d, &key).await.unwrap();
         assert!(hit.seek(data.len(), None).is_err());
         assert!(
