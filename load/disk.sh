@@ -19,13 +19,9 @@ mkdir -p "$D/edge-disk" "$D/nginx-cache"
 chmod 755 "$D" && chmod 777 "$D/nginx-cache" # nginx's workers run as www-data
 export CACHE_YAML="{ max_bytes: 67108864, max_object_bytes: 16777216, disk: { path: $D/edge-disk, max_bytes: 8589934592, max_object_bytes: 4294967296, min_free_bytes: 0 } }"
 start_edge 1
+# notice: nginx's cache loader says when it is done
 cat > "$D/nginx.conf" <<NGINX
-worker_processes 1;
-pid $D/nginx.pid;
-error_log $D/nginx-error.log notice;
-events { worker_connections 1024; }
-http {
-  access_log off;
+$(nginx_prelude notice)
   proxy_cache_path $D/nginx-cache levels=1:2 keys_zone=fw:10m max_size=8g inactive=1d use_temp_path=off;
   upstream origin { server 127.0.0.1:9443; keepalive 32; }
   server {

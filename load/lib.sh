@@ -62,12 +62,13 @@ HZ=$(getconf CLK_TCK)
 # nginx_pids: nginx's master and workers (after nginx was started with pid $D/nginx.pid).
 nginx_pids() { echo "$(cat "$D/nginx.pid") $(pgrep -P "$(cat "$D/nginx.pid")" | tr '\n' ' ')"; }
 
-# The start of every nginx.conf here: one worker, files in $D, no access log (an open http block).
+# The start of every nginx.conf here: one worker, files in $D, no access log (an open http block);
+# the error log at LEVEL (default warn).
 nginx_prelude() {
   cat <<NGINX
 worker_processes 1;
 pid $D/nginx.pid;
-error_log $D/nginx-error.log warn;
+error_log $D/nginx-error.log ${1:-warn};
 events { worker_connections 1024; }
 http {
   access_log off;

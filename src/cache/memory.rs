@@ -95,12 +95,12 @@ impl Drop for Reservation {
     }
 }
 
-fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+pub(super) fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
     // No code panics while holding these locks; a poisoned one still holds consistent data.
     l.read().unwrap_or_else(|e| e.into_inner())
 }
 
-fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+pub(super) fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -246,7 +246,8 @@ impl MemoryStorage {
         removed
     }
 
-    fn remove_object(&self, key: &HashBinary) -> bool {
+    /// Removes a complete object; false when there was none.
+    pub(super) fn remove(&self, key: &HashBinary) -> bool {
         match write(&self.objects).remove(key) {
             Some(old) => {
                 self.usage.bytes.fetch_sub(old.weight, Ordering::Relaxed);
@@ -420,7 +421,7 @@ impl HandleMiss for Miss {
             weight,
         });
         self.fill.state.send_replace(FillState::Complete(self.written));
-        self.storage.remove_object(&self.key);
+        self.storage.remove(&self.key);
         write(&self.storage.objects).insert(self.key, object);
         self.storage.usage.bytes.fetch_add(weight, Ordering::Relaxed);
         self.storage.usage.objects.fetch_add(1, Ordering::Relaxed);
@@ -520,16 +521,11 @@ impl MemoryStorage {
             weight,
         });
         let k = key.combined_bin();
-        self.remove_object(&k);
+        self.remove(&k);
         write(&self.objects).insert(k, object);
         self.usage.bytes.fetch_add(weight, Ordering::Relaxed);
         self.usage.objects.fetch_add(1, Ordering::Relaxed);
         Ok(weight)
-    }
-
-    /// Removes a complete object; false when there was none.
-    pub(super) fn remove(&self, k: &HashBinary) -> bool {
-        self.remove_object(k)
     }
 
     /// Replaces a stored object's meta (after a revalidation); false when there is no object.

@@ -31,7 +31,7 @@ use pingora_cache::{CacheKey, CacheMeta};
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 
-use super::memory::{Chunks, FillState};
+use super::memory::{read, write, Chunks, FillState};
 use crate::metrics;
 use crate::reason::{Corrupt, DiskOp, DiskSkip, Tier};
 use format::{FillId, BLOCK, BODY_HEADER};
@@ -72,6 +72,8 @@ pub struct DiskStorage {
     fill_counter: AtomicU64,
     /// Whether `RWF_NOWAIT` reads work on this filesystem.
     nowait: AtomicBool,
+    /// The filesystem's free bytes when last measured (on the pool).
+    free: AtomicU64,
 }
 
 fn hex(k: &HashBinary) -> String {
@@ -80,14 +82,6 @@ fn hex(k: &HashBinary) -> String {
         let _ = write!(s, "{b:02x}"); // a String cannot fail
         s
     })
-}
-
-fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(|e| e.into_inner())
-}
-
-fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(|e| e.into_inner())
 }
 
 fn now() -> u64 {
@@ -117,6 +111,7 @@ impl DiskStorage {
             degraded_until: AtomicU64::new(0),
             fill_counter: AtomicU64::new(0),
             nowait: AtomicBool::new(true),
+            free: AtomicU64::new(u64::MAX),
         }));
         metrics::CACHE_DISK_BUDGET.set(i64::try_from(disk.settings.max_bytes).unwrap_or(i64::MAX));
         for dir in [&disk.objects, &disk.tmp] {
@@ -199,29 +194,32 @@ impl DiskStorage {
 
     /// Whether a fill of about `length` bytes can be written: makes room by eviction, for the
     /// budget and for the filesystem's minimum free space.
+    /// The whole of it runs on the pool: statvfs and unlink can block.
     async fn make_room(&'static self, length: u64) -> std::result::Result<(), DiskSkip> {
-        let limit = self.settings.max_bytes.saturating_sub(length);
-        let evicted = self.evict(limit, 0);
-        let need = self.settings.min_free_bytes + length;
-        let short = need.saturating_sub(free_bytes(&self.tmp).unwrap_or(u64::MAX));
-        let evicted = if short > 0 {
-            [evicted, self.evict(u64::MAX, short)].concat()
-        } else {
-            evicted
-        };
-        if !evicted.is_empty() {
-            // Wait for the files to go, so that the space is free before the fill writes.
-            let _ = self
-                .blocking(move || {
-                    self.remove_files(&evicted);
-                    Ok(())
-                })
-                .await;
+        let room = self.blocking(move || {
+            let evicted = self.evict(self.settings.max_bytes.saturating_sub(length), 0);
+            self.remove_files(&evicted);
+            let need = self.settings.min_free_bytes + length;
+            let short = need.saturating_sub(self.measure_free());
+            if short > 0 {
+                // The files go before the fill writes, so that their space is free.
+                let evicted = self.evict(u64::MAX, short);
+                self.remove_files(&evicted);
+                return Ok(self.measure_free() >= need);
+            }
+            Ok(true)
+        });
+        match room.await {
+            Ok(true) => Ok(()),
+            _ => Err(DiskSkip::NoSpace),
         }
-        if short > 0 && free_bytes(&self.tmp).unwrap_or(u64::MAX) < need {
-            return Err(DiskSkip::NoSpace);
-        }
-        Ok(())
+    }
+
+    /// Measures the filesystem's free bytes (blocking), and keeps the figure for `accepts`.
+    fn measure_free(&self) -> u64 {
+        let free = free_bytes(&self.tmp).unwrap_or(u64::MAX);
+        self.free.store(free, Ordering::Relaxed);
+        free
     }
 
     fn new_fill_id(&self) -> FillId {
@@ -310,7 +308,7 @@ impl DiskStorage {
     }
 
     /// Whether a fill of `length` bytes (unknown: one block) could be written, after eviction.
-    /// Cheap and synchronous, for the response filter: a response the disk would not take is
+    /// Cheap, synchronous and without I/O, for the response filter: a response the disk would not take is
     /// streamed to its client directly rather than through a fill.
     pub fn accepts(&self, length: Option<u64>) -> std::result::Result<(), DiskSkip> {
         let length = length.unwrap_or(BLOCK as u64);
@@ -319,8 +317,9 @@ impl DiskStorage {
         } else if length > self.settings.max_object_bytes {
             Some(DiskSkip::TooLarge)
         } else {
+            // The free space as the last fill (or the loader) measured it: no syscall here.
             let (held, _) = self.index.usage();
-            let free = free_bytes(&self.tmp).unwrap_or(u64::MAX);
+            let free = self.free.load(Ordering::Relaxed);
             (free.saturating_add(held) < self.settings.min_free_bytes + length).then_some(DiskSkip::NoSpace)
         };
         match skip {
@@ -398,8 +397,8 @@ impl DiskStorage {
         };
         let k = key.combined_bin();
         let (path, _) = self.paths(&k);
-        let temp = self.tmp.join(format!("{}.{}.meta", hex(&k), hex(&self.new_fill_id())));
-        let (p, t) = (path.clone(), temp.clone());
+        let t = self.tmp.join(format!("{}.{}.meta", hex(&k), hex(&self.new_fill_id())));
+        let p = path.clone();
         let result = self
             .blocking(move || {
                 let old = match fs::read(&p) {
@@ -412,14 +411,15 @@ impl DiskStorage {
                 };
                 rec.internal = internal;
                 rec.header = header;
-                fs::write(&t, rec.encode())?;
-                fs::rename(&t, &p)?;
-                Ok(true)
+                let written = fs::write(&t, rec.encode()).and_then(|()| fs::rename(&t, &p));
+                if written.is_err() {
+                    let _ = fs::remove_file(&t);
+                }
+                written.map(|()| true)
             })
             .await;
         result.unwrap_or_else(|e| {
             self.fault(DiskOp::Commit, &path, &e);
-            let _ = fs::remove_file(&temp);
             false
         })
     }
@@ -471,6 +471,7 @@ impl DiskStorage {
     /// of fills that died with their process, and torn or corrupt objects.
     fn load(&'static self) {
         let started = Instant::now();
+        self.measure_free();
         let mut stale_temps = 0;
         if let Ok(entries) = fs::read_dir(&self.tmp) {
             for e in entries.flatten() {
@@ -998,19 +999,22 @@ impl DiskFill {
             header: self.fill.meta.1.clone(),
             crcs: w.sums.finish(),
         };
-        let meta_temp = w.temp.with_extension("meta");
-        let (temp, mt) = (w.temp.clone(), meta_temp.clone());
+        let (temp, mt) = (w.temp.clone(), w.temp.with_extension("meta"));
         let result = self
             .storage
             .blocking(move || {
-                if let Some(dir) = body_path.parent() {
-                    fs::create_dir_all(dir)?;
-                }
                 let encoded = rec.encode();
-                fs::write(&mt, &encoded)?;
-                fs::rename(&temp, &body_path)?;
-                fs::rename(&mt, &meta_path)?;
-                Ok(BODY_HEADER as u64 + rec.body_len + encoded.len() as u64)
+                let committed = body_path
+                    .parent()
+                    .map_or(Ok(()), fs::create_dir_all)
+                    .and_then(|()| fs::write(&mt, &encoded))
+                    .and_then(|()| fs::rename(&temp, &body_path))
+                    .and_then(|()| fs::rename(&mt, &meta_path));
+                if committed.is_err() {
+                    let _ = fs::remove_file(&temp);
+                    let _ = fs::remove_file(&mt);
+                }
+                committed.map(|()| BODY_HEADER as u64 + rec.body_len + encoded.len() as u64)
             })
             .await;
         drop(w.file); // releases the lock
@@ -1026,8 +1030,6 @@ impl DiskFill {
             }
             Err(e) => {
                 self.storage.fault(DiskOp::Commit, &w.temp, &e);
-                let _ = fs::remove_file(&w.temp);
-                let _ = fs::remove_file(&meta_temp);
                 0
             }
         }
