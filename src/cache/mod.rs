@@ -253,7 +253,7 @@ pub fn cacheable(resp: &ResponseHeader, default_ttl: u32) -> RespCacheable {
     if cc.as_ref().is_some_and(|c| c.is_cacheable() == Cacheable::No) {
         return RespCacheable::Uncacheable(NoCacheReason::OriginNotCache);
     }
-    match resp_cacheable(cc.as_ref(), resp.clone(), false, &NO_DEFAULTS) {
+    let decision = match resp_cacheable(cc.as_ref(), resp.clone(), false, &NO_DEFAULTS) {
         RespCacheable::Cacheable(meta) => RespCacheable::Cacheable(meta),
         RespCacheable::Uncacheable(_) if heuristically_cacheable(resp.status.as_u16()) => {
             let now = SystemTime::now();
@@ -266,7 +266,31 @@ pub fn cacheable(resp: &ResponseHeader, default_ttl: u32) -> RespCacheable {
             RespCacheable::Cacheable(CacheMeta::new(now + fresh, now, swr, sie, resp.clone()))
         }
         uncacheable => uncacheable,
+    };
+    match (decision, age(resp)) {
+        (RespCacheable::Cacheable(meta), Some(age)) => RespCacheable::Cacheable(aged(&meta, age)),
+        (decision, _) => decision,
     }
+}
+
+/// The response's `Age` (RFC 9111 §5.1): how long a cache upstream, a shield, has held it.
+fn age(resp: &ResponseHeader) -> Option<Duration> {
+    let secs: u64 = resp.headers.get(http::header::AGE)?.to_str().ok()?.trim().parse().ok()?;
+    (secs > 0).then(|| Duration::from_secs(secs))
+}
+
+/// `meta` as if stored `age` earlier (RFC 9111 §4.2.3: the current age counts the time spent in
+/// caches upstream): it stays fresh only for what is left of the freshness, and the `Age` this
+/// cache sends counts the upstream's time too. Without it, every tier would add a full lifetime.
+fn aged(meta: &CacheMeta, age: Duration) -> CacheMeta {
+    let back = |t: SystemTime| t.checked_sub(age).unwrap_or(SystemTime::UNIX_EPOCH);
+    CacheMeta::new(
+        back(meta.fresh_until()),
+        back(meta.created()),
+        meta.stale_while_revalidate_sec(),
+        meta.stale_if_error_sec(),
+        meta.response_header_copy(),
+    )
 }
 
 /// The variance of a stored response for this request: the values of the request headers that
@@ -342,6 +366,27 @@ mod tests {
             Some(30)
         );
         assert_eq!(ttl(cacheable(&resp(&[]), 60)), Some(60));
+    }
+
+    #[test]
+    fn time_spent_in_a_cache_upstream_counts_against_freshness() {
+        let aged = |age: &str| cacheable(&resp(&[("cache-control", "max-age=100"), ("age", age)]), 60);
+        assert_eq!(ttl(aged("30")), Some(70));
+        assert_eq!(ttl(aged("0")), Some(100));
+        assert_eq!(ttl(aged("junk")), Some(100), "an unreadable Age is ignored");
+        assert_eq!(ttl(aged("500")), Some(0), "older than its lifetime: stale at once");
+        let RespCacheable::Cacheable(meta) = aged("30") else {
+            panic!("cacheable");
+        };
+        assert!(
+            meta.age() >= Duration::from_secs(30),
+            "the Age sent on hits counts it too"
+        );
+        assert_eq!(
+            ttl(cacheable(&resp(&[("age", "20")]), 60)),
+            Some(40),
+            "the route's default too"
+        );
     }
 
     #[test]
