@@ -128,7 +128,7 @@ impl Edge {
             let policy = s.listener(listener)?.select(sni).clone();
             Some(HandshakeState {
                 policy,
-                rules: s.rules.clone(),
+                rules: s.rules_for(listener).clone(),
                 generation: s.generation,
             })
         });

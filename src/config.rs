@@ -98,6 +98,8 @@ pub struct File {
     pub cache: Option<Cache>,
     /// Lua-free rules (CEL conditions) and the lists they use; without it nothing is evaluated.
     pub rules: Option<Rules>,
+    /// The shield tier: cache misses go to the object's home among these nodes, not the origin.
+    pub shield: Option<Shield>,
     #[serde(default)]
     pub logging: Logging,
     #[serde(default)]
@@ -366,6 +368,20 @@ pub struct Listener {
     pub mtls: Mtls,
     #[serde(default)]
     pub sni: Vec<SniOverride>,
+    #[serde(default)]
+    pub role: ListenerRole,
+}
+
+/// Who connects to a listener.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerRole {
+    /// Devices: their certificates are their identity; rules, limits and header stripping apply.
+    #[default]
+    Devices,
+    /// Edges whose shield this node is: their requests carry the device's identity headers and
+    /// the cache-key variants, which the edge set and this node keeps.
+    Edges,
 }
 
 fn yes() -> bool {
@@ -465,11 +481,59 @@ pub struct Origin {
 fn default_connect_timeout() -> u64 {
     5
 }
+fn default_shield_connect_timeout() -> u64 {
+    2
+}
+fn default_down_secs() -> u64 {
+    10
+}
 fn default_read_timeout() -> u64 {
     60
 }
 fn default_idle_timeout() -> u64 {
     60
+}
+
+/// The `shield:` section: the shield nodes an edge sends its cache misses to, and how it reaches
+/// them (one client certificate and one CA for all of them).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Shield {
+    pub nodes: Vec<ShieldNode>,
+    /// The name every shield's certificate must carry.
+    pub sni: String,
+    pub ca_file: String,
+    pub client_cert: String,
+    pub client_key: String,
+    #[serde(default = "default_shield_connect_timeout")]
+    pub connect_timeout_secs: u64,
+    #[serde(default = "default_read_timeout")]
+    pub read_timeout_secs: u64,
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_secs: u64,
+    /// How long a node that failed a connection is passed over.
+    #[serde(default = "default_down_secs")]
+    pub down_secs: u64,
+    #[serde(default)]
+    pub fallback: ShieldFallback,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShieldNode {
+    pub name: String,
+    pub address: String,
+}
+
+/// Where a miss goes when no shield node takes the connection.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ShieldFallback {
+    /// To the route's origin, directly.
+    #[default]
+    Origin,
+    /// Nowhere: the request fails with 502, and the origin is never reached from this edge.
+    None,
 }
 
 #[derive(Debug, Deserialize)]
@@ -825,6 +889,16 @@ impl File {
                 );
             }
             self.check_mtls(ctx, &format!("{key}.mtls"), &l.mtls);
+            let edges_not_required = l.role == ListenerRole::Edges
+                && std::iter::once(&l.mtls)
+                    .chain(l.sni.iter().map(|s| &s.mtls))
+                    .any(|m| m.mode != MtlsMode::Required);
+            if edges_not_required {
+                ctx.error(
+                    format!("{key}.role"),
+                    "a listener for edges must require certificates (mtls.mode: required, on every SNI too): its clients' identity headers are trusted",
+                );
+            }
             let mut seen = BTreeMap::new();
             for (j, s) in l.sni.iter().enumerate() {
                 let skey = format!("{key}.sni[{j}]");
@@ -900,6 +974,9 @@ impl File {
                 );
             }
         }
+        if let Some(s) = &self.shield {
+            self.check_shield(ctx, s);
+        }
         self.identity_headers.check(&self.viewer_headers, ctx);
         self.limits.check(ctx);
         if let Some(a) = &self.admin {
@@ -972,6 +1049,56 @@ impl File {
         }
     }
 
+    fn check_shield(&self, ctx: &mut Report, s: &Shield) {
+        if self.cache.is_none() {
+            ctx.error(
+                "shield",
+                "needs the top-level cache section: only cache misses go to the shield",
+            );
+        }
+        if s.nodes.is_empty() || s.nodes.len() > MAX_SHIELD_NODES {
+            ctx.error(
+                "shield.nodes",
+                format!("between 1 and {MAX_SHIELD_NODES} nodes are required"),
+            );
+        }
+        let (mut names, mut addresses) = (BTreeMap::new(), BTreeMap::new());
+        for (i, n) in s.nodes.iter().enumerate() {
+            let key = format!("shield.nodes[{i}]");
+            check_addr(ctx, &format!("{key}.address"), &n.address);
+            if n.name.is_empty() || self.origins.contains_key(&n.name) {
+                ctx.error(
+                    format!("{key}.name"),
+                    format!(
+                        "'{}' must be non-empty and not an origin's name (metrics and logs name peers by it)",
+                        n.name
+                    ),
+                );
+            }
+            if let Some(prev) = names.insert(n.name.as_str(), i) {
+                ctx.error(
+                    format!("{key}.name"),
+                    format!("'{}' is already used by shield.nodes[{prev}]", n.name),
+                );
+            }
+            if let Some(prev) = addresses.insert(n.address.as_str(), i) {
+                ctx.error(
+                    format!("{key}.address"),
+                    format!("{} is already used by shield.nodes[{prev}]", n.address),
+                );
+            }
+        }
+        if s.sni.trim().is_empty() {
+            ctx.error(
+                "shield.sni",
+                "must name the shields' host: the edge verifies their certificates against it",
+            );
+        }
+        if s.connect_timeout_secs == 0 || s.read_timeout_secs == 0 || s.down_secs == 0 {
+            ctx.error("shield", "timeouts and down_secs must be at least 1 second");
+        }
+    }
+
     fn check_mtls(&self, ctx: &mut Report, key: &str, m: &Mtls) {
         match (&m.trust_store, m.mode) {
             (None, MtlsMode::Off) => {}
@@ -1022,6 +1149,9 @@ impl IdentityHeaders {
         }
     }
 }
+
+/// The most shield nodes an edge can spread its misses over (a request's tried nodes are a u64).
+pub const MAX_SHIELD_NODES: usize = 64;
 
 fn check_addr(ctx: &mut Report, key: &str, a: &str) {
     if let Err(e) = a.parse::<SocketAddr>() {

@@ -292,9 +292,12 @@ const CLIENT_CERT: &str = "client-cert";
 const CLIENT_CERT_CHAIN: &str = "client-cert-chain";
 /// Headers through which an origin learns of the viewer's connection from a proxy in front of
 /// it: a client's copies are removed even when the edge sets none of them, as it is the first hop.
+/// So are the shield tier's control headers, which only an edge may send to its shield.
 const ALWAYS_STRIPPED: &[&str] = &[
     CLIENT_CERT,
     CLIENT_CERT_CHAIN,
+    crate::shield::VARIANTS_HEADER,
+    crate::shield::ORIGIN_HEADER,
     "forwarded",
     "via",
     "x-forwarded-for",

@@ -6,7 +6,7 @@
 //! ```text
 //! limits (accept: connection slots, deadlines) → viewer_tls (handshake, trust_store) →
 //!   identity (cert → headers) → admission (connection rules, re-checked after a reload) →
-//!   routes → rules (request phase) → cache → origin (mTLS)
+//!   routes → rules (request phase) → cache → shield (a parent edge, mTLS) or origin (mTLS)
 //! ```
 //!
 //! `config` is the YAML file and nothing else; `state` builds everything the stages run on from
@@ -38,6 +38,7 @@ pub mod reload;
 pub mod routes;
 pub mod rules;
 pub mod serve;
+pub mod shield;
 pub mod state;
 pub mod trust_store;
 pub mod upgrade;

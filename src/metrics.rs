@@ -314,8 +314,28 @@ pub static BUILD_INFO: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     .expect(REGISTERED)
 });
 
-/// When each loaded certificate expires, by kind (server, origin_client, trust_store_ca,
-/// origin_ca) and name (its listener, origin or store, and its CN).
+/// Connections to a shield node that failed, so that the miss moved on to the next node (or the
+/// origin), by node and reason; the node is passed over for `shield.down_secs`.
+pub static SHIELD_PASSED_OVER: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "mtls_edge_shield_passed_over_total",
+        "Shield node connections that failed, so that the miss went to the next node or the origin, by node and reason",
+        &["shield", "reason"]
+    )
+    .expect(REGISTERED)
+});
+
+/// Misses sent to the origin directly because no shield node could take them.
+pub static SHIELD_FALLBACKS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "mtls_edge_shield_fallbacks_total",
+        "Cache misses sent to the origin directly because no shield node could take them"
+    )
+    .expect(REGISTERED)
+});
+
+/// When each loaded certificate expires, by kind (server, origin_client, origin_ca,
+/// shield_client, shield_ca, trust_store_ca) and name (its listener, origin or store, and its CN).
 pub static CERT_EXPIRY: LazyLock<GaugeVec> = LazyLock::new(|| {
     register_gauge_vec!(
         "mtls_edge_certificate_expiry_timestamp_seconds",

@@ -2,6 +2,7 @@
 //! it (clientAuth EKU checked at load), the CA that must have issued the origin's server
 //! certificate, and the hostname it must carry. A peer is always TLS with verification on;
 //! there is no plaintext or unverified fallback. Connections are pooled by pingora per peer.
+//! Shield nodes are peers of the same kind (`shield`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,12 +18,27 @@ use crate::reason::OriginFailure;
 /// A compiled origin: a peer template cloned for each request.
 pub struct Origin {
     pub name: Arc<str>,
+    address: std::net::SocketAddr,
     peer: HttpPeer,
 }
 
 impl Origin {
     pub fn peer(&self) -> Box<HttpPeer> {
         Box::new(self.peer.clone())
+    }
+
+    pub fn address(&self) -> std::net::SocketAddr {
+        self.address
+    }
+
+    /// A peer without TLS material, for tests that only place peers.
+    #[cfg(test)]
+    pub fn test_peer(name: &str, address: std::net::SocketAddr) -> Origin {
+        Origin {
+            name: Arc::from(name),
+            address,
+            peer: HttpPeer::new(address, true, name.to_string()),
+        }
     }
 
     /// The name the origin's certificate must carry.
@@ -62,6 +78,7 @@ impl Origin {
         peer.group_key = group_key;
         Origin {
             name: Arc::from(s.name.as_str()),
+            address: s.address,
             peer,
         }
     }

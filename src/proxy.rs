@@ -1,9 +1,11 @@
 //! The proxy hooks, in the order pingora calls them, each a short call into its stage: the
 //! connection's admission (identity from the TLS session, re-checked after a reload) → spoofed
 //! identity headers stripped → fleet separation (Host against the SNI policy) → route and access →
-//! request-phase rules → cache → origin peer → identity and rule headers toward the origin →
-//! failure accounting → metrics and the access log. A request reads the state in force once, at
-//! its header, and finishes under it.
+//! request-phase rules → cache → peer (the object's shield node, or the origin) → identity and
+//! rule headers toward it → failure accounting → metrics and the access log. A request reads the
+//! state in force once, at its header, and finishes under it. On a shield, a request from an edge
+//! keeps the device's identity headers and takes the edge's cache-key variants and origin in
+//! place of the rules, which the edge ran.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -16,7 +18,7 @@ use pingora::protocols::Digest;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{ErrorSource, ErrorType};
-use pingora_cache::key::HashBinary;
+use pingora_cache::key::{CacheHashKey, HashBinary};
 use pingora_cache::{CacheKey, CacheMeta, RespCacheable};
 
 use crate::admission::{self, Connection};
@@ -27,6 +29,7 @@ use crate::origin::{self, Origin};
 use crate::reason::{Answered, CacheResult, Limit};
 use crate::routes::Access;
 use crate::rules::{self, Decision, HeaderOp, Outcome, Phase};
+use crate::shield::{self, Fallback, Pick, Tried};
 use crate::state::{Live, State};
 use crate::{logs, metrics};
 
@@ -45,7 +48,19 @@ pub struct RequestCtx {
     /// The state the request started under.
     state: Option<Arc<State>>,
     conn: Option<Arc<Connection>>,
+    /// The request came from an edge: this node is its shield.
+    from_edge: bool,
+    /// The origin the route (or a rule, or the edge) chose.
     origin: Option<Arc<Origin>>,
+    /// The peer the request went to: that origin, or a shield node.
+    peer: Option<Arc<Origin>>,
+    /// The cache-key variants (see `key_variants`), on cached routes.
+    variants: String,
+    /// What places the object on the shield ring (its cache key's hash), when there is a shield.
+    shield_key: Option<HashBinary>,
+    /// The shield node of the current attempt, and the nodes tried before it.
+    shield_node: Option<usize>,
+    shield_tried: Tried,
     route: Option<Arc<str>>,
     /// Host the request addressed (lowercased, no port), for the cache key.
     host: String,
@@ -64,6 +79,8 @@ pub struct RequestCtx {
     origin_request: Option<Instant>,
     origin_seconds: Option<f64>,
 }
+
+const CACHE_STATUS: &str = "cache-status";
 
 /// Counts a request in flight for as long as its context lives.
 struct InFlight;
@@ -194,7 +211,7 @@ async fn admit(session: &mut Session, ctx: &mut RequestCtx, state: &State, conn:
         cert_required: policy
             .as_ref()
             .is_some_and(|p| p.mode == crate::viewer_tls::Mode::Required),
-        rules: &state.rules,
+        rules: state.rules_for(&conn.identity.listener),
     };
     let ip = client_ip(session, conn);
     if conn.check(&current, ip).is_ok() {
@@ -313,9 +330,42 @@ async fn request_rules(session: &mut Session, ctx: &mut RequestCtx, state: &Stat
     if let Some(name) = &outcome.origin {
         ctx.origin = state.origins.get(name).cloned();
     }
+    if ctx.cache_ttl.is_some() {
+        ctx.variants = key_variants(&outcome);
+    }
     ctx.rules = Some(outcome);
     match denied {
         Some((why, status, body)) => ctx.respond(session, why, status, &body).await,
+        None => Ok(false),
+    }
+}
+
+/// Stage, on a shield, for a request from an edge: the edge's cache-key variants and origin, in
+/// place of the request rules, which the edge ran for its device. Keys are thus the same on both
+/// tiers, and so is the origin.
+async fn edge_decisions(session: &mut Session, ctx: &mut RequestCtx, state: &State) -> Result<bool> {
+    let headers = &session.req_header().headers;
+    let variants = headers.get(shield::VARIANTS_HEADER).map(shield::decode_variants);
+    let origin = headers
+        .get(shield::ORIGIN_HEADER)
+        .map(|v| v.to_str().ok().and_then(|n| state.origins.get(n)).cloned());
+    match variants {
+        Some(None) => {
+            let body = "the cache-key variants header is not percent-encoded UTF-8\n";
+            return ctx.respond(session, Answered::EdgeVariantsInvalid, 400, body).await;
+        }
+        Some(Some(v)) => ctx.variants = v,
+        None => {}
+    }
+    match origin {
+        Some(None) => {
+            let body = "the origin the edge chose is not configured on this shield\n";
+            ctx.respond(session, Answered::EdgeOriginUnknown, 502, body).await
+        }
+        Some(Some(o)) => {
+            ctx.origin = Some(o);
+            Ok(false)
+        }
         None => Ok(false),
     }
 }
@@ -351,7 +401,13 @@ impl ProxyHttp for EdgeProxy {
             _in_flight: InFlight::new(),
             state: None,
             conn: None,
+            from_edge: false,
             origin: None,
+            peer: None,
+            variants: String::new(),
+            shield_key: None,
+            shield_node: None,
+            shield_tried: Tried::default(),
             route: None,
             host: String::new(),
             cache_ttl: None,
@@ -378,8 +434,13 @@ impl ProxyHttp for EdgeProxy {
     /// anything else runs.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let state = self.live.load_full();
-        // Strip first, whatever happens next: nothing downstream may see a client-sent copy.
-        let stripped = state.headers.strip(session.req_header_mut());
+        ctx.from_edge = ctx.conn.as_ref().is_some_and(|c| state.for_edges(&c.identity.listener));
+        // Strip first, whatever happens next: nothing downstream may see a client-sent copy. An
+        // edge's copies are the device's, which that edge set: they are kept.
+        let stripped = match ctx.from_edge {
+            false => state.headers.strip(session.req_header_mut()),
+            true => Default::default(),
+        };
         let Some(conn) = ctx.conn.clone() else {
             // Every listener is TLS with our callbacks; no identity means something is wrong.
             return ctx.refuse(session, Answered::NoConnectionIdentity, 403).await;
@@ -387,6 +448,13 @@ impl ProxyHttp for EdgeProxy {
         ctx.state = Some(state.clone());
         if admit(session, ctx, &state, &conn).await? {
             return Ok(true);
+        }
+        if ctx.from_edge {
+            // The edge applied the limits to its device.
+            if route(session, ctx, &state, &conn).await? {
+                return Ok(true);
+            }
+            return edge_decisions(session, ctx, &state).await;
         }
         if header_bytes(session.req_header()) > state.limits.max_header_bytes {
             limits::count(Limit::HeaderTooLarge);
@@ -436,8 +504,13 @@ impl ProxyHttp for EdgeProxy {
     fn cache_key_callback(&self, session: &Session, ctx: &mut RequestCtx) -> Result<CacheKey> {
         let uri = &session.req_header().uri;
         let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
-        let variants = ctx.rules.as_ref().map(key_variants).unwrap_or_default();
-        Ok(cache::key(&ctx.host, path_and_query, &variants))
+        let key = cache::key(&ctx.host, path_and_query, &ctx.variants);
+        // A shield's misses for edges go to the origin: tiers are two deep, so that nodes that
+        // shield one another (each listing all of them) never pass a miss around.
+        if !ctx.from_edge && ctx.state.as_ref().is_some_and(|s| s.shield.is_some()) {
+            ctx.shield_key = Some(key.primary_bin());
+        }
+        Ok(key)
     }
 
     /// The request that fills the cache writes to its client through pingora's cancel-safe task
@@ -448,12 +521,63 @@ impl ProxyHttp for EdgeProxy {
         session.set_proxy_tasks_enabled(true); // a no-op on HTTP/2, which pingora 0.9 does not queue
     }
 
+    /// A cache miss goes to its object's shield node while one can take it; anything else, and a
+    /// miss that no shield node took, to the origin (unless `shield.fallback` is `none`).
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
         ctx.origin_connect = Some(Instant::now());
+        ctx.shield_node = None;
+        let shield = ctx.state.as_ref().and_then(|s| s.shield.as_ref());
+        if let (Some(shield), Some(key)) = (shield, &ctx.shield_key) {
+            match shield.next(key, ctx.shield_tried) {
+                Pick::Node(i, node) => {
+                    let peer = node.peer();
+                    ctx.shield_node = Some(i);
+                    ctx.peer = Some(node.clone());
+                    return Ok(peer);
+                }
+                Pick::Itself => {}
+                Pick::Nowhere if shield.fallback == Fallback::None => {
+                    return Err(Error::create(
+                        ErrorType::ConnectNoRoute,
+                        ErrorSource::Upstream,
+                        Some("no shield node could take the miss, and shield.fallback is none".into()),
+                        None,
+                    ));
+                }
+                Pick::Nowhere => metrics::SHIELD_FALLBACKS.inc(),
+            }
+        }
+        ctx.peer = ctx.origin.clone();
         match &ctx.origin {
             Some(o) => Ok(o.peer()),
             None => Error::e_explain(ErrorType::InternalError, "no route chosen before upstream_peer"),
         }
+    }
+
+    /// A shield node that failed the connection is passed over for a while, and the miss is tried
+    /// again on the next node of its ring (or the origin).
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        let shield = ctx.state.as_ref().and_then(|s| s.shield.as_ref());
+        if let (Some(i), Some(shield)) = (ctx.shield_node, shield) {
+            shield.mark_down(i);
+            ctx.shield_tried.add(i);
+            let reason = origin::failure_reason(&e).as_str();
+            metrics::SHIELD_PASSED_OVER
+                .with_label_values(&[shield.name(i), reason])
+                .inc();
+            warn!(
+                "shield node passed over; the miss moves on shield={} reason={reason} error=\"{e}\"",
+                shield.name(i)
+            );
+            e.set_retry(true);
+        }
+        e
     }
 
     /// Times new origin connections (TCP and TLS).
@@ -467,7 +591,7 @@ impl ProxyHttp for EdgeProxy {
         _digest: Option<&Digest>,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if let (false, Some(started), Some(o)) = (reused, ctx.origin_connect, &ctx.origin) {
+        if let (false, Some(started), Some(o)) = (reused, ctx.origin_connect, &ctx.peer) {
             metrics::ORIGIN_CONNECT_SECONDS
                 .with_label_values(&[&o.name])
                 .observe(started.elapsed().as_secs_f64());
@@ -483,7 +607,11 @@ impl ProxyHttp for EdgeProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         ctx.origin_request = Some(Instant::now());
-        if let (Some(state), Some(conn)) = (&ctx.state, &ctx.conn) {
+        if ctx.from_edge {
+            // The device's identity headers came from its edge; the control headers were read.
+            upstream.remove_header(shield::VARIANTS_HEADER);
+            upstream.remove_header(shield::ORIGIN_HEADER);
+        } else if let (Some(state), Some(conn)) = (&ctx.state, &ctx.conn) {
             let viewer = Viewer {
                 addr: session.client_addr().and_then(|a| a.as_inet()).copied(),
                 info: &conn.identity.info,
@@ -503,6 +631,14 @@ impl ProxyHttp for EdgeProxy {
                 }
             }
         }
+        if ctx.shield_node.is_some() {
+            if let Some(v) = shield::encode_variants(&ctx.variants) {
+                upstream.insert_header(shield::VARIANTS_HEADER, v)?;
+            }
+            if let Some(o) = &ctx.origin {
+                upstream.insert_header(shield::ORIGIN_HEADER, &*o.name)?;
+            }
+        }
         Ok(())
     }
 
@@ -514,7 +650,7 @@ impl ProxyHttp for EdgeProxy {
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if let (Some(started), Some(o)) = (ctx.origin_request, &ctx.origin) {
+        if let (Some(started), Some(o)) = (ctx.origin_request, &ctx.peer) {
             let seconds = started.elapsed().as_secs_f64();
             ctx.origin_seconds = Some(seconds);
             metrics::ORIGIN_RESPONSE_SECONDS
@@ -544,7 +680,8 @@ impl ProxyHttp for EdgeProxy {
         cache::variance(meta.headers(), req)
     }
 
-    /// Adds an RFC 9211 `Cache-Status` on cached routes.
+    /// Adds an RFC 9211 `Cache-Status` on cached routes: after the entries of the caches the
+    /// response came through (a shield's) when it came from upstream; alone on a hit.
     async fn response_filter(
         &self,
         session: &mut Session,
@@ -552,7 +689,18 @@ impl ProxyHttp for EdgeProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         if ctx.cache_ttl.is_some() && self.cache.is_some() {
-            resp.insert_header("cache-status", cache::cache_status(session.cache.phase(), ctx.stored))?;
+            let ours = cache::cache_status(session.cache.phase(), ctx.stored);
+            let upstream = match session.cache.upstream_used() {
+                true => resp.headers.get(CACHE_STATUS).and_then(|v| v.to_str().ok()),
+                false => None,
+            };
+            match upstream {
+                Some(theirs) => {
+                    let value = format!("{theirs}, {ours}");
+                    resp.insert_header(CACHE_STATUS, value)?;
+                }
+                None => resp.insert_header(CACHE_STATUS, ours)?,
+            }
         }
         Ok(())
     }
@@ -577,7 +725,7 @@ impl ProxyHttp for EdgeProxy {
                 ErrorSource::Internal | ErrorSource::Unset => 500,
             },
         };
-        if let (ErrorSource::Upstream, Some(o)) = (e.esource(), &ctx.origin) {
+        if let (ErrorSource::Upstream, Some(o)) = (e.esource(), &ctx.peer) {
             let reason = origin::failure_reason(e).as_str();
             metrics::ORIGIN_FAILURES.with_label_values(&[&o.name, reason]).inc();
             warn!(
@@ -649,7 +797,7 @@ impl ProxyHttp for EdgeProxy {
             bytes_sent: sent,
             cache: cache.map(CacheResult::as_str),
             origin: ctx
-                .origin
+                .peer
                 .as_ref()
                 .filter(|_| session.cache.upstream_used())
                 .map(|o| &*o.name),

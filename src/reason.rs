@@ -208,6 +208,10 @@ pub enum Answered {
     RuleError,
     /// No identity from the handshake (cannot happen on the edge's own listeners).
     NoConnectionIdentity,
+    /// On a shield: the edge's cache-key variants header is not what an edge sends (400).
+    EdgeVariantsInvalid,
+    /// On a shield: the origin the edge chose is not configured here (502).
+    EdgeOriginUnknown,
 }
 
 impl Answered {
@@ -224,6 +228,8 @@ impl Answered {
             Answered::RuleDenied => "RuleDenied",
             Answered::RuleError => "RuleError",
             Answered::NoConnectionIdentity => "NoConnectionIdentity",
+            Answered::EdgeVariantsInvalid => "EdgeVariantsInvalid",
+            Answered::EdgeOriginUnknown => "EdgeOriginUnknown",
         }
     }
 }

@@ -71,6 +71,8 @@ pub struct ListenerPolicy {
     pub default: Arc<TlsPolicy>,
     /// Lowercased SNI name → policy.
     pub by_sni: HashMap<String, Arc<TlsPolicy>>,
+    /// Edges (this node is their shield): no rules or limits, their identity headers kept.
+    pub for_edges: bool,
 }
 
 impl ListenerPolicy {

@@ -31,6 +31,9 @@ routes:
 admin: { address: 127.0.0.1:19100 }
 "#;
 
+const CACHE: &str = "cache: { max_bytes: 268435456 }\n";
+const SHIELD: &str = "{ nodes: [{ name: a, address: 127.0.0.1:17001 }, { name: b, address: 127.0.0.1:17002 }], sni: edge.test, ca_file: edge-ca.pem, client_cert: edge-client.pem, client_key: edge-client.key, fallback: none }";
+
 fn pki_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -75,6 +78,11 @@ fn a_good_config_passes_the_check() {
     // conf/edge.yaml's commented rate key, as printed there.
     let keyed = format!("{GOOD}limits: {{ rate_limit: {{ requests_per_second: 10, burst: 50, key: client.cert.subject.ou }} }}\n");
     let (ok, text) = check(dir.path(), &keyed);
+    assert!(ok, "{text}");
+    // An edge with a shield tier, and a shield's listener for edges.
+    let shielded = format!("{GOOD}{CACHE}shield: {SHIELD}\n")
+        .replace("trust_store: devices }", "trust_store: devices }\n    role: edges");
+    let (ok, text) = check(dir.path(), &shielded);
     assert!(ok, "{text}");
 }
 
@@ -234,6 +242,51 @@ fn each_kind_of_error_is_rejected_with_the_file_and_the_key() {
             "a header timeout out of range",
             format!("{GOOD}limits: {{ request_header_timeout_ms: 5 }}\n"),
             vec!["limits.request_header_timeout_ms", "out of range"],
+        ),
+        (
+            "a shield without a cache",
+            format!("{GOOD}shield: {SHIELD}\n"),
+            vec!["shield", "needs the top-level cache section"],
+        ),
+        (
+            "a shield node named like an origin",
+            format!("{GOOD}{CACHE}shield: {}\n", SHIELD.replace("name: a", "name: firmware")),
+            vec!["shield.nodes[0].name", "not an origin's name"],
+        ),
+        (
+            "two shield nodes at one address",
+            format!("{GOOD}{CACHE}shield: {}\n", SHIELD.replace("127.0.0.1:17002", "127.0.0.1:17001")),
+            vec!["shield.nodes[1].address", "already used by shield.nodes[0]"],
+        ),
+        (
+            "a shield node without an address",
+            format!("{GOOD}{CACHE}shield: {}\n", SHIELD.replace("127.0.0.1:17002", "shield-b")),
+            vec!["shield.nodes[1].address", "not an IP:port"],
+        ),
+        (
+            "no shield nodes",
+            format!("{GOOD}{CACHE}shield: {}\n", SHIELD.replace("{ name: a, address: 127.0.0.1:17001 }, { name: b, address: 127.0.0.1:17002 }", "")),
+            vec!["shield.nodes", "between 1 and 64"],
+        ),
+        (
+            "an empty shield SNI (would disable verification)",
+            format!("{GOOD}{CACHE}shield: {}\n", SHIELD.replace("sni: edge.test", "sni: ''")),
+            vec!["shield.sni"],
+        ),
+        (
+            "a shield client certificate without clientAuth",
+            format!("{GOOD}{CACHE}shield: {}\n", SHIELD.replace("edge-client", "server-only")),
+            vec!["shield.client_cert", "clientAuth"],
+        ),
+        (
+            "an unknown shield fallback",
+            format!("{GOOD}{CACHE}shield: {}\n", SHIELD.replace("fallback: none", "fallback: maybe")),
+            vec!["shield.fallback", "unknown variant `maybe`"],
+        ),
+        (
+            "a listener for edges that does not require certificates",
+            GOOD.replace("mtls: { mode: required, trust_store: devices }", "mtls: { mode: optional, trust_store: devices }\n    role: edges"),
+            vec!["listeners[0].role", "must require certificates"],
         ),
         ("not YAML", "listeners: [".to_string(), vec!["edge.yaml"]),
     ];

@@ -22,6 +22,7 @@ use crate::logs;
 use crate::origin::{self, Origin};
 use crate::routes::{Access, Route, Routes};
 use crate::rules::{Compiler, Phase, RuleSet};
+use crate::shield::{self, Shield};
 use crate::trust_store::{self, Crl, CrlScope, ExpiredCrl, TrustStore};
 use crate::viewer_tls::{ListenerPolicy, Mode, ServerCert, TlsPolicy};
 
@@ -216,6 +217,13 @@ fn assemble(f: &mut Files, file: &config::File) -> State {
         })
         .collect();
     let admin = file.admin.as_ref().map(|a| admin(f, a, &trust_stores, &mut certificates));
+    let own: Vec<std::net::SocketAddr> = file
+        .listeners
+        .iter()
+        .filter(|l| l.role == config::ListenerRole::Edges)
+        .filter_map(|l| l.address.parse().ok())
+        .collect();
+    let shield = file.shield.as_ref().and_then(|s| shield(f, s, &own, &mut certificates)).map(Arc::new);
     let limits = limits(f, &file.limits, &rules);
     State {
         generation: 0,
@@ -224,6 +232,7 @@ fn assemble(f: &mut Files, file: &config::File) -> State {
         trust_stores,
         routes: Routes::new(routes),
         origins,
+        shield,
         headers,
         rules: Arc::new(rules),
         admin,
@@ -540,6 +549,7 @@ fn listener(
             name: Arc::from(l.address.as_str()),
             default,
             by_sni,
+            for_edges: l.role == config::ListenerRole::Edges,
         })
     })
 }
@@ -555,54 +565,102 @@ fn has_client_auth_eku(cert: &X509) -> Result<bool, String> {
     }
 }
 
+/// What every peer connection needs (origins and shield nodes alike): the CAs that may issue the
+/// peer's certificate, and the client certificate (clientAuth checked) with its key. Errors name
+/// `KEY.ca_file`, `KEY.client_cert` and `KEY.client_key`; `label` names the certificates in the
+/// expiry metric.
+struct PeerTls {
+    ca: Vec<X509>,
+    client_chain: Vec<X509>,
+    client_key: PKey<Private>,
+}
+
+fn peer_tls(
+    f: &mut Files,
+    key: &str,
+    (ca_file, client_cert, client_key): (&str, &str, &str),
+    label: (&'static str, &'static str, &str),
+    certs: &mut Vec<LoadedCert>,
+) -> Option<PeerTls> {
+    let ca = f.chain(&format!("{key}.ca_file"), ca_file);
+    let client = f.cert_and_key(key, ("client_cert", client_cert), ("client_key", client_key));
+    let (ca, (client_chain, client_key)) = (ca?, client?);
+    let eku = match has_client_auth_eku(&client_chain[0]) {
+        Ok(true) => None,
+        Ok(false) => Some(format!(
+            "{client_cert}: the certificate has no clientAuth extended key usage, so peers will refuse it"
+        )),
+        Err(e) => Some(format!("{client_cert}: cannot read extensions: {e}")),
+    };
+    if let Some(reason) = eku {
+        f.error(format!("{key}.client_cert"), reason);
+        return None;
+    }
+    let (client_kind, ca_kind, name) = label;
+    certs.push(loaded(client_kind, name.to_string(), &client_chain[0]));
+    for c in &ca {
+        certs.push(loaded(ca_kind, format!("{name}: {}", cn(c)), c));
+    }
+    Some(PeerTls {
+        ca,
+        client_chain,
+        client_key,
+    })
+}
+
+fn socket_addr(f: &mut Files, key: &str, address: &str) -> Option<std::net::SocketAddr> {
+    address.parse().map_err(|e| f.error(key, format!("{e}"))).ok()
+}
+
 /// One origin; errors name `origins.NAME.KEY`.
 fn origin(f: &mut Files, name: &str, o: &config::Origin, certs: &mut Vec<LoadedCert>) -> Option<Origin> {
     let key = format!("origins.{name}");
-    let ca = f.chain(&format!("{key}.ca_file"), &o.ca_file);
-    let client = f.cert_and_key(&key, ("client_cert", &o.client_cert), ("client_key", &o.client_key));
-    let (ca, (client_chain, client_key)) = (ca?, client?);
-    match has_client_auth_eku(&client_chain[0]) {
-        Ok(true) => {}
-        Ok(false) => {
-            f.error(
-                format!("{key}.client_cert"),
-                format!(
-                    "{}: the certificate has no clientAuth extended key usage, so origins will refuse it",
-                    o.client_cert
-                ),
-            );
-            return None;
-        }
-        Err(e) => {
-            f.error(
-                format!("{key}.client_cert"),
-                format!("{}: cannot read extensions: {e}", o.client_cert),
-            );
-            return None;
-        }
-    }
-    let address = match o.address.parse() {
-        Ok(a) => a,
-        Err(e) => {
-            f.error(format!("{key}.address"), format!("{e}"));
-            return None;
-        }
-    };
-    certs.push(loaded("origin_client", name.to_string(), &client_chain[0]));
-    for c in &ca {
-        certs.push(loaded("origin_ca", format!("{name}: {}", cn(c)), c));
-    }
+    let files = (o.ca_file.as_str(), o.client_cert.as_str(), o.client_key.as_str());
+    let tls = peer_tls(f, &key, files, ("origin_client", "origin_ca", name), certs)?;
+    let address = socket_addr(f, &format!("{key}.address"), &o.address)?;
     Some(Origin::new(origin::Settings {
         name: name.to_string(),
         address,
         sni: o.sni.clone(),
-        ca,
-        client_chain,
-        client_key,
+        ca: tls.ca,
+        client_chain: tls.client_chain,
+        client_key: tls.client_key,
         connect_timeout: Duration::from_secs(o.connect_timeout_secs),
         read_timeout: Duration::from_secs(o.read_timeout_secs),
         idle_timeout: Duration::from_secs(o.idle_timeout_secs),
     }))
+}
+
+/// The shield nodes, each a peer with the section's TLS settings; `own` are this node's
+/// listeners for edges, to know itself among them. Errors name `shield.KEY`.
+fn shield(
+    f: &mut Files,
+    s: &config::Shield,
+    own: &[std::net::SocketAddr],
+    certs: &mut Vec<LoadedCert>,
+) -> Option<Shield> {
+    let files = (s.ca_file.as_str(), s.client_cert.as_str(), s.client_key.as_str());
+    let tls = peer_tls(f, "shield", files, ("shield_client", "shield_ca", "shield"), certs)?;
+    let mut peers = Vec::with_capacity(s.nodes.len());
+    for (i, n) in s.nodes.iter().enumerate() {
+        let address = socket_addr(f, &format!("shield.nodes[{i}].address"), &n.address)?;
+        peers.push(Arc::new(Origin::new(origin::Settings {
+            name: n.name.clone(),
+            address,
+            sni: s.sni.clone(),
+            ca: tls.ca.clone(),
+            client_chain: tls.client_chain.clone(),
+            client_key: tls.client_key.clone(),
+            connect_timeout: Duration::from_secs(s.connect_timeout_secs),
+            read_timeout: Duration::from_secs(s.read_timeout_secs),
+            idle_timeout: Duration::from_secs(s.idle_timeout_secs),
+        })));
+    }
+    let fallback = match s.fallback {
+        config::ShieldFallback::Origin => shield::Fallback::Origin,
+        config::ShieldFallback::None => shield::Fallback::None,
+    };
+    Some(Shield::new(peers, own, Duration::from_secs(s.down_secs), fallback))
 }
 
 /// The rules of a `rules:` section (YAML) in a config at `config`, and the errors, as strings:

@@ -18,6 +18,7 @@ use crate::metrics;
 use crate::origin::Origin;
 use crate::routes::Routes;
 use crate::rules::RuleSet;
+use crate::shield::Shield;
 use crate::trust_store::TrustStore;
 use crate::viewer_tls::{ListenerPolicy, TlsPolicy};
 
@@ -109,7 +110,7 @@ impl Fixed {
 /// A certificate the state loaded, for the expiry metric.
 #[derive(Debug, Clone)]
 pub struct LoadedCert {
-    /// `server`, `origin_client`, `trust_store_ca` or `origin_ca`.
+    /// `server`, `origin_client`, `origin_ca`, `shield_client`, `shield_ca` or `trust_store_ca`.
     pub kind: &'static str,
     /// Its listener, origin or trust store, and its CN.
     pub name: String,
@@ -135,6 +136,8 @@ pub struct State {
     pub routes: Routes,
     /// Origins by name, for rules that choose one.
     pub origins: BTreeMap<String, Arc<Origin>>,
+    /// Where cache misses go before the origin, if anywhere.
+    pub shield: Option<Arc<Shield>>,
     pub headers: HeaderPlan,
     pub rules: Arc<RuleSet>,
     pub admin: Option<AdminAccess>,
@@ -150,6 +153,20 @@ pub struct State {
 impl State {
     pub fn listener(&self, name: &str) -> Option<&Arc<ListenerPolicy>> {
         self.listeners.iter().find(|l| &*l.name == name)
+    }
+
+    /// Whether a listener's clients are edges, which this node shields.
+    pub fn for_edges(&self, listener: &str) -> bool {
+        self.listener(listener).is_some_and(|l| l.for_edges)
+    }
+
+    /// The rules a listener's connections run: none for edges, which ran them for their devices.
+    pub fn rules_for(&self, listener: &str) -> &Arc<RuleSet> {
+        static NONE: std::sync::LazyLock<Arc<RuleSet>> = std::sync::LazyLock::new(|| Arc::new(RuleSet::empty()));
+        match self.for_edges(listener) {
+            true => &NONE,
+            false => &self.rules,
+        }
     }
 
     fn lifecycle(&self) -> metrics::Lifecycle<'_> {
