@@ -332,10 +332,39 @@ fn a_missing_config_file_is_named() {
     );
 }
 
+/// `text` with the commented block that starts at the line `first` (trimmed) uncommented, up to
+/// the next blank line.
+fn uncomment(text: &str, first: &str) -> String {
+    let mut inside = false;
+    let lines: Vec<String> = text
+        .lines()
+        .map(|l| {
+            inside = (inside || l.trim() == first) && !l.trim().is_empty();
+            match (inside, l.find("# ")) {
+                (true, Some(i)) => format!("{}{}", &l[..i], &l[i + 2..]),
+                _ => l.to_string(),
+            }
+        })
+        .collect();
+    assert!(lines.join("\n") != text, "no block at {first}");
+    lines.join("\n")
+}
+
 #[test]
 fn the_documented_example_config_matches_the_schema() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/edge.yaml");
     if let Err(e) = mtls_edge::config::load(&path) {
         panic!("conf/edge.yaml no longer matches the schema:\n{e}");
+    }
+    // With its optional blocks uncommented: the disk tier, the shield tier, a listener for edges
+    // (with its trust store).
+    let text = std::fs::read_to_string(&path).unwrap();
+    let full = ["# disk:", "# shield:", "# - address: 0.0.0.0:8444"]
+        .iter()
+        .fold(text, |t, block| uncomment(&t, block))
+        .replace("trust_stores:\n", "trust_stores:\n  edges: { ca_files: [../demo-pki/edge-ca.pem] }\n");
+    assert!(full.contains("\nshield:\n  nodes:") && full.contains("    role: edges"), "{full}");
+    if let Err(e) = mtls_edge::config::parse(&path, &full) {
+        panic!("conf/edge.yaml's commented blocks no longer match the schema:\n{e}\n{full}");
     }
 }

@@ -350,3 +350,35 @@ fn nodes_that_shield_one_another_never_pass_a_miss_around() {
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert_eq!(from_edges(), paths.len(), "one crossing per object");
 }
+
+#[test]
+fn a_reload_applies_the_shields_trust_and_fallback_none_never_reaches_the_origin() {
+    let f = fleet(1, 2);
+    let e = &f.edges[0];
+    let conf = f.dir.path().join(format!("edge-{}.yaml", e.proc.port));
+    let good = std::fs::read_to_string(&conf).unwrap();
+    let get = |path: &str| f.client(e.proc.port).get(&format!("{path}?size=1000")).unwrap();
+    assert_eq!(get("/files/before.bin").status, 200);
+
+    // The shields' CA rotated to one that did not issue their certificates, and no fallback:
+    // the pooled connections made under the old CA are not reused, every node is refused, and
+    // the miss fails rather than go to the origin.
+    let rotated = good
+        .replace("ca_file: edge-ca.pem", "ca_file: origin-ca.pem")
+        .replace("connect_timeout_secs: 1\n", "connect_timeout_secs: 1\n  fallback: none\n");
+    std::fs::write(&conf, rotated).unwrap();
+    assert_eq!(admin(e.admin_port, "POST", "/reload").0, 200);
+    let refused = get("/files/during.bin");
+    assert_eq!(refused.status, 502, "{}", refused.body);
+    assert_eq!(f.origin_count("/files/during.bin"), 0, "never the origin");
+    let invalid = (0..2)
+        .map(|i| metric(e.admin_port, &format!("mtls_edge_shield_passed_over_total{{reason=\"OriginCertInvalid\",shield=\"shield-{i}\"}}")))
+        .sum::<f64>();
+    assert_eq!(invalid, 2.0, "each node refused for its certificate");
+    assert_eq!(get("/files/before.bin").status, 200, "a hit needs no shield");
+
+    std::fs::write(&conf, good).unwrap();
+    assert_eq!(admin(e.admin_port, "POST", "/reload").0, 200);
+    assert_eq!(get("/files/during.bin").status, 200, "the shields' CA again");
+    assert_eq!(f.origin_count("/files/during.bin"), 1);
+}
