@@ -15,7 +15,7 @@
 //! order; `app` runs it all, with `upgrade` for the signals. `reason` names why things happen,
 //! for `metrics` and `logs`; `admin` serves the metrics and reloads; `demo` and `pki` give
 //! newcomers and tests a working system with a freshly generated PKI.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)] // one audited exception: serve::ack_now borrows a socket pingora gives as a RawFd
 
 pub mod admin;
 pub mod admission;
