@@ -99,8 +99,8 @@ print("%.2f" % m["iterations"]["rate"], int(m.get("http_req_failed", {}).get("pa
 }
 
 SCALE=${SCALE:-1}
-OBJECTS=("/files/small.bin?size=1024 $((20000 / SCALE))" "/files/medium.bin?size=1048576 $((2000 / SCALE))" "/files/large.bin?size=16777216 $((150 / SCALE))")
-H2_OBJECTS=("/files/small.bin?size=1024 $((10000 / SCALE))" "/files/medium.bin?size=1048576 $((1000 / SCALE))")
+OBJECTS=("/files/small.bin?size=1024 $((60000 / SCALE))" "/files/medium.bin?size=1048576 $((2000 / SCALE))" "/files/large.bin?size=16777216 $((150 / SCALE))")
+H2_OBJECTS=("/files/small.bin?size=1024 $((20000 / SCALE))" "/files/medium.bin?size=1048576 $((1000 / SCALE))")
 # ONLY=storm skips the cached objects.
 [ "${ONLY:-}" = storm ] && ROUNDS=0
 echo "# cached objects over keep-alive mTLS, ab -k (and k6 over HTTP/2), concurrency 8, $(nproc) cores"

