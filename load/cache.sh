@@ -151,6 +151,18 @@ for workers in $WORKERS; do
       printf "%-30s %7s %12.1f %12.1f %8.2f %14.1f %14.1f %8.2f\n", o, w, er, nr, (nr > 0 ? er / nr : 0), ec, nc, (nc > 0 ? ec / nc : 0) }'
   done
 done
+floor=$(aes_floor)
+echo "# AES-128-GCM floor of this CPU (openssl speed, 16 KiB): $floor ms per MiB; large objects' CPU per MiB against it:"
+for workers in $WORKERS; do
+  for server in mtls-edge nginx; do
+    for o in "${OBJECTS[@]:1}"; do
+      set -- $o
+      size=${1##*size=}
+      awk -v s="$server" -v w="$workers" -v o="$1" -v us="$(col "$server" "$1" "$workers" 3)" -v b="$size" -v f="$floor" 'BEGIN {
+        ms = us / 1000 / (b / 1048576); printf "%-10s %7s %-30s %8.3f ms/MiB %6.2fx the floor\n", s, w, o, ms, ms / f }'
+    done
+  done
+done
 }
 
 echo

@@ -87,3 +87,4 @@ for workers in $WORKERS; do
     done
   done
 done
+echo "# public-key floor of one mTLS handshake on this CPU (openssl speed: 1 P-256 sign, 3 verifies, 1 ECDH): $(handshake_floor) ms"

@@ -141,3 +141,18 @@ origin_count() {
   curl -sS --cacert "$D/origin-ca.pem" --cert "$D/edge-client.pem" --key "$D/edge-client.key" \
     --resolve origin.internal:9443:127.0.0.1 "https://origin.internal:9443/__origin/count?path=$1"
 }
+
+# The crypto floors of this CPU, for issue 15's goals, measured with openssl speed in the run:
+#   aes_floor: ms of AES-128-GCM per MiB, at 16 KiB (a TLS record);
+#   handshake_floor: ms of one mTLS handshake's public-key work (one P-256 sign, three
+#   verifies: the client's CertificateVerify and its two-certificate chain, one P-256 ECDH).
+aes_floor() {
+  openssl speed -evp aes-128-gcm -bytes 16384 -seconds 2 2>/dev/null \
+    | awk '/^AES-128-GCM/ { sub(/k$/, "", $2); printf "%.3f\n", 1048576 / ($2 * 1000) * 1000 }'
+}
+handshake_floor() {
+  openssl speed -seconds 2 ecdsap256 ecdhp256 2>/dev/null | awk '
+    /ecdsa \(nistp256\)/ { sign = $(NF - 1); verify = $NF }
+    /ecdh \(nistp256\)/ { ecdh = $NF }
+    END { printf "%.3f\n", (1 / sign + 3 / verify + 1 / ecdh) * 1000 }'
+}
