@@ -566,15 +566,15 @@ fn has_client_auth_eku(cert: &X509) -> Result<bool, String> {
 }
 
 /// What every peer connection needs (origins and shield nodes alike): the CAs that may issue the
-/// peer's certificate, and the client certificate (clientAuth checked) with its key. Errors name
-/// `KEY.ca_file`, `KEY.client_cert` and `KEY.client_key`; `label` names the certificates in the
-/// expiry metric.
+/// peer's certificate, and the client certificate (clientAuth checked) with its key.
 struct PeerTls {
     ca: Vec<X509>,
     client_chain: Vec<X509>,
     client_key: PKey<Private>,
 }
 
+/// Reads a peer's TLS files; errors name `KEY.ca_file`, `KEY.client_cert` and `KEY.client_key`.
+/// `label` is the kinds and the name of its certificates in the expiry metric.
 fn peer_tls(
     f: &mut Files,
     key: &str,
