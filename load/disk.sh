@@ -6,22 +6,24 @@
 #  2. restart to first hit with 10,000 objects on disk: from the start of the process until a
 #     stored object is served as a hit (and whether the origin was asked for it), and until the
 #     cache index is fully loaded.
-# Both servers: one worker, viewer mTLS required, origin mTLS to the same origin. The edge's memory
-# tier (64 MiB, objects up to 16 MiB) cannot hold the image: it is read from disk every time.
+# Both servers: viewer mTLS required, origin mTLS to the same origin; the image rows at 1 and then
+# 2 workers (WORKERS="1 2 4" for more), the restart at 1. The edge's memory tier (64 MiB,
+# objects up to 16 MiB) cannot hold the image: it is read from disk every time.
 #   load/disk.sh [rounds]       (SIZE=bytes of the image, OBJECTS=count for the restart)
 source "$(dirname "$0")/lib.sh"
 ROUNDS=${1:-2}
 SIZE=${SIZE:-1073741824}
 NOBJ=${OBJECTS:-10000}
+WORKERS=${WORKERS:-1 2}
 command -v nginx >/dev/null || { echo "needs nginx" >&2; exit 1; }
 start_origin
 mkdir -p "$D/edge-disk" "$D/nginx-cache"
 chmod 755 "$D" && chmod 777 "$D/nginx-cache" # nginx's workers run as www-data
 export CACHE_YAML="{ max_bytes: 67108864, max_object_bytes: 16777216, disk: { path: $D/edge-disk, max_bytes: 8589934592, max_object_bytes: 4294967296, min_free_bytes: 0 } }"
 start_edge 1
-# notice: nginx's cache loader says when it is done
+write_nginx() { # workers; notice: nginx's cache loader says when it is done
 cat > "$D/nginx.conf" <<NGINX
-$(nginx_prelude notice)
+$(NGINX_WORKERS=$1 nginx_prelude notice)
   proxy_cache_path $D/nginx-cache levels=1:2 keys_zone=fw:10m max_size=8g inactive=1d use_temp_path=off;
   upstream origin { server 127.0.0.1:9443; keepalive 32; }
   server {
@@ -40,6 +42,8 @@ $(nginx_origin_tls)
   }
 }
 NGINX
+}
+write_nginx 1
 nginx -c "$D/nginx.conf"
 wait_port 8444
 
@@ -77,21 +81,31 @@ download() { # server mode round: 4 downloads of the image, 2 at a time
     --cert "$D/device.pem" --key "$D/device.key" "https://localhost:$port$IMAGE" > "$D/dl.out"
   end=$(date +%s.%N); after=$(ticks $pids)
   local bad; bad=$(grep -vc "^200 $SIZE\$" "$D/dl.out" || true)
-  awk -v s="$s" -v m="$mode" -v r="$3" -v n=4 -v size="$SIZE" -v t="$(echo "$end - $start" | bc)" \
+  awk -v s="$s" -v m="$mode" -v w="$workers" -v r="$3" -v n=4 -v size="$SIZE" -v t="$(echo "$end - $start" | bc)" \
     -v cpu=$((after - before)) -v hz="$HZ" -v bad="$bad" 'BEGIN {
       mib = n * size / 1048576
-      printf "%-10s %-5s %5s %10.0f %14.2f %6s\n", s, m, r, mib / t, cpu / hz * 1000 / mib, bad }' | tee -a "$D/rows"
+      printf "%-10s %-5s %7s %5s %10.0f %14.2f %6s\n", s, m, w, r, mib / t, cpu / hz * 1000 / mib, bad }' | tee -a "$D/rows"
 }
 
 echo
 echo "# the image from disk: 4 downloads, 2 at a time, $(nproc) cores"
-printf "%-10s %-5s %5s %10s %14s %6s\n" server mode round "MiB/s" "cpu ms/MiB" errors
-for round in $(seq "$ROUNDS"); do
-  for mode in hot $([ $COLD = yes ] && echo cold); do
-    if ((round % 2)); then download mtls-edge $mode $round; download nginx $mode $round
-    else download nginx $mode $round; download mtls-edge $mode $round; fi
+printf "%-10s %-5s %7s %5s %10s %14s %6s\n" server mode workers round "MiB/s" "cpu ms/MiB" errors
+for workers in $WORKERS; do
+  if [ "$workers" != 1 ]; then # the image stays on both disks across the restarts
+    stop_edge; start_edge "$workers"
+    stop_nginx; write_nginx "$workers"; nginx -c "$D/nginx.conf"; wait_port 8444
+  fi
+  for round in $(seq "$ROUNDS"); do
+    for mode in hot $([ $COLD = yes ] && echo cold); do
+      if ((round % 2)); then download mtls-edge $mode $round; download nginx $mode $round
+      else download nginx $mode $round; download mtls-edge $mode $round; fi
+    done
   done
 done
+if [ "${WORKERS##* }" != 1 ]; then # the restart runs at 1 worker
+  stop_edge; start_edge 1
+  stop_nginx; write_nginx 1; nginx -c "$D/nginx.conf"; wait_port 8444
+fi
 
 echo
 echo "# restart to first hit with $NOBJ objects on disk"
