@@ -149,13 +149,11 @@ fn a_crl_that_newly_revokes_a_device_closes_its_open_connections_and_refuses_new
     });
     assert_eq!(line["cert_subject"], "CN=alice", "{line}");
     assert_eq!(line["client_ip"], "127.0.0.1", "{line}");
-    assert_eq!(
-        f.metric(&format!(
-            "mtls_edge_handshakes_total{{listener=\"127.0.0.1:{}\",outcome=\"refused\",reason=\"ClientCertRevoked\"}}",
-            f.edge.port
-        )),
-        1.0
+    let revoked = format!(
+        "mtls_edge_handshakes_total{{listener=\"127.0.0.1:{}\",outcome=\"refused\",reason=\"ClientCertRevoked\"}}",
+        f.edge.port
     );
+    assert_eq!(wait_metric(f.admin_port, &revoked, 1.0), 1.0);
     assert_eq!(f.reloads("watch", "ok"), 1.0);
 
     // The download started under the old state completes, byte for byte.

@@ -43,18 +43,17 @@ impl Edge {
         Client::new(self.dir.path(), self.edge.port).cert(cert)
     }
 
-    /// Handshakes refused for `reason` on the listener at `port`.
-    fn refused_on(&self, port: u16, reason: &str) -> f64 {
-        metric(
-            self.admin_port,
-            &format!(
-                "mtls_edge_handshakes_total{{listener=\"127.0.0.1:{port}\",outcome=\"refused\",reason=\"{reason}\"}}"
-            ),
-        )
+    /// Asserts that `want` handshakes were refused for `reason` on the listener at `port`
+    /// (waiting for the last count: see `wait_metric`).
+    fn expect_refused_on(&self, port: u16, reason: &str, want: f64) {
+        let name = format!(
+            "mtls_edge_handshakes_total{{listener=\"127.0.0.1:{port}\",outcome=\"refused\",reason=\"{reason}\"}}"
+        );
+        assert_eq!(wait_metric(self.admin_port, &name, want), want, "{reason} on {port}");
     }
 
-    fn refused(&self, reason: &str) -> f64 {
-        self.refused_on(self.edge.port, reason)
+    fn expect_refused(&self, reason: &str, want: f64) {
+        self.expect_refused_on(self.edge.port, reason, want)
     }
 }
 
@@ -150,7 +149,7 @@ fn firmware_fleet_only_devices_from_the_fleet_ca_and_only_their_own_models_image
     // trust store also holds.
     assert!(e.client("sensor").get("/firmware/manifest.json").is_err());
     assert!(e.client("foreign").get("/firmware/manifest.json").is_err());
-    assert_eq!(e.refused("ConnectionRuleDenied"), 2.0);
+    e.expect_refused("ConnectionRuleDenied", 2.0);
     e.edge.wait_connection_log("ConnectionRuleDenied", "rule devices-only");
     e.edge.wait_connection_log("ConnectionRuleDenied", "rule fleet-ca-only");
 }
@@ -207,7 +206,7 @@ fn a_revocation_denylist_refuses_listed_serials_in_the_handshake() {
             "{v:?}"
         );
     }
-    assert_eq!(e.refused("ConnectionRuleDenied"), 2.0);
+    e.expect_refused("ConnectionRuleDenied", 2.0);
     e.edge
         .wait_connection_log("ConnectionRuleDenied", "rule revoked-serials");
 }
@@ -263,7 +262,7 @@ fn connection_rules_also_run_for_clients_without_a_certificate_in_optional_mode(
         .cert("good")
         .get("/firmware/manifest.json");
     assert_eq!(with_cert.unwrap().status, 200);
-    assert_eq!(e.refused_on(e.optional_port, "ConnectionRuleDenied"), 1.0);
+    e.expect_refused_on(e.optional_port, "ConnectionRuleDenied", 1.0);
 }
 
 #[test]
@@ -298,7 +297,7 @@ fn connection_rules_that_read_the_client_ip_close_the_connection_before_its_firs
     assert_eq!(code("operator", "127.0.0.2"), (Some(0), "200".into()));
     // ...or refuses the handshake itself (curl's 56: the TLS alert arrives as it reads).
     assert!(matches!(code("banned", "127.0.0.1").0, Some(35 | 56)));
-    assert_eq!(e.refused("ConnectionRuleDenied"), 3.0);
+    e.expect_refused("ConnectionRuleDenied", 3.0);
     let line = e.edge.wait_connection_log(
         "ConnectionRuleDenied",
         "rule loopback-only, after the handshake, from 127.0.0.2",
@@ -323,7 +322,7 @@ fn connection_rules_that_read_the_client_ip_close_the_connection_before_its_firs
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     assert_eq!(accepted(), 3.0);
-    assert_eq!(e.refused("ConnectionRuleDenied"), 3.0);
+    e.expect_refused("ConnectionRuleDenied", 3.0);
 }
 
 #[test]
@@ -350,7 +349,7 @@ fn connection_rule_errors_refuse_in_the_handshake_and_after_it() {
         "{:?}",
         r.map(|r| r.status)
     );
-    assert_eq!(e.refused("ConnectionRuleError"), 2.0);
+    e.expect_refused("ConnectionRuleError", 2.0);
     e.edge.wait_connection_log("ConnectionRuleError", "rule bad-name:");
     e.edge.wait_connection_log("ConnectionRuleError", "rule bad-address:");
 }

@@ -200,12 +200,13 @@ fn every_invalid_certificate_is_refused_in_the_handshake_in_both_modes() {
         }
     }
     for (stem, reason, _) in cases {
-        let n = metric(
+        let n = wait_metric(
             f.admin_port,
             &format!(
                 "mtls_edge_handshakes_total{{listener=\"127.0.0.1:{}\",outcome=\"refused\",reason=\"{reason}\"}}",
                 f.edge.port
             ),
+            2.0,
         );
         assert!(
             n >= 2.0,
@@ -223,12 +224,13 @@ fn every_invalid_certificate_is_refused_in_the_handshake_in_both_modes() {
             "a certificate without digitalSignature was accepted on {port}"
         );
     }
-    let n = metric(
+    let n = wait_metric(
         f.admin_port,
         &format!(
             "mtls_edge_handshakes_total{{listener=\"127.0.0.1:{}\",outcome=\"refused\",reason=\"HandshakeFailed\"}}",
             f.edge.port
         ),
+        1.0,
     );
     assert_eq!(
         n,
@@ -269,12 +271,13 @@ fn no_certificate_is_refused_when_required_and_admitted_when_optional() {
         assert_eq!(r.echoed("cloudfront-viewer-cert-present").as_deref(), Some("0"));
         assert_eq!(r.echoed("cloudfront-viewer-cert-subject"), None);
     }
-    let missing = metric(
+    let missing = wait_metric(
         f.admin_port,
         &format!(
             "mtls_edge_handshakes_total{{listener=\"127.0.0.1:{}\",outcome=\"refused\",reason=\"ClientCertMissing\"}}",
             f.edge.port
         ),
+        2.0,
     );
     assert_eq!(missing, 2.0);
 }
@@ -649,12 +652,13 @@ fn a_missing_crl_refuses_the_handshake_as_revocation_unknown() {
             .get("/echo");
         assert!(r.is_err(), "{v:?}: accepted without its issuer's CRL");
     }
-    let n = metric(
+    let n = wait_metric(
         f.admin_port,
         &format!(
             "mtls_edge_handshakes_total{{listener=\"127.0.0.1:{}\",outcome=\"refused\",reason=\"ClientCertRevocationUnknown\"}}",
             f.edge.port
         ),
+        2.0,
     );
     assert_eq!(n, 2.0, "{}", f.edge.log_text());
 }
@@ -677,12 +681,13 @@ fn crl_check_leaf_needs_only_the_issuers_crl_and_still_refuses_a_revoked_leaf() 
             "{v:?}: revoked leaf accepted"
         );
     }
-    let n = metric(
+    let n = wait_metric(
         f.admin_port,
         &format!(
             "mtls_edge_handshakes_total{{listener=\"127.0.0.1:{}\",outcome=\"refused\",reason=\"ClientCertRevoked\"}}",
             f.edge.port
         ),
+        2.0,
     );
     assert_eq!(n, 2.0, "{}", f.edge.log_text());
 }

@@ -650,6 +650,20 @@ pub fn metric(admin_port: u16, name_and_labels: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// A counter's value once it has reached `want`, or after 5 s, whichever comes first. A refused
+/// handshake is counted when the edge frees its TLS session, just after the client has seen the
+/// refusal: a count read at once can miss the last one.
+pub fn wait_metric(admin_port: u16, name_and_labels: &str, want: f64) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let v = metric(admin_port, name_and_labels);
+        if v >= want || Instant::now() > deadline {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The files under `dir` whose names end in `.ext`.
 pub fn files_with(dir: &Path, ext: &str) -> Vec<PathBuf> {
     let mut out = Vec::new();
