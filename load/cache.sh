@@ -98,6 +98,14 @@ print("%.2f" % m["iterations"]["rate"], int(m.get("http_req_failed", {}).get("pa
   row "$name" "h2 $path" "$rps" $((after - before)) "$n" "$fails"
 }
 
+both() { # runner path n: the two servers, the first one alternating with the round
+  if ((round % 2)); then
+    "$1" mtls-edge 8443 "$3" "$2" "$EDGE"; "$1" nginx 8444 "$3" "$2" $(nginx_pids)
+  else
+    "$1" nginx 8444 "$3" "$2" $(nginx_pids); "$1" mtls-edge 8443 "$3" "$2" "$EDGE"
+  fi
+}
+
 SCALE=${SCALE:-1}
 OBJECTS=("/files/small.bin?size=1024 $((60000 / SCALE))" "/files/medium.bin?size=1048576 $((2000 / SCALE))" "/files/large.bin?size=16777216 $((150 / SCALE))")
 H2_OBJECTS=("/files/small.bin?size=1024 $((20000 / SCALE))" "/files/medium.bin?size=1048576 $((1000 / SCALE))")
@@ -114,22 +122,8 @@ for workers in $WORKERS; do
     ab -q -n 2 -c 1 -E "$D/ab-client.pem" "https://localhost:8444$1" >/dev/null 2>&1
   done
   for round in $(seq "$ROUNDS"); do
-    for o in "${OBJECTS[@]}"; do
-      set -- $o
-      if ((round % 2)); then
-        run mtls-edge 8443 "$2" "$1" "$EDGE"; run nginx 8444 "$2" "$1" $(nginx_pids)
-      else
-        run nginx 8444 "$2" "$1" $(nginx_pids); run mtls-edge 8443 "$2" "$1" "$EDGE"
-      fi
-    done
-    for o in "${H2_OBJECTS[@]}"; do
-      set -- $o
-      if ((round % 2)); then
-        run_h2 mtls-edge 8443 "$2" "$1" "$EDGE"; run_h2 nginx 8444 "$2" "$1" $(nginx_pids)
-      else
-        run_h2 nginx 8444 "$2" "$1" $(nginx_pids); run_h2 mtls-edge 8443 "$2" "$1" "$EDGE"
-      fi
-    done
+    for o in "${OBJECTS[@]}"; do both run $o; done
+    for o in "${H2_OBJECTS[@]}"; do both run_h2 $o; done
   done
 done
 

@@ -126,10 +126,10 @@ impl Shield {
         let mut untried = self.order(key).filter(|i| !tried.has(*i)).peekable();
         let first = untried.peek().copied();
         let up = untried.find(|i| self.nodes[*i].itself || self.nodes[*i].down_until.load(Ordering::Relaxed) <= now);
-        match (up.or(first.filter(|_| self.fallback == Fallback::None)), self.fallback) {
-            (Some(i), _) if self.nodes[i].itself => Pick::Itself,
-            (Some(i), _) => Pick::Node(i, &self.nodes[i].peer),
-            (None, _) => Pick::Nowhere,
+        match up.or(first.filter(|_| self.fallback == Fallback::None)) {
+            Some(i) if self.nodes[i].itself => Pick::Itself,
+            Some(i) => Pick::Node(i, &self.nodes[i].peer),
+            None => Pick::Nowhere,
         }
     }
 

@@ -279,6 +279,11 @@ fn each_kind_of_error_is_rejected_with_the_file_and_the_key() {
             vec!["shield.client_cert", "clientAuth"],
         ),
         (
+            "a shield node passed over for no time",
+            format!("{GOOD}{CACHE}shield: {}\n", SHIELD.replace("fallback: none", "fallback: none, down_secs: 0")),
+            vec!["shield", "at least 1 second"],
+        ),
+        (
             "an unknown shield fallback",
             format!("{GOOD}{CACHE}shield: {}\n", SHIELD.replace("fallback: none", "fallback: maybe")),
             vec!["shield.fallback", "unknown variant `maybe`"],
