@@ -1,4 +1,5 @@
-//! The admin listener: Prometheus text on `/metrics`, a liveness answer on `/healthz`, a reload
+//! The admin listener: Prometheus text on `/metrics`, readiness on `/healthz` (200 once every
+//! viewer listener is bound; the state is built before any service starts), a reload
 //! (`POST /reload`) and cache purges (`POST /cache/purge?url=…` or `?prefix=…`). It binds to
 //! loopback unless it asks for operators' client certificates (TLS) or a bearer token, which
 //! every request but `GET /healthz` must then carry; refusals are counted.
@@ -7,9 +8,11 @@ use async_trait::async_trait;
 use http::{Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
-use pingora::services::listening::Service;
+use pingora::server::{ListenFds, ShutdownWatch};
+use pingora::services::listening::Service as Listening;
+use pingora::services::Service;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::cache::SharedCache;
 use crate::reason::AdminRefusal;
@@ -21,6 +24,11 @@ pub struct AdminApp {
     cache: Option<Arc<SharedCache>>,
     reloader: Arc<Reloader>,
     live: Arc<Live>,
+    /// The viewer listeners' addresses, as pingora's socket table names them.
+    listeners: Vec<String>,
+    /// Pingora's table of listening sockets (shared by every service, and handed over in an
+    /// upgrade): a listener is bound once its address is in it.
+    sockets: Arc<OnceLock<ListenFds>>,
 }
 
 /// Equal strings, compared in time that depends only on their lengths.
@@ -68,6 +76,24 @@ fn query_value(query: Option<&str>, name: &str) -> Option<String> {
 }
 
 impl AdminApp {
+    /// `/healthz`: ready once every viewer listener's socket is bound (or taken over from the
+    /// process being upgraded); until then 503, naming the first that is not.
+    fn health(&self) -> Response<Vec<u8>> {
+        let table = self.sockets.get().map(|fds| fds.lock());
+        let unbound = self
+            .listeners
+            .iter()
+            .find(|a| table.as_ref().is_none_or(|t| t.get(a).is_none()));
+        match unbound {
+            None => reply(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
+            Some(a) => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("starting: listener {a} is not bound yet\n").into_bytes(),
+            ),
+        }
+    }
+
     async fn purge(&self, method: &http::Method, query: Option<&str>) -> Response<Vec<u8>> {
         if method != http::Method::POST {
             return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", b"use POST\n".to_vec());
@@ -175,26 +201,64 @@ impl ServeHttp for AdminApp {
                 }
                 reply(StatusCode::OK, "text/plain; version=0.0.4", metrics::render())
             }
-            "/healthz" => reply(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
+            "/healthz" => self.health(),
             _ => reply(StatusCode::NOT_FOUND, "text/plain", b"not found\n".to_vec()),
         }
     }
 }
 
-/// The admin service listening on `address`, over TLS with `tls`.
+/// The admin service listening on `address`, over TLS with `tls`, reporting ready once the
+/// viewer `listeners` are bound.
 pub fn service(
     address: &str,
     tls: Option<pingora::listeners::tls::TlsSettings>,
     cache: Option<Arc<SharedCache>>,
     reloader: Arc<Reloader>,
     live: Arc<Live>,
-) -> Service<AdminApp> {
-    let mut svc = Service::new("admin".to_string(), AdminApp { cache, reloader, live });
+    listeners: Vec<String>,
+) -> AdminService {
+    let sockets = Arc::new(OnceLock::new());
+    let app = AdminApp {
+        cache,
+        reloader,
+        live,
+        listeners,
+        sockets: sockets.clone(),
+    };
+    let mut inner = Listening::new("admin".to_string(), app);
     match tls {
-        Some(settings) => svc.add_tls_with_settings(address, None, settings),
-        None => svc.add_tcp(address),
+        Some(settings) => inner.add_tls_with_settings(address, None, settings),
+        None => inner.add_tcp(address),
     }
-    svc
+    AdminService { inner, sockets }
+}
+
+/// The admin's listening service, which also keeps pingora's socket table for `/healthz`.
+pub struct AdminService {
+    inner: Listening<AdminApp>,
+    sockets: Arc<OnceLock<ListenFds>>,
+}
+
+#[async_trait]
+impl Service for AdminService {
+    async fn start_service(&mut self, fds: Option<ListenFds>, shutdown: ShutdownWatch, listeners_per_fd: usize) {
+        if let Some(fds) = &fds {
+            let _ = self.sockets.set(fds.clone());
+        }
+        self.inner.start_service(fds, shutdown, listeners_per_fd).await
+    }
+
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn threads(&self) -> Option<usize> {
+        self.inner.threads()
+    }
+
+    fn listen_addresses(&self) -> Option<Vec<String>> {
+        self.inner.listen_addresses()
+    }
 }
 
 #[cfg(test)]

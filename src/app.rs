@@ -160,7 +160,15 @@ impl Edge {
             } else {
                 None
             };
-            server.add_service(admin::service(&socket.address, tls, cache, reloader.clone(), self.live.clone()));
+            let viewers = fixed.listeners.iter().map(|l| l.address.clone()).collect();
+            server.add_service(admin::service(
+                &socket.address,
+                tls,
+                cache,
+                reloader.clone(),
+                self.live.clone(),
+                viewers,
+            ));
         }
         server.add_service(background_service("reload", Triggers { reloader }));
         server.add_service(background_service("limits", limits::Watchdog(guard)));

@@ -114,3 +114,31 @@ fn operators_certificates_guard_the_admin_listener_over_tls() {
     let r = Client::new(d, port).cert("operator").method("POST").get("/reload").unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
 }
+
+#[test]
+fn healthz_is_ready_only_once_every_viewer_listener_is_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ServerPki::write(d);
+    std::fs::write(d.join("admin-token"), "t0ken-0123456789\n").unwrap();
+    let (_edge, _origin, port) = edge(d, "token_file: admin-token");
+    // An edge that serves: ready, and no token is needed to ask.
+    assert_eq!(call(port, "GET", "/healthz", None), (200, "ok\n".to_string()));
+
+    // A second edge whose viewer port another process holds: its admin listener answers, and
+    // says it is not ready, naming the listener (a load balancer sends it nothing).
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = held.local_addr().unwrap().port();
+    let origin = spawn_origin(d, "origin-server", "edge-ca.pem");
+    let admin_port = free_port();
+    let yaml = format!(
+        "{server}listeners:\n{listener}trust_stores:\n  devices: {{ ca_files: [device-ca.pem] }}\norigins:\n{origin}routes:\n  - {{ path_prefix: /, origin: firmware }}\nadmin: {{ address: 127.0.0.1:{admin_port} }}\n",
+        server = server_yaml(d, 1),
+        listener = listener_yaml(taken, "required", "devices"),
+        origin = origin_yaml("firmware", origin.port),
+    );
+    let _blocked = spawn_edge(d, &yaml, admin_port);
+    let (status, body) = call(admin_port, "GET", "/healthz", None);
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body, format!("starting: listener 127.0.0.1:{taken} is not bound yet\n"));
+}
