@@ -386,6 +386,28 @@ admin: {{ address: {ADMIN_ADDR} }}
     Ok(path)
 }
 
+/// The demo PKI's CAs and CRLs, which a config folder keeps in `pki/`.
+const LAYOUT_PKI: &[&str] = &["device-ca.pem", "device-crl.pem", "fleet-b-ca.pem", "origin-ca.pem", "edge-ca.pem"];
+/// The edge's own certificates and keys, which live beside the config folder in `secrets/`, so
+/// that a certificate and its key are one secret that rotates at once.
+const LAYOUT_SECRETS: &[&str] = &["edge-server.pem", "edge-server.key", "edge-client.pem", "edge-client.key"];
+
+/// Copies the demo PKI in `dir` to where the config folder `conf` (as `conf/edge.yaml` lays it
+/// out) looks for it: `conf/pki/` and `conf/../secrets/` (keys readable by their owner only).
+pub fn install_layout(dir: &Path, conf: &Path) -> Result<(), String> {
+    let secrets = conf.join("../secrets");
+    let files = LAYOUT_PKI
+        .iter()
+        .map(|f| (f, conf.join("pki").join(f)))
+        .chain(LAYOUT_SECRETS.iter().map(|f| (f, secrets.join(f))));
+    for (name, to) in files {
+        let from = dir.join(name);
+        let text = std::fs::read_to_string(&from).map_err(|e| format!("{}: {e}", from.display()))?;
+        pki::write_file(&to, &text, name.ends_with(".key"))?;
+    }
+    Ok(())
+}
+
 /// The commands printed for the newcomer.
 pub fn curl_commands(dir: &Path) -> String {
     let d = dir.display();

@@ -42,6 +42,10 @@ enum Command {
         /// Where the demo PKI and config are written.
         #[arg(long, default_value = "demo-pki")]
         dir: PathBuf,
+        /// Also copy the PKI into this config folder's layout (DIR/pki and DIR/../secrets), where
+        /// conf/edge.yaml expects it.
+        #[arg(long)]
+        conf: Option<PathBuf>,
     },
     /// Run only an mTLS origin (the demo's): it requires a client certificate from `client_ca`.
     #[command(hide = true)]
@@ -100,7 +104,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         None => run_edge(&cli.conf, cli.test, cli.upgrade),
         Some(Command::Rules { command }) => run_rules(&cli.conf, command),
-        Some(Command::Demo { dir }) => run_demo(&dir),
+        Some(Command::Demo { dir, conf }) => run_demo(&dir, conf.as_deref()),
         Some(Command::Origin {
             listen,
             cert,
@@ -193,9 +197,12 @@ fn run_rules(conf: &std::path::Path, command: RulesCommand) -> Result<(), String
     Ok(())
 }
 
-fn run_demo(dir: &std::path::Path) -> Result<(), String> {
+fn run_demo(dir: &std::path::Path, layout: Option<&std::path::Path>) -> Result<(), String> {
     catch_hangup();
     let conf = demo::write_demo(dir)?;
+    if let Some(folder) = layout {
+        demo::install_layout(dir, folder)?;
+    }
     let edge = app::build(&conf).map_err(|e| format!("demo configuration invalid:\n{e}"))?;
     let origin = demo::origin_service(
         demo::ORIGIN_ADDR,

@@ -367,7 +367,7 @@ fn the_documented_example_config_matches_the_schema() {
     let full = ["# disk:", "# shield:", "# - address: 0.0.0.0:8444"]
         .iter()
         .fold(text, |t, block| uncomment(&t, block))
-        .replace("trust_stores:\n", "trust_stores:\n  edges: { ca_files: [../demo-pki/edge-ca.pem] }\n");
+        .replace("trust_stores:\n", "trust_stores:\n  edges: { ca_files: [pki/edge-ca.pem] }\n");
     assert!(full.contains("\nshield:\n  nodes:") && full.contains("    role: edges"), "{full}");
     if let Err(e) = mtls_edge::config::parse(&path, &full) {
         panic!("conf/edge.yaml's commented blocks no longer match the schema:\n{e}\n{full}");

@@ -26,11 +26,15 @@ fn the_demo_prints_curl_commands_that_work_and_stops_on_ctrl_c() {
         );
     }
     let dir = tempfile::tempdir().unwrap();
-    // As the README's demo command does: the PKI in demo-pki/ beside conf/.
+    // As the README's demo command does: the PKI in demo-pki/, and installed into a copy of the
+    // repository's conf/ folder (conf/pki and secrets/ beside it).
     let pki = dir.path().join("demo-pki");
+    let conf = common::copy_conf(dir.path());
     let child = Command::new(common::BIN)
         .args(["demo", "--dir"])
         .arg(&pki)
+        .arg("--conf")
+        .arg(&conf)
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(dir.path().join("demo.log")).unwrap())
         .spawn()
@@ -80,20 +84,7 @@ fn the_demo_prints_curl_commands_that_work_and_stops_on_ctrl_c() {
     let echo = run(&commands[2]);
     assert!(String::from_utf8_lossy(&echo.stdout).contains("cloudfront-viewer-cert-present: 1"));
 
-    // The documented example config runs against the demo PKI.
-    let conf = dir.path().join("conf");
-    std::fs::create_dir_all(&conf).unwrap();
-    std::fs::copy(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/edge.yaml"),
-        conf.join("edge.yaml"),
-    )
-    .unwrap();
-    // Its rules and lists are the shipped examples, next to conf/ as in the repository.
-    std::os::unix::fs::symlink(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("lua-free-rules"),
-        dir.path().join("lua-free-rules"),
-    )
-    .unwrap();
+    // The documented example config runs against the demo PKI, in its own folder's layout.
     let check = Command::new(common::BIN)
         .args(["-t", "-c"])
         .arg(conf.join("edge.yaml"))

@@ -680,3 +680,17 @@ pub fn files_with(dir: &Path, ext: &str) -> Vec<PathBuf> {
     }
     out
 }
+
+/// A copy of the repository's config folder (`conf/edge.yaml` and `conf/rules/`) in `dir/conf`,
+/// without a PKI (`mtls-edge demo --conf` installs one); returns the folder.
+pub fn copy_conf(dir: &Path) -> PathBuf {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf");
+    let conf = dir.join("conf");
+    std::fs::create_dir_all(conf.join("rules")).unwrap();
+    std::fs::copy(repo.join("edge.yaml"), conf.join("edge.yaml")).unwrap();
+    for f in std::fs::read_dir(repo.join("rules")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, conf.join("rules").join(f.file_name().unwrap())).unwrap();
+    }
+    conf
+}
