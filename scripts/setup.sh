@@ -2,7 +2,9 @@
 # Installs what building and testing mtls-edge needs on Debian/Ubuntu: BoringSSL's build
 # (boring-sys) needs cmake, clang and libclang-dev; the tests use curl, and promtool (Prometheus's
 # metrics linter), which is unpacked from Debian's prometheus package into target/tools so that
-# no Prometheus service is installed or started. Does nothing when all of it is present.
+# no Prometheus service is installed or started; the image test builds and runs the container
+# image with buildah and mmdebstrap, installed when this runs as root (or with sudo) and docker
+# cannot build (otherwise that test says why it is skipped). Does nothing when all of it is present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 missing=()
@@ -11,6 +13,10 @@ command -v clang >/dev/null 2>&1 || missing+=(clang)
 ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || ls /usr/lib/*/libclang*.so* >/dev/null 2>&1 || missing+=(libclang-dev)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v g++ >/dev/null 2>&1 || missing+=(g++)
+if ! docker info >/dev/null 2>&1 && { [ "$(id -u)" -eq 0 ] || sudo -n true 2>/dev/null; }; then
+  command -v buildah >/dev/null 2>&1 || missing+=(buildah)
+  command -v mmdebstrap >/dev/null 2>&1 || missing+=(mmdebstrap)
+fi
 tools=target/tools/prometheus
 need_promtool=false
 [ -x "$tools/usr/bin/promtool" ] || command -v promtool >/dev/null 2>&1 || need_promtool=true
