@@ -4,7 +4,9 @@
 # metrics linter), which is unpacked from Debian's prometheus package into target/tools so that
 # no Prometheus service is installed or started; the image test builds and runs the container
 # image with buildah and mmdebstrap, installed when this runs as root (or with sudo) and docker
-# cannot build (otherwise that test says why it is skipped). Does nothing when all of it is present.
+# cannot build (otherwise that test says why it is skipped); the Kubernetes manifests are checked
+# with kubernetes-validate (its schemas bundled), from PyPI into a venv in target/tools. Does
+# nothing when all of it is present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 missing=()
@@ -20,7 +22,22 @@ fi
 tools=target/tools/prometheus
 need_promtool=false
 [ -x "$tools/usr/bin/promtool" ] || command -v promtool >/dev/null 2>&1 || need_promtool=true
+venv=target/tools/venv
+validator=kubernetes-validate==1.37.0
+need_validator=false
+if [ ! -x "$venv/bin/kubernetes-validate" ]; then
+  need_validator=true
+  command -v python3 >/dev/null 2>&1 || missing+=(python3)
+  python3 -c 'import ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+fi
+install_validator() {
+  if ! { python3 -m venv "$venv" && "$venv/bin/pip" install -q "$validator"; } >/dev/null; then
+    echo "setup: could not install $validator from PyPI into $venv" >&2
+    exit 1
+  fi
+}
 if ((${#missing[@]} == 0)) && ! $need_promtool; then
+  if $need_validator; then install_validator; fi
   exit 0
 fi
 if ! command -v apt-get >/dev/null 2>&1; then
@@ -55,3 +72,4 @@ if $need_promtool; then
   fi
   rm -rf "$tmp"
 fi
+if $need_validator; then install_validator; fi

@@ -110,16 +110,7 @@ impl Edge {
 /// promtool from Debian's prometheus package, which `scripts/setup.sh` unpacks into
 /// target/tools (it does not install the Prometheus service).
 fn promtool() -> PathBuf {
-    let local = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools/prometheus/usr/bin/promtool");
-    if local.exists() {
-        return local;
-    }
-    let on_path = Command::new("sh").args(["-c", "command -v promtool"]).output().unwrap();
-    assert!(
-        on_path.status.success(),
-        "promtool is missing: run scripts/setup.sh (it unpacks Debian's prometheus package into target/tools)"
-    );
-    PathBuf::from(String::from_utf8_lossy(&on_path.stdout).trim())
+    tool("promtool", "target/tools/prometheus/usr/bin/promtool")
 }
 
 fn value(text: &str, name_and_labels: &str) -> f64 {

@@ -694,3 +694,15 @@ pub fn copy_conf(dir: &Path) -> PathBuf {
     }
     conf
 }
+
+/// A tool the tests need: where `scripts/setup.sh` puts it under the repository (`local`), or on
+/// the PATH; a missing one fails the test, telling how to install it.
+pub fn tool(name: &str, local: &str) -> PathBuf {
+    let local = Path::new(env!("CARGO_MANIFEST_DIR")).join(local);
+    if local.exists() {
+        return local;
+    }
+    let on_path = Command::new("sh").args(["-c", &format!("command -v {name}")]).output().unwrap();
+    assert!(on_path.status.success(), "{name} is missing: run scripts/setup.sh, which installs it");
+    PathBuf::from(String::from_utf8_lossy(&on_path.stdout).trim())
+}
