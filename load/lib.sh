@@ -30,7 +30,8 @@ start_origin() {
 
 # start_edge THREADS [CACHE_MAX_BYTES [MAX_OBJECT_BYTES]]: the edge on 8443 with /files/ cached.
 # EDGE_PORT, ADMIN_PORT and EXTRA_YAML (appended to the config) start a second, different edge;
-# CACHE_YAML replaces the cache section's value.
+# CACHE_YAML replaces the cache section's value; DEVICE_CAS and DEVICE_CRLS the device trust
+# store's files (comma-separated).
 start_edge() {
   local threads=$1 max=${2:-1073741824} obj=${3:-134217728}
   local port=${EDGE_PORT:-8443} admin=${ADMIN_PORT:-9100}
@@ -40,7 +41,7 @@ server: { threads: $threads, grace_period_seconds: 0, graceful_shutdown_timeout_
 listeners:
   - { address: 127.0.0.1:$port, server_cert: edge-server.pem, server_key: edge-server.key, mtls: { mode: required, trust_store: devices } }
 trust_stores:
-  devices: { ca_files: [device-ca.pem], crl_files: [device-crl.pem] }
+  devices: { ca_files: [${DEVICE_CAS:-device-ca.pem}], crl_files: [${DEVICE_CRLS:-device-crl.pem}] }
 origins:
   files: { address: 127.0.0.1:9443, sni: origin.internal, ca_file: origin-ca.pem, client_cert: edge-client.pem, client_key: edge-client.key }
 routes:
