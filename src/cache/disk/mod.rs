@@ -278,6 +278,7 @@ impl DiskStorage {
             ahead: first.map(|b| (0, Ahead::Ready(b))),
             spare: None,
             cold: false,
+            advised: 0,
             promote,
         };
         Some((meta, Box::new(hit)))
@@ -744,8 +745,10 @@ struct DiskHit {
     spare: Option<Bytes>,
     /// The next block, read ahead of what was returned.
     ahead: Option<(usize, Ahead)>,
-    /// The last block was not in the page cache: read the next one ahead, on the pool.
+    /// A block was not in the page cache: this read meets the disk.
     cold: bool,
+    /// The blocks before this one have been asked of the kernel's readahead.
+    advised: usize,
     /// The body so far, for a promotion into memory once it is read whole.
     promote: Option<(Chunks, Promote)>,
 }
@@ -759,7 +762,29 @@ enum Ahead {
     Reading(tokio::task::JoinHandle<io::Result<Bytes>>),
 }
 
+/// How far ahead of a cold read the kernel is asked to read (`WILLNEED`), in blocks: 2 MiB, so
+/// that the disk has reads queued while the client takes what is read.
+const ADVISE_BLOCKS: usize = 16;
+
 impl DiskHit {
+    /// Keeps the kernel reading the next [`ADVISE_BLOCKS`] ahead of `block` (asked on the pool
+    /// every half window), so that the blocks after a cold one are in the page cache when they
+    /// are wanted and read on the proxy's thread, with no trip to the pool.
+    fn advise(&mut self, block: usize) {
+        let blocks = self.len.div_ceil(BLOCK);
+        if block + ADVISE_BLOCKS / 2 < self.advised || self.advised >= blocks {
+            return;
+        }
+        let from = self.advised.max(block + 1);
+        self.advised = (from + ADVISE_BLOCKS).min(blocks);
+        let (body, offset) = (self.body.clone(), (BODY_HEADER + from * BLOCK) as u64);
+        let len = std::num::NonZeroU64::new(((self.advised - from) * BLOCK) as u64);
+        // Only a hint: a failure costs the next reads a trip to the pool, nothing more.
+        drop(self.storage.pool.spawn_blocking(move || {
+            let _ = rustix::fs::fadvise(&*body, offset, len, rustix::fs::Advice::WillNeed);
+        }));
+    }
+
     fn spawn_read(&mut self, block: usize) -> Ahead {
         let (body, crcs, len, spare) = (self.body.clone(), self.crcs.clone(), self.len, self.spare.take());
         Ahead::Reading(
@@ -780,16 +805,16 @@ impl HandleHit for DiskHit {
         let pending = match self.ahead.take() {
             Some((b, h)) if b == block => h,
             _ => match read_cached(&self.body, &self.crcs, self.len, block, &self.storage.nowait, &mut self.spare) {
-                Some(r) => {
-                    self.cold = false;
-                    Ahead::Cached(r)
-                }
+                Some(r) => Ahead::Cached(r),
                 None => {
                     self.cold = true;
                     self.spawn_read(block)
                 }
             },
         };
+        if self.cold {
+            self.advise(block);
+        }
         let read = match pending {
             Ahead::Ready(b) => Ok(b),
             Ahead::Cached(r) => r,
@@ -809,7 +834,8 @@ impl HandleHit for DiskHit {
         let from = self.pos - block * BLOCK;
         let to = (self.end - block * BLOCK).min(data.len());
         self.pos += to - from;
-        if self.cold && self.pos < self.end {
+        // Without RWF_NOWAIT every block is read on the pool: the next one ahead.
+        if !self.storage.nowait.load(Ordering::Relaxed) && self.pos < self.end {
             self.ahead = Some((block + 1, self.spawn_read(block + 1)));
         }
         let out = data.slice(from..to);
@@ -1241,7 +1267,13 @@ mod tests {
             hit.seek(start, Some(end)).unwrap();
             assert_eq!(read_all(&mut hit).await.unwrap(), &data[start..end], "{start}..{end}");
         }
-        // Blocks not in the page cache are read on the pool, one ahead (as on a cold disk).
+        // A body out of the page cache (where the filesystem can drop it): the first block is
+        // read on the pool, the kernel is asked to read ahead, and the rest is read as it comes.
+        let body_file = File::open(d.paths(&key.combined_bin()).1).unwrap();
+        let _ = rustix::fs::fadvise(&body_file, 0, None, rustix::fs::Advice::DontNeed);
+        let mut hit = lookup(d, &key).await.unwrap();
+        assert_eq!(read_all(&mut hit).await.unwrap(), data);
+        // Without RWF_NOWAIT every block is read on the pool, one ahead.
         d.nowait.store(false, Ordering::Relaxed);
         let mut hit = lookup(d, &key).await.unwrap();
         assert_eq!(read_all(&mut hit).await.unwrap(), data);
