@@ -219,3 +219,104 @@ fn the_kubernetes_config_passes_the_check_as_the_volumes_lay_it_out() {
     assert!(!check.status.success());
     assert!(String::from_utf8_lossy(&check.stderr).contains("origins.firmware.client_key"));
 }
+
+fn promtool() -> PathBuf {
+    tool("promtool", "target/tools/prometheus/usr/bin/promtool")
+}
+
+#[test]
+fn the_alerts_pass_promtool_and_fire_on_their_test_series() {
+    let check = Command::new(promtool()).args(["check", "rules"]).arg(repo("deploy/prometheus/alerts.yaml")).output().unwrap();
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stdout));
+    let test = Command::new(promtool()).args(["test", "rules"]).arg(repo("deploy/prometheus/alerts.test.yaml")).output().unwrap();
+    assert!(test.status.success(), "{}{}", String::from_utf8_lossy(&test.stdout), String::from_utf8_lossy(&test.stderr));
+
+    // Every alert has a case that makes it fire.
+    let alerts = std::fs::read_to_string(repo("deploy/prometheus/alerts.yaml")).unwrap();
+    let cases = std::fs::read_to_string(repo("deploy/prometheus/alerts.test.yaml")).unwrap();
+    let names: Vec<&str> = alerts.lines().filter_map(|l| l.trim().strip_prefix("- alert: ")).collect();
+    assert!(names.len() >= 10, "{names:?}");
+    for name in &names {
+        let fired = cases.split("alertname: ").skip(1).any(|c| c.starts_with(name) && c.contains("exp_labels"));
+        assert!(fired, "no case makes {name} fire");
+    }
+
+    // The cases can fail: with a threshold moved, the certificate case no longer holds.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("alerts.yaml"), alerts.replace("< 7 * 86400", "< 1 * 86400")).unwrap();
+    std::fs::write(dir.path().join("alerts.test.yaml"), &cases).unwrap();
+    let test = Command::new(promtool()).args(["test", "rules"]).arg(dir.path().join("alerts.test.yaml")).output().unwrap();
+    assert!(!test.status.success());
+}
+
+/// The `mtls_edge_*` names in `text` (PromQL), histogram suffixes kept.
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("mtls_edge_") {
+        let tail = &rest[i..];
+        let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
+        names.insert(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    names
+}
+
+#[test]
+fn the_dashboard_and_the_alerts_query_only_metrics_the_edge_exports() {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(repo("deploy/grafana/mtls-edge.json")).unwrap()).unwrap();
+    let mut exprs = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            exprs.push(target["expr"].as_str().unwrap().to_string());
+        }
+    }
+    assert!(exprs.len() >= 25, "{} queries", exprs.len());
+    let mut queried = metric_names(&exprs.join("\n"));
+    queried.extend(metric_names(&std::fs::read_to_string(repo("deploy/prometheus/alerts.yaml")).unwrap()));
+
+    // An edge that has done a bit of everything: a cached route with a disk tier, a shield node
+    // that is down (the miss falls back to the origin), an origin that is down, a reload.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ServerPki::write(d);
+    let ca = device_ca(d);
+    save(d, "device", &ca.issue(&LeafSpec::client("device-0001")).unwrap());
+    pki::write_file(&d.join("device-crl.pem"), &ca.crl(&[]).unwrap(), false).unwrap();
+    let origin = spawn_origin(d, "origin-server", "edge-ca.pem");
+    let (port, admin_port, down) = (free_port(), free_port(), free_port());
+    let yaml = format!(
+        "{server}listeners:\n{listener}trust_stores:\n  devices: {{ ca_files: [device-ca.pem], crl_files: [device-crl.pem] }}\norigins:\n{main}{dead}routes:\n  - {{ path_prefix: /files/, origin: main, cache: {{ default_ttl_secs: 60 }} }}\n  - {{ path_prefix: /down/, origin: dead }}\n  - {{ path_prefix: /, origin: main }}\ncache: {{ max_bytes: 16777216, max_object_bytes: 1048576, disk: {{ path: disk, max_bytes: 67108864, min_free_bytes: 0 }} }}\nshield:\n  nodes: [{{ name: gone, address: 127.0.0.1:{down} }}]\n  sni: edge.test\n  ca_file: edge-ca.pem\n  client_cert: edge-client.pem\n  client_key: edge-client.key\n  connect_timeout_secs: 1\nadmin: {{ address: 127.0.0.1:{admin_port} }}\n",
+        server = server_yaml(d, 1),
+        listener = listener_yaml(port, "required", "devices"),
+        main = origin_yaml("main", origin.port),
+        dead = origin_yaml("dead", down),
+    );
+    let _edge = spawn_edge(d, &yaml, port);
+    let device = Client::new(d, port).cert("device");
+    for path in ["/files/a.bin?size=100", "/files/a.bin?size=100", "/down/x", "/echo"] {
+        device.get(path).unwrap();
+    }
+    let _ = Client::new(d, port).get("/echo"); // refused: no certificate
+    assert_eq!(admin(admin_port, "POST", "/reload").0, 200);
+    let scraped = admin(admin_port, "GET", "/metrics").1;
+    let exported: BTreeSet<String> = scraped
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(str::to_string)
+        .collect();
+
+    // A few only appear once their event has happened (a disk I/O error, a corrupt object, an
+    // eviction): those are checked against their definitions in src/metrics.rs.
+    let defined = std::fs::read_to_string(repo("src/metrics.rs")).unwrap();
+    let event_only = ["mtls_edge_cache_disk_errors_total", "mtls_edge_cache_disk_corrupt_total", "mtls_edge_cache_evictions_total"];
+    for name in &queried {
+        if event_only.contains(&name.as_str()) {
+            assert!(defined.contains(&format!("\"{name}\"")), "{name} is not defined in src/metrics.rs");
+        } else {
+            assert!(exported.contains(name), "{name} is queried but the edge does not export it");
+        }
+    }
+}
