@@ -540,3 +540,75 @@ fn identity_header_names_routes_and_origin_addresses_change_with_the_config() {
     // The routes changed: only /echo is routed now.
     assert_eq!(h1.get("/other").unwrap().status, 404);
 }
+
+/// Writes the files of a projected volume's version `n` into `..vN/` under `volume` and swaps
+/// the `..data` symlink to it, as the kubelet does; each top-level entry (a file, or a folder
+/// such as `pki`) is a symlink through `..data`.
+fn kubelet_swap(volume: &Path, n: u32, files: &[(&str, &str)]) {
+    let version = volume.join(format!("..v{n}"));
+    for (path, text) in files {
+        pki::write_file(&version.join(path), text, false).unwrap();
+    }
+    let tmp = volume.join("..data_tmp");
+    std::os::unix::fs::symlink(format!("..v{n}"), &tmp).unwrap();
+    std::fs::rename(&tmp, volume.join("..data")).unwrap();
+    for (path, _) in files {
+        let top = path.split('/').next().unwrap();
+        if std::fs::symlink_metadata(volume.join(top)).is_err() {
+            std::os::unix::fs::symlink(format!("..data/{top}"), volume.join(top)).unwrap();
+        }
+    }
+    if n > 1 {
+        std::fs::remove_dir_all(volume.join(format!("..v{}", n - 1))).unwrap(); // the kubelet removes the old version
+    }
+}
+
+#[test]
+fn a_kubernetes_config_volume_swap_reloads_the_config_and_the_crl_under_it() {
+    // The layout of deploy/kubernetes: conf/ a projected volume (edge.yaml, and pki/ as a folder
+    // symlink), the certificates and keys in secrets/ beside it.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let secrets = d.join("secrets");
+    std::fs::create_dir(&secrets).unwrap();
+    ServerPki::write(&secrets);
+    let ca = device_ca(d);
+    save(d, "alice", &ca.issue(&LeafSpec::client("alice")).unwrap());
+    let alice_serial = {
+        let pem = std::fs::read_to_string(d.join("alice.pem")).unwrap();
+        boring::x509::X509::from_pem(pem.as_bytes()).unwrap().serial_number().to_bn().unwrap().to_vec()
+    };
+    save(d, "bob", &ca.issue(&LeafSpec::client("bob")).unwrap());
+    std::fs::copy(secrets.join("edge-ca.pem"), d.join("edge-ca.pem")).unwrap();
+    let origin = spawn_origin(&secrets, "origin-server", "edge-ca.pem");
+    let (port, admin_port) = (free_port(), free_port());
+    let yaml = format!(
+        "{server}listeners:\n  - address: 127.0.0.1:{port}\n    server_cert: ../secrets/edge-server.pem\n    server_key: ../secrets/edge-server.key\n    mtls: {{ mode: required, trust_store: devices }}\ntrust_stores:\n  devices: {{ ca_files: [pki/device-ca.pem], crl_files: [pki/device-crl.pem] }}\norigins:\n  main:\n    address: 127.0.0.1:{}\n    sni: origin.internal\n    ca_file: ../secrets/origin-ca.pem\n    client_cert: ../secrets/edge-client.pem\n    client_key: ../secrets/edge-client.key\nroutes:\n  - {{ path_prefix: /, origin: main }}\nadmin: {{ address: 127.0.0.1:{admin_port} }}\nreload: {{ watch_interval_ms: 100 }}\n",
+        origin.port,
+        server = server_yaml(d, 1),
+    );
+    let conf = d.join("conf");
+    let ca_pem = std::fs::read_to_string(d.join("device-ca.pem")).unwrap();
+    let clean = ca.crl(&[]).unwrap();
+    kubelet_swap(&conf, 1, &[("edge.yaml", &yaml), ("pki/device-ca.pem", &ca_pem), ("pki/device-crl.pem", &clean)]);
+    let config = conf.join("edge.yaml");
+    let _edge = spawn(&["-c", config.to_str().unwrap()], port, d.join("edge.log"));
+    let alice = Client::new(d, port).cert("alice");
+    assert_eq!(alice.get("/echo").unwrap().status, 200);
+
+    // A new version of the volume revokes alice: the swap (and the old version's removal) is
+    // seen through the folder symlink, and the edge keeps reading the live files after it.
+    let revoked = ca.crl(&[&alice_serial]).unwrap();
+    kubelet_swap(&conf, 2, &[("edge.yaml", &yaml), ("pki/device-ca.pem", &ca_pem), ("pki/device-crl.pem", &revoked)]);
+    until_refused(Duration::from_secs(5), || alice.get("/echo"));
+    assert_eq!(Client::new(d, port).cert("bob").get("/echo").unwrap().status, 200);
+    // A third version, clean again: alice is back, so the watch followed the second swap too.
+    kubelet_swap(&conf, 3, &[("edge.yaml", &yaml), ("pki/device-ca.pem", &ca_pem), ("pki/device-crl.pem", &clean)]);
+    let started = Instant::now();
+    while alice.get("/echo").is_err() {
+        assert!(started.elapsed() < Duration::from_secs(5), "alice is still refused after the third version");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(metric(admin_port, "mtls_edge_reloads_total{result=\"error\",trigger=\"watch\"}"), 0.0);
+}
+

@@ -120,7 +120,8 @@ impl Drop for Proc {
     }
 }
 
-fn spawn(args: &[&str], port: u16, log: PathBuf) -> Proc {
+/// `mtls-edge ARGS`, once something listens on `port`; its output goes to `log`.
+pub fn spawn(args: &[&str], port: u16, log: PathBuf) -> Proc {
     let file = std::fs::File::create(&log).expect("create log file");
     // Logs go to stdout; stderr has what comes before the config is read (and panics).
     let err = file.try_clone().expect("clone the log file");
