@@ -874,6 +874,7 @@ impl HandleHit for DiskHit {
         self.pos = start;
         self.end = end.map_or(self.len, |e| e.min(self.len));
         self.promote = None; // only a whole read is promoted
+        self.advised = 0; // readahead starts again from where the read now is
         if self.ahead.as_ref().is_some_and(|(b, _)| *b != start / BLOCK) {
             self.ahead = None;
         }
