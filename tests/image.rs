@@ -3,7 +3,7 @@
 //! /tmp, the repository's config folder (`conf/`, with a generated PKI) and the secrets mounted
 //! read-only. A device gets 200 through it, `-t` inside it catches a broken config, and SIGTERM
 //! drains a request in flight and exits 0. Runs with buildah as root (scripts/setup.sh installs
-//! it); skipped, saying why, otherwise.
+//! it); skipped, saying why, otherwise (not yet with docker: no docker daemon was at hand).
 
 mod common;
 
@@ -22,12 +22,12 @@ fn unable() -> Option<String> {
     let root = Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);
     let has = |tool: &str| Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success());
     if !root {
-        return Some("building and running the image with buildah needs root".into());
+        return Some("this test builds and runs the image with buildah, which needs root (not yet: docker)".into());
     }
     ["buildah", "mmdebstrap"]
         .iter()
         .find(|t| !has(t))
-        .map(|t| format!("{t} is missing: scripts/setup.sh installs it from Debian"))
+        .map(|t| format!("{t} is missing: scripts/setup.sh installs it from Debian (this test does not use docker yet)"))
 }
 
 /// A buildah working container of the image, with its root file system mounted read-only.
