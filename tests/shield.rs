@@ -147,10 +147,13 @@ impl Fleet {
 #[test]
 fn a_fleet_storm_makes_one_origin_fetch_per_object_and_a_dead_shield_moves_its_objects() {
     let mut f = fleet(3, 2);
-    let paths: Vec<String> = (0..8).map(|i| format!("/files/cold-{i}.bin")).collect();
-    f.storm(&paths, 200_000, 3);
+    // The ring hashes the shields' addresses, which are free ports here: with 16 objects the
+    // chance that one shield is no object's home is below 1 in 10,000 (with 8 it was 1 in 128,
+    // and CI met it once).
+    let paths: Vec<String> = (0..16).map(|i| format!("/files/cold-{i}.bin")).collect();
+    f.storm(&paths, 200_000, 2);
     for p in &paths {
-        assert_eq!(f.origin_count(p), 1, "{p}: one origin fetch for 3 edges x 3 clients");
+        assert_eq!(f.origin_count(p), 1, "{p}: one origin fetch for 3 edges x 2 clients");
     }
     // Every shield was some object's home, and every edge went to the shields, never the origin.
     for s in f.shields.iter().flatten() {
