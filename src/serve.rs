@@ -1,8 +1,9 @@
 //! One viewer connection from its handshake to its close. HTTP/1 requests are taken one after
 //! another, and each is handed to pingora only once its header has arrived: a connection that
 //! waits for a request (idle, or sending it slowly) holds its socket and the bytes so far, not
-//! pingora's request state. HTTP/2 goes to pingora whole. At shutdown, connections waiting for
-//! a request get a moment's grace before they are dropped.
+//! pingora's request state. HTTP/2 goes to pingora whole. Small writes on both are coalesced
+//! (`records`). At shutdown, connections waiting for a request get a moment's grace before they
+//! are dropped.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -124,6 +125,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ViewerApp<A> {
         }
         ack_now(stream.id());
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            let stream: Stream = Box::new(Coalesced::new(stream));
             return ServerApp::process_new(&self.inner, stream, shutdown).await;
         }
         let mut stream: Stream = Box::new(Coalesced::new(stream));
