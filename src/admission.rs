@@ -122,16 +122,22 @@ impl Connection {
         })
     }
 
+    /// Whether the connection was admitted under the state of `generation`: the check of every
+    /// request after its connection's first, until a reload.
+    pub fn admitted_under(&self, generation: u64) -> bool {
+        self.admitted.load(Ordering::Acquire) == generation
+    }
+
     /// Whether the connection may be served under `current`; `client_ip` is read only when rules
     /// run. The first request runs the connection rules left for after the handshake; a request
     /// under a newer state than the last one checks the certificate against its trust store and
     /// runs every connection rule. A refusal then is counted and logged here, and stays.
     pub fn check(&self, current: &Current, client_ip: &str) -> Result<(), Refused> {
-        if self.admitted.load(Ordering::Acquire) == current.generation {
+        if self.admitted_under(current.generation) {
             return Ok(());
         }
         let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
-        if self.admitted.load(Ordering::Acquire) == current.generation {
+        if self.admitted_under(current.generation) {
             return Ok(());
         }
         let (result, recheck) = match &mut *status {

@@ -202,6 +202,9 @@ impl RequestCtx {
 /// Stage: the connection may still be served under `state` (its handshake's rules, and after a
 /// reload its certificate and connection rules again). A refused connection gets no answer.
 async fn admit(session: &mut Session, ctx: &mut RequestCtx, state: &State, conn: &Connection) -> Result<bool> {
+    if conn.admitted_under(state.generation) {
+        return Ok(false);
+    }
     let policy = state
         .listener(&conn.identity.listener)
         .map(|l| l.select(conn.identity.sni.as_deref()).clone());

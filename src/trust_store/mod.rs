@@ -8,8 +8,9 @@
 //!
 //! The same decision serves the handshake, an open connection checked again against a newer
 //! store (`admission`), and `rules explain`. CRLs are parsed, and those of store CAs
-//! signature-checked, at load.
+//! signature-checked, at load. Each store verifies a signature once (`memo`).
 
+mod memo;
 mod profile;
 
 use profile::Role;
@@ -221,6 +222,7 @@ impl Builder {
             anchor_checks: self.anchor_checks,
             intermediates: self.intermediates,
             revocation: self.settings.crl,
+            algs: memo::wrap(webpki::ALL_VERIFICATION_ALGS),
         }
     }
 }
@@ -243,6 +245,8 @@ pub struct TrustStore {
     /// Store CAs that are not self-issued: issuers a path may go through.
     intermediates: Vec<CertificateDer<'static>>,
     revocation: Option<(CrlScope, ExpiredCrl)>,
+    /// webpki's algorithms, each behind the store's memo of verified signatures.
+    algs: Vec<memo::Memo>,
 }
 
 /// The refusal for a verifier error.
@@ -331,8 +335,10 @@ impl TrustStore {
             }
         };
         let path_ok = |path: &VerifiedPath<'_>| self.path_ok(path, now);
+        let algs: Vec<&dyn rustls_pki_types::SignatureVerificationAlgorithm> =
+            self.algs.iter().map(|a| a as &dyn rustls_pki_types::SignatureVerificationAlgorithm).collect();
         ee.verify_for_usage(
-            webpki::ALL_VERIFICATION_ALGS,
+            &algs,
             &self.anchors,
             &candidates,
             unix(now),
