@@ -24,7 +24,7 @@ cat > "$D/nginx.conf" <<NGINX
 $(nginx_prelude)
   upstream origin { server 127.0.0.1:9443; keepalive 32; }
   server {
-    listen 127.0.0.1:8444 ssl;
+    listen 127.0.0.1:8444 ssl http2;   # k6 negotiates HTTP/2 with both, as with the edge; ab HTTP/1.1
 $(nginx_viewer_tls)
     ssl_session_cache off;
     ssl_session_tickets off;

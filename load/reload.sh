@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# Reloads under load, mtls-edge against nginx `-s reload` doing the same job (one worker each,
-# viewer mTLS with a CRL, a cached route to the same mTLS origin):
+# Reloads under load, mtls-edge against nginx `-s reload` doing the same job (1 and then 2
+# workers each, WORKERS="1 2 4" for more; viewer mTLS with a CRL, a cached route to the same
+# mTLS origin):
 #  1. load from a valid device, ab over new connections (TLS 1.2) and ab -k over keep-alive at once:
 #     20 s without reloads, then 60 s with a reload every 2 s that cycles through a CRL update,
 #     a server certificate rotation and a rule change (nginx: an included snippet). Reported:
 #     failed requests, requests per second with and without reloads, RSS along the run;
-#  2. revocation: 20 times, the time from a CRL write to the revoked device's first refusal (on
+#  2. revocation (at the last worker count): 20 times, the time from a CRL write to the revoked device's first refusal (on
 #     its open keep-alive connection, or on a new one when the server closed that): the edge by
 #     its file watch, the edge by SIGHUP, nginx by `-s reload`.
 #   load/reload.sh [seconds-with-reloads] [tries]
 source "$(dirname "$0")/lib.sh"
 RELOAD_SECONDS=${1:-60}
 TRIES=${2:-20}
+WORKERS=${WORKERS:-1 2}
 command -v ab >/dev/null && command -v nginx >/dev/null || { echo "needs ab (apache2-utils) and nginx" >&2; exit 1; }
 python3 -c "import cryptography" 2>/dev/null || python3 -m pip install -q cryptography
 python3 load/reload.py pki "$D"
@@ -25,8 +27,11 @@ rule() { # the rule file, version $1 (edge) and the nginx snippet
 rule 0
 start_origin
 
-cat > "$D/reload-edge.yaml" <<YAML
-server: { threads: 1, grace_period_seconds: 0, graceful_shutdown_timeout_seconds: 0, pid_file: $D/edge.pid, upgrade_sock: $D/edge.sock }
+URL=/files/small.bin?size=1024
+start_servers() { # workers: the edge and nginx, both answering
+  local workers=$1
+  cat > "$D/reload-edge.yaml" <<YAML
+server: { threads: $workers, grace_period_seconds: 0, graceful_shutdown_timeout_seconds: 0, pid_file: $D/edge.pid, upgrade_sock: $D/edge.sock }
 listeners:
   - { address: 127.0.0.1:8443, server_cert: server.pem, server_key: server.key, mtls: { mode: required, trust_store: devices } }
 trust_stores:
@@ -41,14 +46,14 @@ admin: { address: 127.0.0.1:9100 }
 rules: { dir: rules }
 logging: { access_log: false }
 YAML
-RUST_LOG=warn "$BIN" -c "$D/reload-edge.yaml" >"$D/edge.log" 2>&1 &
-EDGE=$!
-PIDS+=("$EDGE")
-wait_port 8443
+  RUST_LOG=warn "$BIN" -c "$D/reload-edge.yaml" >"$D/edge.log" 2>&1 &
+  EDGE=$!
+  PIDS+=("$EDGE")
+  wait_port 8443
 
-chmod 755 "$D" && mkdir -p "$D/nginx-cache" && chmod 777 "$D/nginx-cache"
-cat > "$D/nginx.conf" <<NGINX
-$(nginx_prelude)
+  chmod 755 "$D" && mkdir -p "$D/nginx-cache" && chmod 777 "$D/nginx-cache"
+  cat > "$D/nginx.conf" <<NGINX
+$(NGINX_WORKERS=$workers nginx_prelude)
   proxy_cache_path $D/nginx-cache keys_zone=fw:10m max_size=1g inactive=1h use_temp_path=off;
   upstream origin { server 127.0.0.1:9443; keepalive 32; }
   server {
@@ -72,14 +77,14 @@ $(nginx_origin_tls)
   }
 }
 NGINX
-nginx -c "$D/nginx.conf" -e "$D/nginx-error.log" 2>/dev/null
-wait_port 8444
+  nginx -c "$D/nginx.conf" -e "$D/nginx-error.log" 2>/dev/null
+  wait_port 8444
 
-URL=/files/small.bin?size=1024
-for port in 8443 8444; do
-  code=$(curl -sS -o /dev/null -w '%{http_code}' --insecure --cert "$D/good.pem" --key "$D/good.key" "https://localhost:$port$URL")
-  [ "$code" = 200 ] || { echo "port $port answered $code" >&2; exit 1; }
-done
+  for port in 8443 8444; do
+    code=$(curl -sS -o /dev/null -w '%{http_code}' --insecure --cert "$D/good.pem" --key "$D/good.key" "https://localhost:$port$URL")
+    [ "$code" = 200 ] || { echo "port $port answered $code" >&2; exit 1; }
+  done
+}
 
 rss_kib() { local t=0; for p in "$@"; do t=$((t + $(awk '/^VmRSS/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0))); done; echo $t; }
 
@@ -130,24 +135,29 @@ cycle() {
 
 report_rss() { sort -n "$D/rss" | awk -v n="$1" '{v[NR] = $1} END {printf "%-26s RSS MiB over %d reloads: min %.1f, max %.1f\n", n, NR, v[1] / 1024, v[NR] / 1024}'; }
 
-echo "# load from a valid device, $(nproc) cores; ab over new connections (new) and keep-alive (ka), concurrency 4 each"
-printf "%-26s %-10s %10s %8s %8s %10s\n" server load requests failed non-2xx "req/s"
-load "mtls-edge, no reloads" 8443 20
-echo "edge RSS before the reloads: $(( $(rss_kib $EDGE) / 1024 )) MiB"
-cycle "$RELOAD_SECONDS" edge_rss & CYCLE=$!
-load "mtls-edge, reload every 2 s" 8443 "$RELOAD_SECONDS"
-wait $CYCLE
-report_rss "mtls-edge"
-echo "edge reloads: $(curl -s http://127.0.0.1:9100/metrics | awk '/^mtls_edge_reloads_total/ {printf "%s ", $0}')"
+last=${WORKERS##* }
+for workers in $WORKERS; do
+  start_servers "$workers"
+  echo "# $workers workers each: load from a valid device, $(nproc) cores; ab over new connections (new) and keep-alive (ka), concurrency 4 each"
+  printf "%-26s %-10s %10s %8s %8s %10s\n" server load requests failed non-2xx "req/s"
+  load "mtls-edge, no reloads" 8443 20
+  echo "edge RSS before the reloads: $(( $(rss_kib $EDGE) / 1024 )) MiB"
+  cycle "$RELOAD_SECONDS" edge_rss & CYCLE=$!
+  load "mtls-edge, reload every 2 s" 8443 "$RELOAD_SECONDS"
+  wait $CYCLE
+  report_rss "mtls-edge"
+  echo "edge reloads: $(curl -s http://127.0.0.1:9100/metrics | awk '/^mtls_edge_reloads_total/ {printf "%s ", $0}')"
 
-load "nginx, no reloads" 8444 20
-echo "nginx RSS before the reloads: $(( $(nginx_rss) / 1024 )) MiB"
-nginx_reload() { nginx -c "$D/nginx.conf" -e "$D/nginx-error.log" -s reload 2>/dev/null; }
-cycle "$RELOAD_SECONDS" nginx_rss nginx_reload & CYCLE=$!
-load "nginx, -s reload every 2 s" 8444 "$RELOAD_SECONDS"
-wait $CYCLE
-report_rss "nginx (master + workers)"
-
+  load "nginx, no reloads" 8444 20
+  echo "nginx RSS before the reloads: $(( $(nginx_rss) / 1024 )) MiB"
+  nginx_reload() { nginx -c "$D/nginx.conf" -e "$D/nginx-error.log" -s reload 2>/dev/null; }
+  cycle "$RELOAD_SECONDS" nginx_rss nginx_reload & CYCLE=$!
+  load "nginx, -s reload every 2 s" 8444 "$RELOAD_SECONDS"
+  wait $CYCLE
+  report_rss "nginx (master + workers)"
+  [ "$workers" = "$last" ] && break # the revocation runs at the last worker count
+  stop_edge; stop_nginx
+done
 echo
 echo "# from a CRL write to the revoked device's first refusal, $TRIES tries each"
 echo -n "mtls-edge, file watch:   "; python3 load/reload.py latency 8443 "$D" "$D/bench-crl.pem" "$TRIES" | tail -1
