@@ -7,45 +7,17 @@ certificate for the clientAuth EKU.
         NNNNN = 0 .. N-1; with `chain`, the devices' CA is an issuing CA under a fleet root (both
         in fleet-ca.pem, both CRLs in fleet-crl.pem), the shape of the demo's device chain.
 """
-import datetime
 import os
 import sys
 
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-
-from reload import ca, crl, key_pem, leaf, name, now, pem, write
-
-
-def issuing(root, cn):
-    """A CA under `root`."""
-    rcert, rkey = root
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name(cn))
-        .issuer_name(rcert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now() - datetime.timedelta(days=1))
-        .not_valid_after(now() + datetime.timedelta(days=1825))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(rkey.public_key()), critical=False)
-        .sign(rkey, hashes.SHA256())
-    )
-    return cert, key
+from reload import ca, crl, key_pem, leaf, pem, write
 
 
 def main(d, n, chain=False):
     root = ca("Rollout Fleet CA")
-    fleet = issuing(root, "Rollout Fleet Issuing CA") if chain else root
+    fleet = ca("Rollout Fleet Issuing CA", issuer=root) if chain else root
     cas, crls = [root], [crl(root, [], 1)]
     if chain:
         cas.append(fleet)

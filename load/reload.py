@@ -50,24 +50,27 @@ def name(cn):
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def ca(cn):
+def ca(cn, issuer=None):
+    """A root CA, or with `issuer` (cert, key) an issuing CA under it."""
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
+    icert, ikey = issuer or (None, key)
+    b = (
         x509.CertificateBuilder()
         .subject_name(name(cn))
-        .issuer_name(name(cn))
+        .issuer_name(icert.subject if icert else name(cn))
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now() - datetime.timedelta(days=1))
         .not_valid_after(now() + datetime.timedelta(days=3650))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0 if icert else None), critical=True)
         .add_extension(
             x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
     )
-    return cert, key
+    if icert:
+        b = b.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ikey.public_key()), critical=False)
+    return b.sign(ikey, hashes.SHA256()), key
 
 
 def leaf(issuer, cn, eku, dns=()):
