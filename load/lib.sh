@@ -72,8 +72,23 @@ HZ=$(getconf CLK_TCK)
 # nginx_pids: nginx's master and workers (after nginx was started with pid $D/nginx.pid).
 nginx_pids() { echo "$(cat "$D/nginx.pid") $(pgrep -P "$(cat "$D/nginx.pid")" | tr '\n' ' ')"; }
 
-# The start of every nginx.conf here: NGINX_WORKERS workers (default 1), files in $D, no access
-# log (an open http block); the error log at LEVEL (default warn).
+# The same access line as the edge's (JSON, the same fields), buffered as the edge buffers its
+# own (64 KiB or 100 ms): logging every request is part of the job. ACCESS_LOG=off for a script
+# whose edge logs none.
+nginx_access_log() {
+  [ "${ACCESS_LOG:-on}" = off ] && { echo "  access_log off;"; return; }
+  cat <<NGINX
+  log_format edge escape=json '{"time":"\$time_iso8601","level":"info","log":"access","listener":"\$server_addr:\$server_port",'
+    '"client_ip":"\$remote_addr","sni":"\$ssl_server_name","cert_serial":"\$ssl_client_serial","cert_subject":"\$ssl_client_s_dn",'
+    '"protocol":"\$server_protocol","method":"\$request_method","host":"\$host","path":"\$uri","status":\$status,'
+    '"bytes_sent":\$body_bytes_sent,"cache":"\$upstream_cache_status","origin":"\$upstream_addr",'
+    '"origin_ms":"\$upstream_response_time","duration_ms":\$request_time,"rules":[],"answered":null}';
+  access_log $D/nginx-access.log edge buffer=64k flush=100ms;
+NGINX
+}
+
+# The start of every nginx.conf here: NGINX_WORKERS workers (default 1), files in $D, the access
+# log above (an open http block); the error log at LEVEL (default warn).
 nginx_prelude() {
   cat <<NGINX
 worker_processes ${NGINX_WORKERS:-1};
@@ -81,7 +96,7 @@ pid $D/nginx.pid;
 error_log $D/nginx-error.log ${1:-warn};
 events { worker_connections 1024; }
 http {
-  access_log off;
+$(nginx_access_log)
 NGINX
 }
 
@@ -121,7 +136,7 @@ pid $D/nginx.pid;
 error_log $D/nginx-error.log crit;
 events { worker_connections $2; }
 http {
-  access_log off;
+$(nginx_access_log)
   upstream origin { server 127.0.0.1:9443; keepalive 32; }
   server {
     listen 127.0.0.1:8444 ssl;

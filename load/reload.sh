@@ -11,6 +11,7 @@
 #     its file watch, the edge by SIGHUP, nginx by `-s reload`.
 #   load/reload.sh [seconds-with-reloads] [tries]
 source "$(dirname "$0")/lib.sh"
+ACCESS_LOG=off # neither server logs requests here: the edge has access_log: false below
 RELOAD_SECONDS=${1:-60}
 TRIES=${2:-20}
 WORKERS=${WORKERS:-1 2}
