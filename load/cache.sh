@@ -52,11 +52,11 @@ NGINX
 }
 
 
-run() { # name port n path pids...
-  local name=$1 port=$2 n=$(( $3 < 8 ? 8 : $3 )) path=$4; shift 4 # ab refuses fewer requests than clients
+run() { # name port n path clients pids...
+  local name=$1 port=$2 path=$4 c=$5; local n=$(( $3 < c ? c : $3 )); shift 5 # ab refuses fewer requests than clients
   local before after out
   before=$(ticks "$@")
-  out=$(ab -q -k -n "$n" -c 8 -E "$D/ab-client.pem" "https://localhost:$port$path" 2>&1)
+  out=$(ab -q -k -n "$n" -c "$c" -E "$D/ab-client.pem" "https://localhost:$port$path" 2>&1)
   after=$(ticks "$@")
   local rps fail done_
   rps=$(awk '/Requests per second/ {print $4}' <<<"$out")
@@ -75,7 +75,7 @@ row() { # server object req/s ticks requests failures
 cat > "$D/h2.js" <<'JS'
 import http from 'k6/http';
 export const options = {
-  scenarios: { get: { executor: 'shared-iterations', vus: 8, iterations: Number(__ENV.N), maxDuration: '300s' } },
+  scenarios: { get: { executor: 'shared-iterations', vus: Number(__ENV.VUS), iterations: Number(__ENV.N), maxDuration: '300s' } },
   insecureSkipTLSVerify: true,
   tlsAuth: [{ domains: ['localhost'], cert: open(__ENV.CERT), key: open(__ENV.KEY) }],
 };
@@ -84,11 +84,11 @@ export default function () {
   if (r.status !== 200 || r.proto !== 'HTTP/2.0') { throw new Error(`status ${r.status} ${r.proto}`); }
 }
 JS
-run_h2() { # name port n path pids...
-  local name=$1 port=$2 n=$3 path=$4; shift 4
+run_h2() { # name port n path clients pids...
+  local name=$1 port=$2 n=$3 path=$4 c=$5; shift 5
   local before after
   before=$(ticks "$@")
-  PORT=$port OBJ=$path N=$n CERT=$D/device.pem KEY=$D/device.key \
+  PORT=$port OBJ=$path N=$n VUS=$c CERT=$D/device.pem KEY=$D/device.key \
     k6 run -q --no-color --summary-export "$D/h2.json" "$D/h2.js" >/dev/null 2>&1 || true
   after=$(ticks "$@")
   read -r rps fails < <(python3 -c '
@@ -98,20 +98,22 @@ print("%.2f" % m["iterations"]["rate"], int(m.get("http_req_failed", {}).get("pa
   row "$name" "h2 $path" "$rps" $((after - before)) "$n" "$fails"
 }
 
-both() { # runner path n: the two servers, the first one alternating with the round
+both() { # runner path n clients: the two servers, the first one alternating with the round
   if ((round % 2)); then
-    "$1" mtls-edge 8443 "$3" "$2" "$EDGE"; "$1" nginx 8444 "$3" "$2" $(nginx_pids)
+    "$1" mtls-edge 8443 "$3" "$2" "$4" "$EDGE"; "$1" nginx 8444 "$3" "$2" "$4" $(nginx_pids)
   else
-    "$1" nginx 8444 "$3" "$2" $(nginx_pids); "$1" mtls-edge 8443 "$3" "$2" "$EDGE"
+    "$1" nginx 8444 "$3" "$2" "$4" $(nginx_pids); "$1" mtls-edge 8443 "$3" "$2" "$4" "$EDGE"
   fi
 }
 
 SCALE=${SCALE:-1}
-OBJECTS=("/files/small.bin?size=1024 $((60000 / SCALE))" "/files/medium.bin?size=1048576 $((2000 / SCALE))" "/files/large.bin?size=16777216 $((150 / SCALE))")
-H2_OBJECTS=("/files/small.bin?size=1024 $((20000 / SCALE))" "/files/medium.bin?size=1048576 $((1000 / SCALE))")
+# path, requests, clients: the concurrencies of issue 15's table (32 for 1 KiB, 8 for 1 MiB, 4 for
+# 16 MiB); 8 k6 users over HTTP/2.
+OBJECTS=("/files/small.bin?size=1024 $((60000 / SCALE)) 32" "/files/medium.bin?size=1048576 $((2000 / SCALE)) 8" "/files/large.bin?size=16777216 $((150 / SCALE)) 4")
+H2_OBJECTS=("/files/small.bin?size=1024 $((20000 / SCALE)) 8" "/files/medium.bin?size=1048576 $((1000 / SCALE)) 8")
 # ONLY=storm skips the cached objects.
 [ "${ONLY:-}" = storm ] && ROUNDS=0
-echo "# cached objects over keep-alive mTLS, ab -k (and k6 over HTTP/2), concurrency 8, $(nproc) cores"
+echo "# cached objects over keep-alive mTLS, ab -k at 32, 8 and 4 clients (and 8 k6 users over HTTP/2), $(nproc) cores"
 printf "%-10s %-30s %7s %5s %12s %14s %6s\n" server object workers round "req/s" "cpu us/req" errors
 for workers in $WORKERS; do
   ((ROUNDS > 0)) || break
