@@ -205,11 +205,17 @@ impl SharedCache {
 /// not the user tag. A request target cannot contain a newline, and each variant's value is
 /// length-prefixed, so no cohort value can forge another variant or another path.
 pub fn key(host: &str, path_and_query: &str, variants: &str) -> CacheKey {
+    use pingora_cache::key::CacheHashKey;
     let mut primary = String::with_capacity(host.len() + path_and_query.len() + variants.len());
     primary.push_str(host);
     primary.push_str(path_and_query);
     primary.push_str(variants);
-    CacheKey::new(primary, "")
+    let mut key = CacheKey::new(primary, "");
+    // pingora hashes the primary key each time it asks for it (the lookup, the lock, eviction):
+    // the same hash, computed once.
+    let hash = key.primary_bin();
+    key.set_primary_bin_override(hash);
+    key
 }
 
 /// Appends one variant for [`key`]: its kind (`cohort`, `origin`, `header:`), a name (a header's;
@@ -335,6 +341,17 @@ pub fn cache_status(phase: CachePhase, stored: bool) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The hash is computed once, and it is pingora's: objects on disk from before stay found.
+    #[test]
+    fn a_key_carries_the_hash_pingora_computes_for_its_primary() {
+        use pingora_cache::key::CacheHashKey;
+        let k = key("fw.example", "/img.bin?v=2", "\ncohort=4:beta");
+        let fresh = CacheKey::new("fw.example/img.bin?v=2\ncohort=4:beta", "");
+        assert_eq!(k.primary_bin(), fresh.primary_bin());
+        assert_eq!(k.combined_bin(), fresh.combined_bin());
+        assert_ne!(key("fw.example", "/img.bin?v=3", "").primary_bin(), k.primary_bin());
+    }
 
     fn resp(headers: &[(&str, &str)]) -> ResponseHeader {
         let mut r = ResponseHeader::build(200, None).unwrap();
