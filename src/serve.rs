@@ -61,7 +61,11 @@ enum Next {
 /// Whether `buf` holds a header's end: an empty line, with or without its CR (pingora's parser
 /// takes both). A false hit only hands the header over early.
 fn header_end(buf: &[u8]) -> bool {
-    buf.windows(2).any(|w| w == b"\n\n") || buf.windows(3).any(|w| w == b"\n\r\n")
+    memchr::memchr_iter(b'\n', buf).any(|i| match buf.get(i + 1) {
+        Some(b'\n') => true,
+        Some(b'\r') => buf.get(i + 2) == Some(&b'\n'),
+        _ => false,
+    })
 }
 
 impl<A> ViewerApp<A> {
@@ -176,5 +180,8 @@ mod tests {
         assert!(header_end(b"GET / HTTP/1.1\r\n\r\nbody"));
         assert!(!header_end(b"GET / HTTP/1.1\r\nHost: a\r\n"));
         assert!(!header_end(b"GET / HTTP/1.1\r\nHost: a\r\n\r"));
+        assert!(!header_end(b"GET / HTTP/1.1\r\nHost: a\n\r"));
+        assert!(header_end(b"\n\n"));
+        assert!(!header_end(b""));
     }
 }
