@@ -398,6 +398,10 @@ fn key_variants(outcome: &Outcome) -> String {
 impl ProxyHttp for EdgeProxy {
     type CTX = RequestCtx;
 
+    /// No downstream modules: pingora's default is a response compression module, disabled,
+    /// that every request would still build and run through. The edge compresses nothing.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
             started: Instant::now(),
