@@ -4,7 +4,7 @@
 //! request. A refusal is final: the connection gets no further response.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 
 use crate::identity::{ConnectionIdentity, ConnectionInfo, ViewerCert};
@@ -88,6 +88,8 @@ pub struct Connection {
     /// The generation it was last admitted under (0: not yet); read without the lock.
     admitted: AtomicU64,
     status: Mutex<Status>,
+    /// What each of its access lines says of it, rendered at its first.
+    pub access_fields: OnceLock<crate::logs::ConnectionFields>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -119,6 +121,7 @@ impl Connection {
             clock: Arc::default(),
             admitted: AtomicU64::new(0),
             status: Mutex::new(status),
+            access_fields: OnceLock::new(),
         })
     }
 

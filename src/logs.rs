@@ -223,6 +223,12 @@ impl Line {
         }
     }
 
+    /// Fields rendered before, in this line's format.
+    fn fields(mut self, rendered: &str) -> Line {
+        self.s.push_str(rendered);
+        self
+    }
+
     fn str(mut self, k: &'static str, v: &str) -> Line {
         self.key(k);
         match self.format {
@@ -426,12 +432,40 @@ pub fn connection(e: &ConnectionEvent) {
     );
 }
 
+/// The fields of a connection that each of its access lines carries, rendered once per
+/// connection in the format in force (a reload cannot change the logging settings).
+pub struct ConnectionFields(String);
+
+impl ConnectionFields {
+    pub fn new(listener: &str, client_ip: &str, sni: Option<&str>, cert: Option<&ViewerCert>) -> ConnectionFields {
+        let format = SINK.read().map_or(Format::Json, |s| s.format);
+        ConnectionFields::with_format(format, listener, client_ip, sni, cert)
+    }
+
+    fn with_format(
+        format: Format,
+        listener: &str,
+        client_ip: &str,
+        sni: Option<&str>,
+        cert: Option<&ViewerCert>,
+    ) -> ConnectionFields {
+        let line = Line {
+            s: String::with_capacity(160),
+            format,
+        }
+        .str("listener", listener)
+        .str("client_ip", client_ip)
+        .opt("sni", sni)
+        .opt("cert_serial", cert.map(|c| c.serial.as_str()))
+        .opt("cert_subject", cert.map(|c| c.subject.as_str()));
+        ConnectionFields(line.s)
+    }
+}
+
 /// One request, when its last byte has been sent.
 pub struct AccessEvent<'a> {
-    pub listener: &'a str,
-    pub client_ip: &'a str,
-    pub sni: Option<&'a str>,
-    pub cert: Option<&'a ViewerCert>,
+    /// Listener, client address, SNI and certificate.
+    pub connection: &'a ConnectionFields,
     pub protocol: &'a str,
     pub method: &'a str,
     pub host: &'a str,
@@ -456,11 +490,7 @@ pub fn access_enabled() -> bool {
 
 pub fn access(e: &AccessEvent) {
     let mut line = Line::new("access", "info")
-        .str("listener", e.listener)
-        .str("client_ip", e.client_ip)
-        .opt("sni", e.sni)
-        .opt("cert_serial", e.cert.map(|c| c.serial.as_str()))
-        .opt("cert_subject", e.cert.map(|c| c.subject.as_str()))
+        .fields(&e.connection.0)
         .str("protocol", e.protocol)
         .str("method", e.method)
         .str("host", e.host)
@@ -506,6 +536,23 @@ mod tests {
         assert_eq!(
             &text[24..],
             r#" info access path="/a \"b\"\n\\c\u0001" status=200 ms=1.500 none=- rules="a,b c""#
+        );
+    }
+
+    #[test]
+    fn a_connections_fields_are_rendered_once_in_the_lines_format() {
+        let line = |format| {
+            let c = ConnectionFields::with_format(format, "127.0.0.1:8443", "10.0.0.7", Some("fw \"a\""), None);
+            let l = Line::with_format(format, "access", "info").fields(&c.0).int("status", 200).finish();
+            l[l.find("listener").map_or(0, |i| i - 1)..].to_string()
+        };
+        assert_eq!(
+            line(Format::Json),
+            r#""listener":"127.0.0.1:8443","client_ip":"10.0.0.7","sni":"fw \"a\"","cert_serial":null,"cert_subject":null,"status":200}"#
+        );
+        assert_eq!(
+            line(Format::Text),
+            r#" listener=127.0.0.1:8443 client_ip=10.0.0.7 sni="fw \"a\"" cert_serial=- cert_subject=- status=200"#
         );
     }
 }

@@ -789,13 +789,20 @@ impl ProxyHttp for EdgeProxy {
             return;
         }
         let conn = ctx.conn.as_deref();
-        let id = conn.map(|c| &c.identity);
         let req = session.req_header();
+        let unknown;
+        let connection = match conn {
+            Some(c) => c.access_fields.get_or_init(|| {
+                let id = &c.identity;
+                logs::ConnectionFields::new(&id.listener, client_ip(session, c), id.sni.as_deref(), id.cert.as_ref())
+            }),
+            None => {
+                unknown = logs::ConnectionFields::new("", "", None, None);
+                &unknown
+            }
+        };
         logs::access(&logs::AccessEvent {
-            listener: id.map_or("", |i| &i.listener),
-            client_ip: conn.map_or("", |c| client_ip(session, c)),
-            sni: id.and_then(|i| i.sni.as_deref()),
-            cert: id.and_then(|i| i.cert.as_ref()),
+            connection,
             protocol: if session.is_http2() { "HTTP/2" } else { "HTTP/1.1" },
             method: req.method.as_str(),
             host: &ctx.host,
