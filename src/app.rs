@@ -119,7 +119,11 @@ impl Edge {
         h2.max_concurrent_streams(fixed.h2.max_concurrent_streams)
             .max_pending_accept_reset_streams(fixed.h2.max_pending_reset_streams);
         http.h2_options = Some(h2);
-        let viewers = ViewerApp::new(Arc::new(http), DRAIN_LINGER.min(grace), guard.clone());
+        let hits = cache.clone().map(|cache| crate::hit::Hits {
+            live: self.live.clone(),
+            cache,
+        });
+        let viewers = ViewerApp::new(Arc::new(http), DRAIN_LINGER.min(grace), guard.clone(), hits);
         let mut proxy = Service::new("mtls-edge".to_string(), viewers);
         proxy.endpoints().set_pre_tls_callback(Arc::new(limits::Admission(guard.clone())));
         let live = self.live.clone();

@@ -24,6 +24,7 @@ pub mod cache;
 pub mod config;
 pub mod demo;
 pub mod fingerprint;
+pub mod hit;
 pub mod identity;
 pub mod limits;
 pub mod logs;

@@ -116,6 +116,14 @@ pub static CACHE_COALESCED: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect(REGISTERED)
 });
 
+pub static DIRECT_HITS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "mtls_edge_cache_direct_hits_total",
+        "Fresh memory hits served over HTTP/1 without pingora's request session (module hit)"
+    )
+    .expect(REGISTERED)
+});
+
 /// Response body bytes sent to viewers, by source: cache or origin.
 pub static BODY_BYTES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
@@ -566,6 +574,7 @@ pub fn init() {
     }
     LazyLock::force(&CACHE_LOOKUPS);
     LazyLock::force(&CACHE_COALESCED);
+    LazyLock::force(&DIRECT_HITS);
     LazyLock::force(&BODY_BYTES);
     for t in crate::reason::Tier::ALL {
         CACHE_EVICTIONS.with_label_values(&[t.as_str()]);

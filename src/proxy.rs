@@ -80,13 +80,13 @@ pub struct RequestCtx {
     origin_seconds: Option<f64>,
 }
 
-const CACHE_STATUS: &str = "cache-status";
+pub(crate) const CACHE_STATUS: &str = "cache-status";
 
 /// Counts a request in flight for as long as its context lives.
-struct InFlight;
+pub(crate) struct InFlight;
 
 impl InFlight {
-    fn new() -> InFlight {
+    pub(crate) fn new() -> InFlight {
         metrics::REQUESTS_IN_FLIGHT.inc();
         InFlight
     }
@@ -106,26 +106,27 @@ fn connection(session: &Session) -> Option<Arc<Connection>> {
 
 /// The request's host, lowercased, without a port: from the URI authority (HTTP/2) or Host.
 fn request_host(req: &RequestHeader) -> Option<String> {
-    let raw = req.uri.authority().map(|a| a.host().to_string()).or_else(|| {
-        req.headers
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(|h| {
-                // Strip a port, keeping bracketed IPv6 literals whole.
-                match h.rfind(':') {
-                    Some(i) if !h[i..].contains(']') => h[..i].to_string(),
-                    _ => h.to_string(),
-                }
-            })
-    })?;
-    Some(raw.trim_end_matches('.').to_ascii_lowercase())
+    match req.uri.authority() {
+        Some(a) => Some(normal_host(a.host())),
+        None => Some(normal_host(req.headers.get(http::header::HOST)?.to_str().ok()?)),
+    }
+}
+
+/// A Host value as routes and keys read it: lowercased, without a port (bracketed IPv6 literals
+/// kept whole) or a trailing dot.
+pub(crate) fn normal_host(h: &str) -> String {
+    let h = match h.rfind(':') {
+        Some(i) if !h[i..].contains(']') => &h[..i],
+        _ => h,
+    };
+    h.trim_end_matches('.').to_ascii_lowercase()
 }
 
 /// Whether a request path is in normal form: no empty, `.` or `..` segments, and no encoded dot,
 /// slash or backslash. Routes and rules match on the path as sent, and origins often resolve
 /// these forms: `/images/x1/../x2/fw.bin` would pass a rule that allows `/images/x1/` and reach
 /// x2's image. Such paths are refused rather than rewritten.
-fn path_is_normal(path: &str) -> bool {
+pub(crate) fn path_is_normal(path: &str) -> bool {
     let Some(rest) = path.strip_prefix('/') else {
         return false;
     };
@@ -202,8 +203,22 @@ impl RequestCtx {
 /// Stage: the connection may still be served under `state` (its handshake's rules, and after a
 /// reload its certificate and connection rules again). A refused connection gets no answer.
 async fn admit(session: &mut Session, ctx: &mut RequestCtx, state: &State, conn: &Connection) -> Result<bool> {
-    if conn.admitted_under(state.generation) {
+    if admitted(state, conn, || client_ip(session, conn)) {
         return Ok(false);
+    }
+    // Close, answer nothing; over HTTP/2 the stream is reset (pingora 0.9 cannot close the
+    // connection from a stream: each of its streams is reset in turn).
+    ctx.answered = Some(Answered::ConnectionRefused);
+    session.set_keepalive(None);
+    session.shutdown().await;
+    Ok(true)
+}
+
+/// Whether the connection may still be served under `state` (`Connection::check`); `ip` is
+/// asked for only when it has not yet been admitted under it.
+pub(crate) fn admitted<'c>(state: &State, conn: &'c Connection, ip: impl FnOnce() -> &'c str) -> bool {
+    if conn.admitted_under(state.generation) {
+        return true;
     }
     let policy = state
         .listener(&conn.identity.listener)
@@ -216,16 +231,7 @@ async fn admit(session: &mut Session, ctx: &mut RequestCtx, state: &State, conn:
             .is_some_and(|p| p.mode == crate::viewer_tls::Mode::Required),
         rules: state.rules_for(&conn.identity.listener),
     };
-    let ip = client_ip(session, conn);
-    if conn.check(&current, ip).is_ok() {
-        return Ok(false);
-    }
-    // Close, answer nothing; over HTTP/2 the stream is reset (pingora 0.9 cannot close the
-    // connection from a stream: each of its streams is reset in turn).
-    ctx.answered = Some(Answered::ConnectionRefused);
-    session.set_keepalive(None);
-    session.shutdown().await;
-    Ok(true)
+    conn.check(&current, ip()).is_ok()
 }
 
 /// Stage: the route for the request, and who may read it. Authorization runs before any cache

@@ -19,6 +19,7 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
 use crate::admission::Connection;
+use crate::hit::{Hits, Served};
 use crate::records::Coalesced;
 use crate::limits::Guard;
 
@@ -34,16 +35,19 @@ pub struct ViewerApp<A> {
     /// Where a connection's deadline is handed over once its handshake is done, and the limit
     /// on a request header.
     pub limits: Arc<Guard>,
+    /// Fresh memory hits served without pingora's session (with a cache).
+    pub hits: Option<Hits>,
     /// Set once the linger is over: connections waiting for a request stop waiting.
     closing: watch::Sender<bool>,
 }
 
 impl<A> ViewerApp<A> {
-    pub fn new(inner: Arc<A>, linger: Duration, limits: Arc<Guard>) -> ViewerApp<A> {
+    pub fn new(inner: Arc<A>, linger: Duration, limits: Arc<Guard>, hits: Option<Hits>) -> ViewerApp<A> {
         ViewerApp {
             inner,
             linger,
             limits,
+            hits,
             closing: watch::Sender::new(false),
         }
     }
@@ -124,7 +128,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ViewerApp<A> {
         let conn = stream
             .get_ssl_digest()
             .and_then(|d| d.extension.get::<Arc<Connection>>().cloned());
-        if let Some(c) = conn {
+        if let Some(c) = &conn {
             self.limits.attach(stream.id(), &c.clock);
         }
         ack_now(stream.id());
@@ -136,18 +140,26 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ViewerApp<A> {
         // pingora's own HTTP/1 loop, with the wait for each request taken out of it.
         let mut first = true;
         let mut settings = None;
+        let reuse_limit = self.inner.server_options().and_then(|o| o.keepalive_request_limit);
+        // pingora counts a connection's requests against its limit: with one, it serves them all.
+        let hits = self.hits.as_ref().zip(conn.as_deref()).filter(|_| reuse_limit.is_none());
         loop {
             let max = self.limits.max_header_bytes();
             let Next::Request(header) = self.next_request(&mut stream, max).await else {
                 return None;
             };
+            if let Some((hits, c)) = hits.filter(|_| !*shutdown.borrow()) {
+                match hits.serve(&mut stream, &header, c).await {
+                    Served::Yes => continue,
+                    Served::Closed => return None,
+                    Served::No => {}
+                }
+            }
             let mut session = ServerSession::new_http1(stream);
             if first {
                 first = false;
                 session.set_keepalive((!*shutdown.borrow()).then_some(KEEPALIVE_SECS));
-                session.set_keepalive_reuses_remaining(
-                    self.inner.server_options().and_then(|o| o.keepalive_request_limit),
-                );
+                session.set_keepalive_reuses_remaining(reuse_limit);
             } else if let Some(s) = settings.take() {
                 HttpPersistentSettings::apply_to_session(s, &mut session);
             }

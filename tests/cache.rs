@@ -5,6 +5,7 @@ mod common;
 
 use common::*;
 use mtls_edge::pki::LeafSpec;
+use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 struct Setup {
@@ -583,4 +584,109 @@ fn last_modified_revalidates_and_answers_if_modified_since() {
     assert_eq!(r.header("cache-status"), Some("mtls-edge; fwd=stale; fwd-status=304"));
     assert_eq!(c().get(path).unwrap().header("cache-status"), Some("mtls-edge; hit"));
     assert_eq!(s.origin_count("/files/lm.bin"), 2);
+}
+
+/// The header lines of a response with the values that name the moment (Date, Age) left out.
+fn timeless(r: &Response) -> Vec<(String, String)> {
+    r.headers
+        .iter()
+        .map(|(k, v)| match k.to_ascii_lowercase().as_str() {
+            "date" | "age" => (k.clone(), String::new()),
+            _ => (k.clone(), v.clone()),
+        })
+        .collect()
+}
+
+/// Fresh memory hits over HTTP/1 are served without pingora's session (`hit`): they must be the
+/// response pingora's hit path sends, byte for byte but for the time, on keep-alive and closing
+/// connections, HTTP/1.1 and 1.0, and count and log as hits.
+#[test]
+fn a_direct_hit_is_the_response_pingoras_hit_path_sends() {
+    let s = setup();
+    let d = s.dir.path();
+    let c = || Client::new(d, s.edge.port).cert("device");
+    let direct = || metric(s.admin_port, "mtls_edge_cache_direct_hits_total");
+    let path = "/files/direct.bin?size=3000";
+    let body = mtls_edge::demo::file_body(3000);
+    assert_eq!(c().get(path).unwrap().header("cache-status"), Some("mtls-edge; fwd=miss; stored"));
+    // A validator that does not match sends pingora's hit path the whole object.
+    let by_pingora = c().header("If-None-Match", "\"other\"").get(path).unwrap();
+    assert_eq!(direct(), 0.0, "a conditional request was taken directly");
+    let closing = c().get(path).unwrap();
+    assert_eq!(direct(), 1.0, "a plain GET on a fresh hit went to pingora");
+    assert_eq!((closing.status, closing.body.as_bytes()), (200, body.as_slice()));
+    assert_eq!(timeless(&closing), timeless(&by_pingora));
+    assert_eq!(closing.header("connection"), Some("close"));
+    assert!(closing.header("age").is_some_and(|a| a.parse::<u64>().is_ok()));
+    // Keep-alive: the connection carries direct hits and then a request pingora serves.
+    let mut conn = c().keep_alive().unwrap();
+    for _ in 0..3 {
+        let r = conn.get(path).unwrap();
+        assert_eq!((r.status, r.body.as_bytes()), (200, body.as_slice()));
+        assert_eq!(r.header("connection"), Some("keep-alive"));
+        assert_eq!(r.header("cache-status"), Some("mtls-edge; hit"));
+    }
+    assert_eq!(conn.get("/echo").unwrap().status, 200);
+    assert_eq!(conn.get(path).unwrap().body.as_bytes(), body.as_slice());
+    assert_eq!(direct(), 5.0);
+    // HTTP/1.0 keeps the connection only when asked to, as pingora does.
+    for (ask, want) in [("Connection: keep-alive\r\n", "keep-alive"), ("", "close")] {
+        let mut tls = c().connect().unwrap();
+        write!(tls, "GET {path} HTTP/1.0\r\nHost: localhost\r\n{ask}\r\n").unwrap();
+        let mut raw = vec![0u8; 8192];
+        let mut got = Vec::new();
+        while !got.ends_with(&body[body.len() - 16..]) {
+            let n = tls.read(&mut raw).unwrap();
+            assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&raw[..n]);
+        }
+        let head = String::from_utf8_lossy(&got).to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
+        assert!(head.contains(&format!("\r\nconnection: {want}\r\n")), "{head}");
+    }
+    assert_eq!(direct(), 7.0);
+    let m = |name: &str| metric(s.admin_port, name);
+    assert_eq!(m("mtls_edge_cache_lookups_total{result=\"hit\"}"), 8.0);
+    assert_eq!(m("mtls_edge_cache_tier_lookups_total{result=\"hit\",tier=\"memory\"}"), 8.0);
+    assert!(m("mtls_edge_response_body_bytes_total{source=\"cache\"}") >= 8.0 * 3000.0);
+    // Lines are written in order: once a later request's line is there, the hits' are.
+    c().get("/log-marker").unwrap();
+    s.edge.wait_log("for the marker", |l| l["path"] == "/log-marker");
+    let hits = s.edge.log_lines().into_iter().filter(|l| l["path"] == "/files/direct.bin" && l["cache"] == "hit");
+    assert_eq!(hits.count(), 8, "every hit has its access line");
+    assert_eq!(s.origin_count("/files/direct.bin"), 1);
+}
+
+/// What a direct hit must not answer goes to pingora, which answers it as before: ranges,
+/// conditionals, HEAD, a body, client-sent identity headers (removed and counted), paths not in
+/// normal form, a client without a certificate on a route that needs one, stale objects.
+#[test]
+fn requests_a_direct_hit_may_not_answer_go_to_pingora() {
+    let s = setup();
+    let d = s.dir.path();
+    let c = || Client::new(d, s.edge.port).cert("device");
+    let direct = || metric(s.admin_port, "mtls_edge_cache_direct_hits_total");
+    let path = "/files/other.bin?size=1000";
+    assert_eq!(c().get(path).unwrap().status, 200);
+    assert_eq!(c().header("Range", "bytes=0-9").get(path).unwrap().status, 206);
+    assert_eq!(c().header("If-None-Match", "\"1000\"").get(path).unwrap().status, 304);
+    assert_eq!(c().header("If-Modified-Since", "Thu, 01 Jan 2099 00:00:00 GMT").get(path).unwrap().status, 200);
+    let head = c().method("HEAD").get(path).unwrap();
+    assert_eq!((head.status, head.body.len()), (200, 0));
+    let spoofed = c().header("CloudFront-Viewer-Cert-Subject", "CN=admin").get(path).unwrap();
+    assert_eq!(spoofed.status, 200);
+    let spoofs = format!("mtls_edge_spoofed_identity_headers_total{{listener=\"127.0.0.1:{}\"}}", s.edge.port);
+    assert_eq!(metric(s.admin_port, &spoofs), 1.0, "the client's identity header was not removed");
+    assert_eq!(c().get("/files/./other.bin?size=1000").unwrap().status, 400);
+    let no_cert = Client::new(d, s.optional_port).get(path).unwrap();
+    assert_eq!((no_cert.status, no_cert.header("cache-status")), (403, None));
+    assert_eq!(direct(), 0.0, "one of these was answered directly");
+    // Expired: pingora revalidates with the origin.
+    let expiring = "/files/expiring.bin?size=10&max_age=1";
+    assert_eq!(c().get(expiring).unwrap().status, 200);
+    std::thread::sleep(Duration::from_millis(2100));
+    let r = c().get(expiring).unwrap();
+    assert_ne!(r.header("cache-status"), Some("mtls-edge; hit"), "an expired object was served as fresh");
+    assert_eq!(direct(), 0.0);
+    assert_eq!(s.origin_count("/files/other.bin"), 1);
 }

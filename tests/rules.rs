@@ -551,3 +551,21 @@ fn headers_a_rule_sets_toward_the_origin_key_the_cache() {
     // The same model shares the first copy.
     assert_eq!(get("c1").header("cache-status"), Some("mtls-edge; hit"));
 }
+
+/// Authorization runs before any lookup, on a hit too: with request rules in force no hit is
+/// served directly (`hit`), and a device the rules refuse never gets the cached object another
+/// device filled, on a closing or a keep-alive connection.
+#[test]
+fn request_rules_decide_before_a_cached_object_is_served() {
+    let rules = "rules:\n  - { name: not-b, phase: request, when: 'client.cert.subject.cn == \"device-b\"', deny: {} }\n";
+    let (_rules_dir, e) = edge_with_rules_and_devices(rules, &[("a", "device-a"), ("b", "device-b")]);
+    let path = "/firmware/image.bin?size=2000";
+    assert_eq!(e.client("a").get(path).unwrap().header("cache-status"), Some("mtls-edge; fwd=miss; stored"));
+    let hit = e.client("a").get(path).unwrap();
+    assert_eq!((hit.status, hit.header("cache-status")), (200, Some("mtls-edge; hit")));
+    let denied = e.client("b").get(path).unwrap();
+    assert_eq!((denied.status, denied.header("cache-status")), (403, None));
+    let mut conn = e.client("b").keep_alive().unwrap();
+    assert_eq!(conn.get(path).unwrap().status, 403);
+    assert_eq!(metric(e.admin_port, "mtls_edge_cache_direct_hits_total"), 0.0);
+}
