@@ -5,13 +5,14 @@
 //! shields) goes to pingora untouched. On a 1 KiB hit this halves the CPU (load/README.md).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use bytes::BytesMut;
-use http::header::{HeaderName, ACCEPT_RANGES, AGE, CONNECTION, DATE};
+use http::header::{HeaderName, HeaderValue};
+use pingora::http::{HeaderNameVariant, ResponseHeader};
 use pingora::protocols::http::date::get_cached_date;
 use pingora::protocols::Stream;
-use pingora_cache::{CacheMeta, CachePhase};
+use pingora_cache::CachePhase;
 use tokio::io::AsyncWriteExt;
 
 use crate::admission::Connection;
@@ -162,21 +163,20 @@ impl Hits {
             return Served::No;
         }
         let key = cache::key(&req.host, req.target, "");
-        let Some((meta, mut body)) = self.cache.fresh_memory_hit(&key) else {
-            return Served::No;
-        };
-        let Some(head) = response_head(&meta, req.keep_alive) else {
+        let Some(stored) = self.cache.fresh_memory_hit(&key) else {
             return Served::No;
         };
         let _in_flight = InFlight::new();
         conn.clock.request_started();
         metrics::DIRECT_HITS.inc();
+        let age = stored.age(SystemTime::now()).as_secs();
+        let head = response_head(stored.header(), age, &get_cached_date(), req.keep_alive);
         let mut sent = 0u64;
         let wrote = async {
             stream.write_all(&head).await?;
-            while let Ok(Some(chunk)) = pingora_cache::storage::HandleHit::read_body(&mut *body).await {
+            for chunk in stored.body() {
+                stream.write_all(chunk).await?;
                 sent += chunk.len() as u64;
-                stream.write_all(&chunk).await?;
             }
             stream.flush().await?;
             if !req.keep_alive {
@@ -225,27 +225,56 @@ impl Hits {
     }
 }
 
-/// The status line and header pingora's hit path sends for `meta`: the stored header with, in
-/// its order, Age, Accept-Ranges and Cache-Status (`proxy_cache`), then Date and Connection as its
-/// HTTP/1 writer sets them. `None` if the stored header cannot take them.
-fn response_head(meta: &CacheMeta, keep_alive: bool) -> Option<BytesMut> {
-    let mut resp = meta.response_header_copy();
-    resp.insert_header(AGE, meta.age().as_secs()).ok()?;
-    resp.insert_header(ACCEPT_RANGES, "bytes").ok()?;
-    resp.insert_header(CACHE_STATUS, cache::cache_status(CachePhase::Hit, false))
-        .ok()?;
-    resp.insert_header(DATE, get_cached_date()).ok()?;
-    resp.insert_header(CONNECTION, if keep_alive { "keep-alive" } else { "close" })
-        .ok()?;
+/// The status line and header pingora's hit path sends for a stored response, written from the
+/// stored header in place. pingora sets five headers on it, in this order, each named as here:
+/// Age, Accept-Ranges and Cache-Status (`proxy_cache`), then Date and Connection (its HTTP/1
+/// writer). A header it sets takes the place of the stored one of that name (and its repeats);
+/// the others follow the stored ones. The test below holds this to pingora's own inserts.
+fn response_head(stored: &ResponseHeader, age: u64, date: &HeaderValue, keep_alive: bool) -> BytesMut {
+    let age = age.to_string();
+    let set: [(&str, &[u8]); 5] = [
+        ("Age", age.as_bytes()),
+        ("Accept-Ranges", b"bytes"),
+        (CACHE_STATUS, cache::cache_status(CachePhase::Hit, false).as_bytes()),
+        ("Date", date.as_bytes()),
+        ("Connection", if keep_alive { b"keep-alive" } else { b"close" }),
+    ];
     let mut out = BytesMut::with_capacity(512);
     out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(resp.status.as_str().as_bytes());
+    out.extend_from_slice(stored.status.as_str().as_bytes());
     out.extend_from_slice(b" ");
-    out.extend_from_slice(resp.get_reason_phrase().unwrap_or("").as_bytes());
+    out.extend_from_slice(stored.get_reason_phrase().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    resp.header_to_h1_wire(&mut out);
+    let mut put = |name: &[u8], value: &[u8]| {
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    };
+    let mut written = [false; 5];
+    // `map` walks the header as pingora's writer does (original case, repeats together).
+    let _ = stored.map(|name, value| {
+        let name = match name {
+            HeaderNameVariant::Case(c) => c.as_slice(),
+            HeaderNameVariant::Titled(t) => t.as_bytes(),
+        };
+        match set.iter().position(|(n, _)| n.as_bytes().eq_ignore_ascii_case(name)) {
+            Some(i) if !written[i] => {
+                written[i] = true;
+                put(set[i].0.as_bytes(), set[i].1);
+            }
+            Some(_) => {}
+            None => put(name, value.as_bytes()),
+        }
+        Ok(())
+    });
+    for ((name, value), done) in set.iter().zip(written) {
+        if !done {
+            put(name.as_bytes(), value);
+        }
+    }
     out.extend_from_slice(b"\r\n");
-    Some(out)
+    out
 }
 
 /// The client's IP address from the socket, as `proxy::client_ip` reads it from pingora's session.
@@ -260,6 +289,81 @@ fn peer_ip(stream: &Stream) -> String {
 mod tests {
     use super::*;
     use crate::identity::HeaderNames;
+    use http::header::{ACCEPT_RANGES, AGE, CONNECTION, DATE};
+
+    /// What pingora sends for a hit on `stored`: its own inserts, then its own writer.
+    fn pingoras(stored: &ResponseHeader, age: u64, date: &HeaderValue, keep_alive: bool) -> String {
+        let mut resp = stored.clone();
+        resp.insert_header(AGE, age).unwrap();
+        resp.insert_header(ACCEPT_RANGES, "bytes").unwrap();
+        resp.insert_header(CACHE_STATUS, "mtls-edge; hit").unwrap();
+        resp.insert_header(DATE, date).unwrap();
+        resp.insert_header(CONNECTION, if keep_alive { "keep-alive" } else { "close" })
+            .unwrap();
+        let mut wire = BytesMut::new();
+        resp.header_to_h1_wire(&mut wire);
+        let reason = resp.get_reason_phrase().unwrap_or("");
+        format!(
+            "HTTP/1.1 {} {reason}\r\n{}\r\n",
+            resp.status.as_str(),
+            String::from_utf8_lossy(&wire)
+        )
+    }
+
+    #[test]
+    fn the_head_is_the_one_pingoras_inserts_give() {
+        let date = HeaderValue::from_static("Thu, 03 Dec 2026 15:00:00 GMT");
+        let with = |build: fn() -> ResponseHeader, headers: &[(&'static str, &'static str)]| {
+            let mut h = build();
+            for (k, v) in headers {
+                h.append_header(*k, *v).unwrap();
+            }
+            h
+        };
+        let case = || ResponseHeader::build(200, None).unwrap();
+        let no_case = || ResponseHeader::build_no_case(200, None).unwrap();
+        let stored = [
+            // As the demo origin answers: Date and Connection in the middle.
+            with(
+                case,
+                &[
+                    ("Content-Length", "10"),
+                    ("x-origin", "a"),
+                    ("date", "old"),
+                    ("Connection", "keep-alive"),
+                    ("ETag", "\"1\""),
+                ],
+            ),
+            // An Age and an Accept-Ranges of its own, repeated headers, none of Date or Connection.
+            with(
+                case,
+                &[
+                    ("AGE", "100"),
+                    ("Link", "<a>"),
+                    ("Content-Length", "1"),
+                    ("Link", "<b>"),
+                    ("accept-ranges", "none"),
+                    ("Age", "7"),
+                ],
+            ),
+            // A stored Cache-Status (a shield's), in another case.
+            with(case, &[("Cache-Status", "shield; hit"), ("Content-Length", "1")]),
+            with(
+                no_case,
+                &[("content-length", "5"), ("date", "old"), ("x-a", "1"), ("x-a", "2")],
+            ),
+        ];
+        for h in &stored {
+            for keep_alive in [true, false] {
+                let ours = response_head(h, 42, &date, keep_alive);
+                assert_eq!(
+                    String::from_utf8_lossy(&ours),
+                    pingoras(h, 42, &date, keep_alive),
+                    "{h:?}"
+                );
+            }
+        }
+    }
 
     /// `plain`'s verdict on `req`: the host and whether the connection stays open.
     fn verdict(req: &str) -> Option<(String, bool)> {

@@ -14,7 +14,7 @@ use std::any::Any;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -152,6 +152,44 @@ struct Object {
     body: Chunks,
     /// What the object counts against the budget: body plus serialized meta.
     weight: usize,
+}
+
+/// A complete object as a hit served without pingora reads it (`hit`): its stored header in
+/// place, not cloned into a `CacheMeta` as pingora's hit path needs.
+pub struct Stored(Arc<Object>);
+
+impl Stored {
+    pub fn header(&self) -> &ResponseHeader {
+        &self.0.meta.header
+    }
+
+    /// As `CacheMeta::is_fresh`.
+    pub fn is_fresh(&self, now: SystemTime) -> bool {
+        self.0.meta.fresh_until >= now
+    }
+
+    /// As `CacheMeta::age`: since the last revalidation.
+    pub fn age(&self, now: SystemTime) -> Duration {
+        now.duration_since(self.0.meta.epoch).unwrap_or_default()
+    }
+
+    pub fn fresh_until(&self) -> SystemTime {
+        self.0.meta.fresh_until
+    }
+
+    pub fn has_variance(&self) -> bool {
+        self.0.meta.variance.is_some()
+    }
+
+    /// The key the eviction manager tracks it under, and its weight there.
+    pub fn eviction(&self) -> (&CompactCacheKey, usize) {
+        (&self.0.compact, self.0.weight)
+    }
+
+    /// The body, as the chunks it was received in (shared, not copied).
+    pub fn body(&self) -> impl Iterator<Item = &Bytes> {
+        self.0.body.chunks.iter()
+    }
 }
 
 /// How far a fill has come: what its readers wait on (both tiers).
@@ -475,6 +513,11 @@ impl MemoryStorage {
     pub(super) fn lookup_fill_by_id(&self, k: &HashBinary, id: u64) -> Option<(CacheMeta, HitHandler)> {
         let fill = read(&self.fills).get(k).and_then(|m| m.get(&id).cloned())?;
         Some(partial(&fill))
+    }
+
+    /// A complete object, read in place (see `Stored`).
+    pub(super) fn lookup_stored(&self, k: &HashBinary) -> Option<Stored> {
+        read(&self.objects).get(k).cloned().map(Stored)
     }
 
     /// A complete object.

@@ -17,7 +17,6 @@ use pingora_cache::eviction::{lru, EvictionManager};
 use pingora_cache::filters::resp_cacheable;
 use pingora_cache::key::{CacheHashKey, HashBinary};
 use pingora_cache::lock::{CacheKeyLockImpl, CacheLock};
-use pingora_cache::storage::HitHandler;
 use pingora_cache::{CacheEntryKey, CacheEntryKeyRef};
 use pingora_cache::VarianceBuilder;
 use pingora_cache::{
@@ -27,6 +26,7 @@ use pingora_cache::{
 use crate::metrics;
 use crate::reason::{CacheResult, Tier};
 use disk::DiskStorage;
+pub use memory::Stored;
 use memory::MemoryStorage;
 use tiered::{DiskPlan, Tiered};
 
@@ -130,28 +130,27 @@ impl SharedCache {
     /// fill wins over a stored object, see `Tiered::lookup`). Counts the lookup and the LRU
     /// access, as pingora's hit path does, only when it returns one; otherwise the request goes
     /// to pingora, which looks the key up again.
-    pub fn fresh_memory_hit(&self, key: &CacheKey) -> Option<(CacheMeta, HitHandler)> {
+    pub fn fresh_memory_hit(&self, key: &CacheKey) -> Option<Stored> {
         let k = key.combined_bin();
         let filling = self.storage.disk.is_some_and(|d| d.lookup_fill(key, None).is_some())
             || self.storage.memory.lookup_fill(&k).is_some();
         if filling {
             return None;
         }
-        let (meta, hit) = self.storage.memory.lookup_object(&k)?;
-        let plain = meta.response_header().status == http::StatusCode::OK
-            && meta.headers().contains_key(http::header::CONTENT_LENGTH)
-            && meta.variance().is_none()
-            && meta.is_fresh(SystemTime::now());
+        let stored = self.storage.memory.lookup_stored(&k)?;
+        let header = stored.header();
+        let plain = header.status == http::StatusCode::OK
+            && header.headers.contains_key(http::header::CONTENT_LENGTH)
+            && !stored.has_variance()
+            && stored.is_fresh(SystemTime::now());
         if !plain {
             return None;
         }
         metrics::count_tier_lookup(Tier::Memory, true);
         metrics::count_cache_lookup(CacheResult::Hit);
-        if hit.should_count_access() {
-            let entry = CacheEntryKey::from_entry_id(key.to_compact(), hit.entry_id());
-            self.eviction.access(&entry, hit.get_eviction_weight(), meta.fresh_until());
-        }
-        Some((meta, hit))
+        let (compact, weight) = stored.eviction();
+        self.eviction.access(&CacheEntryKey::KeyOnly(compact.clone()), weight, stored.fresh_until());
+        Some(stored)
     }
 
     /// Brings the tiers' gauges up to date (when metrics are scraped).
