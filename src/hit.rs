@@ -11,11 +11,13 @@ use bytes::BytesMut;
 use http::header::{HeaderName, HeaderValue};
 use pingora::http::{HeaderNameVariant, ResponseHeader};
 use pingora::protocols::http::date::get_cached_date;
+use pingora::protocols::http::ServerSession;
 use pingora::protocols::Stream;
 use pingora_cache::CachePhase;
 use tokio::io::AsyncWriteExt;
 
 use crate::admission::Connection;
+use crate::cache::Stored;
 use crate::cache::{self, SharedCache};
 use crate::identity::HeaderPlan;
 use crate::logs;
@@ -24,7 +26,7 @@ use crate::proxy::{admitted, normal_host, path_is_normal, InFlight, CACHE_STATUS
 use crate::reason::CacheResult;
 use crate::routes::Access;
 use crate::rules::Phase;
-use crate::state::Live;
+use crate::state::{Live, State};
 
 /// Request headers past which pingora's path is taken (httparse needs a fixed array).
 const MAX_HEADERS: usize = 32;
@@ -131,50 +133,72 @@ fn plain<'b>(
     })
 }
 
+/// A request taken: what its response and its log line need.
+struct Taken {
+    state: Arc<State>,
+    route: Arc<str>,
+    stored: Stored,
+    started: Instant,
+    _in_flight: InFlight,
+}
+
 impl Hits {
-    /// Serves the request in `buf` from the memory tier if it is a fresh hit this path may take.
-    pub async fn serve(&self, stream: &mut Stream, buf: &[u8], conn: &Connection) -> Served {
+    /// The checks before the lookup, as pingora's path makes them (its admission, `proxy::route`),
+    /// then the lookup. `None` leaves the request to pingora, which refuses what fails them.
+    fn take(
+        &self,
+        state: Arc<State>,
+        conn: &Connection,
+        ip: impl FnOnce() -> String,
+        (host, target, path): (&str, &str, &str),
+    ) -> Option<Taken> {
         let started = Instant::now();
-        let state = self.live.load_full();
         let listener = &conn.identity.listener;
-        // A connection refused under this state is refused by pingora's path, which closes it.
-        let ip = || conn.identity.client_ip.get_or_init(|| peer_ip(stream)).as_str();
+        let ip = || conn.identity.client_ip.get_or_init(ip).as_str();
         if state.for_edges(listener) || !admitted(&state, conn, ip) {
-            return Served::No;
+            return None;
         }
         if state.limits.rate.is_some() || state.rules.has_phase(Phase::Request) {
-            return Served::No;
+            return None;
         }
+        let policy = state.listener(listener)?.select(Some(host));
+        if policy.sni_name != conn.identity.sni_policy || !path_is_normal(path) {
+            return None;
+        }
+        let route = state.routes.find(Some(host), path)?;
+        if route.cache_ttl.is_none() || (route.access == Access::Authenticated && conn.identity.cert.is_none()) {
+            return None;
+        }
+        let stored = self.cache.fresh_memory_hit(&cache::key(host, target, ""))?;
+        let route = route.label.clone();
+        conn.clock.request_started();
+        metrics::DIRECT_HITS.inc();
+        Some(Taken {
+            state,
+            route,
+            stored,
+            started,
+            _in_flight: InFlight::new(),
+        })
+    }
+
+    /// Serves the HTTP/1 request in `buf` from the memory tier if it is a fresh hit this path
+    /// may take.
+    pub async fn serve(&self, stream: &mut Stream, buf: &[u8], conn: &Connection) -> Served {
+        let state = self.live.load_full();
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let Some(req) = plain(buf, state.limits.max_header_bytes, &state.headers, &mut headers) else {
             return Served::No;
         };
-        // The checks of `proxy::route`, which refuse what fails them: pingora's path does that.
-        let covered = state
-            .listener(listener)
-            .is_some_and(|l| l.select(Some(&req.host)).sni_name == conn.identity.sni_policy);
-        if !covered || !path_is_normal(req.path) {
-            return Served::No;
-        }
-        let Some(route) = state.routes.find(Some(&req.host), req.path) else {
+        let Some(taken) = self.take(state, conn, || peer_ip(stream), (&req.host, req.target, req.path)) else {
             return Served::No;
         };
-        if route.cache_ttl.is_none() || (route.access == Access::Authenticated && conn.identity.cert.is_none()) {
-            return Served::No;
-        }
-        let key = cache::key(&req.host, req.target, "");
-        let Some(stored) = self.cache.fresh_memory_hit(&key) else {
-            return Served::No;
-        };
-        let _in_flight = InFlight::new();
-        conn.clock.request_started();
-        metrics::DIRECT_HITS.inc();
-        let age = stored.age(SystemTime::now()).as_secs();
-        let head = response_head(stored.header(), age, &get_cached_date(), req.keep_alive);
+        let age = taken.stored.age(SystemTime::now()).as_secs();
+        let head = response_head(taken.stored.header(), age, &get_cached_date(), req.keep_alive);
         let mut sent = 0u64;
         let wrote = async {
             stream.write_all(&head).await?;
-            for chunk in stored.body() {
+            for chunk in taken.stored.body() {
                 stream.write_all(chunk).await?;
                 sent += chunk.len() as u64;
             }
@@ -185,44 +209,120 @@ impl Hits {
             Ok::<_, std::io::Error>(())
         }
         .await;
-        conn.clock.request_finished(state.limits.idle_timeout);
-        let served = match wrote {
-            Ok(()) => 200,
-            Err(_) => 0, // as pingora logs a response cut by the client
-        };
-        metrics::count_request(served);
-        metrics::count_body_bytes("cache", sent);
-        let seconds = started.elapsed().as_secs_f64();
-        metrics::REQUEST_SECONDS
-            .with_label_values(&[&route.label, metrics::status_class(served), CacheResult::Hit.as_str()])
-            .observe(seconds);
-        if logs::access_enabled() {
-            let connection = conn.access_fields.get_or_init(|| {
-                let ip = conn.identity.client_ip.get_or_init(|| peer_ip(stream));
-                let id = &conn.identity;
-                logs::ConnectionFields::new(&id.listener, ip, id.sni.as_deref(), id.cert.as_ref())
-            });
-            logs::access(&logs::AccessEvent {
-                connection,
-                protocol: "HTTP/1.1",
-                method: "GET",
-                host: &req.host,
-                path: req.path,
-                status: served,
-                bytes_sent: sent,
-                cache: Some(CacheResult::Hit.as_str()),
-                origin: None,
-                origin_seconds: None,
-                seconds,
-                rules: Vec::new(),
-                answered: None,
-            });
-        }
+        let served = account(taken, conn, "HTTP/1.1", &req.host, req.path, wrote.is_ok(), sent);
         match served {
-            200 if req.keep_alive => Served::Yes,
+            true if req.keep_alive => Served::Yes,
             _ => Served::Closed,
         }
     }
+
+    /// Serves an HTTP/2 stream from the memory tier if it is a fresh hit this path may take,
+    /// through pingora's HTTP/2 session, with the header pingora's hit path gives it.
+    pub async fn serve_h2(&self, session: &mut ServerSession) -> Served {
+        let Some(conn) = session
+            .digest()
+            .and_then(|d| d.ssl_digest.as_ref())
+            .and_then(|d| d.extension.get::<Arc<Connection>>())
+            .cloned()
+        else {
+            return Served::No;
+        };
+        if !session.is_body_empty() {
+            return Served::No;
+        }
+        let state = self.live.load_full();
+        let req = session.req_header();
+        // As `plain` for HTTP/1; the host comes from `:authority`.
+        let plain_headers = req.headers.iter().all(|(name, _)| {
+            let n = name.as_str();
+            !(n == "connection" || n == "host" || hands_over(n) || n.contains('_') || state.headers.is_edge(name))
+        });
+        if req.method != http::Method::GET || !plain_headers {
+            return Served::No;
+        }
+        let (Some(host), Some(target)) = (
+            req.uri.authority().map(|a| normal_host(a.host())),
+            req.uri.path_and_query(),
+        ) else {
+            return Served::No;
+        };
+        let target = target.as_str().to_string();
+        let path = req.uri.path().to_string();
+        let ip = || {
+            session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip().to_string())
+                .unwrap_or_default()
+        };
+        let Some(taken) = self.take(state, &conn, ip, (&host, &target, &path)) else {
+            return Served::No;
+        };
+        // pingora's hit header (`proxy_cache::cache_hit_header`, its range and our Cache-Status
+        // filter); its HTTP/2 writer does the rest, as on its own path.
+        let mut resp = taken.stored.header().clone();
+        resp.set_version(http::Version::HTTP_11);
+        let age = taken.stored.age(SystemTime::now()).as_secs();
+        let head = resp
+            .insert_header(http::header::AGE, age)
+            .and_then(|()| resp.insert_header(http::header::ACCEPT_RANGES, "bytes"))
+            .and_then(|()| resp.insert_header(CACHE_STATUS, cache::cache_status(CachePhase::Hit, false)));
+        let mut sent = 0u64;
+        let wrote = async {
+            head?;
+            session.write_response_header(Box::new(resp)).await?;
+            let mut chunks = taken.stored.body().peekable();
+            while let Some(chunk) = chunks.next() {
+                session
+                    .write_response_body(chunk.clone(), chunks.peek().is_none())
+                    .await?;
+                sent += chunk.len() as u64;
+            }
+            session.finish_body().await
+        }
+        .await;
+        match account(taken, &conn, "HTTP/2", &host, &path, wrote.is_ok(), sent) {
+            true => Served::Yes,
+            false => Served::Closed,
+        }
+    }
+}
+
+/// Ends a request taken: the connection's clock, the metrics and the access line, as
+/// `EdgeProxy::logging` writes them. Returns whether the response went out whole.
+fn account(taken: Taken, conn: &Connection, protocol: &str, host: &str, path: &str, whole: bool, sent: u64) -> bool {
+    conn.clock.request_finished(taken.state.limits.idle_timeout);
+    let status = if whole { 200 } else { 0 }; // as pingora logs a response cut by the client
+    metrics::count_request(status);
+    metrics::count_body_bytes("cache", sent);
+    let seconds = taken.started.elapsed().as_secs_f64();
+    metrics::REQUEST_SECONDS
+        .with_label_values(&[&taken.route, metrics::status_class(status), CacheResult::Hit.as_str()])
+        .observe(seconds);
+    if logs::access_enabled() {
+        // The first request of a connection renders its fields; `take` has set its address.
+        let connection = conn.access_fields.get_or_init(|| {
+            let id = &conn.identity;
+            let ip = id.client_ip.get().map_or("", |ip| ip.as_str());
+            logs::ConnectionFields::new(&id.listener, ip, id.sni.as_deref(), id.cert.as_ref())
+        });
+        logs::access(&logs::AccessEvent {
+            connection,
+            protocol,
+            method: "GET",
+            host,
+            path,
+            status,
+            bytes_sent: sent,
+            cache: Some(CacheResult::Hit.as_str()),
+            origin: None,
+            origin_seconds: None,
+            seconds,
+            rules: Vec::new(),
+            answered: None,
+        });
+    }
+    whole
 }
 
 /// The status line and header pingora's hit path sends for a stored response, written from the

@@ -11,7 +11,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::BytesMut;
 use log::info;
-use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, HttpServerOptions, ReusedHttpStream, ServerApp};
+use pingora::protocols::http::v2::server::H2Options;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::{Stream, ALPN};
 use pingora::server::ShutdownWatch;
@@ -36,14 +37,21 @@ pub struct ViewerApp<A> {
     /// on a request header.
     pub limits: Arc<Guard>,
     /// Fresh memory hits served without pingora's session (with a cache).
-    pub hits: Option<Hits>,
+    hits: Option<Arc<Hits>>,
+    /// The app for HTTP/2 connections: `inner` with its streams' hits taken first.
+    h2: Arc<H2App<A>>,
     /// Set once the linger is over: connections waiting for a request stop waiting.
     closing: watch::Sender<bool>,
 }
 
 impl<A> ViewerApp<A> {
     pub fn new(inner: Arc<A>, linger: Duration, limits: Arc<Guard>, hits: Option<Hits>) -> ViewerApp<A> {
+        let hits = hits.map(Arc::new);
         ViewerApp {
+            h2: Arc::new(H2App {
+                inner: inner.clone(),
+                hits: hits.clone(),
+            }),
             inner,
             linger,
             limits,
@@ -134,7 +142,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ViewerApp<A> {
         ack_now(stream.id());
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             let stream: Stream = Box::new(Coalesced::new(stream));
-            return ServerApp::process_new(&self.inner, stream, shutdown).await;
+            return ServerApp::process_new(&self.h2, stream, shutdown).await;
         }
         let mut stream: Stream = Box::new(Coalesced::new(stream));
         // pingora's own HTTP/1 loop, with the wait for each request taken out of it.
@@ -142,7 +150,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ViewerApp<A> {
         let mut settings = None;
         let reuse_limit = self.inner.server_options().and_then(|o| o.keepalive_request_limit);
         // pingora counts a connection's requests against its limit: with one, it serves them all.
-        let hits = self.hits.as_ref().zip(conn.as_deref()).filter(|_| reuse_limit.is_none());
+        let hits = self.hits.as_deref().zip(conn.as_deref()).filter(|_| reuse_limit.is_none());
         loop {
             let max = self.limits.max_header_bytes();
             let Next::Request(header) = self.next_request(&mut stream, max).await else {
@@ -177,6 +185,43 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ViewerApp<A> {
         );
         tokio::time::sleep(self.linger).await;
         self.closing.send_replace(true);
+        self.inner.http_cleanup().await;
+    }
+}
+
+/// pingora's HTTP app on HTTP/2 connections: its accept loop as it is (stream limits, the
+/// malformed-stream budget, graceful shutdown), with each stream offered to the direct hits
+/// before it goes to `inner`.
+pub struct H2App<A> {
+    inner: Arc<A>,
+    hits: Option<Arc<Hits>>,
+}
+
+#[async_trait]
+impl<A: HttpServerApp + Send + Sync + 'static> HttpServerApp for H2App<A> {
+    async fn process_new_http(
+        self: &Arc<Self>,
+        mut session: ServerSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        if let Some(hits) = self.hits.as_deref().filter(|_| session.is_http2() && !*shutdown.borrow()) {
+            match hits.serve_h2(&mut session).await {
+                Served::Yes | Served::Closed => return None, // an HTTP/2 stream is never reused
+                Served::No => {}
+            }
+        }
+        self.inner.process_new_http(session, shutdown).await
+    }
+
+    fn h2_options(&self) -> Option<H2Options> {
+        self.inner.h2_options()
+    }
+
+    fn server_options(&self) -> Option<&HttpServerOptions> {
+        self.inner.server_options()
+    }
+
+    async fn http_cleanup(&self) {
         self.inner.http_cleanup().await;
     }
 }

@@ -657,6 +657,37 @@ fn a_direct_hit_is_the_response_pingoras_hit_path_sends() {
     assert_eq!(s.origin_count("/files/direct.bin"), 1);
 }
 
+/// Over HTTP/2 each stream is offered to the direct hits inside pingora's own accept loop: the
+/// same header as pingora's hit path, the whole body, and what a direct hit may not answer
+/// (a range, a conditional) still answered by pingora, on the same connection.
+#[test]
+fn an_http2_direct_hit_is_the_response_pingoras_hit_path_sends() {
+    let s = setup();
+    let direct = || metric(s.admin_port, "mtls_edge_cache_direct_hits_total");
+    let mut h2 = Client::new(s.dir.path(), s.edge.port).cert("device").h2().unwrap();
+    for size in [700usize, 40_000] {
+        let path = format!("/files/h2-direct-{size}.bin?size={size}");
+        let body = mtls_edge::demo::file_body(size);
+        assert_eq!(h2.get(&path).unwrap().header("cache-status"), Some("mtls-edge; fwd=miss; stored"));
+        let before = direct();
+        let by_pingora = h2.get_with(&path, &[("if-none-match", "\"other\"")]).unwrap();
+        assert_eq!(direct(), before, "a conditional request was taken directly");
+        let hit = h2.get(&path).unwrap();
+        assert_eq!(direct(), before + 1.0, "a plain GET on a fresh hit went to pingora");
+        assert_eq!((hit.status, hit.body.as_bytes()), (200, body.as_slice()));
+        assert_eq!(timeless(&hit), timeless(&by_pingora));
+        let range = h2.get_with(&path, &[("range", "bytes=0-9")]).unwrap();
+        assert_eq!((range.status, range.body.as_bytes()), (206, &body[..10]));
+        let etag = format!("\"{size}\"");
+        assert_eq!(h2.get_with(&path, &[("if-none-match", &etag)]).unwrap().status, 304);
+        assert_eq!(direct(), before + 1.0);
+    }
+    let spoofs = format!("mtls_edge_spoofed_identity_headers_total{{listener=\"127.0.0.1:{}\"}}", s.edge.port);
+    let r = h2.get_with("/files/h2-direct-700.bin?size=700", &[("cloudfront-viewer-cert-subject", "CN=admin")]).unwrap();
+    assert_eq!((r.status, metric(s.admin_port, &spoofs)), (200, 1.0));
+    assert_eq!(s.origin_count("/files/h2-direct-700.bin"), 1);
+}
+
 /// What a direct hit must not answer goes to pingora, which answers it as before: ranges,
 /// conditionals, HEAD, a body, client-sent identity headers (removed and counted), paths not in
 /// normal form, a client without a certificate on a route that needs one, stale objects.

@@ -554,7 +554,7 @@ fn headers_a_rule_sets_toward_the_origin_key_the_cache() {
 
 /// Authorization runs before any lookup, on a hit too: with request rules in force no hit is
 /// served directly (`hit`), and a device the rules refuse never gets the cached object another
-/// device filled, on a closing or a keep-alive connection.
+/// device filled, on a closing or a keep-alive connection, or over HTTP/2.
 #[test]
 fn request_rules_decide_before_a_cached_object_is_served() {
     let rules = "rules:\n  - { name: not-b, phase: request, when: 'client.cert.subject.cn == \"device-b\"', deny: {} }\n";
@@ -567,5 +567,7 @@ fn request_rules_decide_before_a_cached_object_is_served() {
     assert_eq!((denied.status, denied.header("cache-status")), (403, None));
     let mut conn = e.client("b").keep_alive().unwrap();
     assert_eq!(conn.get(path).unwrap().status, 403);
+    assert_eq!(e.client("b").h2().unwrap().get(path).unwrap().status, 403);
+    assert_eq!(e.client("a").h2().unwrap().get(path).unwrap().status, 200);
     assert_eq!(metric(e.admin_port, "mtls_edge_cache_direct_hits_total"), 0.0);
 }

@@ -545,9 +545,16 @@ pub struct H2 {
 impl H2 {
     /// `GET path` as a new stream of this connection; an error when the stream is reset.
     pub fn get(&mut self, path: &str) -> Result<Response, String> {
-        let req = http::Request::get(format!("https://{}{path}", self.host))
-            .body(())
-            .map_err(|e| e.to_string())?;
+        self.get_with(path, &[])
+    }
+
+    /// `GET path` with extra request headers.
+    pub fn get_with(&mut self, path: &str, headers: &[(&str, &str)]) -> Result<Response, String> {
+        let mut req = http::Request::get(format!("https://{}{path}", self.host));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(()).map_err(|e| e.to_string())?;
         let send = self.send.clone();
         self.rt.block_on(async move {
             let mut send = send.ready().await.map_err(|e| e.to_string())?;
