@@ -1,9 +1,9 @@
 //! One viewer connection from its handshake to its close. HTTP/1 requests are taken one after
-//! another, and each is handed to pingora only once its header has arrived: a connection that
-//! waits for a request (idle, or sending it slowly) holds its socket and the bytes so far, not
-//! pingora's request state. HTTP/2 goes to pingora whole. Small writes on both are coalesced
-//! (`records`). At shutdown, connections waiting for a request get a moment's grace before they
-//! are dropped.
+//! another, and each is handed to pingora only once its header has arrived (unless `hit`
+//! answers it): a connection that waits for a request (idle, or sending it slowly) holds its
+//! socket and the bytes so far, not pingora's request state. HTTP/2 goes to pingora's accept
+//! loop, each stream offered to `hit` first. Small writes on both are coalesced (`records`). At
+//! shutdown, connections waiting for a request get a moment's grace before they are dropped.
 
 use std::sync::Arc;
 use std::time::Duration;

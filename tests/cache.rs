@@ -689,7 +689,7 @@ fn an_http2_direct_hit_is_the_response_pingoras_hit_path_sends() {
 }
 
 /// What a direct hit must not answer goes to pingora, which answers it as before: ranges,
-/// conditionals, HEAD, a body, client-sent identity headers (removed and counted), paths not in
+/// conditionals, HEAD, client-sent identity headers (removed and counted), paths not in
 /// normal form, a client without a certificate on a route that needs one, stale objects.
 #[test]
 fn requests_a_direct_hit_may_not_answer_go_to_pingora() {
