@@ -119,7 +119,7 @@ pub static CACHE_COALESCED: LazyLock<IntCounter> = LazyLock::new(|| {
 pub static DIRECT_HITS: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!(
         "mtls_edge_cache_direct_hits_total",
-        "Fresh memory hits served over HTTP/1 without pingora's request session (module hit)"
+        "Fresh memory hits served without pingora's request session (module hit)"
     )
     .expect(REGISTERED)
 });
