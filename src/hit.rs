@@ -143,6 +143,13 @@ struct Taken {
     _in_flight: InFlight,
 }
 
+/// Whether any request on `conn` may be taken under `state`: not with request rules or a rate
+/// limit to run, nor on a listener for edges. Checked before the request is parsed, so that
+/// such edges pay nothing for this path.
+fn applies(state: &State, conn: &Connection) -> bool {
+    !state.for_edges(&conn.identity.listener) && state.limits.rate.is_none() && !state.rules.has_phase(Phase::Request)
+}
+
 impl Hits {
     /// The checks before the lookup, as pingora's path makes them (its admission, `proxy::route`),
     /// then the lookup. `None` leaves the request to pingora, which refuses what fails them.
@@ -156,10 +163,7 @@ impl Hits {
         let started = Instant::now();
         let listener = &conn.identity.listener;
         let ip = || conn.identity.client_ip.get_or_init(ip).as_str();
-        if state.for_edges(listener) || !admitted(&state, conn, ip) {
-            return None;
-        }
-        if state.limits.rate.is_some() || state.rules.has_phase(Phase::Request) {
+        if !admitted(&state, conn, ip) {
             return None;
         }
         let policy = state.listener(listener)?.select(Some(host));
@@ -187,6 +191,9 @@ impl Hits {
     /// may take.
     pub async fn serve(&self, stream: &mut Stream, buf: &[u8], conn: &Connection) -> Served {
         let state = self.live.load_full();
+        if !applies(&state, conn) {
+            return Served::No;
+        }
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let Some(req) = plain(buf, state.limits.max_header_bytes, &state.headers, &mut headers) else {
             return Served::No;
@@ -228,10 +235,10 @@ impl Hits {
         else {
             return Served::No;
         };
-        if !session.is_body_empty() {
+        let state = self.live.load_full();
+        if !applies(&state, &conn) || !session.is_body_empty() {
             return Served::No;
         }
-        let state = self.live.load_full();
         let req = session.req_header();
         // As `plain` for HTTP/1; the host comes from `:authority`.
         let plain_headers = req.headers.iter().all(|(name, _)| {
@@ -492,7 +499,10 @@ mod tests {
             ("GET / HTTP/1.1\r\nHost: localhost\r\n\r\n", true),
             ("GET / HTTP/1.1\r\nHost: localhost\r\nConnection: Close\r\n\r\n", false),
             ("GET / HTTP/1.0\r\nHost: localhost\r\n\r\n", false),
-            ("GET / HTTP/1.0\r\nHost: localhost\r\nConnection: Keep-Alive\r\n\r\n", true),
+            (
+                "GET / HTTP/1.0\r\nHost: localhost\r\nConnection: Keep-Alive\r\n\r\n",
+                true,
+            ),
         ] {
             assert_eq!(verdict(req), Some(("localhost".to_string(), open)), "{req:?}");
         }
