@@ -89,7 +89,7 @@ pub struct Connection {
     admitted: AtomicU64,
     status: Mutex<Status>,
     /// What each of its access lines says of it, rendered at its first.
-    pub access_fields: OnceLock<crate::logs::ConnectionFields>,
+    access_fields: OnceLock<logs::ConnectionFields>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -127,6 +127,15 @@ impl Connection {
 
     /// Whether the connection was admitted under the state of `generation`: the check of every
     /// request after its connection's first, until a reload.
+    /// What each of its access lines says of it (listener, client address, SNI, certificate),
+    /// rendered at its first; `ip` is asked for then.
+    pub fn access_fields(&self, ip: impl FnOnce() -> String) -> &logs::ConnectionFields {
+        self.access_fields.get_or_init(|| {
+            let id = &self.identity;
+            logs::ConnectionFields::new(&id.listener, &ip(), id.sni.as_deref(), id.cert.as_ref())
+        })
+    }
+
     pub fn admitted_under(&self, generation: u64) -> bool {
         self.admitted.load(Ordering::Acquire) == generation
     }

@@ -308,13 +308,8 @@ fn account(taken: Taken, conn: &Connection, protocol: &str, host: &str, path: &s
         .with_label_values(&[&taken.route, metrics::status_class(status), CacheResult::Hit.as_str()])
         .observe(seconds);
     if logs::access_enabled() {
-        // The first request of a connection renders its fields; its first admission (the
-        // check `take` makes, or pingora's) has set its address.
-        let connection = conn.access_fields.get_or_init(|| {
-            let id = &conn.identity;
-            let ip = id.client_ip.get().map_or("", |ip| ip.as_str());
-            logs::ConnectionFields::new(&id.listener, ip, id.sni.as_deref(), id.cert.as_ref())
-        });
+        // Its first admission (the check `take` makes, or pingora's) has set its address.
+        let connection = conn.access_fields(|| conn.identity.client_ip.get().cloned().unwrap_or_default());
         logs::access(&logs::AccessEvent {
             connection,
             protocol,

@@ -798,10 +798,7 @@ impl ProxyHttp for EdgeProxy {
         let req = session.req_header();
         let unknown;
         let connection = match conn {
-            Some(c) => c.access_fields.get_or_init(|| {
-                let id = &c.identity;
-                logs::ConnectionFields::new(&id.listener, client_ip(session, c), id.sni.as_deref(), id.cert.as_ref())
-            }),
+            Some(c) => c.access_fields(|| client_ip(session, c).to_string()),
             None => {
                 unknown = logs::ConnectionFields::new("", "", None, None);
                 &unknown

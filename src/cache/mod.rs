@@ -234,7 +234,6 @@ impl SharedCache {
 /// not the user tag. A request target cannot contain a newline, and each variant's value is
 /// length-prefixed, so no cohort value can forge another variant or another path.
 pub fn key(host: &str, path_and_query: &str, variants: &str) -> CacheKey {
-    use pingora_cache::key::CacheHashKey;
     let mut primary = String::with_capacity(host.len() + path_and_query.len() + variants.len());
     primary.push_str(host);
     primary.push_str(path_and_query);
@@ -374,7 +373,6 @@ mod tests {
     /// The hash is computed once, and it is pingora's: objects on disk from before stay found.
     #[test]
     fn a_key_carries_the_hash_pingora_computes_for_its_primary() {
-        use pingora_cache::key::CacheHashKey;
         let k = key("fw.example", "/img.bin?v=2", "\ncohort=4:beta");
         let fresh = CacheKey::new("fw.example/img.bin?v=2\ncohort=4:beta", "");
         assert_eq!(k.primary_bin(), fresh.primary_bin());
@@ -449,7 +447,6 @@ mod tests {
 
     #[test]
     fn the_key_is_host_path_and_query_never_the_device() {
-        use pingora_cache::key::CacheHashKey;
         let variants = |vs: &[(&str, &str)]| {
             let mut s = String::new();
             for (kind, value) in vs {
