@@ -80,6 +80,8 @@ struct Sink {
 }
 
 const FLUSH_BYTES: usize = 64 << 10;
+/// Room for an access line with its connection's fields (about 450 bytes), so it is not regrown.
+const LINE_BYTES: usize = 768;
 const FLUSH_EVERY: Duration = Duration::from_millis(100);
 
 static SINK: LazyLock<RwLock<Sink>> = LazyLock::new(|| {
@@ -144,12 +146,17 @@ pub fn configure(settings: &Settings) -> Result<(), String> {
 /// Writes what has gathered.
 pub fn flush() {
     let sink = SINK.read().unwrap_or_else(|e| e.into_inner());
-    let lines = std::mem::take(&mut *sink.pending.lock().unwrap_or_else(|e| e.into_inner()));
-    if !lines.is_empty() {
-        let mut out = sink.out.lock().unwrap_or_else(|e| e.into_inner());
-        // Nowhere to report a failed log write.
-        let _ = out.write_all(&lines);
-    }
+    let lines = {
+        let mut pending = sink.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if pending.is_empty() {
+            return;
+        }
+        // Room for a full buffer's lines, so that gathering them never copies what is in.
+        std::mem::replace(&mut *pending, Vec::with_capacity(FLUSH_BYTES + LINE_BYTES))
+    };
+    let mut out = sink.out.lock().unwrap_or_else(|e| e.into_inner());
+    // Nowhere to report a failed log write.
+    let _ = out.write_all(&lines);
 }
 
 fn emit(line: Line) {
@@ -188,7 +195,7 @@ impl Line {
     }
 
     fn with_format(format: Format, log: &'static str, level: &'static str) -> Line {
-        let mut s = String::with_capacity(384);
+        let mut s = String::with_capacity(LINE_BYTES);
         match format {
             Format::Json => {
                 s.push_str("{\"time\":\"");
