@@ -1,9 +1,10 @@
 //! Fresh memory hits served without pingora's request session: HTTP/1 requests from the edge's
-//! own loop (`serve`), HTTP/2 streams from inside pingora's accept loop. A request is taken only
-//! where pingora's path would do nothing but check it, look it up and send the stored response:
-//! the checks are the same functions, the response the same bytes, the log line and metrics the
-//! same. Everything else (every miss, Range, conditionals, request rules, limits, shields) goes
-//! to pingora untouched. On a 1 KiB hit this halves the instructions (load/README.md).
+//! own loop (`serve`), HTTP/2 streams from its HTTP/2 accept loop (small ones without a task).
+//! A request is taken only where pingora's path would do nothing but check it, look it up and
+//! send the stored response: the checks are the same functions, the response the same bytes,
+//! the log line and metrics the same. Everything else (every miss, Range, conditionals, request
+//! rules, limits, shields) goes to pingora untouched. On a 1 KiB hit this halves the
+//! instructions (load/README.md).
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -12,7 +13,7 @@ use bytes::BytesMut;
 use http::header::{HeaderName, HeaderValue};
 use pingora::http::{HeaderNameVariant, ResponseHeader};
 use pingora::protocols::http::date::get_cached_date;
-use pingora::protocols::http::ServerSession;
+use pingora::protocols::http::v2::server::HttpSession as H2Session;
 use pingora::protocols::Stream;
 use pingora_cache::CachePhase;
 use tokio::io::AsyncWriteExt;
@@ -224,20 +225,17 @@ impl Hits {
         }
     }
 
-    /// Serves an HTTP/2 stream from the memory tier if it is a fresh hit this path may take,
-    /// through pingora's HTTP/2 session, with the header pingora's hit path gives it.
-    pub async fn serve_h2(&self, session: &mut ServerSession) -> Served {
-        let Some(conn) = session
+    /// Takes the HTTP/2 stream `session` if it is a fresh hit this path may take; `None` leaves
+    /// it to pingora.
+    pub fn take_h2(&self, session: &H2Session) -> Option<H2Hit> {
+        let conn = session
             .digest()
             .and_then(|d| d.ssl_digest.as_ref())
             .and_then(|d| d.extension.get::<Arc<Connection>>())
-            .cloned()
-        else {
-            return Served::No;
-        };
+            .cloned()?;
         let state = self.live.load_full();
         if !applies(&state, &conn) || !session.is_body_empty() {
-            return Served::No;
+            return None;
         }
         let req = session.req_header();
         // As `plain` for HTTP/1; the host comes from `:authority`.
@@ -246,15 +244,10 @@ impl Hits {
             !(n == "connection" || n == "host" || hands_over(n) || n.contains('_') || state.headers.is_edge(name))
         });
         if req.method != http::Method::GET || !plain_headers {
-            return Served::No;
+            return None;
         }
-        let (Some(host), Some(target)) = (
-            req.uri.authority().map(|a| normal_host(a.host())),
-            req.uri.path_and_query(),
-        ) else {
-            return Served::No;
-        };
-        let target = target.as_str().to_string();
+        let host = normal_host(req.uri.authority()?.host());
+        let target = req.uri.path_and_query()?.as_str();
         let path = req.uri.path().to_string();
         let ip = || {
             session
@@ -263,36 +256,89 @@ impl Hits {
                 .map(|a| a.ip().to_string())
                 .unwrap_or_default()
         };
-        let Some(taken) = self.take(state, &conn, ip, (&host, &target, &path)) else {
-            return Served::No;
-        };
-        // pingora's hit header (`proxy_cache::cache_hit_header`, its range and our Cache-Status
-        // filter); its HTTP/2 writer does the rest, as on its own path.
-        let mut resp = taken.stored.header().clone();
-        resp.set_version(http::Version::HTTP_11);
-        let age = taken.stored.age(SystemTime::now()).as_secs();
-        let head = resp
-            .insert_header(http::header::AGE, age)
-            .and_then(|()| resp.insert_header(http::header::ACCEPT_RANGES, "bytes"))
-            .and_then(|()| resp.insert_header(CACHE_STATUS, cache::cache_status(CachePhase::Hit, false)));
+        let taken = self.take(state, &conn, ip, (&host, target, &path))?;
+        Some(H2Hit {
+            taken,
+            conn,
+            host,
+            path,
+        })
+    }
+}
+
+/// Bodies up to this are queued whole from the connection's accept loop (`H2Hit::send_now`): one
+/// frame, well inside the 64 KiB window every HTTP/2 client starts with, so queued is sent.
+const QUEUED_BODY: usize = 16 << 10;
+
+/// An HTTP/2 stream taken, with what its log line needs.
+pub struct H2Hit {
+    taken: Taken,
+    conn: Arc<Connection>,
+    host: String,
+    path: String,
+}
+
+impl H2Hit {
+    fn body_len(&self) -> usize {
+        self.taken.stored.body().map(|c| c.len()).sum()
+    }
+
+    /// Whether the body is small enough for `send_now`.
+    pub fn small(&self) -> bool {
+        self.body_len() <= QUEUED_BODY
+    }
+
+    /// pingora's hit header (`proxy_cache::cache_hit_header`, its range and our Cache-Status
+    /// filter), from the stored one without its case map (HTTP/2 sends names in lower case);
+    /// pingora's HTTP/2 writer adds the date and drops hop headers, as on its own path.
+    fn head(&self) -> Box<ResponseHeader> {
+        let mut parts = self.taken.stored.header().as_owned_parts();
+        parts.version = http::Version::HTTP_11;
+        let age = self.taken.stored.age(SystemTime::now()).as_secs();
+        let headers = &mut parts.headers;
+        headers.insert(http::header::AGE, HeaderValue::from(age));
+        headers.insert(http::header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+        let status = HeaderValue::from_static(cache::cache_status(CachePhase::Hit, false));
+        headers.insert(HeaderName::from_static(CACHE_STATUS), status);
+        Box::new(ResponseHeader::from(parts))
+    }
+
+    /// Queues the whole response without waiting, for the connection's next poll to write: the
+    /// caller is the loop that drives the connection, so it must not wait on the client's window.
+    pub fn send_now(self, session: &mut H2Session) {
+        let empty = self.body_len() == 0;
         let mut sent = 0u64;
-        let wrote = async {
-            head?;
-            session.write_response_header(Box::new(resp)).await?;
-            let mut chunks = taken.stored.body().peekable();
+        let mut queue = || {
+            session.write_response_header(self.head(), empty).ok()?;
+            if empty {
+                return Some(());
+            }
+            let mut writer = session.take_response_body_writer()?;
+            let mut chunks = self.taken.stored.body().peekable();
             while let Some(chunk) = chunks.next() {
-                session
-                    .write_response_body(chunk.clone(), chunks.peek().is_none())
-                    .await?;
+                writer.send_data(chunk.clone(), chunks.peek().is_none()).ok()?;
                 sent += chunk.len() as u64;
             }
-            session.finish_body().await
+            Some(())
+        };
+        let whole = queue().is_some();
+        account(self.taken, &self.conn, "HTTP/2", &self.host, &self.path, whole, sent);
+    }
+
+    /// Sends the response as the client's windows allow.
+    pub async fn send(self, session: &mut H2Session) {
+        let mut sent = 0u64;
+        let wrote = async {
+            session.write_response_header(self.head(), false)?;
+            let mut chunks = self.taken.stored.body().peekable();
+            while let Some(chunk) = chunks.next() {
+                session.write_body(chunk.clone(), chunks.peek().is_none()).await?;
+                sent += chunk.len() as u64;
+            }
+            session.finish()
         }
         .await;
-        match account(taken, &conn, "HTTP/2", &host, &path, wrote.is_ok(), sent) {
-            true => Served::Yes,
-            false => Served::Closed,
-        }
+        account(self.taken, &self.conn, "HTTP/2", &self.host, &self.path, wrote.is_ok(), sent);
     }
 }
 

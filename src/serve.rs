@@ -1,20 +1,22 @@
 //! One viewer connection from its handshake to its close. HTTP/1 requests are taken one after
 //! another, and each is handed to pingora only once its header has arrived (unless `hit`
 //! answers it): a connection that waits for a request (idle, or sending it slowly) holds its
-//! socket and the bytes so far, not pingora's request state. HTTP/2 goes to pingora's accept
-//! loop, each stream offered to `hit` first. Small writes on both are coalesced (`records`). At
-//! shutdown, connections waiting for a request get a moment's grace before they are dropped.
+//! socket and the bytes so far, not pingora's request state. HTTP/2 streams are accepted here as
+//! pingora accepts them, each offered to `hit` first. Small writes on both are coalesced
+//! (`records`). At shutdown, connections waiting for a request get a moment's grace before they
+//! are dropped, and HTTP/2 connections a GOAWAY.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::BytesMut;
-use log::info;
-use pingora::apps::{HttpPersistentSettings, HttpServerApp, HttpServerOptions, ReusedHttpStream, ServerApp};
-use pingora::protocols::http::v2::server::H2Options;
+use log::{debug, info};
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
+use pingora::protocols::http::v2;
+use pingora::protocols::http::v2::server::{H2Accept, HttpSession as H2Session};
 use pingora::protocols::http::ServerSession;
-use pingora::protocols::{Stream, ALPN};
+use pingora::protocols::{Digest, Stream, ALPN};
 use pingora::server::ShutdownWatch;
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
@@ -37,21 +39,14 @@ pub struct ViewerApp<A> {
     /// on a request header.
     pub limits: Arc<Guard>,
     /// Fresh memory hits served without pingora's session (with a cache).
-    hits: Option<Arc<Hits>>,
-    /// The app for HTTP/2 connections: `inner` with its streams' hits taken first.
-    h2: Arc<H2App<A>>,
+    hits: Option<Hits>,
     /// Set once the linger is over: connections waiting for a request stop waiting.
     closing: watch::Sender<bool>,
 }
 
 impl<A> ViewerApp<A> {
     pub fn new(inner: Arc<A>, linger: Duration, limits: Arc<Guard>, hits: Option<Hits>) -> ViewerApp<A> {
-        let hits = hits.map(Arc::new);
         ViewerApp {
-            h2: Arc::new(H2App {
-                inner: inner.clone(),
-                hits: hits.clone(),
-            }),
             inner,
             linger,
             limits,
@@ -78,6 +73,74 @@ fn header_end(buf: &[u8]) -> bool {
         Some(b'\r') => buf.get(i + 2) == Some(&b'\n'),
         _ => false,
     })
+}
+
+/// A connection's budget for streams pingora refuses as malformed before they reach an app
+/// (pingora's own accept loop allows as many).
+const MALFORMED_STREAMS: usize = 32;
+
+impl<A: HttpServerApp + Send + Sync + 'static> ViewerApp<A> {
+    /// An HTTP/2 connection: pingora's handshake and sessions, driven by the loop pingora's own
+    /// accept loop is (`v2::server::accept_downstream_sessions`, private to it; without its idle
+    /// timeout, which the edge does not set: the limits watchdog closes idle connections), with the
+    /// streams `hit` takes answered here. A small hit is queued from this loop and written by its
+    /// next poll of the connection: no task, no second wake-up. Every other stream gets a task,
+    /// as in pingora. A shutdown sends GOAWAY and serves what the client had already opened.
+    async fn serve_h2(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) {
+        let digest = Arc::new(Digest {
+            ssl_digest: stream.get_ssl_digest(),
+            timing_digest: stream.get_timing_digest(),
+            proxy_digest: stream.get_proxy_digest(),
+            socket_digest: stream.get_socket_digest(),
+        });
+        let mut conn = match v2::server::handshake(stream, self.inner.h2_options()).await {
+            Ok(conn) => conn,
+            Err(e) => return debug!("HTTP/2 handshake: {e}"), // the client's doing
+        };
+        let mut shutdown = shutdown.clone();
+        let mut draining = false;
+        let mut malformed = 0;
+        loop {
+            let next = if draining {
+                H2Session::from_h2_conn(&mut conn, digest.clone()).await
+            } else {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.changed() => {
+                        conn.graceful_shutdown();
+                        draining = true;
+                        continue;
+                    }
+                    next = H2Session::from_h2_conn(&mut conn, digest.clone()) => next,
+                }
+            };
+            let mut session = match next {
+                Ok(Some(H2Accept::Session(session))) => session,
+                Ok(Some(H2Accept::Rejected)) => {
+                    malformed += 1;
+                    if malformed >= MALFORMED_STREAMS {
+                        return;
+                    }
+                    continue;
+                }
+                Ok(None) | Err(_) => return,
+            };
+            let hit = self.hits.as_ref().filter(|_| !draining).and_then(|h| h.take_h2(&session));
+            match hit {
+                Some(hit) if hit.small() => hit.send_now(&mut session),
+                Some(hit) => {
+                    tokio::spawn(async move { hit.send(&mut session).await });
+                }
+                None => {
+                    let app = self.clone();
+                    let shutdown = shutdown.clone();
+                    tokio::spawn(async move {
+                        app.inner.process_new_http(ServerSession::new_http2(session), &shutdown).await;
+                    });
+                }
+            }
+        }
+    }
 }
 
 impl<A> ViewerApp<A> {
@@ -141,8 +204,8 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ViewerApp<A> {
         }
         ack_now(stream.id());
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            let stream: Stream = Box::new(Coalesced::new(stream));
-            return ServerApp::process_new(&self.h2, stream, shutdown).await;
+            self.serve_h2(Box::new(Coalesced::new(stream)), shutdown).await;
+            return None;
         }
         let mut stream: Stream = Box::new(Coalesced::new(stream));
         // pingora's own HTTP/1 loop, with the wait for each request taken out of it.
@@ -150,7 +213,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ViewerApp<A> {
         let mut settings = None;
         let reuse_limit = self.inner.server_options().and_then(|o| o.keepalive_request_limit);
         // pingora counts a connection's requests against its limit: with one, it serves them all.
-        let hits = self.hits.as_deref().zip(conn.as_deref()).filter(|_| reuse_limit.is_none());
+        let hits = self.hits.as_ref().zip(conn.as_deref()).filter(|_| reuse_limit.is_none());
         loop {
             let max = self.limits.max_header_bytes();
             let Next::Request(header) = self.next_request(&mut stream, max).await else {
@@ -185,43 +248,6 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ViewerApp<A> {
         );
         tokio::time::sleep(self.linger).await;
         self.closing.send_replace(true);
-        self.inner.http_cleanup().await;
-    }
-}
-
-/// pingora's HTTP app on HTTP/2 connections: its accept loop as it is (stream limits, the
-/// malformed-stream budget, graceful shutdown), with each stream offered to the direct hits
-/// before it goes to `inner`.
-pub struct H2App<A> {
-    inner: Arc<A>,
-    hits: Option<Arc<Hits>>,
-}
-
-#[async_trait]
-impl<A: HttpServerApp + Send + Sync + 'static> HttpServerApp for H2App<A> {
-    async fn process_new_http(
-        self: &Arc<Self>,
-        mut session: ServerSession,
-        shutdown: &ShutdownWatch,
-    ) -> Option<ReusedHttpStream> {
-        if let Some(hits) = self.hits.as_deref().filter(|_| session.is_http2() && !*shutdown.borrow()) {
-            match hits.serve_h2(&mut session).await {
-                Served::Yes | Served::Closed => return None, // an HTTP/2 stream is never reused
-                Served::No => {}
-            }
-        }
-        self.inner.process_new_http(session, shutdown).await
-    }
-
-    fn h2_options(&self) -> Option<H2Options> {
-        self.inner.h2_options()
-    }
-
-    fn server_options(&self) -> Option<&HttpServerOptions> {
-        self.inner.server_options()
-    }
-
-    async fn http_cleanup(&self) {
         self.inner.http_cleanup().await;
     }
 }

@@ -1,6 +1,7 @@
 //! HTTP/2 abuse over real sockets, with frames written by hand: rapid reset (CVE-2023-44487), a
-//! CONTINUATION flood, a SETTINGS flood, and more streams than the edge allows. The edge stays
-//! up, its memory stays bounded, and a valid device is served after each.
+//! CONTINUATION flood, a SETTINGS flood, more streams than the edge allows, and a stream of
+//! malformed requests. The edge stays up, its memory stays bounded, and a valid device is served
+//! after each. And what a shutdown does to an open HTTP/2 connection.
 
 mod common;
 
@@ -68,6 +69,30 @@ fn drain(tls: &mut impl Read) -> (Vec<u8>, Vec<u32>) {
     (kinds, resets)
 }
 
+/// `GET /echo` with no `:authority` and no Host: a request pingora refuses as malformed.
+fn no_authority_block() -> Vec<u8> {
+    let mut b = vec![0x82, 0x87, 0x04, 5];
+    b.extend_from_slice(b"/echo");
+    b
+}
+
+/// Reads frames until a response header; false if the connection closed or went quiet first.
+fn answer(tls: &mut impl Read) -> bool {
+    let mut head = [0u8; 9];
+    loop {
+        if tls.read_exact(&mut head).is_err() {
+            return false;
+        }
+        let mut payload = vec![0u8; u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize];
+        if tls.read_exact(&mut payload).is_err() {
+            return false;
+        }
+        if head[3] == HEADERS {
+            return true;
+        }
+    }
+}
+
 struct Edge {
     dir: tempfile::TempDir,
     _origin: Proc,
@@ -76,13 +101,26 @@ struct Edge {
 
 impl Edge {
     fn start() -> Edge {
+        Edge::with_server(|yaml| yaml)
+    }
+
+    /// An edge whose config `edit` may change.
+    fn with_server(edit: impl FnOnce(String) -> String) -> Edge {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         ServerPki::write(d);
         let devices = device_ca(d);
         save(d, "alice", &devices.issue(&LeafSpec::client("alice")).unwrap());
             let limits = "limits: { h2_max_concurrent_streams: 10, keepalive_idle_timeout_ms: 2000 }";
-        let (origin, edge) = device_edge(d, 2, "", limits);
+        let origin = spawn_origin(d, "origin-server", "edge-ca.pem");
+        let port = free_port();
+        let yaml = format!(
+            "{server}listeners:\n{listener}trust_stores:\n  devices: {{ ca_files: [device-ca.pem] }}\norigins:\n{origin}routes:\n  - {{ path_prefix: /, origin: firmware }}\n{limits}\n",
+            server = server_yaml(d, 2),
+            listener = listener_yaml(port, "required", "devices"),
+            origin = origin_yaml("firmware", origin.port),
+        );
+        let edge = spawn_edge(d, &edit(yaml), port);
         Edge { dir, _origin: origin, edge }
     }
 
@@ -181,4 +219,46 @@ fn streams_beyond_the_limit_are_refused() {
         "streams over h2_max_concurrent_streams were not refused: {resets:?}"
     );
     e.still_serves("too many streams");
+}
+
+#[test]
+fn a_connection_that_keeps_sending_malformed_requests_is_closed() {
+    let e = Edge::start();
+    let mut tls = e.raw();
+    // Each is answered 400 on its own; past pingora's budget of 32 the connection is dropped.
+    // One at a time: a burst would be refused mostly for the stream limit, as 400s queue up.
+    let block = no_authority_block();
+    let mut answered = 0;
+    for i in 0..40u32 {
+        if tls.write_all(&frame(HEADERS, END_HEADERS | END_STREAM, 2 * i + 1, &block)).is_err() {
+            break;
+        }
+        if !answer(&mut tls) {
+            break;
+        }
+        answered += 1;
+    }
+    assert_eq!(answered, 31, "not dropped at the 32nd malformed request");
+    e.still_serves("malformed requests");
+}
+
+#[test]
+fn a_shutdown_sends_goaway_and_serves_what_the_client_opens_before_the_last_one() {
+    // Two seconds for the open connections once the listeners have stopped.
+    let e = Edge::with_server(|yaml| {
+        yaml.replace("grace_period_seconds: 0", "grace_period_seconds: 2")
+    });
+    let mut tls = e.raw();
+    let ok = std::process::Command::new("kill")
+        .args(["-s", "TERM", &e.edge.pid().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -s TERM");
+    let (kinds, _) = drain(&mut tls);
+    assert_eq!(kinds.last(), Some(&GOAWAY), "no GOAWAY on shutdown: {kinds:?}");
+    // The first GOAWAY announces the shutdown; a stream opened now is still served.
+    tls.write_all(&frame(HEADERS, END_HEADERS | END_STREAM, 1, &get_block())).unwrap();
+    let (kinds, _) = drain(&mut tls);
+    assert!(kinds.contains(&HEADERS), "a stream opened after the first GOAWAY got no response: {kinds:?}");
 }
