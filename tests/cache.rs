@@ -688,6 +688,36 @@ fn an_http2_direct_hit_is_the_response_pingoras_hit_path_sends() {
     assert_eq!(s.origin_count("/files/h2-direct-700.bin"), 1);
 }
 
+/// Streams of one HTTP/2 connection at once: small hits (queued from the accept loop, which
+/// mutes the wake-ups that queueing causes), large hits and origin fetches (each in its own
+/// task, whose frames wake the loop). Every one must finish: a wake-up lost for good would
+/// leave the connection waiting.
+#[test]
+fn http2_streams_at_once_mixing_small_hits_large_hits_and_origin_fetches_all_finish() {
+    let s = setup();
+    let mut h2 = Client::new(s.dir.path(), s.edge.port).cert("device").h2().unwrap();
+    let small = |i: usize| format!("/files/mix-{}.bin?size=700", i % 4);
+    let large = |i: usize| format!("/files/mix-large-{}.bin?size=200000", i % 2);
+    let fill: Vec<String> = (0..4).map(small).chain((0..2).map(large)).collect();
+    assert!(h2.get_all(&fill, Duration::from_secs(20)).unwrap().iter().all(|r| r.0 == 200));
+    let direct = || metric(s.admin_port, "mtls_edge_cache_direct_hits_total");
+    let before = direct();
+    let mut paths = Vec::new();
+    for i in 0..30 {
+        paths.push(small(i));
+        paths.push(format!("/uncached/mix-{i}")); // the origin's echo
+        if i % 5 == 0 {
+            paths.push(large(i));
+        }
+    }
+    let got = h2.get_all(&paths, Duration::from_secs(20)).unwrap();
+    for (path, (status, len)) in paths.iter().zip(&got) {
+        let size = path.rsplit_once("size=").map_or(*len, |(_, n)| n.parse().unwrap());
+        assert_eq!((*status, *len), (200, size), "{path}");
+    }
+    assert_eq!(direct(), before + 36.0, "the hits were not all direct");
+}
+
 /// What a direct hit must not answer goes to pingora, which answers it as before: ranges,
 /// conditionals, HEAD, client-sent identity headers (removed and counted), paths not in
 /// normal form, a client without a certificate on a route that needs one, stale objects.

@@ -580,6 +580,43 @@ impl H2 {
             })
         })
     }
+
+    /// `GET` of every path as concurrent streams of this connection: the status and body length
+    /// of each, in order, or an error if one fails or they are not all done within `within`.
+    pub fn get_all(&mut self, paths: &[String], within: Duration) -> Result<Vec<(u16, usize)>, String> {
+        let reqs = paths
+            .iter()
+            .map(|p| http::Request::get(format!("https://{}{p}", self.host)).body(()).map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let send = self.send.clone();
+        self.rt.block_on(async move {
+            let mut streams = Vec::new();
+            for req in reqs {
+                let mut send = send.clone().ready().await.map_err(|e| e.to_string())?;
+                let (resp, _) = send.send_request(req, true).map_err(|e| e.to_string())?;
+                streams.push(tokio::spawn(async move {
+                    let resp = resp.await.map_err(|e| format!("stream: {e}"))?;
+                    let status = resp.status().as_u16();
+                    let mut body = resp.into_body();
+                    let mut len = 0;
+                    while let Some(chunk) = body.data().await {
+                        let chunk = chunk.map_err(|e| format!("body: {e}"))?;
+                        let _ = body.flow_control().release_capacity(chunk.len());
+                        len += chunk.len();
+                    }
+                    Ok::<_, String>((status, len))
+                }));
+            }
+            let all = async {
+                let mut out = Vec::new();
+                for s in streams {
+                    out.push(s.await.map_err(|e| e.to_string())??);
+                }
+                Ok(out)
+            };
+            tokio::time::timeout(within, all).await.map_err(|_| format!("not all done within {within:?}"))?
+        })
+    }
 }
 
 fn parse_response(raw: &[u8]) -> Result<Response, String> {
