@@ -91,7 +91,7 @@ struct Gate {
 
 impl Gate {
     /// Polls `fut` with `gated` (this gate's waker) in place of the task's.
-    async fn poll<F: Future>(&self, gated: &Waker, fut: F) -> F::Output {
+    async fn drive<F: Future>(&self, gated: &Waker, fut: F) -> F::Output {
         let mut fut = std::pin::pin!(fut);
         std::future::poll_fn(|cx| {
             let mut task = self.task.lock().unwrap_or_else(|e| e.into_inner());
@@ -133,10 +133,11 @@ const MALFORMED_STREAMS: usize = 32;
 impl<A: HttpServerApp + Send + Sync + 'static> ViewerApp<A> {
     /// An HTTP/2 connection: pingora's handshake and sessions, driven by the loop pingora's own
     /// accept loop is (`v2::server::accept_downstream_sessions`, private to it; without its idle
-    /// timeout, which the edge does not set: the limits watchdog closes idle connections), with the
-    /// streams `hit` takes answered here. A small hit is queued from this loop and written by its
-    /// next poll of the connection: no task, no second wake-up. Every other stream gets a task,
-    /// as in pingora. A shutdown sends GOAWAY and serves what the client had already opened.
+    /// timeout, which the edge does not set: the limits watchdog closes idle connections), with
+    /// the streams `hit` takes answered here. A small hit is queued from this loop and written by
+    /// its next poll of the connection: no task, no second wake-up (`Gate`). Every other stream
+    /// gets a task, as in pingora. A shutdown sends GOAWAY and serves what the client had
+    /// already opened.
     async fn serve_h2(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) {
         let digest = Arc::new(Digest {
             ssl_digest: stream.get_ssl_digest(),
@@ -155,7 +156,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ViewerApp<A> {
         let gated = Waker::from(gate.clone());
         loop {
             let next = gate
-                .poll(&gated, async {
+                .drive(&gated, async {
                     if draining {
                         return Some(H2Session::from_h2_conn(&mut conn, digest.clone()).await);
                     }
