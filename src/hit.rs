@@ -225,16 +225,11 @@ impl Hits {
         }
     }
 
-    /// Takes the HTTP/2 stream `session` if it is a fresh hit this path may take; `None` leaves
-    /// it to pingora.
-    pub fn take_h2(&self, session: &H2Session) -> Option<H2Hit> {
-        let conn = session
-            .digest()
-            .and_then(|d| d.ssl_digest.as_ref())
-            .and_then(|d| d.extension.get::<Arc<Connection>>())
-            .cloned()?;
+    /// Takes the HTTP/2 stream `session` of `conn` if it is a fresh hit this path may take;
+    /// `None` leaves it to pingora.
+    pub fn take_h2(&self, session: &H2Session, conn: &Arc<Connection>) -> Option<H2Hit> {
         let state = self.live.load_full();
-        if !applies(&state, &conn) || !session.is_body_empty() {
+        if !applies(&state, conn) || !session.is_body_empty() {
             return None;
         }
         let req = session.req_header();
@@ -256,10 +251,10 @@ impl Hits {
                 .map(|a| a.ip().to_string())
                 .unwrap_or_default()
         };
-        let taken = self.take(state, &conn, ip, (&host, target, &path))?;
+        let taken = self.take(state, conn, ip, (&host, target, &path))?;
         Some(H2Hit {
             taken,
-            conn,
+            conn: conn.clone(),
             host,
             path,
         })

@@ -13,9 +13,10 @@
 //! it (the one place that reads certificates, keys, CRLs, rules and lists) and holds the state in
 //! force; `reload` builds a new one and swaps it; `proxy` calls the stages in pingora's hook
 //! order; `serve` runs each viewer connection, and `hit` answers fresh memory hits there with
-//! the same stages, without pingora's request session; `app` runs it all, with `upgrade` for the signals. `reason` names why things happen,
-//! for `metrics` and `logs`; `admin` serves the metrics and reloads; `demo` and `pki` give
-//! newcomers and tests a working system with a freshly generated PKI.
+//! the same stages, without pingora's request session; `app` runs it all, with `upgrade` for
+//! the signals. `reason` names why things happen, for `metrics` and `logs`; `admin` serves the
+//! metrics and reloads; `demo` and `pki` give newcomers and tests a working system with a
+//! freshly generated PKI.
 #![deny(unsafe_code)] // one audited exception: serve::ack_now borrows a socket pingora gives as a RawFd
 
 pub mod admin;

@@ -138,13 +138,15 @@ impl<A: HttpServerApp + Send + Sync + 'static> ViewerApp<A> {
     /// its next poll of the connection: no task, no second wake-up (`Gate`). Every other stream
     /// gets a task, as in pingora. A shutdown sends GOAWAY and serves what the client had
     /// already opened.
-    async fn serve_h2(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) {
+    async fn serve_h2(self: &Arc<Self>, stream: Stream, conn: Option<Arc<Connection>>, shutdown: &ShutdownWatch) {
         let digest = Arc::new(Digest {
             ssl_digest: stream.get_ssl_digest(),
             timing_digest: stream.get_timing_digest(),
             proxy_digest: stream.get_proxy_digest(),
             socket_digest: stream.get_socket_digest(),
         });
+        // The connection's own state, looked up once for all its streams.
+        let hits = self.hits.as_ref().zip(conn);
         let mut conn = match v2::server::handshake(stream, self.inner.h2_options()).await {
             Ok(conn) => conn,
             Err(e) => return debug!("HTTP/2 handshake: {e}"), // the client's doing
@@ -183,7 +185,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ViewerApp<A> {
                 }
                 Ok(None) | Err(_) => return,
             };
-            let hit = self.hits.as_ref().filter(|_| !draining).and_then(|h| h.take_h2(&session));
+            let hit = hits.as_ref().filter(|_| !draining).and_then(|(h, c)| h.take_h2(&session, c));
             match hit {
                 Some(hit) if hit.small() => gate.muted(|| hit.send_now(&mut session)),
                 Some(hit) => {
@@ -262,7 +264,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ViewerApp<A> {
         }
         ack_now(stream.id());
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            self.serve_h2(Box::new(Coalesced::new(stream)), shutdown).await;
+            self.serve_h2(Box::new(Coalesced::new(stream)), conn, shutdown).await;
             return None;
         }
         let mut stream: Stream = Box::new(Coalesced::new(stream));

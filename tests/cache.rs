@@ -59,6 +59,11 @@ fn spawn_placeholder() -> Proc {
 }
 
 impl Setup {
+    /// Requests answered by `hit`, without pingora's session.
+    fn direct_hits(&self) -> f64 {
+        metric(self.admin_port, "mtls_edge_cache_direct_hits_total")
+    }
+
     /// How many requests for `path` reached the origin.
     fn origin_count(&self, path: &str) -> u64 {
         let r = Client::new(self.dir.path(), self.edge.port)
@@ -605,7 +610,7 @@ fn a_direct_hit_is_the_response_pingoras_hit_path_sends() {
     let s = setup();
     let d = s.dir.path();
     let c = || Client::new(d, s.edge.port).cert("device");
-    let direct = || metric(s.admin_port, "mtls_edge_cache_direct_hits_total");
+    let direct = || s.direct_hits();
     let path = "/files/direct.bin?size=3000";
     let body = mtls_edge::demo::file_body(3000);
     assert_eq!(c().get(path).unwrap().header("cache-status"), Some("mtls-edge; fwd=miss; stored"));
@@ -663,7 +668,7 @@ fn a_direct_hit_is_the_response_pingoras_hit_path_sends() {
 #[test]
 fn an_http2_direct_hit_is_the_response_pingoras_hit_path_sends() {
     let s = setup();
-    let direct = || metric(s.admin_port, "mtls_edge_cache_direct_hits_total");
+    let direct = || s.direct_hits();
     let mut h2 = Client::new(s.dir.path(), s.edge.port).cert("device").h2().unwrap();
     for size in [700usize, 40_000] {
         let path = format!("/files/h2-direct-{size}.bin?size={size}");
@@ -700,7 +705,7 @@ fn http2_streams_at_once_mixing_small_hits_large_hits_and_origin_fetches_all_fin
     let large = |i: usize| format!("/files/mix-large-{}.bin?size=200000", i % 2);
     let fill: Vec<String> = (0..4).map(small).chain((0..2).map(large)).collect();
     assert!(h2.get_all(&fill, Duration::from_secs(20)).unwrap().iter().all(|r| r.0 == 200));
-    let direct = || metric(s.admin_port, "mtls_edge_cache_direct_hits_total");
+    let direct = || s.direct_hits();
     let before = direct();
     let mut paths = Vec::new();
     for i in 0..30 {
@@ -726,7 +731,7 @@ fn requests_a_direct_hit_may_not_answer_go_to_pingora() {
     let s = setup();
     let d = s.dir.path();
     let c = || Client::new(d, s.edge.port).cert("device");
-    let direct = || metric(s.admin_port, "mtls_edge_cache_direct_hits_total");
+    let direct = || s.direct_hits();
     let path = "/files/other.bin?size=1000";
     assert_eq!(c().get(path).unwrap().status, 200);
     assert_eq!(c().header("Range", "bytes=0-9").get(path).unwrap().status, 206);

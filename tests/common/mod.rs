@@ -566,13 +566,7 @@ impl H2 {
                 .iter()
                 .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
                 .collect();
-            let mut body = resp.into_body();
-            let mut text = Vec::new();
-            while let Some(chunk) = body.data().await {
-                let chunk = chunk.map_err(|e| format!("body: {e}"))?;
-                let _ = body.flow_control().release_capacity(chunk.len());
-                text.extend_from_slice(&chunk);
-            }
+            let text = read_h2_body(resp.into_body()).await?;
             Ok(Response {
                 status,
                 headers,
@@ -597,14 +591,7 @@ impl H2 {
                 streams.push(tokio::spawn(async move {
                     let resp = resp.await.map_err(|e| format!("stream: {e}"))?;
                     let status = resp.status().as_u16();
-                    let mut body = resp.into_body();
-                    let mut len = 0;
-                    while let Some(chunk) = body.data().await {
-                        let chunk = chunk.map_err(|e| format!("body: {e}"))?;
-                        let _ = body.flow_control().release_capacity(chunk.len());
-                        len += chunk.len();
-                    }
-                    Ok::<_, String>((status, len))
+                    Ok::<_, String>((status, read_h2_body(resp.into_body()).await?.len()))
                 }));
             }
             let all = async {
@@ -617,6 +604,17 @@ impl H2 {
             tokio::time::timeout(within, all).await.map_err(|_| format!("not all done within {within:?}"))?
         })
     }
+}
+
+/// An HTTP/2 response body, whole, its window given back as it comes.
+async fn read_h2_body(mut body: h2::RecvStream) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.map_err(|e| format!("body: {e}"))?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
 }
 
 fn parse_response(raw: &[u8]) -> Result<Response, String> {
