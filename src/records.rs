@@ -4,12 +4,14 @@
 //! until the next flush (pingora flushes at the end of every HTTP/1 response, the codec after
 //! every frame) or until they would pass [`HOLD`], so that a small response (a manifest, an
 //! error) leaves as one record and one segment instead of two: one seal here, and half the
-//! reads for the client.
+//! reads for the client. Reads and flushes that cannot find anything to do are answered here
+//! without entering BoringSSL (see [`ReadWake`]).
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll, Wake, Waker};
 
 use async_trait::async_trait;
 use bytes::{Buf, BytesMut};
@@ -32,13 +34,55 @@ pub struct Coalesced {
     inner: Stream,
     /// Held writes; empty (and unallocated) between responses.
     held: BytesMut,
+    /// Whether anything reached `inner` since its last flush.
+    unflushed: bool,
+    read: Arc<ReadWake>,
+    /// `read` as a waker, for the reads of `inner`.
+    read_waker: Waker,
+}
+
+/// The waker a viewer stream's reads register with the socket. HTTP/2's codec reads until a
+/// read finds nothing, and reads again on every poll of the connection, writes included: for a
+/// small hit, two TLS reads that find nothing per request, each a trip through BoringSSL and
+/// its error queue. A read that found nothing registered this waker; until the socket wakes it,
+/// a read from the same task would find nothing again (BoringSSL buffers nothing it could
+/// return without more bytes), so it is answered `Pending` at once.
+#[derive(Debug, Default)]
+struct ReadWake {
+    /// Set before a read of `inner`; cleared when it returns data or the socket wakes us.
+    idle: AtomicBool,
+    /// The task's waker, which every wake is passed on to.
+    task: Mutex<Option<Waker>>,
+}
+
+impl ReadWake {
+    fn task(&self) -> std::sync::MutexGuard<'_, Option<Waker>> {
+        self.task.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Wake for ReadWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.idle.store(false, Ordering::SeqCst);
+        if let Some(task) = self.task().as_ref() {
+            task.wake_by_ref();
+        }
+    }
 }
 
 impl Coalesced {
     pub fn new(inner: Stream) -> Coalesced {
+        let read = Arc::new(ReadWake::default());
         Coalesced {
             inner,
             held: BytesMut::new(),
+            unflushed: false,
+            read_waker: Waker::from(read.clone()),
+            read,
         }
     }
 
@@ -46,6 +90,7 @@ impl Coalesced {
     fn poll_release(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.held.is_empty() {
             let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.held))?;
+            self.unflushed = true;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
@@ -63,6 +108,7 @@ impl AsyncWrite for Coalesced {
             ready!(this.poll_release(cx))?;
         }
         if data.len() >= HOLD {
+            this.unflushed = true;
             return Pin::new(&mut this.inner).poll_write(cx, data);
         }
         if this.held.is_empty() {
@@ -86,9 +132,14 @@ impl AsyncWrite for Coalesced {
         true
     }
 
+    /// HTTP/2's codec flushes on every poll of the connection; `inner` only when it was written.
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         ready!(self.poll_release(cx))?;
-        Pin::new(&mut self.inner).poll_flush(cx)
+        if self.unflushed {
+            ready!(Pin::new(&mut self.inner).poll_flush(cx))?;
+            self.unflushed = false;
+        }
+        Poll::Ready(Ok(()))
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -99,7 +150,24 @@ impl AsyncWrite for Coalesced {
 
 impl AsyncRead for Coalesced {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let this = &mut *self;
+        {
+            let mut task = this.read.task();
+            let same_task = task.as_ref().is_some_and(|t| t.will_wake(cx.waker()));
+            if same_task && this.read.idle.load(Ordering::SeqCst) {
+                return Poll::Pending; // the socket has not woken us since the last read found nothing
+            }
+            if !same_task {
+                *task = Some(cx.waker().clone());
+            }
+        }
+        // Set before the read, so that a wake during it (from another thread) is not lost.
+        this.read.idle.store(true, Ordering::SeqCst);
+        let polled = Pin::new(&mut this.inner).poll_read(&mut Context::from_waker(&this.read_waker), buf);
+        if polled.is_ready() {
+            this.read.idle.store(false, Ordering::SeqCst);
+        }
+        polled
     }
 }
 
@@ -163,10 +231,7 @@ mod tests {
     /// written as HTTP/2's codec writes (slices at once, an empty one first).
     async fn writes(script: &[&[u8]], flush_after: bool) -> Vec<Vec<u8>> {
         let (client, mut server) = tokio::io::duplex(1 << 20);
-        let mut c = Coalesced::new(Box::new(Recorder {
-            inner: client,
-            writes: Vec::new(),
-        }));
+        let mut c = Coalesced::new(Box::new(Recorder::new(client)));
         for w in script {
             let mut done = 0;
             while done < w.len() {
@@ -213,11 +278,81 @@ mod tests {
         assert_eq!(w.iter().map(Vec::len).collect::<Vec<_>>(), vec![300, 16137]);
     }
 
-    /// A stream that records each write it is given.
+    #[derive(Debug, Default)]
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl Count {
+        fn get(&self) -> usize {
+            self.0.load(Ordering::SeqCst)
+        }
+        fn add(&self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.add();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_read_that_found_nothing_is_not_repeated_until_the_socket_wakes() {
+        use tokio::io::AsyncWriteExt;
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        let rec = Recorder::new(client);
+        let (reads, flushes) = (rec.reads.clone(), rec.flushes.clone());
+        let mut c = Coalesced::new(Box::new(rec));
+        let mut buf = [0u8; 64];
+        let mut poll = |c: &mut Coalesced, task: &Arc<Count>| {
+            let waker = Waker::from(task.clone());
+            let mut rb = ReadBuf::new(&mut buf);
+            match Pin::new(c).poll_read(&mut Context::from_waker(&waker), &mut rb) {
+                Poll::Ready(r) => Some(r.map(|()| rb.filled().to_vec())),
+                Poll::Pending => None,
+            }
+        };
+        let (task, other) = (Arc::new(Count::default()), Arc::new(Count::default()));
+        assert!(poll(&mut c, &task).is_none());
+        assert!(poll(&mut c, &task).is_none());
+        assert_eq!(reads.get(), 1, "the same task's second read is answered here");
+        assert!(poll(&mut c, &other).is_none());
+        assert_eq!(reads.get(), 2, "another task's read reaches the stream");
+        server.write_all(b"hello").await.unwrap();
+        assert_eq!((task.get(), other.get()), (0, 1), "the socket's wake reaches the last task");
+        assert_eq!(poll(&mut c, &other).unwrap().unwrap(), b"hello");
+        assert_eq!(reads.get(), 3);
+
+        // Flushes: the stream's only after a write.
+        c.flush().await.unwrap();
+        assert_eq!(flushes.get(), 0);
+        c.write_all(b"x").await.unwrap();
+        c.flush().await.unwrap();
+        c.flush().await.unwrap();
+        assert_eq!(flushes.get(), 1);
+        let mut got = [0u8; 1];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"x");
+    }
+
+    /// A stream that records each write it is given, and counts its reads and flushes.
     #[derive(Debug)]
     struct Recorder {
         inner: tokio::io::DuplexStream,
         writes: Vec<Vec<u8>>,
+        reads: Arc<Count>,
+        flushes: Arc<Count>,
+    }
+
+    impl Recorder {
+        fn new(inner: tokio::io::DuplexStream) -> Recorder {
+            Recorder {
+                inner,
+                writes: Vec::new(),
+                reads: Arc::default(),
+                flushes: Arc::default(),
+            }
+        }
     }
 
     impl AsyncWrite for Recorder {
@@ -227,6 +362,7 @@ mod tests {
             Poll::Ready(Ok(n))
         }
         fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.flushes.add();
             Pin::new(&mut self.inner).poll_flush(cx)
         }
         fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -235,6 +371,7 @@ mod tests {
     }
     impl AsyncRead for Recorder {
         fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            self.reads.add();
             Pin::new(&mut self.inner).poll_read(cx, buf)
         }
     }
