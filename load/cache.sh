@@ -71,25 +71,12 @@ row() { # server object req/s ticks requests failures
     'BEGIN { printf "%-10s %-30s %7s %5s %12s %14.1f %6s\n", s, o, w, r, rps, t * 1e6 / hz / n, f }' | tee -a "$D/rows"
 }
 
-# The same objects over HTTP/2: k6 (Go's HTTP/2, one connection per virtual user), 8 users.
-cat > "$D/h2.js" <<'JS'
-import http from 'k6/http';
-export const options = {
-  scenarios: { get: { executor: 'shared-iterations', vus: Number(__ENV.VUS), iterations: Number(__ENV.N), maxDuration: '300s' } },
-  insecureSkipTLSVerify: true,
-  tlsAuth: [{ domains: ['localhost'], cert: open(__ENV.CERT), key: open(__ENV.KEY) }],
-};
-export default function () {
-  const r = http.get(`https://localhost:${__ENV.PORT}${__ENV.OBJ}`, { responseType: 'none' });
-  if (r.status !== 200 || r.proto !== 'HTTP/2.0') { throw new Error(`status ${r.status} ${r.proto}`); }
-}
-JS
+# The same objects over HTTP/2: k6 (lib.sh's h2_get), 8 users.
 run_h2() { # name port n path clients pids...
   local name=$1 port=$2 n=$3 path=$4 c=$5; shift 5
   local before after
   before=$(ticks "$@")
-  PORT=$port OBJ=$path N=$n VUS=$c CERT=$D/device.pem KEY=$D/device.key \
-    k6 run -q --no-color --summary-export "$D/h2.json" "$D/h2.js" >/dev/null 2>&1 || true
+  h2_get "$port" "$path" "$n" "$c"
   after=$(ticks "$@")
   read -r rps fails < <(python3 -c '
 import json, sys

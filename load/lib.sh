@@ -66,6 +66,26 @@ stop_nginx() {
   while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
 }
 
+# h2_get PORT PATH N USERS: k6 (Go's HTTP/2, one connection per virtual user, the device's
+# certificate) sends N GETs of PATH, each required to be a 200 over HTTP/2; its summary goes to
+# $D/h2.json. h2load cannot present a client certificate.
+cat > "$D/h2.js" <<'JS'
+import http from 'k6/http';
+export const options = {
+  scenarios: { get: { executor: 'shared-iterations', vus: Number(__ENV.VUS), iterations: Number(__ENV.N), maxDuration: '300s' } },
+  insecureSkipTLSVerify: true,
+  tlsAuth: [{ domains: ['localhost'], cert: open(__ENV.CERT), key: open(__ENV.KEY) }],
+};
+export default function () {
+  const r = http.get(`https://localhost:${__ENV.PORT}${__ENV.OBJ}`, { responseType: 'none' });
+  if (r.status !== 200 || r.proto !== 'HTTP/2.0') { throw new Error(`status ${r.status} ${r.proto}`); }
+}
+JS
+h2_get() {
+  PORT=$1 OBJ=$2 N=$3 VUS=$4 CERT=$D/device.pem KEY=$D/device.key \
+    k6 run -q --no-color --summary-export "$D/h2.json" "$D/h2.js" >/dev/null 2>&1 || true
+}
+
 # ticks PID...: user+system CPU of the processes, in clock ticks (HZ per second).
 ticks() { local t=0; for p in "$@"; do t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat" 2>/dev/null || echo 0))); done; echo $t; }
 HZ=$(getconf CLK_TCK)

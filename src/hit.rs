@@ -140,6 +140,8 @@ struct Taken {
     state: Arc<State>,
     route: Arc<str>,
     stored: Stored,
+    /// Its `Age`, as of the lookup.
+    age: u64,
     started: Instant,
     _in_flight: InFlight,
 }
@@ -175,7 +177,9 @@ impl Hits {
         if route.cache_ttl.is_none() || (route.access == Access::Authenticated && conn.identity.cert.is_none()) {
             return None;
         }
-        let stored = self.cache.fresh_memory_hit(&cache::key(host, target, ""))?;
+        let now = SystemTime::now();
+        let stored = self.cache.fresh_memory_hit(&cache::key(host, target, ""), now)?;
+        let age = stored.age(now).as_secs();
         let route = route.label.clone();
         conn.clock.request_started();
         metrics::DIRECT_HITS.inc();
@@ -183,6 +187,7 @@ impl Hits {
             state,
             route,
             stored,
+            age,
             started,
             _in_flight: InFlight::new(),
         })
@@ -202,8 +207,7 @@ impl Hits {
         let Some(taken) = self.take(state, conn, || peer_ip(stream), (&req.host, req.target, req.path)) else {
             return Served::No;
         };
-        let age = taken.stored.age(SystemTime::now()).as_secs();
-        let head = response_head(taken.stored.header(), age, &get_cached_date(), req.keep_alive);
+        let head = response_head(taken.stored.header(), taken.age, &get_cached_date(), req.keep_alive);
         let mut sent = 0u64;
         let wrote = async {
             stream.write_all(&head).await?;
@@ -289,9 +293,8 @@ impl H2Hit {
     fn head(&self) -> Box<ResponseHeader> {
         let mut parts = self.taken.stored.header().as_owned_parts();
         parts.version = http::Version::HTTP_11;
-        let age = self.taken.stored.age(SystemTime::now()).as_secs();
         let headers = &mut parts.headers;
-        headers.insert(http::header::AGE, HeaderValue::from(age));
+        headers.insert(http::header::AGE, HeaderValue::from(self.taken.age));
         headers.insert(http::header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
         let status = HeaderValue::from_static(cache::cache_status(CachePhase::Hit, false));
         headers.insert(HeaderName::from_static(CACHE_STATUS), status);

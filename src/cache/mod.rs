@@ -130,7 +130,7 @@ impl SharedCache {
     /// fill wins over a stored object, see `Tiered::lookup`). Counts the lookup and the LRU
     /// access, as pingora's hit path does, only when it returns one; otherwise the request goes
     /// to pingora, which looks the key up again.
-    pub fn fresh_memory_hit(&self, key: &CacheKey) -> Option<Stored> {
+    pub fn fresh_memory_hit(&self, key: &CacheKey, now: SystemTime) -> Option<Stored> {
         let k = key.combined_bin();
         let filling = self.storage.disk.is_some_and(|d| d.lookup_fill(key, None).is_some())
             || self.storage.memory.lookup_fill(&k).is_some();
@@ -142,7 +142,7 @@ impl SharedCache {
         let plain = header.status == http::StatusCode::OK
             && header.headers.contains_key(http::header::CONTENT_LENGTH)
             && !stored.has_variance()
-            && stored.is_fresh(SystemTime::now());
+            && stored.is_fresh(now);
         if !plain {
             return None;
         }
