@@ -8,8 +8,9 @@
 use std::fmt::Write as _;
 use std::io::Write;
 use std::path::PathBuf;
+use std::cell::Cell;
 use std::sync::{LazyLock, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use crate::identity::ViewerCert;
 use crate::reason::Refusal;
@@ -351,26 +352,55 @@ fn text_str(s: &mut String, v: &str) {
 
 /// The time now, RFC 3339 UTC with milliseconds.
 fn now(s: &mut String) {
-    let t = time::OffsetDateTime::now_utc();
-    let digits = |s: &mut String, v: u32, width: u32| {
-        for i in (0..width).rev() {
-            s.push(char::from(b'0' + (v / 10u32.pow(i) % 10) as u8));
+    time_at(s, SystemTime::now());
+}
+
+thread_local! {
+    /// The last second rendered on this thread, and its `YYYY-MM-DDTHH:MM:SS.`: a worker writes
+    /// many lines a second, and the date only changes once a second.
+    static SECOND: Cell<(u64, [u8; 20])> = const { Cell::new((u64::MAX, [0; 20])) };
+}
+
+fn time_at(s: &mut String, at: SystemTime) {
+    let since = at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let prefix = SECOND.with(|c| {
+        let (second, prefix) = c.get();
+        if second == secs {
+            return prefix;
         }
-    };
-    digits(s, u32::try_from(t.year()).unwrap_or(0), 4);
-    s.push('-');
-    digits(s, u32::from(u8::from(t.month())), 2);
-    s.push('-');
-    digits(s, u32::from(t.day()), 2);
-    s.push('T');
-    digits(s, u32::from(t.hour()), 2);
-    s.push(':');
-    digits(s, u32::from(t.minute()), 2);
-    s.push(':');
-    digits(s, u32::from(t.second()), 2);
-    s.push('.');
-    digits(s, u32::from(t.millisecond()), 3);
-    s.push('Z');
+        let prefix = second_prefix(secs);
+        c.set((secs, prefix));
+        prefix
+    });
+    let mut ms = *b"000Z";
+    put_digits(&mut ms[..3], since.subsec_millis());
+    for part in [&prefix[..], &ms[..]] {
+        s.push_str(std::str::from_utf8(part).unwrap_or_default()); // ASCII digits and separators
+    }
+}
+
+fn second_prefix(secs: u64) -> [u8; 20] {
+    let t = i64::try_from(secs)
+        .ok()
+        .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let mut out = *b"0000-00-00T00:00:00.";
+    put_digits(&mut out[0..4], u32::try_from(t.year()).unwrap_or(0));
+    put_digits(&mut out[5..7], u32::from(u8::from(t.month())));
+    put_digits(&mut out[8..10], u32::from(t.day()));
+    put_digits(&mut out[11..13], u32::from(t.hour()));
+    put_digits(&mut out[14..16], u32::from(t.minute()));
+    put_digits(&mut out[17..19], u32::from(t.second()));
+    out
+}
+
+/// `v`'s last `out.len()` decimal digits, with leading zeros.
+fn put_digits(out: &mut [u8], mut v: u32) {
+    for d in out.iter_mut().rev() {
+        *d = b'0' + (v % 10) as u8;
+        v /= 10;
+    }
 }
 
 impl log::Log for Logger {
@@ -520,6 +550,22 @@ pub fn access(e: &AccessEvent) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_are_rfc3339_utc_with_milliseconds_across_a_second_and_a_year() {
+        let at = |ms: u64| SystemTime::UNIX_EPOCH + Duration::from_millis(ms);
+        let render = |ms| {
+            let mut s = String::new();
+            time_at(&mut s, at(ms));
+            s
+        };
+        // The second's prefix is rendered once and then reused on this thread.
+        assert_eq!(render(1_767_225_599_007), "2025-12-31T23:59:59.007Z");
+        assert_eq!(render(1_767_225_599_999), "2025-12-31T23:59:59.999Z");
+        assert_eq!(render(1_767_225_600_000), "2026-01-01T00:00:00.000Z");
+        assert_eq!(render(1_767_225_599_500), "2025-12-31T23:59:59.500Z");
+        assert_eq!(render(0), "1970-01-01T00:00:00.000Z");
+    }
 
     #[test]
     fn json_lines_escape_what_json_needs_and_text_quotes_what_has_spaces() {

@@ -127,22 +127,33 @@ pub(crate) fn normal_host(h: &str) -> String {
 /// these forms: `/images/x1/../x2/fw.bin` would pass a rule that allows `/images/x1/` and reach
 /// x2's image. Such paths are refused rather than rewritten.
 pub(crate) fn path_is_normal(path: &str) -> bool {
-    let Some(rest) = path.strip_prefix('/') else {
+    let b = path.as_bytes();
+    if b.first() != Some(&b'/') {
         return false;
-    };
-    let encoded = path
-        .as_bytes()
-        .windows(3)
-        .any(|w| w[0] == b'%' && matches!((w[1], w[2].to_ascii_lowercase()), (b'2', b'e' | b'f') | (b'5', b'c')));
-    let mut segments = rest.split('/').peekable();
-    while let Some(seg) = segments.next() {
-        // Only the last segment may be empty (a trailing slash, or the root).
-        let empty_inside = seg.is_empty() && segments.peek().is_some();
-        if seg == "." || seg == ".." || empty_inside {
-            return false;
+    }
+    // One pass: every request makes this check.
+    let mut segment = 1; // where the current segment starts
+    for i in 1..=b.len() {
+        match b.get(i) {
+            None | Some(b'/') => {
+                // Only the last segment may be empty (a trailing slash, or the root).
+                let seg = &b[segment..i];
+                if seg == b"." || seg == b".." || (seg.is_empty() && i < b.len()) {
+                    return false;
+                }
+                segment = i + 1;
+            }
+            Some(b'\\') => return false,
+            Some(b'%') => {
+                let code = (b.get(i + 1).copied(), b.get(i + 2).map(u8::to_ascii_lowercase));
+                if matches!(code, (Some(b'2'), Some(b'e' | b'f')) | (Some(b'5'), Some(b'c'))) {
+                    return false;
+                }
+            }
+            Some(_) => {}
         }
     }
-    !encoded && !path.contains('\\')
+    true
 }
 
 /// The request line and headers, in bytes as sent (near enough: `: ` and CRLF included).
@@ -835,7 +846,7 @@ mod tests {
 
     #[test]
     fn paths_with_dot_or_empty_segments_or_encoded_separators_are_not_normal() {
-        for ok in ["/", "/firmware/images/x1/fw.bin", "/dir/", "/a.b/c..d/.e"] {
+        for ok in ["/", "/firmware/images/x1/fw.bin", "/dir/", "/a.b/c..d/.e", "/a%20b", "/a%2", "/%"] {
             assert!(path_is_normal(ok), "{ok}");
         }
         for bad in [
@@ -848,7 +859,9 @@ mod tests {
             "/a/%2E%2e/b",
             "/a%2fb",
             "/a%5cb",
+            "/a%5C",
             "/a\\b",
+            "/a/.",
             "relative",
         ] {
             assert!(!path_is_normal(bad), "{bad}");
