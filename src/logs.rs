@@ -5,10 +5,10 @@
 //! once 64 KiB have gathered, so a request does not pay a write(2) of its own. Nothing here
 //! writes a private key or a certificate's PEM.
 
+use std::cell::Cell;
 use std::fmt::Write as _;
 use std::io::Write;
 use std::path::PathBuf;
-use std::cell::Cell;
 use std::sync::{LazyLock, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
