@@ -100,7 +100,7 @@ OBJECTS=("/files/small.bin?size=1024 $((60000 / SCALE)) 32" "/files/medium.bin?s
 H2_OBJECTS=("/files/small.bin?size=1024 $((20000 / SCALE)) 8" "/files/medium.bin?size=1048576 $((1000 / SCALE)) 8")
 # ONLY=storm skips the cached objects.
 [ "${ONLY:-}" = storm ] && ROUNDS=0
-echo "# cached objects over keep-alive mTLS, ab -k at 32, 8 and 4 clients (and 8 k6 users over HTTP/2), $(nproc) cores"
+echo "# cached objects over keep-alive mTLS, ab -k at 32, 8 and 4 clients (and 8 k6 users over HTTP/2), $(nproc) cores, TCP $(cat /proc/sys/net/ipv4/tcp_congestion_control)"
 printf "%-10s %-30s %7s %5s %12s %14s %6s\n" server object workers round "req/s" "cpu us/req" errors
 for workers in $WORKERS; do
   ((ROUNDS > 0)) || break

@@ -90,7 +90,7 @@ download() { # server mode round protocol: 4 downloads of the image, 2 at a time
 }
 
 echo
-echo "# the image from disk: 4 downloads, 2 at a time, $(nproc) cores"
+echo "# the image from disk: 4 downloads, 2 at a time, $(nproc) cores, TCP $(cat /proc/sys/net/ipv4/tcp_congestion_control)"
 printf "%-10s %-5s %-8s %7s %5s %10s %14s %6s\n" server mode protocol workers round "MiB/s" "cpu ms/MiB" errors
 for workers in $WORKERS; do
   if [ "$workers" != 1 ]; then # the image stays on both disks across the restarts

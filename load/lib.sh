@@ -6,9 +6,17 @@ cargo build --release --locked -q
 BIN=${BIN:-$PWD/target/release/mtls-edge}
 D=$(mktemp -d)
 PIDS=()
+# TCP congestion control, the host's for both servers: it weighs on large objects (see "BBR's
+# pacing timers" in load/README.md). TCP_CC=cubic (root) sets it for the run, restored at exit.
+CC_HOST=$(cat /proc/sys/net/ipv4/tcp_congestion_control 2>/dev/null || echo unknown)
+if [ -n "${TCP_CC:-}" ] && [ "$TCP_CC" != "$CC_HOST" ]; then
+  echo "$TCP_CC" > /proc/sys/net/ipv4/tcp_congestion_control || { echo "TCP_CC=$TCP_CC: cannot set it (root?)" >&2; exit 1; }
+  CC_RESTORE=$CC_HOST
+fi
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   [ -f "$D/nginx.pid" ] && kill "$(cat "$D/nginx.pid")" 2>/dev/null
+  [ -n "${CC_RESTORE:-}" ] && echo "$CC_RESTORE" > /proc/sys/net/ipv4/tcp_congestion_control
   rm -rf "$D"
 }
 trap cleanup EXIT
