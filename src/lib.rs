@@ -25,6 +25,7 @@ pub mod app;
 pub mod cache;
 pub mod config;
 pub mod demo;
+pub mod fill;
 pub mod fingerprint;
 pub mod hit;
 pub mod identity;

@@ -23,6 +23,7 @@ use pingora_cache::{CacheKey, CacheMeta, RespCacheable};
 
 use crate::admission::{self, Connection};
 use crate::cache::{self, SharedCache};
+use crate::fill;
 use crate::identity::Viewer;
 use crate::limits::{self, Guard};
 use crate::origin::{self, Origin};
@@ -78,6 +79,49 @@ pub struct RequestCtx {
     origin_connect: Option<Instant>,
     origin_request: Option<Instant>,
     origin_seconds: Option<f64>,
+    /// This request is the fill of an HTTP/2 request (`fill`), with that request's decisions.
+    fill: bool,
+    /// This HTTP/2 request was answered by its fill, which writes the access line.
+    piped: bool,
+}
+
+/// A request's decisions, which its fill (`fill`) takes in place of running the stages again.
+struct Decided {
+    state: Arc<State>,
+    conn: Arc<Connection>,
+    origin: Option<Arc<Origin>>,
+    variants: String,
+    route: Option<Arc<str>>,
+    host: String,
+    cache_ttl: Option<u32>,
+    rules: Option<Outcome>,
+}
+
+impl RequestCtx {
+    fn decided(&self, state: &Arc<State>, conn: &Arc<Connection>) -> Decided {
+        Decided {
+            state: state.clone(),
+            conn: conn.clone(),
+            origin: self.origin.clone(),
+            variants: self.variants.clone(),
+            route: self.route.clone(),
+            host: self.host.clone(),
+            cache_ttl: self.cache_ttl,
+            rules: self.rules.clone(),
+        }
+    }
+
+    fn take_decisions(&mut self, d: Decided) {
+        self.state = Some(d.state);
+        self.conn = Some(d.conn);
+        self.origin = d.origin;
+        self.variants = d.variants;
+        self.route = d.route;
+        self.host = d.host;
+        self.cache_ttl = d.cache_ttl;
+        self.rules = d.rules;
+        self.fill = true;
+    }
 }
 
 pub(crate) const CACHE_STATUS: &str = "cache-status";
@@ -411,6 +455,23 @@ fn key_variants(outcome: &Outcome) -> String {
     variants
 }
 
+impl EdgeProxy {
+    /// An HTTP/2 GET that would start a fill (nothing stored or filling for its key) is served by
+    /// a fill of its own (`fill`), so that the fill runs at the origin's pace whatever this client
+    /// reads. Everything else, and every request coalesced on a fill, takes pingora's path.
+    fn starts_a_fill_over_http2(&self, session: &Session, ctx: &RequestCtx) -> bool {
+        let (Some(cache), Some(_)) = (&self.cache, ctx.cache_ttl) else {
+            return false;
+        };
+        let req = session.req_header();
+        if !session.is_http2() || req.method != http::Method::GET || !pingora_cache::filters::request_cacheable(req) {
+            return false;
+        }
+        let path_and_query = req.uri.path_and_query().map_or("/", |p| p.as_str());
+        cache.lacks(&cache::key(&ctx.host, path_and_query, &ctx.variants))
+    }
+}
+
 #[async_trait]
 impl ProxyHttp for EdgeProxy {
     type CTX = RequestCtx;
@@ -442,11 +503,21 @@ impl ProxyHttp for EdgeProxy {
             origin_connect: None,
             origin_request: None,
             origin_seconds: None,
+            fill: false,
+            piped: false,
         }
+    }
+
+    /// HTTP/2 requests may start their fill as a subrequest (`fill`).
+    fn allow_spawning_subrequest(&self, session: &Session, _ctx: &RequestCtx) -> bool {
+        self.cache.is_some() && session.is_http2()
     }
 
     /// The request's header has arrived: the connection's deadline waits until it is served.
     async fn early_request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+        if fill::is_fill::<Decided>(session) {
+            return Ok(()); // its request holds the connection's clock
+        }
         ctx.conn = connection(session);
         if let Some(c) = &ctx.conn {
             c.clock.request_started();
@@ -457,6 +528,10 @@ impl ProxyHttp for EdgeProxy {
     /// Admission, header stripping, limits, fleet separation, routing and request rules, before
     /// anything else runs.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        if let Some(decided) = fill::take_order::<Decided>(session) {
+            ctx.take_decisions(decided);
+            return Ok(false);
+        }
         let state = self.live.load_full();
         ctx.from_edge = ctx.conn.as_ref().is_some_and(|c| state.for_edges(&c.identity.listener));
         // Strip first, whatever happens next: nothing downstream may see a client-sent copy. An
@@ -508,10 +583,14 @@ impl ProxyHttp for EdgeProxy {
                 return ctx.refuse(session, Answered::UnderscoreInHeaderName, 400).await;
             }
         }
-        if route(session, ctx, &state, &conn).await? {
+        if route(session, ctx, &state, &conn).await? || request_rules(session, ctx, &state, &conn).await? {
             return Ok(true);
         }
-        request_rules(session, ctx, &state, &conn).await
+        if self.starts_a_fill_over_http2(session, ctx) && fill::serve(session, ctx.decided(&state, &conn)).await {
+            ctx.piped = true;
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     /// Turns the cache on for GET and HEAD on cached routes (after `request_filter` allowed it).
@@ -771,13 +850,16 @@ impl ProxyHttp for EdgeProxy {
 
     /// Metrics and the access log line.
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
-        if let Some(c) = &ctx.conn {
+        if let (Some(c), false) = (&ctx.conn, ctx.fill) {
             // The state the request ran under; a request refused before it was read, the live one.
             let idle = match &ctx.state {
                 Some(s) => s.limits.idle_timeout,
                 None => self.live.load().limits.idle_timeout,
             };
             c.clock.request_finished(idle);
+        }
+        if ctx.piped {
+            return; // its fill counts and logs the request
         }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         metrics::count_request(status);
@@ -817,7 +899,7 @@ impl ProxyHttp for EdgeProxy {
         };
         logs::access(&logs::AccessEvent {
             connection,
-            protocol: if session.is_http2() { "HTTP/2" } else { "HTTP/1.1" },
+            protocol: if session.is_http2() || ctx.fill { "HTTP/2" } else { "HTTP/1.1" },
             method: req.method.as_str(),
             host: &ctx.host,
             path: req.uri.path(),

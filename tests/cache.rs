@@ -34,6 +34,7 @@ origins:
   - {{ path_prefix: /abort/, origin: files, cache: {{ default_ttl_secs: 60 }} }}
   - {{ path_prefix: /gated/, origin: files, cache: {{ default_ttl_secs: 60 }} }}
   - {{ path_prefix: /public/, origin: files, access: any, cache: {{ default_ttl_secs: 60 }} }}
+  - {{ path_prefix: /seen/, origin: files, cache: {{ default_ttl_secs: 60 }} }}
   - {{ path_prefix: /, origin: files }}
 cache: {{ max_bytes: 67108864, max_object_bytes: 16777216 }}
 admin: {{ address: 127.0.0.1:{admin_port} }}
@@ -479,6 +480,72 @@ fn a_client_that_stops_reading_does_not_hold_up_the_fill() {
         total += n;
     }
     assert_eq!(s.origin_count("/files/stalled.bin"), 1);
+}
+
+#[test]
+fn an_http2_client_that_stops_reading_does_not_hold_up_the_fill() {
+    let s = setup();
+    let size = 15_000_000;
+    let path = format!("/files/stalled-h2.bin?size={size}");
+    // As over HTTP/1.1: the device that starts the fill stops reading after its first bytes, and
+    // gives no flow-control window back. The whole body must still reach the cache.
+    let mut h2 = Client::new(s.dir.path(), s.edge.port).cert("device").h2().unwrap();
+    let (_stalled, _) = h2.first_bytes(&path, 1).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(s.admin_port, "mtls_edge_cache_bytes{tier=\"memory\"}") < size as f64 {
+        assert!(Instant::now() < deadline, "the fill stalled with its first HTTP/2 client");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = Client::new(s.dir.path(), s.edge.port).cert("device").get(&path).unwrap();
+    assert_eq!((r.status, r.body.len()), (200, size));
+    assert_eq!(s.origin_count("/files/stalled-h2.bin"), 1);
+}
+
+/// An HTTP/2 miss is served by a fill of its own (a subrequest, `fill`), which must send the
+/// origin what the request would have: the device's identity (never a copy the client sent), the
+/// host, a range's whole object. Its response reaches the client as it would have, with one
+/// access line; what is not stored is fetched once per request, and an origin's error passes.
+#[test]
+fn an_http2_miss_is_filled_with_the_request_s_identity_and_answered_once() {
+    let s = setup();
+    let mut h2 = Client::new(s.dir.path(), s.edge.port).cert("device").h2().unwrap();
+    // The origin echoes what it was sent; the route caches it.
+    let spoof = [("cloudfront-viewer-cert-subject", "CN=admin")];
+    let first = h2.get_with("/seen/who", &spoof).unwrap();
+    assert_eq!((first.status, first.header("cache-status")), (200, Some("mtls-edge; fwd=miss; stored")));
+    assert!(first.body.contains("cloudfront-viewer-cert-subject: CN=device-1\n"), "{}", first.body);
+    assert!(!first.body.contains("CN=admin"), "{}", first.body);
+    assert!(first.body.contains("host: localhost\n"), "{}", first.body);
+    let hit = h2.get("/seen/who").unwrap();
+    assert_eq!((hit.header("cache-status"), &hit.body), (Some("mtls-edge; hit"), &first.body));
+    assert_eq!(s.origin_count("/seen/who"), 1);
+    // A range on a miss: its bytes now, and the whole object stored by the one fetch.
+    let body = mtls_edge::demo::file_body(1000);
+    let range = h2.get_with("/files/h2-range.bin?size=1000", &[("range", "bytes=10-19")]).unwrap();
+    assert_eq!((range.status, range.body.as_bytes()), (206, &body[10..20]));
+    let whole = h2.get("/files/h2-range.bin?size=1000").unwrap();
+    assert_eq!((whole.status, whole.body.as_bytes()), (200, body.as_slice()));
+    assert_eq!(s.origin_count("/files/h2-range.bin"), 1);
+    // Not stored (private): one fetch per request, not one for the fill and one for the request.
+    for _ in 0..2 {
+        let r = h2.get("/files/h2-private.bin?size=100&private=1").unwrap();
+        assert_eq!((r.status, r.body.len()), (200, 100));
+    }
+    assert_eq!(s.origin_count("/files/h2-private.bin"), 2);
+    // The origin's error reaches the client, once per request.
+    Client::new(s.dir.path(), s.edge.port)
+        .cert("device")
+        .get("/__origin/fail?path=/files/h2-bad.bin&status=503")
+        .unwrap();
+    assert_eq!(h2.get("/files/h2-bad.bin?size=10").unwrap().status, 503);
+    assert_eq!(s.origin_count("/files/h2-bad.bin"), 1);
+    // One access line for the miss, as an HTTP/2 request that went to the origin.
+    Client::new(s.dir.path(), s.edge.port).cert("device").get("/log-marker").unwrap();
+    s.edge.wait_log("for the marker", |l| l["path"] == "/log-marker");
+    let lines: Vec<_> = s.edge.log_lines().into_iter().filter(|l| l["path"] == "/seen/who").collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let miss = &lines[0];
+    assert_eq!((&miss["protocol"], &miss["cache"], &miss["origin"], &miss["status"]), (&"HTTP/2".into(), &"miss".into(), &"files".into(), &200.into()), "{miss}");
 }
 
 #[test]

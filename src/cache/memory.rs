@@ -509,6 +509,11 @@ impl MemoryStorage {
         Some(partial(&fill))
     }
 
+    /// Whether the key has a complete object or a fill in progress.
+    pub(super) fn holds(&self, k: &HashBinary) -> bool {
+        read(&self.objects).contains_key(k) || read(&self.fills).contains_key(k)
+    }
+
     /// The fill this request itself is writing.
     pub(super) fn lookup_fill_by_id(&self, k: &HashBinary, id: u64) -> Option<(CacheMeta, HitHandler)> {
         let fill = read(&self.fills).get(k).and_then(|m| m.get(&id).cloned())?;

@@ -153,6 +153,12 @@ impl SharedCache {
         Some(stored)
     }
 
+    /// Whether neither tier has the key, stored or filling: a request for it would start a fill.
+    pub fn lacks(&self, key: &CacheKey) -> bool {
+        let k = key.combined_bin();
+        !self.storage.memory.holds(&k) && !self.storage.disk.is_some_and(|d| d.holds(&k))
+    }
+
     /// Brings the tiers' gauges up to date (when metrics are scraped).
     pub fn update_gauges(&self) {
         let usage = &self.storage.memory.usage;

@@ -165,7 +165,7 @@ pub enum HeaderOp {
 }
 
 /// The result of one phase.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Outcome {
     pub decision: Decision,
     /// In rule order: a later rule's change wins over an earlier one's.

@@ -575,6 +575,29 @@ impl H2 {
         })
     }
 
+    /// Sends `GET path` and returns once `min_body` body bytes have arrived, giving no window
+    /// back and then reading nothing more: a device that stalls in the middle of a download. The
+    /// stream stays open for as long as the returned body lives.
+    pub fn first_bytes(&mut self, path: &str, min_body: usize) -> Result<(h2::RecvStream, usize), String> {
+        let req = http::Request::get(format!("https://{}{path}", self.host))
+            .body(())
+            .map_err(|e| e.to_string())?;
+        let send = self.send.clone();
+        self.rt.block_on(async move {
+            let mut send = send.ready().await.map_err(|e| e.to_string())?;
+            let (resp, _) = send.send_request(req, true).map_err(|e| e.to_string())?;
+            let mut body = resp.await.map_err(|e| format!("stream: {e}"))?.into_body();
+            let mut got = 0;
+            while got < min_body {
+                match body.data().await {
+                    Some(chunk) => got += chunk.map_err(|e| format!("body: {e}"))?.len(),
+                    None => return Err(format!("the body ended at {got}")),
+                }
+            }
+            Ok((body, got))
+        })
+    }
+
     /// `GET` of every path as concurrent streams of this connection: the status and body length
     /// of each, in order, or an error if one fails or they are not all done within `within`.
     pub fn get_all(&mut self, paths: &[String], within: Duration) -> Result<Vec<(u16, usize)>, String> {

@@ -87,6 +87,10 @@ impl Index {
         persist
     }
 
+    pub fn contains(&self, k: &HashBinary) -> bool {
+        self.lock().entries.contains_key(k)
+    }
+
     pub fn remove(&self, k: &HashBinary) -> Option<Entry> {
         self.lock().remove(k)
     }

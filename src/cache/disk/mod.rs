@@ -284,6 +284,11 @@ impl DiskStorage {
         Some((meta, Box::new(hit)))
     }
 
+    /// Whether the key has an object on disk or a fill in progress.
+    pub fn holds(&self, k: &HashBinary) -> bool {
+        self.index.contains(k) || read(&self.fills).contains_key(k)
+    }
+
     /// A fill in progress for this key, or the one with this id.
     pub fn lookup_fill(&'static self, key: &CacheKey, id: Option<u64>) -> Option<(CacheMeta, HitHandler)> {
         let k = key.combined_bin();
