@@ -467,9 +467,14 @@ impl EdgeProxy {
         if !session.is_http2() || req.method != http::Method::GET || !pingora_cache::filters::request_cacheable(req) {
             return false;
         }
-        let path_and_query = req.uri.path_and_query().map_or("/", |p| p.as_str());
-        cache.lacks(&cache::key(&ctx.host, path_and_query, &ctx.variants))
+        cache.lacks(&request_key(req, ctx))
     }
+}
+
+/// The request's cache key: its host, path and query, and the variants its rules chose.
+fn request_key(req: &RequestHeader, ctx: &RequestCtx) -> CacheKey {
+    let path_and_query = req.uri.path_and_query().map_or("/", |p| p.as_str());
+    cache::key(&ctx.host, path_and_query, &ctx.variants)
 }
 
 #[async_trait]
@@ -605,9 +610,7 @@ impl ProxyHttp for EdgeProxy {
 
     /// Host, path and query, and what rules chose: see `cache::key`.
     fn cache_key_callback(&self, session: &Session, ctx: &mut RequestCtx) -> Result<CacheKey> {
-        let uri = &session.req_header().uri;
-        let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
-        let key = cache::key(&ctx.host, path_and_query, &ctx.variants);
+        let key = request_key(session.req_header(), ctx);
         // A shield's misses for edges go to the origin: tiers are two deep, so that nodes that
         // shield one another (each listing all of them) never pass a miss around.
         if !ctx.from_edge && ctx.state.as_ref().is_some_and(|s| s.shield.is_some()) {
